@@ -1,0 +1,87 @@
+"""Sparsity reports: from a running pruner's masks, or from any model / state dict."""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def group_name(name: str) -> str:
+    """``encoder.layer.3.attention.self.query`` -> ``encoder.layer.*.attention.self.query``."""
+    return _INDEX.sub(".*", name)
+
+
+def build_report(
+    names: Sequence[str],
+    pruned: Sequence[torch.Tensor],
+    step: int,
+    target_sparsity: float,
+    scheduled_sparsity: float,
+    extra: Optional[dict] = None,
+) -> dict:
+    counts = [int(m.sum()) for m in pruned]
+    numels = [m.numel() for m in pruned]
+    total, total_pruned = sum(numels), sum(counts)
+    per_target = {
+        n: {"numel": numel, "pruned": c, "nonzero": numel - c, "sparsity": c / numel if numel else 0.0}
+        for n, numel, c in zip(names, numels, counts)
+    }
+    return {
+        "step": step,
+        "target_sparsity": target_sparsity,
+        "scheduled_sparsity": scheduled_sparsity,
+        "global_sparsity": total_pruned / total if total else 0.0,
+        "prunable_params": total,
+        "pruned_params": total_pruned,
+        "nonzero_params": total - total_pruned,
+        "per_target": per_target,
+        "per_group": group_summary(per_target),
+        **(extra or {}),
+    }
+
+
+def group_summary(per_target: Mapping[str, Mapping[str, float]]) -> dict:
+    """Aggregate per-target counts over repeated blocks: one entry per layer kind."""
+    groups: dict[str, list[int]] = {}
+    for name, row in per_target.items():
+        acc = groups.setdefault(group_name(name), [0, 0])
+        acc[0] += int(row["numel"])
+        acc[1] += int(row["numel"] - row["nonzero"])
+    return {g: {"numel": n, "sparsity": p / n if n else 0.0} for g, (n, p) in groups.items()}
+
+
+def sparsity_of_tensors(tensors: Mapping[str, torch.Tensor], min_dims: int = 2) -> dict:
+    """Sparsity table of a state dict: every floating tensor with >= ``min_dims`` dims, plus totals.
+
+    ``-0.0`` counts as zero. Used for saved models and checkpoints.
+    """
+    per_tensor = {}
+    total = zeros = all_params = all_zeros = 0
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        n = tensor.numel()
+        z = n - int(torch.count_nonzero(tensor))
+        all_params += n
+        all_zeros += z
+        if tensor.dim() >= min_dims:
+            per_tensor[name] = {"numel": n, "nonzero": n - z, "sparsity": z / n if n else 0.0}
+            total += n
+            zeros += z
+    return {
+        "per_tensor": per_tensor,
+        "matrix_params": total,
+        "matrix_sparsity": zeros / total if total else 0.0,
+        "params": all_params,
+        "nonzero_params": all_params - all_zeros,
+        "sparsity": all_zeros / all_params if all_params else 0.0,
+    }
+
+
+def model_sparsity(model: torch.nn.Module) -> dict:
+    """`sparsity_of_tensors` over a model's parameters (tied parameters counted once)."""
+    return sparsity_of_tensors(dict(model.named_parameters()))

@@ -1,0 +1,153 @@
+"""Saliency scores: how much each targeted weight matters (higher = keep).
+
+Each method is updated once per *real* optimizer step from the accumulated,
+unscaled gradient, and keeps its buffers in float32 whatever the parameter
+dtype. The ``importance_scores`` seam of ``torch.nn.utils.prune`` is the
+model: a method only produces scores; choosing and applying masks is elsewhere.
+
+Extra memory per prunable parameter (on top of the 1-byte mask):
+
+============  =====  ==================================================
+method        bytes  buffers
+============  =====  ==================================================
+taylor        4      EMA of |theta * grad|
+platon        8      EMA importance, EMA uncertainty (Zhang et al. 2022)
+movement      4      accumulated -theta * grad (Sanh et al. 2020)
+magnitude     0      none: the score is |theta|
+============  =====  ==================================================
+
+During an update a transient float32 copy of theta*grad per target also
+exists (freed at once); during a mask update a flat float32 copy of all scores
+exists (4 bytes per prunable parameter).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+BYTES_PER_PARAM = {"taylor": 4, "platon": 8, "movement": 4, "magnitude": 0}
+
+
+class Saliency:
+    """Base class: per-target float32 buffers named in ``buffer_names``."""
+
+    name = "base"
+    buffer_names: tuple[str, ...] = ()
+    needs_gradients = True
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.buffers: dict[str, list[torch.Tensor]] = {
+            b: [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params] for b in self.buffer_names
+        }
+
+    def update(self, params: Sequence[torch.Tensor], prods: list[torch.Tensor]) -> None:
+        """Fold one optimizer step into the buffers; ``prods`` is float32 theta * unscaled grad (consumed)."""
+
+    def scores(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        return {name: list(bufs) for name, bufs in self.buffers.items()}
+
+    def load_state_dict(self, state: dict[str, Sequence[torch.Tensor]]) -> None:
+        for name in self.buffer_names:
+            for dst, src in zip(self.buffers[name], state[name]):
+                dst.copy_(src)
+
+    def release(self) -> None:
+        """Free the buffers (after finalize)."""
+        self.buffers = {name: [] for name in self.buffer_names}
+
+
+def _products(params, grads, grad_scale: Optional[float]) -> list[torch.Tensor]:
+    """theta * grad in float32, divided by ``grad_scale`` when the gradients are still scaled."""
+    prods = torch._foreach_mul([p.detach() for p in params], list(grads))
+    prods = [t if t.dtype == torch.float32 else t.float() for t in prods]
+    if grad_scale is not None and grad_scale != 1.0:
+        torch._foreach_div_(prods, float(grad_scale))
+    return prods
+
+
+class Taylor(Saliency):
+    """EMA of the first-order Taylor importance |theta * grad| (Molchanov et al. 2019)."""
+
+    name = "taylor"
+    buffer_names = ("importance",)
+
+    def __init__(self, params, beta: float = 0.85, **_):
+        super().__init__(params)
+        self.beta = beta
+
+    def update(self, params, prods):
+        torch._foreach_abs_(prods)
+        torch._foreach_lerp_(self.buffers["importance"], prods, 1.0 - self.beta)
+
+    def scores(self, params):
+        return self.buffers["importance"]
+
+
+class Platon(Saliency):
+    """PLATON (Zhang et al. 2022): EMA importance times EMA of its uncertainty |I - EMA(I)|."""
+
+    name = "platon"
+    buffer_names = ("importance", "uncertainty")
+
+    def __init__(self, params, beta: float = 0.85, uncertainty_beta: float = 0.95, **_):
+        super().__init__(params)
+        self.beta, self.uncertainty_beta = beta, uncertainty_beta
+
+    def update(self, params, prods):
+        importance, uncertainty = self.buffers["importance"], self.buffers["uncertainty"]
+        torch._foreach_abs_(prods)
+        torch._foreach_lerp_(importance, prods, 1.0 - self.beta)
+        torch._foreach_sub_(prods, importance)
+        torch._foreach_abs_(prods)
+        torch._foreach_lerp_(uncertainty, prods, 1.0 - self.uncertainty_beta)
+
+    def scores(self, params):
+        return torch._foreach_mul(self.buffers["importance"], self.buffers["uncertainty"])
+
+
+class Movement(Saliency):
+    """Movement pruning (Sanh et al. 2020): accumulated -theta * grad; weights moving towards 0 score low."""
+
+    name = "movement"
+    buffer_names = ("movement",)
+
+    def update(self, params, prods):
+        torch._foreach_sub_(self.buffers["movement"], prods)
+
+    def scores(self, params):
+        return self.buffers["movement"]
+
+
+class Magnitude(Saliency):
+    """|theta|: the classic baseline; needs no gradient and no buffer."""
+
+    name = "magnitude"
+    needs_gradients = False
+
+    def scores(self, params):
+        return [p.detach().abs().float() for p in params]
+
+
+METHODS = {cls.name: cls for cls in (Taylor, Platon, Movement, Magnitude)}
+
+
+def make_saliency(name: str, params: Sequence[torch.Tensor], **kwargs) -> Saliency:
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"saliency={name!r} is unknown; valid: {', '.join(METHODS)}") from None
+    return cls(params, **kwargs)
+
+
+def gradient_products(params, grads, grad_scale: Optional[float] = None) -> tuple[list[torch.Tensor], bool]:
+    """theta * grad per target (float32, unscaled) and whether every value is finite (one host sync)."""
+    prods = _products(params, grads, grad_scale)
+    if not prods:
+        return prods, True
+    total = torch.stack(torch._foreach_norm(prods, 1)).sum()
+    return prods, bool(torch.isfinite(total))

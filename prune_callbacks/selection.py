@@ -1,0 +1,101 @@
+"""Choosing exactly which weights to prune from their scores.
+
+The pruned count is exact: ``k`` weights are pruned, the lowest-scoring ones,
+ties broken by position (lower flat index first) so every process and every
+rerun picks the same weights. No full sort: the k-th value is found with
+``torch.kthvalue`` on CPU (fastest there) and ``torch.topk`` on accelerators
+(on an H200, kthvalue over 85M scores took 619 ms against 1.7 ms for topk).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of a flat tensor, as a 0-d tensor."""
+    n = values.numel()
+    if values.device.type == "cpu":
+        return torch.kthvalue(values, k).values
+    if k <= n - k + 1:
+        return torch.topk(values, k, largest=False, sorted=False).values.max()
+    return torch.topk(values, n - k + 1, largest=True, sorted=False).values.min()
+
+
+def smallest_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` smallest entries of flat ``values`` (ties: lowest index first)."""
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    threshold = kth_smallest(values, k)
+    mask = values < threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        ties = torch.nonzero(values == threshold).flatten()[:missing]
+        mask[ties] = True
+    return mask
+
+
+def _clean(score: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Flat float32 scores with NaN treated as 0 and already-pruned weights first in line."""
+    flat = torch.nan_to_num(score.detach().reshape(-1).float(), nan=0.0)
+    return flat.masked_fill(pruned.reshape(-1), float("-inf"))
+
+
+def per_layer_masks(scores: Sequence[torch.Tensor], pruned: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Prune ``round(sparsity * numel)`` weights in every target, never fewer than already pruned."""
+    masks = []
+    for score, old in zip(scores, pruned):
+        k = max(round(sparsity * score.numel()), int(old.sum()))
+        masks.append(smallest_k_mask(_clean(score, old), k).view(score.shape))
+    return masks
+
+
+def global_masks(
+    scores: Sequence[torch.Tensor],
+    pruned: Sequence[torch.Tensor],
+    sparsity: float,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+) -> list[torch.Tensor]:
+    """One threshold over all targets, pruning ``round(sparsity * total)`` weights.
+
+    With caps, targets whose share would fall outside ``[min, max]`` are pinned
+    to the cap and the threshold is recomputed over the rest (water-filling);
+    the total stays exact. ``min`` is itself capped by the current ``sparsity``.
+    """
+    numels = [s.numel() for s in scores]
+    total = sum(numels)
+    k_total = round(sparsity * total)
+    flat = [_clean(s, p) for s, p in zip(scores, pruned)]
+    already = [int(p.sum()) for p in pruned]
+    low = [max(math.ceil(min(min_sparsity, sparsity) * n), a) for n, a in zip(numels, already)]
+    high = [max(math.floor(max_sparsity * n), a) for n, a in zip(numels, already)]
+    k_total = min(max(k_total, sum(low)), sum(high))
+
+    pinned: dict[int, int] = {}
+    free = list(range(len(scores)))
+    while free:
+        k_free = k_total - sum(pinned.values())
+        joint = smallest_k_mask(torch.cat([flat[i] for i in free]), k_free)
+        counts = [int(c) for c in torch.stack([part.sum() for part in joint.split([numels[i] for i in free])])]
+        over = [i for i, c in zip(free, counts) if c > high[i]]
+        under = [i for i, c in zip(free, counts) if c < low[i]]
+        if not over and not under:
+            break
+        for i in over or under:
+            pinned[i] = high[i] if over else low[i]
+        free = [i for i in free if i not in pinned]
+
+    masks: list[torch.Tensor] = [None] * len(scores)  # type: ignore[list-item]
+    if free:
+        for i, part in zip(free, joint.split([numels[i] for i in free])):
+            masks[i] = part.view(scores[i].shape)
+    for i, k in pinned.items():
+        masks[i] = smallest_k_mask(flat[i], k).view(scores[i].shape)
+    return masks

@@ -1,0 +1,148 @@
+"""Which weights get pruned.
+
+Default: the ``weight`` of every ``nn.Linear`` (or GPT-2 style ``Conv1D``)
+inside the model's repeated blocks, i.e. whose module name has a numeric path
+component (``encoder.layer.3.attention.self.query``, ``model.layers.0.mlp.up_proj``).
+Embeddings, poolers, classifiers and LM heads sit outside the blocks and are
+left alone. A weight that shares its storage with another parameter (tied
+embeddings) is never pruned: zeroing it would zero the embedding too.
+
+``include`` / ``exclude`` are regular expressions matched with ``re.search``
+against module names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+_BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One prunable weight: ``module_name`` and its ``weight`` parameter."""
+
+    name: str  # module name, e.g. "encoder.layer.0.attention.self.query"
+    param: nn.Parameter
+
+    @property
+    def param_name(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / torch.compile wrappers so names match the bare model."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
+
+
+def _tied_parameters(model: nn.Module) -> dict[str, str]:
+    """Map each parameter name that shares storage with another parameter to that other name."""
+    by_storage: dict[tuple, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            full = f"{module_name}.{pname}" if module_name else pname
+            key = (param.device, param.untyped_storage().data_ptr()) if param.device.type != "meta" else ("meta", id(param))
+            by_storage.setdefault(key, []).append(full)
+    tied = {}
+    for names in by_storage.values():
+        if len(names) > 1:
+            for name in names:
+                tied[name] = next(n for n in names if n != name)
+    return tied
+
+
+def find_targets(
+    model: nn.Module,
+    include: Optional[Iterable[str]] = None,
+    exclude: Iterable[str] = (),
+) -> list[Target]:
+    """Select the weights to prune, raising ``ValueError`` for patterns that match nothing."""
+    model = unwrap_model(model)
+    linear_names = [name for name, module in model.named_modules() if name and _is_linear_like(module)]
+    all_names = [name for name, _ in model.named_modules() if name]
+    include = list(include) if include is not None else None
+    exclude = list(exclude)
+
+    problems = []
+    if include is None:
+        chosen = [name for name in linear_names if _BLOCK_INDEX.search(name)]
+    else:
+        chosen = []
+        for pattern in include:
+            hits = [name for name in linear_names if re.search(pattern, name)]
+            if not hits:
+                problems.append(_no_match_message("include", pattern, linear_names or all_names))
+            chosen.extend(h for h in hits if h not in chosen)
+    for pattern in exclude:
+        if not any(re.search(pattern, name) for name in chosen):
+            problems.append(_no_match_message("exclude", pattern, chosen or linear_names))
+        chosen = [name for name in chosen if not re.search(pattern, name)]
+    if problems:
+        raise ValueError("target patterns do not fit this model:\n" + "\n".join(problems))
+
+    tied = _tied_parameters(model)
+    explicitly_tied = [f"{n}.weight (tied to {tied[n + '.weight']})" for n in chosen if f"{n}.weight" in tied]
+    if explicitly_tied and include is not None:
+        raise ValueError(
+            "include selects weights tied to other parameters; pruning them would also prune what they are tied to "
+            f"(e.g. the embeddings): {', '.join(explicitly_tied)}. Add an exclude pattern for them."
+        )
+    modules = dict(model.named_modules())
+    targets = [Target(name, modules[name].weight) for name in chosen if f"{name}.weight" not in tied]
+    if not targets:
+        raise ValueError(
+            "no prunable weights found: the default targets are the nn.Linear layers inside numbered blocks "
+            f"(found linear layers: {_preview(linear_names)}); pass include=[...] patterns"
+        )
+    return targets
+
+
+def _no_match_message(field: str, pattern: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3)
+    if not close:
+        stem = re.sub(r"[^a-zA-Z_]", " ", pattern).split()
+        close = [n for n in names if any(s in n for s in stem)][:5]
+    hint = f"close module names: {', '.join(close)}" if close else f"module names look like: {_preview(names)}"
+    return f"  {field} pattern {pattern!r} matches no module; {hint}"
+
+
+def _preview(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "") if names else "(none)"
+
+
+def target_numel(targets: Iterable[Target]) -> int:
+    return sum(t.numel for t in targets)
+
+
+def check_not_sharded(targets: Iterable[Target]) -> None:
+    """Refuse parameters that are sharded (DTensor / FSDP flat params): global masks would be wrong."""
+    offenders = [t.param_name for t in targets if type(t.param.data).__name__ == "DTensor" or t.param.dim() < 2]
+    if offenders:
+        raise NotImplementedError(
+            "these targets are sharded or flattened (FSDP/DeepSpeed ZeRO-3), so exact masks cannot be computed from "
+            f"the local shard: {_preview(offenders)}. Use DDP or ZeRO stage 1/2."
+        )
+
