@@ -1,0 +1,58 @@
+"""Pruning state on disk: one safetensors file beside a checkpoint's weights.
+
+Tensors (masks as bool, saliency buffers as float32) go in the tensor section
+under ``masks/<target>`` and ``saliency/<buffer>/<target>``; counters and the
+config go in the string metadata as JSON. No pickle: loading cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+
+STATE_FILE = "pruning_state.safetensors"
+_META_KEY = "prune_callbacks.state"
+
+
+def save_state_file(state: dict, path: Union[str, os.PathLike]) -> Path:
+    """Write ``Pruner.state_dict()`` to ``path`` atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {f"masks/{n}": m.contiguous().cpu() for n, m in state["masks"].items()}
+    for buffer, per_target in state["saliency"].items():
+        tensors.update({f"saliency/{buffer}/{n}": t.contiguous().cpu() for n, t in per_target.items()})
+    meta = {k: v for k, v in state.items() if k not in ("masks", "saliency")}
+    meta["saliency_buffers"] = sorted(state["saliency"])
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_state_file(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> dict:
+    """Read a file written by `save_state_file` back into a ``Pruner.state_dict()``-shaped dict."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no pruning state at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            raw_meta = (f.metadata() or {}).get(_META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise ValueError(f"{path} is not a readable pruning state file: {exc}") from None
+    if raw_meta is None:
+        raise ValueError(f"{path} is a safetensors file but holds no prune_callbacks state (metadata key missing)")
+    state = json.loads(raw_meta)
+    buffers = state.pop("saliency_buffers")
+    state["masks"] = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("masks/")}
+    state["saliency"] = {
+        b: {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"saliency/{b}/")} for b in buffers
+    }
+    return state
