@@ -1,0 +1,84 @@
+"""Tiny models and data built in-process (no downloads), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int = 16, hidden: int = 32):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class TinyLM(nn.Module):
+    """Embedding -> numbered blocks -> head tied to the embedding (pure torch)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 16, hidden: int = 32, layers: int = 3, tied: bool = True):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList([Block(dim, hidden) for _ in range(layers)])
+        self.head = nn.Linear(dim, vocab, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids)
+    return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+
+def random_batches(n: int, batch: int = 8, seq: int = 6, vocab: int = 11, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]
+
+
+def tiny_bert_config(**overrides):
+    from transformers import BertConfig
+
+    kwargs = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=37, max_position_embeddings=64, num_labels=2)
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def tiny_bert_classifier(seed: int = 0, **overrides):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(**overrides))
+
+
+def tiny_llama_lm(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**kwargs))
+
+
+def toy_classification_rows(n: int = 64, seq: int = 12, vocab: int = 101, seed: int = 0) -> list[dict]:
+    """Token sequences whose label is whether token 7 appears: learnable by a tiny BERT."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(8, vocab, (seq,), generator=g)
+        label = i % 2
+        if label:
+            ids[int(torch.randint(1, seq, (1,), generator=g))] = 7
+        ids[0] = 2
+        rows.append({"input_ids": ids.tolist(), "attention_mask": [1] * seq, "labels": label})
+    return rows
