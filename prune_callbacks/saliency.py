@@ -37,7 +37,7 @@ class Saliency:
     buffer_names: tuple[str, ...] = ()
     needs_gradients = True
 
-    def __init__(self, params: Sequence[torch.Tensor]):
+    def __init__(self, params: Sequence[torch.Tensor], **_hyperparameters):
         self.buffers: dict[str, list[torch.Tensor]] = {
             b: [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params] for b in self.buffer_names
         }
