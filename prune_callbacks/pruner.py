@@ -37,9 +37,13 @@ STATE_VERSION = 1
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The innermost ``torch.optim.Optimizer`` (Accelerate and others wrap it in ``.optimizer``)."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer") and seen < 8:
-        optimizer, seen = optimizer.optimizer, seen + 1
+    # AcceleratedOptimizer *subclasses* torch.optim.Optimizer (without calling its __init__),
+    # so unwrap while ``.optimizer`` leads further in, not only while the type is foreign.
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer or not (isinstance(inner, torch.optim.Optimizer) or hasattr(inner, "optimizer")):
+            break
+        optimizer = inner
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper exposing .optimizer); got {type(optimizer).__name__}")
     return optimizer
@@ -85,10 +89,22 @@ class Pruner:
             )
         self._optimizer = inner
         self._hooks = [
-            inner.register_step_pre_hook(lambda opt, args, kwargs: self.before_optimizer_step()),
+            inner.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step_hook(opt)),
             inner.register_step_post_hook(lambda opt, args, kwargs: self.after_optimizer_step(opt)),
         ]
         return self
+
+    def _pre_step_hook(self, optimizer: torch.optim.Optimizer) -> None:
+        # A GradScaler does not unscale for optimizers that unscale inside their own step (fused
+        # Adam/AdamW/SGD: ``_step_supports_amp_scaling``) unless ``unscale_`` ran (grad clipping): it sets
+        # ``grad_scale`` (None once unscaled) and ``found_inf`` on the optimizer and calls ``step()`` even
+        # for an overflowing step, which the fused kernel then skips. Unscale, or skip, accordingly.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            self._skip_pending = not self.finalized
+            return
+        scale = getattr(optimizer, "grad_scale", None)
+        self.before_optimizer_step(grad_scale=None if scale is None else float(scale))
 
     def detach(self) -> None:
         for handle in self._hooks:
@@ -238,3 +254,5 @@ class Pruner:
         self.mask_sparsity = float(state["mask_sparsity"])
         self.mask_updates = int(state["mask_updates"])
         self.apply_masks()
+        if state.get("finalized"):
+            self.finalize()

@@ -58,13 +58,23 @@ def _is_linear_like(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
 
 
+def _storage_key(param: torch.Tensor) -> tuple:
+    """What identifies a parameter's memory; sharded (DTensor) and meta tensors fall back to identity."""
+    if param.device.type == "meta" or type(param.data).__name__ == "DTensor":
+        return ("object", id(param))
+    try:
+        return (param.device, param.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return ("object", id(param))
+
+
 def _tied_parameters(model: nn.Module) -> dict[str, str]:
     """Map each parameter name that shares storage with another parameter to that other name."""
     by_storage: dict[tuple, list[str]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
             full = f"{module_name}.{pname}" if module_name else pname
-            key = (param.device, param.untyped_storage().data_ptr()) if param.device.type != "meta" else ("meta", id(param))
+            key = _storage_key(param)
             by_storage.setdefault(key, []).append(full)
     tied = {}
     for names in by_storage.values():

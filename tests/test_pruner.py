@@ -309,3 +309,17 @@ def test_ddp_style_wrapper_names_are_unwrapped():
 
     names = [t.name for t in Pruner(Wrapper(TinyLM()), PruningConfig(**CFG)).targets]
     assert names[0] == "layers.0.up"
+
+
+def test_loading_a_finalized_state_finalizes():
+    torch.manual_seed(0)
+    model = TinyLM()
+    pruner = Pruner(model, PruningConfig(**CFG))
+    train(model, pruner, random_batches(45))
+    pruner.finalize()
+    other = Pruner(TinyLM(), PruningConfig(**CFG))
+    opt = torch.optim.AdamW(other.model.parameters())
+    other.attach(opt)
+    other.load_state_dict(pruner.state_dict())
+    assert other.finalized and not opt._optimizer_step_pre_hooks
+    assert all(torch.equal(a, b) for a, b in zip(other.pruned, pruner.pruned))

@@ -1,0 +1,333 @@
+"""`AcceleratePruningHook`: gradual pruning in a hand-written Accelerate loop.
+
+Add three lines to an ordinary loop; its body does not change::
+
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    hook = AcceleratePruningHook(PruningConfig(final_sparsity=0.5), total_steps=num_optimizer_steps)
+    hook.register(accelerator, model, optimizer)       # after prepare, before load_state
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch).loss)
+            optimizer.step(); scheduler.step(); optimizer.zero_grad()
+    hook.finalize()                                    # then unwrap_model(model).save_pretrained(...)
+
+How it works. ``register`` builds a core `Pruner` and attaches it as step
+hooks of the *torch* optimizer inside the ``AcceleratedOptimizer``. That inner
+step runs only when Accelerate really updates the weights:
+
+* on gradient-accumulation micro-steps ``AcceleratedOptimizer.step`` does not
+  call it (``gradient_state.sync_gradients`` is False);
+* with fp16 and a ``GradScaler`` it is called by ``scaler.step`` after
+  ``unscale_``, so the pruner sees unscaled gradients, and not at all on the
+  steps the scaler skips for inf/NaN gradients. (Fused optimizers unscale and
+  skip inside their own step, which the scaler calls anyway: the pruner reads
+  their ``grad_scale``/``found_inf`` and skips those steps too.)
+
+So the schedule (``start_step``, ``end_step``, fractions of ``total_steps``)
+counts optimizer steps actually taken. ``accelerator.backward`` divides the
+loss by ``gradient_accumulation_steps``: the saliency sees the accumulated
+mean gradient, which ranks weights the same way.
+
+Checkpoints: ``register`` calls ``accelerator.register_for_checkpointing(hook)``,
+so ``accelerator.save_state()`` stores masks, saliency buffers and counters
+(``custom_checkpoint_<i>.pkl``, written by the main process; it holds only
+tensors, numbers, strings, lists and dicts, so it also loads with
+``torch.load(weights_only=True)``) and ``accelerator.load_state()`` restores
+them: a resumed run continues exactly. Call ``register`` before
+``load_state``, in the same order relative to other registered objects.
+
+Several processes (DDP, ``accelerate launch --multi_gpu``): gradients are
+all-reduced before the inner step and masks are broadcast from rank 0 at every
+mask update (``PruningConfig.sync_masks``), so every rank holds the same masks.
+
+Sharded setups. Masks are chosen globally over whole weight matrices, which
+needs every weight and its gradient on every rank:
+
+* FSDP (1 and 2), tensor parallelism, and any DTensor / flattened parameter:
+  each rank only holds a shard, so ``register`` raises ``NotImplementedError``
+  rather than compute masks from a shard.
+* DeepSpeed, every ZeRO stage: refused as well. Stage 3 shards parameters;
+  at stages 1 and 2 the DeepSpeed engine steps its own optimizer over
+  flattened fp32 master partitions (the ``optimizer.step()`` of the loop is a
+  no-op), so masks written into the model's weights would be overwritten by
+  the master copy, and the hooks would not see the model's parameters. This
+  has not been verified against a DeepSpeed install, so it is not offered.
+* Megatron-LM: refused (it owns the optimizer and shards weights).
+* Supported: a single process and DDP (``--multi_gpu``), with or without
+  gradient accumulation and bf16/fp16 mixed precision. Tested on CPU: single
+  process, 2-process DDP over gloo, bf16 autocast, and accelerate's fp16
+  GradScaler code path driven by ``torch.amp.GradScaler("cpu")``. Not run in
+  this project's tests: CUDA/NCCL, fp16 autocast on GPU, XLA/TPU.
+
+Trackers: when the user has trackers (``Accelerator(log_with=...)`` and
+``init_trackers``), sparsity figures go to ``accelerator.log`` every
+``log_every`` optimizer steps and at ``finalize``, from the main process, with
+``step`` = the number of optimizer steps taken.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+from torch import nn
+
+from ..config import PruningConfig, make_config
+from ..pruner import Pruner, _torch_optimizer
+
+__all__ = ["AcceleratePruningHook", "check_accelerator_supported", "count_optimizer_steps"]
+
+
+def count_optimizer_steps(num_batches: int, gradient_accumulation_steps: int = 1, epochs: int = 1) -> int:
+    """Optimizer steps of a run over a prepared dataloader of ``num_batches`` batches per process.
+
+    Accelerate syncs at the end of each epoch's dataloader even when the last
+    accumulation window is short, so an epoch has ``ceil(num_batches / accum)`` steps.
+    (Steps skipped by an fp16 ``GradScaler`` are not taken and do not count.)
+    """
+    if num_batches < 0 or gradient_accumulation_steps < 1 or epochs < 0:
+        raise ValueError(
+            f"count_optimizer_steps(num_batches={num_batches}, gradient_accumulation_steps={gradient_accumulation_steps}, "
+            f"epochs={epochs}): need num_batches >= 0, gradient_accumulation_steps >= 1, epochs >= 0"
+        )
+    return math.ceil(num_batches / gradient_accumulation_steps) * epochs
+
+
+def _value(x: Any) -> Any:
+    """An enum's value (DistributedType is a str enum), or ``x`` itself."""
+    return getattr(x, "value", x)
+
+
+def _get(obj: Any, *names: str) -> Any:
+    """``obj.a.b...`` or None when any link is missing (works on stubs)."""
+    for name in names:
+        try:
+            obj = getattr(obj, name)
+        except Exception:  # properties of a half-initialised state may raise
+            return None
+        if obj is None:
+            return None
+    return obj
+
+
+def check_accelerator_supported(accelerator: Any) -> None:
+    """Raise ``NotImplementedError`` for setups where correct global masks cannot be computed.
+
+    Reads ``distributed_type`` and the FSDP / DeepSpeed / parallelism settings of
+    ``accelerator`` (or of its ``state``); see the module docstring for why each is refused.
+    """
+    state = getattr(accelerator, "state", None)
+    dtype = _value(getattr(accelerator, "distributed_type", None) or getattr(state, "distributed_type", None))
+    dtype = str(dtype).upper() if dtype is not None else "NO"
+    fsdp_plugin = _get(state, "fsdp_plugin") or _get(accelerator, "fsdp_plugin")
+    ds_plugin = _get(state, "deepspeed_plugin") or _get(accelerator, "deepspeed_plugin")
+    pconf = _get(accelerator, "parallelism_config") or _get(state, "parallelism_config")
+
+    if dtype == "FSDP" or fsdp_plugin is not None:
+        version = _get(fsdp_plugin, "fsdp_version")
+        raise NotImplementedError(
+            f"AcceleratePruningHook does not support FSDP{'' if version is None else f' (fsdp_version={version})'}: "
+            "each process holds only a shard of every weight (flattened FlatParameters in FSDP1, DTensor shards in "
+            "FSDP2), so global masks cannot be computed exactly from the local shard. Launch with DDP "
+            "(`accelerate launch --multi_gpu`, no FSDP plugin) instead, or prune on a single process."
+        )
+    if dtype == "DEEPSPEED" or ds_plugin is not None:
+        stage = _get(ds_plugin, "zero_stage")
+        why = (
+            "ZeRO-3 shards every parameter across processes, so global masks cannot be computed from the local shard"
+            if stage == 3
+            else "the DeepSpeed engine steps its own optimizer over flattened fp32 master partitions (the loop's "
+            "optimizer.step() is a no-op), so the pruner cannot hook real steps and masks written into the model "
+            "would be overwritten by the master weights"
+        )
+        raise NotImplementedError(
+            f"AcceleratePruningHook does not support DeepSpeed{'' if stage is None else f' ZeRO stage {stage}'}: {why}. "
+            "Launch with DDP (`accelerate launch --multi_gpu`, no DeepSpeed config) instead."
+        )
+    if dtype == "MEGATRON_LM":
+        raise NotImplementedError(
+            "AcceleratePruningHook does not support Megatron-LM: it owns the optimizer step and shards weights "
+            "(tensor parallelism), so global masks cannot be computed. Use DDP."
+        )
+    if pconf is not None:
+        sharded = [name for name in ("tp", "dp_shard") if bool(_get(pconf, f"{name}_enabled"))]
+        if sharded:
+            raise NotImplementedError(
+                f"AcceleratePruningHook does not support parallelism_config with {' and '.join(sharded)} enabled: "
+                "weights are sharded (DTensor) across processes, so global masks cannot be computed. Use plain "
+                "data parallelism (DDP)."
+            )
+
+
+def _sharded_parameters(model: nn.Module) -> list[str]:
+    """Names of parameters held as shards: DTensor (FSDP2, TP), FSDP1 FlatParameter, DeepSpeed ZeRO-3."""
+    found = []
+    for name, param in model.named_parameters():
+        kinds = {type(param).__name__, type(getattr(param, "data", param)).__name__}
+        if kinds & {"DTensor", "FlatParameter"} or hasattr(param, "ds_id"):
+            found.append(name)
+    return found
+
+
+class AcceleratePruningHook:
+    """Prunes the model of a hand-written Accelerate loop; the loop body needs no pruning calls.
+
+    Args:
+        config: a `PruningConfig` (or dict); ``**overrides`` replace its fields.
+        total_steps: optimizer steps of the whole run (needed when the config
+            uses fractional steps); see `count_optimizer_steps`. Can also be
+            given to ``register``.
+        log_every: log sparsity to the accelerator's trackers every this many
+            optimizer steps (0 or None: only at ``finalize``). Nothing is
+            logged, and nothing computed for it, when there are no trackers.
+        log_prefix: prefix of the logged keys.
+
+    Supported: single process, DDP (``--multi_gpu``, also on CPU), bf16/fp16
+    mixed precision, gradient accumulation, ``save_state``/``load_state``
+    (register before ``load_state``). The schedule counts optimizer steps
+    really taken: accumulation micro-steps and fp16 overflow steps don't count.
+    Refused at ``register`` with ``NotImplementedError``: FSDP, DeepSpeed (all
+    ZeRO stages), Megatron-LM, tensor parallel / DTensor parameters (the masks
+    would be computed from shards or overwritten). See the module docstring.
+    """
+
+    def __init__(
+        self,
+        config: "PruningConfig | dict | None" = None,
+        *,
+        total_steps: Optional[int] = None,
+        log_every: Optional[int] = 10,
+        log_prefix: str = "pruning/",
+        **overrides,
+    ):
+        self.config = make_config(config, **overrides)
+        if total_steps is not None:
+            self.config.resolve(total_steps)  # fail early, before prepare() work is wasted on a bad schedule
+        if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0):
+            raise ValueError(f"log_every={log_every!r} is invalid: give an int >= 0 (0 or None: log only at finalize)")
+        self.total_steps = total_steps
+        self.log_every = log_every or 0
+        self.log_prefix = log_prefix
+        self.accelerator: Any = None
+        self.pruner: Optional[Pruner] = None
+        self._log_handle = None
+        self._last_logged = -1
+
+    # ------------------------------------------------------------ wiring
+    def register(self, accelerator: Any, model: nn.Module, optimizer: Any, *, total_steps: Optional[int] = None) -> Pruner:
+        """Start pruning ``model`` on every real step of ``optimizer``; returns the core `Pruner`.
+
+        ``model`` and ``optimizer`` are those returned by ``accelerator.prepare``.
+        Also registers this hook for ``accelerator.save_state``/``load_state``.
+        Raises ``NotImplementedError`` for sharded setups (FSDP, DeepSpeed, TP).
+        """
+        if self.pruner is not None:
+            raise RuntimeError("this AcceleratePruningHook is already registered; create one hook per model")
+        check_accelerator_supported(accelerator)
+        sharded = _sharded_parameters(model)
+        if sharded:
+            raise NotImplementedError(
+                f"AcceleratePruningHook cannot prune sharded parameters (DTensor / FSDP FlatParameter / ZeRO-3): "
+                f"{', '.join(sharded[:4])}{', ...' if len(sharded) > 4 else ''}. Global masks cannot be computed "
+                "exactly from a local shard; use DDP or a single process."
+            )
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        if not isinstance(optimizer, AcceleratedOptimizer):
+            raise TypeError(
+                f"register() needs the optimizer returned by accelerator.prepare(...), got {type(optimizer).__name__}: "
+                "a bare torch optimizer would let the pruner act on gradient-accumulation micro-steps"
+            )
+        if total_steps is not None:
+            self.total_steps = total_steps
+        pruner = Pruner(model, self.config, total_steps=self.total_steps)
+        pruner.attach(optimizer)
+        self.accelerator = accelerator
+        self.pruner = pruner
+        # Registered after the pruner's own hooks, so it runs after masks are updated.
+        self._log_handle = _torch_optimizer(optimizer).register_step_post_hook(lambda opt, args, kwargs: self._after_step())
+        accelerator.register_for_checkpointing(self)
+        return pruner
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Change the run length (e.g. once the dataloader is prepared); fractional steps are re-resolved."""
+        if self.pruner is not None:
+            self.pruner.set_total_steps(total_steps)
+        else:
+            self.config.resolve(total_steps)
+        self.total_steps = total_steps
+
+    def _require_pruner(self) -> Pruner:
+        if self.pruner is None:
+            raise RuntimeError("call hook.register(accelerator, model, optimizer) after accelerator.prepare(...) first")
+        return self.pruner
+
+    # ------------------------------------------------------------ logging
+    def _has_trackers(self) -> bool:
+        acc = self.accelerator
+        return bool(getattr(acc, "trackers", None)) and bool(getattr(acc, "is_main_process", True))
+
+    def _after_step(self) -> None:
+        pruner = self.pruner
+        if not self.log_every or pruner is None or pruner.step == self._last_logged or pruner.step % self.log_every:
+            return
+        self._log()
+
+    def log_values(self) -> dict:
+        """The figures sent to trackers: global/target/scheduled sparsity, counters, per layer kind sparsity."""
+        report = self._require_pruner().report()
+        p = self.log_prefix
+        values = {
+            f"{p}global_sparsity": float(report["global_sparsity"]),
+            f"{p}target_sparsity": float(report["target_sparsity"]),
+            f"{p}scheduled_sparsity": float(report["scheduled_sparsity"]),
+            f"{p}nonzero_params": int(report["nonzero_params"]),
+            f"{p}mask_updates": int(report["mask_updates"]),
+            f"{p}skipped_steps": int(report["skipped_steps"]),
+        }
+        values.update({f"{p}group/{g}": float(row["sparsity"]) for g, row in report["per_group"].items()})
+        return values
+
+    def _log(self) -> None:
+        if not self._has_trackers():
+            return
+        self._last_logged = self.pruner.step
+        self.accelerator.log(self.log_values(), step=self.pruner.step)
+
+    # ------------------------------------------------------------ results
+    def report(self) -> dict:
+        """`Pruner.report()`: global and per-target sparsity, step, counters."""
+        return self._require_pruner().report()
+
+    def finalize(self) -> dict:
+        """Make the masks permanent (pruned weights are +0.0), stop pruning, log and return the final report.
+
+        Afterwards ``accelerator.unwrap_model(model).save_pretrained(...)`` saves
+        an ordinary model. Calling it again returns the report and does nothing else.
+        """
+        pruner = self._require_pruner()
+        if not pruner.finalized:
+            if self._log_handle is not None:
+                self._log_handle.remove()
+                self._log_handle = None
+            pruner.finalize()
+            if pruner.mask_sparsity < self.config.final_sparsity:
+                warnings.warn(
+                    f"pruning finalized at sparsity {pruner.mask_sparsity:.4f}, below final_sparsity="
+                    f"{self.config.final_sparsity} after {pruner.step} optimizer steps (schedule ends at step "
+                    f"{pruner.steps.end_step}): the run was shorter than total_steps={self.total_steps}",
+                    stacklevel=2,
+                )
+            if pruner.step != self._last_logged:
+                self._log()
+        return pruner.report()
+
+    # ------------------------------------------------------------ checkpointing (accelerator.save_state)
+    def state_dict(self) -> dict:
+        """`Pruner.state_dict()`: tensors, ints, floats, strings, lists, dicts, bools (weights_only-safe)."""
+        return self._require_pruner().state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._require_pruner().load_state_dict(state)
+        self._last_logged = self.pruner.step
