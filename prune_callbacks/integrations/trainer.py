@@ -1,0 +1,281 @@
+"""Gradual pruning inside a stock ``transformers.Trainer``: callbacks only.
+
+::
+
+    from prune_callbacks import PruningConfig, make_callbacks
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=make_callbacks(PruningConfig(final_sparsity=0.9)))
+    trainer.train()              # prunes while it fine-tunes; masks permanent at the end
+    trainer.save_model(out)      # plain from_pretrained loads it, zeros included
+
+How it fits the Trainer (verified against transformers 5.24):
+
+* Steps are optimizer steps. At ``on_train_begin`` the engine builds a core
+  `Pruner` (fractional ``start_step`` / ``end_step`` resolve against
+  ``state.max_steps``) and attaches it as step hooks of the torch optimizer
+  inside the ``AcceleratedOptimizer``. Per update the Trainer runs backward ->
+  clipping -> ``on_pre_optimizer_step`` -> ``optimizer.step()`` (our hooks run
+  around the inner step: saliency from the accumulated, all-reduced, clipped,
+  unscaled gradient; then masks) -> ``on_optimizer_step`` -> scheduler ->
+  ``zero_grad`` -> ``on_step_end``. Micro-steps of gradient accumulation and
+  steps a fp16 ``GradScaler`` skips never call the inner step, so they change
+  nothing. A bad config (``end_step`` beyond ``max_steps``, an ``include``
+  pattern matching no module) raises `PruningConfigError` from
+  ``trainer.train()`` before the first forward pass.
+* Logs: the Trainer appends a copy of each logs dict to ``state.log_history``
+  before ``on_log`` runs, and runs reporting callbacks (TensorBoard, W&B,
+  the printer) before user callbacks. So the callback (1) writes the figures
+  into the logs dict *and* into the ``log_history`` entry just appended, and
+  (2) once it knows its Trainer, moves the prune_callbacks callbacks right
+  after ``DefaultFlowCallback`` so reporters see the figures in the same call.
+  It learns its Trainer from :meth:`bind` or, if not bound, from the call stack
+  of ``on_init_end`` / ``on_train_begin`` (the Trainer instance whose callback
+  handler holds this callback). Without a Trainer, figures still reach
+  ``log_history`` and later callbacks, and a warning says why reporters miss them.
+* Checkpoints: ``on_save`` writes ``pruning_state.safetensors`` (masks,
+  saliency buffers, counters) into ``checkpoint-N/`` from the process that
+  saves; the weights there are already masked. ``train(resume_from_checkpoint=...)``
+  does not record the path in ``args``: at ``on_train_begin`` the restored
+  ``state.global_step`` > 0 names ``checkpoint-{global_step}`` in ``output_dir``
+  (or pass ``resume_from=``), and the run continues exactly.
+* Dense baseline: ``evaluate_dense=True`` calls :func:`evaluate_dense` on the
+  Trainer at train begin (before any step, so the model is still dense; skipped
+  on resume): metrics are logged as ``dense_*`` next to the later ``eval_*``.
+* Under DDP, masks are broadcast from rank 0 at each update (``sync_masks``),
+  only the saving process writes files.
+
+Known transformers issue: for BERT-like models whose ``forward`` accepts
+``**kwargs`` the Trainer assumes the model scales the loss itself and does not
+divide it by ``gradient_accumulation_steps`` (nor average it correctly under
+DDP), so gradients are accumulation-times too large. Taylor / PLATON /
+movement saliency and the gradient-norm clipping see that. Set
+``trainer.model_accepts_loss_kwargs = False`` after building the Trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import Any, Optional, Union
+
+from transformers import Trainer, TrainerCallback
+
+from ..config import PruningConfigError, make_config
+from .trainer_engine import TrainerPruningEngine, engine_for
+from .trainer_support import ConfigLike, add_to_logs, make_trainer_config, put_before_reporters, trainer_on_stack
+
+__all__ = [
+    "make_callbacks",
+    "PruningCallbacks",
+    "GradualPruningCallback",
+    "L1RegularizationCallback",
+    "PermanentMaskCallback",
+    "evaluate_dense",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class _TrainerPruningCallback(TrainerCallback):
+    """Shared plumbing: the engine and the Trainer the callback was bound to (weakly)."""
+
+    def __init__(self, engine: Optional[TrainerPruningEngine]):
+        self.engine = engine
+        self._trainer_ref: Optional[weakref.ref] = None
+
+    @property
+    def trainer(self) -> Optional[Trainer]:
+        return self._trainer_ref() if self._trainer_ref is not None else None
+
+    def bind(self, trainer: Trainer) -> "_TrainerPruningCallback":
+        """Tell the callback its Trainer (dense evaluation, reporters' order). Usually found automatically."""
+        self._trainer_ref = weakref.ref(trainer)
+        put_before_reporters(trainer, _TrainerPruningCallback)
+        return self
+
+    def _find_trainer(self) -> Optional[Trainer]:
+        if self.trainer is None:
+            trainer = trainer_on_stack(self)
+            if trainer is not None:
+                self.bind(trainer)
+        return self.trainer
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._find_trainer()
+
+
+# ---------------------------------------------------------------- the callbacks
+class GradualPruningCallback(_TrainerPruningCallback):
+    """Saliency, schedule, masks, checkpoints and sparsity logs (see the module docstring).
+
+    ``GradualPruningCallback(config | path | None, *, evaluate_dense=False, log_per_group=True,
+    resume_from=None, **config_overrides)``. Logged at every logging step: ``sparsity/global``,
+    ``sparsity/target`` and ``sparsity/<layer kind>``. ``evaluate_dense=True`` logs ``dense_*``
+    metrics of the unpruned model at train begin (needs an ``eval_dataset``).
+
+    Transformers bug: for BERT-like models under gradient accumulation or DDP the Trainer does not
+    divide the loss by the accumulation steps (the model "accepts loss kwargs"); the saliency
+    magnitudes (and clipping) see gradients that are too large. Set
+    ``trainer.model_accepts_loss_kwargs = False``.
+    """
+
+    def __init__(self, config: ConfigLike = None, *, evaluate_dense: bool = False, log_per_group: bool = True,
+                 resume_from: Optional[str] = None, engine: Optional[TrainerPruningEngine] = None, **overrides):
+        if engine is None:
+            engine = TrainerPruningEngine(make_trainer_config(config, overrides), resume_from=resume_from)
+        elif config is not None or overrides or resume_from is not None:
+            raise TypeError("pass either engine= or a config, not both")
+        super().__init__(engine)
+        self.evaluate_dense = evaluate_dense
+        self.log_per_group = log_per_group
+        self._warned_unbound = False
+
+    @property
+    def pruner(self):
+        return self.engine.pruner
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        trainer = self._find_trainer()
+        if self.evaluate_dense and state.global_step == 0:
+            if trainer is None:
+                raise RuntimeError("evaluate_dense=True needs the Trainer: call callbacks.bind(trainer) before train()")
+            if trainer.eval_dataset is None:
+                raise ValueError("evaluate_dense=True needs an eval_dataset on the Trainer")
+        self.engine.start(args, state, model, optimizer)  # validates the config before any compute
+        if self.evaluate_dense and state.global_step == 0:
+            evaluate_dense(trainer)
+        elif self.evaluate_dense:
+            logger.info("prune_callbacks: resumed run, the dense model is gone; dense evaluation skipped")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self.engine.pruner is None:
+            return
+        figures = self.engine.figures(self.log_per_group)
+        add_to_logs(state, logs, figures)
+        reporters = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
+        if self.trainer is None and any(r != "none" for r in reporters) and not self._warned_unbound:
+            self._warned_unbound = True
+            logger.warning(
+                "prune_callbacks: could not find the Trainer, so reporting callbacks (%s) run before this one and "
+                "miss the sparsity figures (log_history has them). Call callbacks.bind(trainer).", reporters,
+            )
+
+    def on_save(self, args, state, control, **kwargs):
+        self.engine.save(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.engine.stop()
+
+
+class L1RegularizationCallback(_TrainerPruningCallback):
+    """Proximal L1 on the targeted weights after every optimizer step (see `prune_callbacks.regularization`).
+
+    On its own, ``L1RegularizationCallback(l1_lambda, l1_ramp_steps=0, include=None, exclude=())``
+    runs L1 without pruning (its engine never masks anything) and logs ``l1/strength`` and
+    ``l1/zero_fraction``. In a `make_callbacks` set (``l1_lambda`` in the config) it shares the
+    pruning engine, which applies L1, and only adds the L1 figures to the logs.
+    """
+
+    def __init__(self, l1_lambda: Optional[float] = None, *, l1_ramp_steps: Union[int, float] = 0,
+                 include: Optional[list] = None, exclude: tuple = (), resume_from: Optional[str] = None,
+                 engine: Optional[TrainerPruningEngine] = None):
+        self.drives = engine is None
+        if engine is None:
+            if not l1_lambda or l1_lambda <= 0:
+                raise PruningConfigError(f"l1_lambda={l1_lambda!r} is invalid: L1RegularizationCallback needs l1_lambda > 0")
+            config = make_config(
+                final_sparsity=0.0, saliency="magnitude", schedule="oneshot", start_step=0, end_step=0,
+                l1_lambda=l1_lambda, l1_ramp_steps=l1_ramp_steps, include=include, exclude=list(exclude),
+            )
+            engine = TrainerPruningEngine(config, resume_from=resume_from)
+        super().__init__(engine)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._find_trainer()
+        if self.drives:
+            self.engine.start(args, state, model, optimizer)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.engine.pruner is not None:
+            add_to_logs(state, logs, self.engine.l1_figures())
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.drives:
+            self.engine.save(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.drives:
+            self.engine.stop()
+
+
+class PermanentMaskCallback(_TrainerPruningCallback):
+    """At train end: masks made permanent (pruned weights are +0.0, hooks and buffers released).
+
+    ``PermanentMaskCallback(*, save_sparse_to=None)``. On its own it finalizes whichever
+    prune_callbacks engine prunes the Trainer's model. ``save_sparse_to``: also write a compressed
+    sparse checkpoint there (`prune_callbacks.sparse_io.save_sparse`, with the Trainer's
+    tokenizer / processor) from the saving process.
+    """
+
+    def __init__(self, *, save_sparse_to: Optional[Union[str, os.PathLike]] = None,
+                 engine: Optional[TrainerPruningEngine] = None):
+        super().__init__(engine)
+        self.save_sparse_to = save_sparse_to
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        engine = self.engine if self.engine is not None and self.engine.pruner is not None else engine_for(model)
+        if engine is None:
+            logger.warning("prune_callbacks: PermanentMaskCallback found no pruning engine on this model; nothing to finalize")
+        else:
+            engine.finish(args, state)
+        if self.save_sparse_to is not None and args.should_save:
+            from ..sparse_io import save_sparse
+
+            save_sparse(model, self.save_sparse_to, tokenizer=processing_class)
+
+
+# ---------------------------------------------------------------- helpers
+def evaluate_dense(trainer: Trainer, eval_dataset: Any = None, metric_key_prefix: str = "dense") -> dict:
+    """``trainer.evaluate`` with metrics named ``dense_*``: call it before pruning starts (the callbacks'
+    ``evaluate_dense=True`` calls it at train begin) to log the dense baseline next to the ``eval_*``
+    metrics of the pruned model."""
+    if eval_dataset is None and trainer.eval_dataset is None:
+        raise ValueError("evaluate_dense needs an eval_dataset (on the Trainer or as an argument)")
+    return trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix=metric_key_prefix)
+
+
+class PruningCallbacks(list):
+    """The callbacks of `make_callbacks` (a list, so ``callbacks=make_callbacks(...)`` just works)."""
+
+    def __init__(self, callbacks, engine: TrainerPruningEngine):
+        super().__init__(callbacks)
+        self.engine = engine
+
+    @property
+    def pruner(self):
+        """The running `Pruner` (None before ``train()``): ``report()``, ``state_dict()``, ..."""
+        return self.engine.pruner
+
+    def bind(self, trainer: Trainer) -> "PruningCallbacks":
+        for cb in self:
+            cb.bind(trainer)
+        return self
+
+
+def make_callbacks(config: ConfigLike = None, *, evaluate_dense: bool = False, finalize: bool = True,
+                   save_sparse_to: Optional[Union[str, os.PathLike]] = None, log_per_group: bool = True,
+                   resume_from: Optional[str] = None, **overrides) -> PruningCallbacks:
+    """The callbacks sharing one pruning engine: ``GradualPruningCallback``, ``L1RegularizationCallback``
+    (when ``l1_lambda > 0``) and ``PermanentMaskCallback`` (unless ``finalize=False``).
+
+    ``config``: a `PruningConfig`, a dict, a path to a YAML recipe (its ``pruning:`` section, or the
+    whole mapping), or None for the defaults; ``overrides`` are PruningConfig fields.
+    """
+    engine = TrainerPruningEngine(make_trainer_config(config, overrides), resume_from=resume_from)
+    callbacks: list = [GradualPruningCallback(engine=engine, evaluate_dense=evaluate_dense, log_per_group=log_per_group)]
+    if engine.config.l1_lambda > 0:
+        callbacks.append(L1RegularizationCallback(engine=engine))
+    if finalize:
+        callbacks.append(PermanentMaskCallback(engine=engine, save_sparse_to=save_sparse_to))
+    return PruningCallbacks(callbacks, engine)
