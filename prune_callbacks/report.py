@@ -23,7 +23,7 @@ def build_report(
     scheduled_sparsity: float,
     extra: Optional[dict] = None,
 ) -> dict:
-    counts = [int(m.sum()) for m in pruned]
+    counts = [int(torch.count_nonzero(m)) for m in pruned]
     numels = [m.numel() for m in pruned]
     total, total_pruned = sum(numels), sum(counts)
     per_target = {

@@ -92,3 +92,29 @@ def test_nan_scores_do_not_break_counts():
     scores = [torch.tensor([[float("nan"), 1.0], [2.0, 3.0]])]
     masks = global_masks(scores, [torch.zeros(2, 2, dtype=torch.bool)], 0.5)
     assert int(masks[0].sum()) == 2
+
+
+@pytest.mark.parametrize("q", [0.0001, 0.3, 0.9, 0.9999])
+@pytest.mark.parametrize("kind", ["uniform", "ties", "pruned"])
+def test_large_cpu_path_is_exact(q, kind):
+    # above 2**20 scores the CPU path brackets the k-th value with a sample first
+    g = torch.Generator().manual_seed(0)
+    n = (1 << 20) + 12345
+    values = torch.rand(n, generator=g)
+    if kind == "ties":
+        values = (values * 50).floor()
+    elif kind == "pruned":
+        values[: int(0.8 * n)] = float("-inf")
+    k = max(1, int(q * n))
+    assert kth_smallest(values, k) == torch.kthvalue(values, k).values
+    mask = smallest_k_mask(values, k)
+    assert int(mask.sum()) == k and values[mask].max() <= values[~mask].min()
+
+
+def test_bracket_miss_falls_back_to_exact(monkeypatch):
+    import prune_callbacks.selection as selection
+
+    values = torch.rand((1 << 20) + 1, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(selection, "_SAMPLE_SIZE", 4)  # a 4-point sample brackets badly
+    for k in (1, 1000, 500_000, values.numel()):
+        assert selection.kth_smallest(values, k) == torch.kthvalue(values, k).values

@@ -190,7 +190,7 @@ class TrainerPruningEngine:
             return {}
         p = self.pruner
         strength = 0.0 if p.finalized else l1_strength(p.step, l1_lambda=p.config.l1_lambda, ramp_steps=p.steps.l1_ramp_steps)
-        zeros = sum(int((w == 0).sum()) for w in p.params)
+        zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in p.params)
         total = sum(w.numel() for w in p.params)
         return {"l1/strength": float(strength), "l1/zero_fraction": zeros / total if total else 0.0}
 
