@@ -1,0 +1,141 @@
+"""``prune-callbacks``: run, check and inspect pruning recipes.
+
+    prune-callbacks finetune RECIPE.yaml [--output-dir DIR] [--max-steps N] [--set dotted.key=value ...]
+    prune-callbacks validate RECIPE.yaml [--set dotted.key=value ...]
+    prune-callbacks report PATH [--json]
+
+Exit status: 0 on success, 2 for an invalid recipe or command line, 1 for
+other problems the user can fix (missing asset package, unreadable weights,
+missing files). Those print one message to stderr, without a traceback;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prune-callbacks", description="Prune transformer models while fine-tuning them, from one YAML recipe.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sets = argparse.ArgumentParser(add_help=False)
+    sets.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                      help="override one recipe key, e.g. --set pruning.final_sparsity=0.8 "
+                           "(the value is read as YAML; repeatable)")
+
+    run = sub.add_parser("finetune", parents=[sets], help="run a recipe: dense eval, prune while fine-tuning, eval, save",
+                         description="Evaluate the dense model, fine-tune while pruning, evaluate the pruned model, "
+                                     "make the masks permanent and save model, recipe copy, report and plot.")
+    run.add_argument("recipe", help="recipe YAML file (see recipes/template.yaml)")
+    run.add_argument("--output-dir", help="output directory (same as --set output.dir=DIR)")
+    run.add_argument("--max-steps", type=_positive_int, help="optimizer steps (same as --set training.max_steps=N)")
+
+    check = sub.add_parser("validate", parents=[sets], help="check a recipe without running it")
+    check.add_argument("recipe", help="recipe YAML file")
+
+    report = sub.add_parser("report", help="print the sparsity of a saved model, weights file or checkpoint")
+    report.add_argument("path", help="model directory, weights file, sparse checkpoint or Trainer checkpoint-N/")
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _finetune(args) -> int:
+    from .recipe.loading import load_recipe
+    from .recipe.workflow import run_recipe
+
+    recipe = load_recipe(args.recipe, args.sets, output_dir=args.output_dir, max_steps=args.max_steps)
+    result = run_recipe(recipe, recipe_path=args.recipe)
+    if result.summary:  # empty on the other ranks of a multi-process launch
+        print(result.summary)
+    return EXIT_OK
+
+
+def _validate(args) -> int:
+    from .recipe.loading import load_recipe
+    from .recipe.summary import describe
+
+    recipe = load_recipe(args.recipe, args.sets)
+    print(f"OK {args.recipe}: {describe(recipe)}")
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from .recipe.tables import format_table, group_rows, human_bytes
+    from .recipe.weights import load_weights, pruning_state_summary
+    from .report import sparsity_of_tensors
+
+    loaded = load_weights(args.path)
+    table = sparsity_of_tensors(loaded.tensors)
+    state = pruning_state_summary(loaded.pruning_state)
+    if args.json:
+        out = {"path": str(args.path), "kind": loaded.kind, "files": [str(f) for f in loaded.files],
+               "bytes_on_disk": loaded.bytes_on_disk, **table, "groups": group_rows(table["per_tensor"]),
+               "pruning_state": state, **loaded.extra}
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    files = f"{len(loaded.files)} file{'s' if len(loaded.files) != 1 else ''}"
+    print(format_table(table, header=f"{args.path}: {loaded.kind}, {files}, {human_bytes(loaded.bytes_on_disk)}\n"))
+    if "global_step" in loaded.extra:
+        print(f"trainer checkpoint:  global step {loaded.extra['global_step']}")
+    if state:
+        print(f"pruning state:      step {state['step']}, masks at {state['mask_sparsity']:.1%} sparsity "
+              f"(target {state['final_sparsity']:.1%}), {state['mask_updates']} mask updates, "
+              f"{state['targets']} targets{', finalized' if state['finalized'] else ''}")
+    return EXIT_OK
+
+
+def _user_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(errors meaning 'fix the recipe / command line', errors meaning 'fix the environment or files')."""
+    from .assets import AssetNotInstalledError
+    from .config import PruningConfigError
+    from .recipe.loading import RecipeError
+    from .recipe.weights import WeightsError
+
+    environment: tuple[type, ...] = (AssetNotInstalledError, WeightsError, FileNotFoundError, IsADirectoryError,
+                                     PermissionError)
+    try:
+        from .sparse_io import SparseCheckpointError
+
+        environment += (SparseCheckpointError,)
+    except ImportError:
+        pass
+    return (RecipeError, PruningConfigError), environment
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"finetune": _finetune, "validate": _validate, "report": _report}[args.command]
+    recipe_errors, environment_errors = _user_errors()
+    try:
+        return handler(args)
+    except recipe_errors as exc:
+        what = "invalid recipe" if args.command != "report" else "error"
+        print(f"prune-callbacks {args.command}: {what}:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except environment_errors as exc:
+        print(f"prune-callbacks {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"prune-callbacks {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""What ``finetune`` leaves behind besides the model: report.json, REPORT.md and sparsity.png."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..report import model_sparsity
+from .schema import Recipe
+
+REPORT_JSON, REPORT_MD, PLOT_PNG = "report.json", "REPORT.md", "sparsity.png"
+
+
+def _strip(metrics: dict, prefix: str, task: str) -> dict:
+    """``{"eval_accuracy": ..}`` -> ``{"accuracy": ..}`` (numbers only), with perplexity for causal-lm."""
+    from ..assets import perplexity
+
+    out = {k[len(prefix) + 1:]: float(v) for k, v in metrics.items()
+           if k.startswith(prefix + "_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if task == "causal-lm" and "loss" in out and "perplexity" not in out:
+        out["perplexity"] = perplexity(out["loss"])
+    return out
+
+
+def _history(log_history: list[dict], task: str) -> tuple[Optional[dict], list[dict]]:
+    """(dense metrics logged at train begin, evaluations during training)."""
+    dense, evals = None, []
+    for entry in log_history:
+        if any(k.startswith("dense_") for k in entry):
+            dense = _strip(entry, "dense", task)
+        elif "eval_loss" in entry:
+            evals.append({"step": int(entry.get("step", 0)), **_strip(entry, "eval", task)})
+    return dense, evals
+
+
+@torch.no_grad()
+def _target_sparsity(pruner) -> dict:
+    """Exact zeros in the pruned layers' weights (what was saved), per target and in total."""
+    per_target, zeros, total = {}, 0, 0
+    for target in (pruner.targets if pruner is not None else []):
+        n = target.param.numel()
+        z = n - int(torch.count_nonzero(target.param))
+        per_target[target.name] = {"numel": n, "nonzero": n - z, "sparsity": z / n if n else 0.0}
+        zeros, total = zeros + z, total + n
+    return {"per_target": per_target, "target_params": total, "target_params_pruned": zeros,
+            "target_sparsity": zeros / total if total else 0.0}
+
+
+def _versions() -> dict:
+    import transformers
+
+    from .. import __version__
+
+    return {"prune_callbacks": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def weight_bytes(directory: Path) -> int:
+    """Bytes of the standard weights files in ``directory`` (single or sharded)."""
+    files = list(directory.glob("*.safetensors")) or list(directory.glob("pytorch_model*.bin"))
+    return sum(f.stat().st_size for f in files)
+
+
+def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model, pruner, log_history: list,
+                 global_step: int, train_output, pruned_metrics: dict, recorder, data, sparse_info,
+                 timing: dict) -> dict[str, Any]:
+    task = recipe.task
+    dense, evals = _history(log_history, task)
+    whole = model_sparsity(model)
+    targets = _target_sparsity(pruner)
+    per_tensor = whole.pop("per_tensor")
+    return {
+        "recipe": str(recipe_path) if recipe_path else None,
+        "description": recipe.description,
+        "output_dir": str(out),
+        "task": task,
+        "model": f"{recipe.model.source}:{recipe.model.name}",
+        "data": f"{recipe.data.source}:{recipe.data.name or ','.join(recipe.data.files or {})}",
+        "metric": recipe.metrics[0],
+        "metrics": recipe.metrics,
+        "dense_metrics": dense,
+        "pruned_metrics": _strip(pruned_metrics, "eval", task),
+        "evaluations": evals,
+        "sparsity": {
+            "final_sparsity": recipe.pruning.final_sparsity,
+            "targets": len(targets["per_target"]),
+            **{k: v for k, v in targets.items() if k != "per_target"},
+            "model_sparsity": whole["sparsity"],
+            "matrix_sparsity": whole["matrix_sparsity"],
+            "params": whole["params"],
+            "nonzero_params": whole["nonzero_params"],
+        },
+        "per_target": targets["per_target"],
+        "per_tensor": per_tensor,
+        "history": {"step": recorder.steps, "target": recorder.target, "achieved": recorder.achieved},
+        "training": {
+            "global_step": int(global_step),
+            "train_loss": float(train_output.training_loss),
+            "train_examples": len(data.train),
+            "eval_examples": len(data.eval),
+            "raw_rows": data.raw_sizes,
+            "pruner_step": pruner.step if pruner is not None else None,
+            "mask_updates": pruner.mask_updates if pruner is not None else None,
+        },
+        "sizes": {
+            "model_bytes": weight_bytes(out),
+            "sparse_bytes": sparse_info.file_bytes if sparse_info is not None else None,
+            "sparse_dir": str(out / "sparse") if sparse_info is not None else None,
+        },
+        "timing": dict(timing),
+        "versions": _versions(),
+    }
+
+
+def write_json(report: dict, out: Path) -> Path:
+    path = out / REPORT_JSON
+    path.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+    return path
+
+
+def write_all(report: dict, out: Path, plot: bool = True) -> None:
+    """report.json, sparsity.png (if ``plot``) and REPORT.md."""
+    from .markdown import render_markdown
+
+    write_json(report, out)
+    if plot:
+        from .plots import plot_report
+
+        plot_report(report, out / PLOT_PNG)
+    (out / REPORT_MD).write_text(render_markdown(report, plot_name=PLOT_PNG if plot else None), encoding="utf-8")

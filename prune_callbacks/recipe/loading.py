@@ -1,0 +1,243 @@
+"""Read a recipe file, apply command-line overrides, validate, and write the resolved copy.
+
+Every problem is reported as ``file:line: yaml.path: message`` with the bad
+value and what is allowed; all problems are collected before anything heavy
+(model, data) is loaded. YAML is read with ``yaml.safe_load`` semantics only:
+nothing in a recipe is ever evaluated. Duplicate keys are an error (PyYAML
+would silently keep the last one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import yaml
+from pydantic import ValidationError
+
+from ..config import PruningConfigError
+from .schema import SECTIONS, Recipe, cross_check
+from .training_args import check_training
+
+Problem = tuple[str, str]  # (yaml path, message)
+
+
+class RecipeError(ValueError):
+    """An invalid recipe; ``problems`` holds ``(yaml path, message)`` pairs."""
+
+    def __init__(self, problems: Sequence[Problem], source: str = "recipe", lines: Optional[dict] = None):
+        self.problems = list(problems)
+        self.source = source
+        self.lines = lines or {}
+        super().__init__("\n".join(self.format_lines()))
+
+    def format_lines(self) -> list[str]:
+        out = []
+        for path, message in self.problems:
+            where = self._where(path)
+            out.append(f"{where}: {path or '<root>'}: {message}")
+        return out
+
+    def _where(self, path: str) -> str:
+        parts = path.split(".") if path else []
+        while parts:  # the nearest enclosing key that has a known origin
+            origin = self.lines.get(".".join(parts))
+            if origin is not None:
+                return origin if isinstance(origin, str) else f"{self.source}:{origin}"
+            parts.pop()
+        return self.source
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses duplicate mapping keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.MarkedYAMLError(
+                    "while reading a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _line_map(node, prefix: str = "", out: Optional[dict] = None) -> dict:
+    """yaml path -> 1-based line of its key."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            out[path] = key_node.start_mark.line + 1
+            _line_map(value_node, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[f"{prefix}.{i}"] = item.start_mark.line + 1
+            _line_map(item, f"{prefix}.{i}", out)
+    return out
+
+
+def read_yaml(path: "str | os.PathLike") -> tuple[dict, dict]:
+    """``(data, line map)`` of a recipe file; RecipeError for unreadable files and YAML syntax errors."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([("", f"no such recipe file {str(path)!r}")], source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError([("", f"cannot read the recipe: {exc}")], source=str(path)) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise RecipeError([("", f"not valid YAML: {exc}".replace("\n", " "))], source=where) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([("", f"a recipe must be a mapping of sections (got {type(data).__name__})")], source=str(path))
+    return data, lines
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", yaml.safe_load("value"))``."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError([("", f"--set {item!r}: expected dotted.key=value, e.g. pruning.final_sparsity=0.8")],
+                          source="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError([(key, f"value {raw!r} is not valid YAML: {exc}".replace("\n", " "))], source="--set") from None
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: Iterable[tuple[str, Any]], lines: dict) -> dict:
+    """Set each dotted key (creating sections as needed); marks each overridden path as coming from ``--set``."""
+    for key, value in overrides:
+        parts = key.split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise RecipeError([(where, f"--set {key}: {where} is {child!r}, not a section")], source="--set")
+            node = child
+        node[parts[-1]] = value
+        for path in [p for p in lines if p == key or p.startswith(key + ".")]:
+            del lines[path]
+        lines[key] = "--set"
+    return data
+
+
+def validate_data(data: dict, source: str = "recipe", lines: Optional[dict] = None) -> Recipe:
+    """Validate a recipe mapping; raises RecipeError listing every problem."""
+    lines = lines or {}
+    training, problems = check_training(data.get("training"))
+    recipe = None
+    try:
+        recipe = Recipe.model_validate({**data, "training": {}})
+    except ValidationError as exc:
+        problems.extend(pydantic_problems(exc))
+    if recipe is not None:
+        problems.extend(cross_check(recipe))
+        max_steps = training.get("max_steps", -1)
+        if not problems and isinstance(max_steps, int) and max_steps > 0:
+            try:
+                recipe.pruning.resolve(max_steps)
+            except PruningConfigError as exc:
+                problems.extend(_section_problems(["pruning"], f"{exc} (training.max_steps={max_steps})"))
+    if problems:
+        raise RecipeError(problems, source=source, lines=lines)
+    return recipe.model_copy(update={"training": training})
+
+
+def load_recipe(path: "str | os.PathLike", sets: Sequence[str] = (), *, output_dir: Optional[str] = None,
+                max_steps: Optional[int] = None) -> Recipe:
+    """Read, override (``--set``, then ``--output-dir`` / ``--max-steps``), validate; fills output.dir's default."""
+    data, lines = read_yaml(path)
+    overrides = [parse_set(item) for item in sets]
+    if output_dir is not None:
+        overrides.append(("output.dir", str(output_dir)))
+    if max_steps is not None:
+        overrides.append(("training.max_steps", max_steps))
+    apply_overrides(data, overrides, lines)
+    recipe = validate_data(data, source=str(path), lines=lines)
+    if recipe.output.dir is None:
+        recipe.output.dir = str(Path("runs") / Path(path).stem)
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (every default spelled out); it validates back to an equal Recipe."""
+    header = "# Resolved recipe written by prune-callbacks: every default spelled out, overrides applied.\n"
+    return header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------- errors
+def pydantic_problems(exc: ValidationError) -> list[Problem]:
+    """pydantic errors -> ``(yaml path, message)``, naming the bad value and what is allowed."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        kind, value = err["type"], err.get("input")
+        message = err["msg"].removeprefix("Value error, ")
+        section = SECTIONS.get(".".join(loc[:-1]))
+        if kind == "extra_forbidden":
+            allowed = sorted(section.model_fields) if section else []
+            close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
+            message = f"unknown key {loc[-1]!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            message += f" (allowed keys: {', '.join(allowed)})" if allowed else ""
+        elif kind == "missing":
+            field = section.model_fields.get(loc[-1]) if section else None
+            message = "required key is missing" + (f"; allowed: {field.description}" if field and field.description else "")
+            if loc == ["task"]:
+                message = "required key is missing; allowed: sequence-classification, causal-lm"
+        elif kind in ("value_error", "assertion_error"):
+            problems.extend(_section_problems(loc, message))
+            continue
+        elif kind in ("model_type", "dict_type", "model_attributes_type"):
+            message = f"must be a mapping (got {value!r})"
+        else:
+            message = f"{message} (got {value!r})"
+        problems.append((".".join(loc), message))
+    return problems
+
+
+# PruningConfig's cross-field messages name the conflict; add what is allowed
+_HINTS = (
+    ("is before start_step", "allowed: end_step >= start_step"),
+    ("is above final_sparsity", "allowed: initial_sparsity <= final_sparsity"),
+)
+
+
+def _with_hint(message: str) -> str:
+    for needle, hint in _HINTS:
+        if needle in message and "allowed" not in message:
+            return f"{message}; {hint}"
+    return message
+
+
+def _section_problems(loc: list[str], message: str) -> list[Problem]:
+    """A section-level check names the field it is about first (``end_step=0.1 is before ...``):
+    point the path at that field, one problem per ``; ``-joined part when every part does so."""
+    section = SECTIONS.get(".".join(loc))
+    if section is None:
+        return [(".".join(loc), message)]
+
+    def head(part: str) -> str:
+        return part.split("=", 1)[0].split(" ", 1)[0]
+
+    parts = message.split("; ")
+    if len(parts) > 1 and all(head(p) in section.model_fields for p in parts):
+        return [(".".join([*loc, head(p)]), _with_hint(p)) for p in parts]
+    if head(message) in section.model_fields:
+        return [(".".join([*loc, head(message)]), _with_hint(message))]
+    return [(".".join(loc), _with_hint(message))]

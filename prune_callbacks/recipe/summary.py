@@ -1,0 +1,46 @@
+"""One-line description of a recipe, and the short end-of-run summary."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from .schema import Recipe
+from .tables import human_bytes, human_count
+
+
+def describe(recipe: Recipe) -> str:
+    d, p, t = recipe.data, recipe.pruning, recipe.training
+    caps = ", ".join(x for x in (f"train<={d.max_train_samples}" if d.max_train_samples else "",
+                                 f"eval<={d.max_eval_samples}" if d.max_eval_samples else "",
+                                 f"max_length {d.max_length}") if x)
+    steps = f"max_steps {t['max_steps']}" if t.get("max_steps", -1) > 0 else f"{t.get('num_train_epochs', 3.0)} epochs"
+    return (f"{recipe.task}; model {recipe.model.source}:{recipe.model.name}; "
+            f"data {d.source}:{d.name or ','.join(d.files or {})} ({caps}); "
+            f"pruning {p.saliency}/{p.schedule} to {p.final_sparsity:.0%} ({p.scope}); {steps}; "
+            f"metric {recipe.metrics[0]}; output {recipe.output.dir}")
+
+
+def format_metric(name: str, value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if name == "perplexity" else f"{value:.4f}"
+
+
+def run_summary(report: Mapping) -> str:
+    """The short block printed when ``finetune`` finishes."""
+    metric = report["metric"]
+    dense = report["dense_metrics"].get(metric) if report.get("dense_metrics") else None
+    pruned = report["pruned_metrics"].get(metric)
+    s = report["sparsity"]
+    sizes = report["sizes"]
+    lines = [
+        f"done in {report['timing']['total_s']:.0f} s -> {report['output_dir']}",
+        f"  {metric:<12} dense {format_metric(metric, dense)} (before fine-tuning)  ->  "
+        f"pruned {format_metric(metric, pruned)} (after)",
+        f"  sparsity     {s['target_sparsity']:.1%} of pruned layers ({s['target_params_pruned']:,} weights zero); "
+        f"{s['model_sparsity']:.1%} of all parameters",
+        f"  nonzero      {human_count(s['nonzero_params'])} of {human_count(s['params'])} parameters",
+        f"  on disk      {human_bytes(sizes['model_bytes'])} standard (model.safetensors)"
+        + (f", {human_bytes(sizes['sparse_bytes'])} sparse (sparse/)" if sizes.get("sparse_bytes") else ""),
+    ]
+    return "\n".join(lines)
