@@ -27,7 +27,7 @@ from .config import PruningConfig, make_config
 from .distributed import broadcast_masks
 from .regularization import apply_l1_proximal
 from .report import build_report
-from .saliency import gradient_products, make_saliency
+from .saliency import all_finite, gradient_products, make_saliency
 from .schedule import is_update_step, l1_strength, target_sparsity
 from .selection import global_masks, per_layer_masks
 from .targets import check_not_sharded, find_targets, unwrap_model
@@ -123,9 +123,12 @@ class Pruner:
         if self.finalized:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if not self.saliency.needs_gradients:
+            self._skip_pending = not all_finite(grads)
+            return
         prods, finite = gradient_products(self.params, grads, grad_scale)
         self._skip_pending = not finite
-        if finite and self.saliency.needs_gradients:
+        if finite:
             self.saliency.update(self.params, prods)
 
     @torch.no_grad()

@@ -144,12 +144,18 @@ def make_saliency(name: str, params: Sequence[torch.Tensor], **kwargs) -> Salien
     return cls(params, **kwargs)
 
 
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every value is finite: one fused L2-norm pass and one host sync.
+
+    (The L1 norm is ~6x slower on CPU; the L2 norm is finite iff every value is,
+    barring magnitudes above ~1e19.)
+    """
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors))).sum()))
+
+
 def gradient_products(params, grads, grad_scale: Optional[float] = None) -> tuple[list[torch.Tensor], bool]:
-    """theta * grad per target (float32, unscaled) and whether every value is finite (one host sync)."""
+    """theta * grad per target (float32, unscaled) and whether every value is finite."""
     prods = _products(params, grads, grad_scale)
-    if not prods:
-        return prods, True
-    # The L2 norm is a single fused pass (the L1 norm is ~6x slower on CPU); it is finite iff
-    # every product is, barring |theta * grad| above ~1e19.
-    total = torch.stack(torch._foreach_norm(prods)).sum()
-    return prods, bool(torch.isfinite(total))
+    return prods, all_finite(prods)

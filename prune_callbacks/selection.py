@@ -12,7 +12,7 @@ On CPU, above a million scores, a sample first brackets the k-th value so
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -76,10 +76,14 @@ def smallest_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def _clean(score: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
-    """Flat float32 scores with NaN treated as 0 and already-pruned weights first in line."""
-    flat = torch.nan_to_num(score.detach().reshape(-1).float(), nan=0.0)
-    return flat.masked_fill(pruned.reshape(-1), float("-inf"))
+def _clean(score: torch.Tensor, pruned: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Flat float32 scores (into ``out`` if given) with NaN as 0 and already-pruned weights first in line."""
+    flat = score.detach().reshape(-1)
+    if out is None:
+        out = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
+    out.copy_(flat)
+    out.nan_to_num_(nan=0.0)
+    return out.masked_fill_(pruned.reshape(-1), float("-inf"))
 
 
 def per_layer_masks(scores: Sequence[torch.Tensor], pruned: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
@@ -107,7 +111,11 @@ def global_masks(
     numels = [s.numel() for s in scores]
     total = sum(numels)
     k_total = round(sparsity * total)
-    flat = [_clean(s, p) for s, p in zip(scores, pruned)]
+    # One flat float32 buffer (4 bytes per prunable weight); the per-target views avoid more copies.
+    everything = torch.empty(total, dtype=torch.float32, device=scores[0].device) if scores else torch.empty(0)
+    flat = list(everything.split(numels))
+    for score, old, segment in zip(scores, pruned, flat):
+        _clean(score, old, out=segment)
     already = [int(torch.count_nonzero(p)) for p in pruned]
     low = [max(math.ceil(min(min_sparsity, sparsity) * n), a) for n, a in zip(numels, already)]
     high = [max(math.floor(max_sparsity * n), a) for n, a in zip(numels, already)]
@@ -117,7 +125,8 @@ def global_masks(
     free = list(range(len(scores)))
     while free:
         k_free = k_total - sum(pinned.values())
-        joint = smallest_k_mask(torch.cat([flat[i] for i in free]), k_free)
+        candidates = everything if len(free) == len(scores) else torch.cat([flat[i] for i in free])
+        joint = smallest_k_mask(candidates, k_free)
         counts = [int(c) for c in torch.stack([torch.count_nonzero(part) for part in joint.split([numels[i] for i in free])])]
         over = [i for i, c in zip(free, counts) if c > high[i]]
         under = [i for i, c in zip(free, counts) if c < low[i]]
