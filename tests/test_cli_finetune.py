@@ -79,6 +79,8 @@ def test_resolved_recipe_and_report(quickstart_run):
     report = json.loads((out / "report.json").read_text())
     assert report["metric"] == "accuracy" and set(report["pruned_metrics"]) >= {"accuracy", "f1", "loss"}
     assert set(report["dense_metrics"]) >= {"accuracy", "f1"}
+    # dense: before_pruning; start_step 0.1 of 4 steps = 0, update_every 2: first masks at step 2, dense after step 1
+    assert report["dense_metrics"]["step"] == 1
     assert report["training"]["global_step"] == 4 and report["training"]["train_examples"] == 32
     s = report["sparsity"]
     assert s["target_sparsity"] == pytest.approx(0.85, abs=1e-3) and s["targets"] == 36
@@ -89,6 +91,8 @@ def test_resolved_recipe_and_report(quickstart_run):
     assert [e["step"] for e in report["evaluations"]] == [2, 4]
     text = (out / "REPORT.md").read_text()
     assert "| accuracy |" in text and "sparsity.png" in text and "85.0%" in text
+    assert "| metric | dense (step 1, before pruning) | pruned (step 4) | change |" in text
+    assert "fine-tuned for 1 step, evaluated just before the first mask update" in text
 
 
 def test_report_reads_the_run_back(quickstart_run, capsys):
@@ -148,7 +152,8 @@ def test_causal_lm_from_local_model_and_files(tmp_path, capsys):
     }))
     assert main(["finetune", str(recipe)]) == 0
     summary = capsys.readouterr().out
-    assert "perplexity" in summary and "dense" in summary and "pruned" in summary
+    assert "perplexity" in summary and "pruned" in summary
+    assert "dense" in summary and "(step 0, before fine-tuning)" in summary  # pruning from step 1: dense at train begin
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     assert report["metric"] == "perplexity"

@@ -95,6 +95,14 @@ def test_template_values_are_the_defaults():
             assert getattr(getattr(defaults, section), key) == value, f"{section}.{key}"
 
 
+@pytest.mark.parametrize("value", [True, False, "train_begin", "before_pruning"])
+def test_dense_timing_values(tmp_path, value):
+    assert load_recipe(write(tmp_path, BASE)).evaluation.dense == "before_pruning"  # the default, for every task
+    recipe = load_recipe(write(tmp_path, {**BASE, "evaluation": {"dense": value}}))
+    assert recipe.evaluation.dense == value
+    assert load_recipe(write(tmp_path, recipe_to_yaml(recipe), "again.yaml")) == recipe
+
+
 def test_resolved_copy_round_trips(tmp_path):
     recipe = load_recipe(RECIPES / "quickstart.yaml", ["pruning.final_sparsity=0.8", "training.learning_rate=2e-5"])
     again = load_recipe(write(tmp_path, recipe_to_yaml(recipe)))
@@ -158,6 +166,8 @@ BROKEN = {
     "local file bad extension": ({"data": {"source": "local", "name": None, "files": {"train": "t.txt"}}},
                                  ["data.files:", "'t.txt'", ".csv, .json, .jsonl, .parquet"]),
     "max_length 0": ({"data": {"name": "rotten_tomatoes", "max_length": 0}}, ["data.max_length:", "0", "greater than 0"]),
+    "dense timing": ({"evaluation": {"dense": "sometimes"}},
+                     ["evaluation.dense:", "'sometimes'", "allowed: before_pruning, train_begin, true (= train_begin), false"]),
     "negative evaluations": ({"evaluation": {"during_training": -1}}, ["evaluation.during_training:", "-1", "greater than or equal to 0"]),
     "unknown training key": ({"training": {"learnig_rate": 1e-4}},
                              ["training.learnig_rate:", "did you mean 'learning_rate'", "TrainingArguments"]),

@@ -295,3 +295,69 @@ def test_callbacks_added_later_are_found_at_train_begin_and_run_before_reporters
     assert [e["sparsity/global"] for e in reporter.seen if "loss" in e] == [pytest.approx(0.0), pytest.approx(0.5, abs=1e-3),
                                                                              pytest.approx(0.5, abs=1e-3)]
     assert cbs[0].trainer is trainer
+
+
+class DenseSpy(TrainerCallback):
+    """At every evaluation: the step, the metric prefix, the mask updates so far, whether every target is nonzero."""
+
+    def __init__(self, callbacks):
+        self.callbacks, self.seen = callbacks, []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        pruner = self.callbacks.pruner
+        prefix = next(k for k in metrics if k.endswith("_loss")).rsplit("_", 1)[0]
+        dense = all(int(p.count_nonzero()) == p.numel() for p in pruner.params)
+        self.seen.append((state.global_step, prefix, pruner.step, pruner.mask_updates, dense))
+
+
+def test_evaluate_dense_before_pruning_runs_after_the_last_dense_step(tmp_path):
+    cbs = make_callbacks(final_sparsity=0.6, start_step=4, end_step=5, update_every=1, evaluate_dense="before_pruning")
+    spy = DenseSpy(cbs)
+    trainer = build(tmp_path, [*cbs, spy], eval_rows=toy_classification_rows(16, seed=1), compute_metrics=_accuracy,
+                    max_steps=6, eval_strategy="steps", eval_steps=3)
+    trainer.train()
+    # once, after step 3 (masks first computed in step 4), every target weight still nonzero; the Trainer's own
+    # evaluation and loss log of step 3 still happen
+    assert spy.seen == [(3, "dense", 3, 0, True), (3, "eval", 3, 0, True), (6, "eval", 6, 2, False)]
+    [dense] = [e for e in trainer.state.log_history if "dense_loss" in e]
+    assert dense["step"] == dense["dense_step"] == 3 and "dense_accuracy" in dense
+    assert dense["sparsity/global"] == 0.0
+    assert [e["step"] for e in train_logs(trainer)] == [1, 2, 3, 4, 5, 6]
+    assert cbs.pruner.report()["global_sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+    # True is "train_begin": before any step, dense_step 0; pruning from step 1 -> "before_pruning" is at train begin too
+    for value, start in ((True, 4), ("train_begin", 4), ("before_pruning", 1)):
+        cbs = make_callbacks(final_sparsity=0.5, start_step=start, end_step=5, update_every=1, evaluate_dense=value)
+        spy = DenseSpy(cbs)
+        build(tmp_path, [*cbs, spy], eval_rows=toy_classification_rows(16, seed=1), max_steps=6).train()
+        assert spy.seen == [(0, "dense", 0, 0, True)], value
+
+    # start_step=0: the first update is at step update_every (3), so the dense model is the one after step 2
+    cbs = make_callbacks(final_sparsity=0.5, start_step=0, end_step=6, update_every=3, evaluate_dense="before_pruning")
+    assert cbs.pruner is None
+    spy = DenseSpy(cbs)
+    build(tmp_path, [*cbs, spy], eval_rows=toy_classification_rows(16, seed=1), max_steps=6).train()
+    assert spy.seen == [(2, "dense", 2, 0, True)]
+
+
+def test_evaluate_dense_before_pruning_on_resume(tmp_path):
+    def run(resume=None):
+        cbs = make_callbacks(final_sparsity=0.5, start_step=4, end_step=5, update_every=1, evaluate_dense="before_pruning")
+        spy = DenseSpy(cbs)
+        trainer = build(tmp_path, [*cbs, spy], eval_rows=toy_classification_rows(16, seed=1), max_steps=6,
+                        save_strategy="steps", save_steps=2)
+        trainer.train(resume_from_checkpoint=resume)
+        return spy.seen
+
+    assert run() == [(3, "dense", 3, 0, True)]
+    checkpoints = tmp_path / "out"
+    assert run(str(checkpoints / "checkpoint-2")) == [(3, "dense", 3, 0, True)]  # still ahead: evaluated
+    assert run(str(checkpoints / "checkpoint-4")) == []  # past the first mask update: skipped
+
+
+@pytest.mark.parametrize("value", ["before-pruning", "always", 1, "true"])
+def test_evaluate_dense_rejects_unknown_values(value):
+    with pytest.raises(PruningConfigError, match=r"evaluate_dense=.* is invalid; allowed: False, True .*'before_pruning'"):
+        make_callbacks(evaluate_dense=value)
+    with pytest.raises(PruningConfigError, match=r"evaluate_dense="):
+        GradualPruningCallback(evaluate_dense=value)

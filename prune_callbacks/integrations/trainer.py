@@ -38,9 +38,15 @@ How it fits the Trainer (verified against transformers 5.24):
   does not record the path in ``args``: at ``on_train_begin`` the restored
   ``state.global_step`` > 0 names ``checkpoint-{global_step}`` in ``output_dir``
   (or pass ``resume_from=``), and the run continues exactly.
-* Dense baseline: ``evaluate_dense=True`` calls :func:`evaluate_dense` on the
-  Trainer at train begin (before any step, so the model is still dense; skipped
-  on resume): metrics are logged as ``dense_*`` next to the later ``eval_*``.
+* Dense baseline: ``evaluate_dense`` calls :func:`evaluate_dense` on the Trainer
+  while the model is still dense; metrics are logged as ``dense_*`` (with
+  ``dense_step``, the optimizer step it was measured at) next to the later
+  ``eval_*``. ``"train_begin"`` (or ``True``): before any step, i.e. the model as
+  loaded (a newly initialised classification head is at chance level there).
+  ``"before_pruning"``: at ``on_step_end`` of the last optimizer step before the
+  first mask update (after ``start_step - 1`` steps of fine-tuning; at train begin
+  when pruning starts at step 1). The Trainer's own logging / evaluation flags of
+  that step are kept. Skipped when a resumed run is already past that point.
 * Under DDP, masks are broadcast from rank 0 at each update (``sync_masks``),
   only the saving process writes files.
 
@@ -57,7 +63,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from transformers import Trainer, TrainerCallback
 
@@ -75,6 +81,21 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+DenseTiming = Union[bool, Literal["train_begin", "before_pruning"]]
+DENSE_TIMINGS = ("train_begin", "before_pruning")
+
+
+def dense_timing(value: Any) -> Optional[str]:
+    """``evaluate_dense`` as ``None`` (off), ``"train_begin"`` or ``"before_pruning"``; ``True`` is ``"train_begin"``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "train_begin"
+    if isinstance(value, str) and value in DENSE_TIMINGS:
+        return value
+    raise PruningConfigError(f"evaluate_dense={value!r} is invalid; allowed: False, True (same as 'train_begin'), "
+                             "'train_begin', 'before_pruning'")
 
 
 class _TrainerPruningCallback(TrainerCallback):
@@ -111,8 +132,10 @@ class GradualPruningCallback(_TrainerPruningCallback):
 
     ``GradualPruningCallback(config | path | None, *, evaluate_dense=False, log_per_group=True,
     resume_from=None, **config_overrides)``. Logged at every logging step: ``sparsity/global``,
-    ``sparsity/target`` and ``sparsity/<layer kind>``. ``evaluate_dense=True`` logs ``dense_*``
-    metrics of the unpruned model at train begin (needs an ``eval_dataset``).
+    ``sparsity/target`` and ``sparsity/<layer kind>``. ``evaluate_dense`` logs ``dense_*`` metrics
+    of the unpruned model and ``dense_step`` (needs an ``eval_dataset``): ``"train_begin"`` (or
+    ``True``) before any step, ``"before_pruning"`` after the last optimizer step before the first
+    mask update (the model fine-tuned up to pruning, still dense); ``False``: none.
 
     Transformers bug: for BERT-like models under gradient accumulation or DDP the Trainer does not
     divide the loss by the accumulation steps (the model "accepts loss kwargs"); the saliency
@@ -120,38 +143,73 @@ class GradualPruningCallback(_TrainerPruningCallback):
     ``trainer.model_accepts_loss_kwargs = False``.
     """
 
-    def __init__(self, config: ConfigLike = None, *, evaluate_dense: bool = False, log_per_group: bool = True,
+    def __init__(self, config: ConfigLike = None, *, evaluate_dense: DenseTiming = False, log_per_group: bool = True,
                  resume_from: Optional[str] = None, engine: Optional[TrainerPruningEngine] = None, **overrides):
+        timing = dense_timing(evaluate_dense)
         if engine is None:
             engine = TrainerPruningEngine(make_trainer_config(config, overrides), resume_from=resume_from)
         elif config is not None or overrides or resume_from is not None:
             raise TypeError("pass either engine= or a config, not both")
         super().__init__(engine)
         self.evaluate_dense = evaluate_dense
+        self.dense_timing = timing  # None, "train_begin" or "before_pruning"
         self.log_per_group = log_per_group
         self._warned_unbound = False
+        self._dense_at: Optional[int] = None  # pruner step after which the dense evaluation is still due
 
     @property
     def pruner(self):
         return self.engine.pruner
 
+    def _check_dense(self, trainer: Optional[Trainer]) -> Trainer:
+        if trainer is None:
+            raise RuntimeError(f"evaluate_dense={self.evaluate_dense!r} needs the Trainer: "
+                               "call callbacks.bind(trainer) before train()")
+        if trainer.eval_dataset is None:
+            raise ValueError(f"evaluate_dense={self.evaluate_dense!r} needs an eval_dataset on the Trainer")
+        return trainer
+
+    def _evaluate_dense(self, control) -> None:
+        trainer = self._check_dense(self.trainer)
+        # Trainer.evaluate clears the handler's should_log / should_evaluate: keep this step's own log and eval
+        flags = control.should_log, control.should_evaluate
+        evaluate_dense(trainer)  # dense_step is added in on_log
+        control.should_log, control.should_evaluate = flags
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         trainer = self._find_trainer()
-        if self.evaluate_dense and state.global_step == 0:
-            if trainer is None:
-                raise RuntimeError("evaluate_dense=True needs the Trainer: call callbacks.bind(trainer) before train()")
-            if trainer.eval_dataset is None:
-                raise ValueError("evaluate_dense=True needs an eval_dataset on the Trainer")
+        if self.dense_timing and state.global_step == 0:
+            self._check_dense(trainer)  # before any compute
         self.engine.start(args, state, model, optimizer)  # validates the config before any compute
-        if self.evaluate_dense and state.global_step == 0:
-            evaluate_dense(trainer)
-        elif self.evaluate_dense:
-            logger.info("prune_callbacks: resumed run, the dense model is gone; dense evaluation skipped")
+        self._dense_at = None
+        if not self.dense_timing:
+            return
+        pruner = self.engine.pruner
+        at = 0 if self.dense_timing == "train_begin" else self.engine.first_update_step() - 1
+        if pruner.step > at or pruner.mask_updates > 0:
+            logger.info("prune_callbacks: resumed run past step %d, the dense model is gone; dense evaluation skipped",
+                        at)
+        elif pruner.step == at:
+            self._evaluate_dense(control)
+        else:
+            self._dense_at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        pruner, at = self.engine.pruner, self._dense_at
+        if at is None or pruner is None or pruner.step < at:
+            return
+        self._dense_at = None
+        if pruner.step == at and pruner.mask_updates == 0:
+            self._evaluate_dense(control)
+        else:  # not expected: the pruner counts every real step and updates masks only after `at`
+            logger.warning("prune_callbacks: the model was pruned before step %d; dense evaluation skipped", at)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or self.engine.pruner is None:
             return
         figures = self.engine.figures(self.log_per_group)
+        if "dense_step" not in logs and any(k.startswith("dense_") for k in logs):
+            figures = {"dense_step": state.global_step, **figures}  # when the dense baseline was measured
         add_to_logs(state, logs, figures)
         reporters = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
         if self.trainer is None and any(r != "none" for r in reporters) and not self._warned_unbound:
@@ -238,8 +296,8 @@ class PermanentMaskCallback(_TrainerPruningCallback):
 # ---------------------------------------------------------------- helpers
 def evaluate_dense(trainer: Trainer, eval_dataset: Any = None, metric_key_prefix: str = "dense") -> dict:
     """``trainer.evaluate`` with metrics named ``dense_*``: call it before pruning starts (the callbacks'
-    ``evaluate_dense=True`` calls it at train begin) to log the dense baseline next to the ``eval_*``
-    metrics of the pruned model."""
+    ``evaluate_dense`` calls it at train begin or just before the first mask update) to log the dense
+    baseline next to the ``eval_*`` metrics of the pruned model."""
     if eval_dataset is None and trainer.eval_dataset is None:
         raise ValueError("evaluate_dense needs an eval_dataset (on the Trainer or as an argument)")
     return trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix=metric_key_prefix)
@@ -263,7 +321,7 @@ class PruningCallbacks(list):
         return self
 
 
-def make_callbacks(config: ConfigLike = None, *, evaluate_dense: bool = False, finalize: bool = True,
+def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = False, finalize: bool = True,
                    save_sparse_to: Optional[Union[str, os.PathLike]] = None, log_per_group: bool = True,
                    resume_from: Optional[str] = None, **overrides) -> PruningCallbacks:
     """The callbacks sharing one pruning engine: ``GradualPruningCallback``, ``L1RegularizationCallback``
@@ -271,6 +329,7 @@ def make_callbacks(config: ConfigLike = None, *, evaluate_dense: bool = False, f
 
     ``config``: a `PruningConfig`, a dict, a path to a YAML recipe (its ``pruning:`` section, or the
     whole mapping), or None for the defaults; ``overrides`` are PruningConfig fields.
+    ``evaluate_dense``: False, True / ``"train_begin"`` or ``"before_pruning"`` (see `GradualPruningCallback`).
     """
     engine = TrainerPruningEngine(make_trainer_config(config, overrides), resume_from=resume_from)
     callbacks: list = [GradualPruningCallback(engine=engine, evaluate_dense=evaluate_dense, log_per_group=log_per_group)]

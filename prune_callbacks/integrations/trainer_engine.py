@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import PruningConfig, PruningConfigError
 from ..pruner import Pruner
-from ..schedule import l1_strength
+from ..schedule import is_update_step, l1_strength
 from ..state_io import STATE_FILE, load_state_file, save_state_file
 from ..targets import unwrap_model
 
@@ -88,6 +88,19 @@ class TrainerPruningEngine:
         self.pruner, self._state = pruner, state
         _ENGINES[id(bare)] = self
         return True
+
+    def first_update_step(self) -> int:
+        """The optimizer step (1-based) whose optimizer post-hook computes the first masks; the model is
+        dense until then. ``start_step`` when it is >= 1; for ``start_step=0`` the first multiple of
+        ``update_every`` (or ``end_step``); with ``oneshot``, ``max(start_step, 1)``."""
+        if self.pruner is None:
+            raise RuntimeError("the pruner is built at train begin")
+        s, c = self.pruner.steps, self.config
+        first = max(s.start_step, 1)
+        for step in range(first, max(s.end_step, first) + 1):  # the last step is always an update step
+            if is_update_step(step, start=s.start_step, end=s.end_step, every=c.update_every, kind=c.schedule):
+                return step
+        return first
 
     @property
     def attached(self) -> bool:

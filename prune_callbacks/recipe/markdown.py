@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from .summary import format_metric
+from .summary import dense_label, dense_step, format_metric
 from .tables import human_bytes, human_count, markdown_table
 
 
@@ -29,13 +29,17 @@ def render_markdown(report: Mapping, plot_name: Optional[str] = "sparsity.png") 
         "",
         "## Results",
         "",
-        "| metric | dense | pruned | change |",
+        f"| metric | dense ({dense_label(report)}) | pruned (step {t['global_step']}) | change |",
         "|---|---:|---:|---:|",
         *[_row(name, dense, pruned) for name in report["metrics"]],
         _row("loss", dense, pruned),
         "",
     ]
-    if dense is not None and report["task"] == "sequence-classification":
+    step = dense_step(report)
+    if step:
+        lines += [f"*Dense* is the model fine-tuned for {step} step{'s' if step > 1 else ''}, evaluated just before "
+                  "the first mask update (no weight pruned yet). *Pruned* is after fine-tuning while pruning.", ""]
+    elif step == 0 and report["task"] == "sequence-classification":
         lines += ["*Dense* is the starting model evaluated before fine-tuning; its classification head is "
                   "new, so it is near chance. *Pruned* is after fine-tuning while pruning.", ""]
     lines += [

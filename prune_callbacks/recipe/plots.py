@@ -44,7 +44,9 @@ def plot_report(report: Mapping, path: "str | Path") -> Path:
         right.plot(*zip(*points), "o-", color="tab:orange", label=f"{metric} (during training)")
     dense = (report.get("dense_metrics") or {}).get(metric)
     if dense is not None:
-        right.plot([0], [dense], "s", color="tab:green", label=f"{metric} dense, before fine-tuning")
+        step = (report.get("dense_metrics") or {}).get("step", 0) or 0
+        when = "before fine-tuning" if step == 0 else "before pruning"
+        right.plot([step], [dense], "s", color="tab:green", label=f"{metric} dense (step {step}, {when})")
     pruned = report["pruned_metrics"].get(metric)
     if pruned is not None:
         right.plot([report["training"]["global_step"]], [pruned], "*", markersize=13, color="tab:red",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
@@ -25,6 +25,7 @@ BUILTIN_MODELS = {"minilm": "sequence-classification", "smollm2": "causal-lm"}
 BUILTIN_DATA = {"rotten_tomatoes": "sequence-classification", "kjv": "causal-lm"}
 METRICS = {"sequence-classification": ("accuracy", "f1"), "causal-lm": ("perplexity",)}
 LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+DENSE_TIMINGS = ("train_begin", "before_pruning")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -166,9 +167,19 @@ class EvaluationSection(Section):
     metrics: Optional[list[str]] = Field(
         None, description="sequence-classification: accuracy, f1; causal-lm: perplexity. The first is the headline metric. "
                           "Default: accuracy / perplexity.")
-    dense: bool = Field(True, description="Evaluate the dense model before fine-tuning starts.")
+    dense: Union[bool, Literal["train_begin", "before_pruning"]] = Field(
+        "before_pruning", description="When the dense baseline is measured: before_pruning (after the last optimizer "
+                                      "step before the first mask update: fine-tuned, still dense), train_begin or true "
+                                      "(the model as loaded, before any step), false (not measured).")
     during_training: int = Field(
         4, ge=0, description="Evaluations spread over training, for the plot (0 = none). Ignored when training sets eval_strategy.")
+
+    @field_validator("dense", mode="before")
+    @classmethod
+    def _dense(cls, v):
+        if isinstance(v, bool) or v in DENSE_TIMINGS:
+            return v
+        raise ValueError(f"dense={v!r} is invalid; allowed: before_pruning, train_begin, true (= train_begin), false")
 
     @field_validator("metrics")
     @classmethod

@@ -26,6 +26,21 @@ def format_metric(name: str, value: Optional[float]) -> str:
     return f"{value:.2f}" if name == "perplexity" else f"{value:.4f}"
 
 
+def dense_step(report: Mapping) -> Optional[int]:
+    """Optimizer step the dense baseline was measured at (0: before fine-tuning); None if not measured.
+    Reports written before ``dense_step`` was logged count as step 0."""
+    dense = report.get("dense_metrics")
+    return None if not dense else int(dense.get("step", 0))
+
+
+def dense_label(report: Mapping) -> str:
+    """When the dense metrics were measured: ``step 16, before pruning`` / ``step 0, before fine-tuning``."""
+    step = dense_step(report)
+    if step is None:
+        return "not measured"
+    return f"step {step}, before pruning" if step > 0 else "step 0, before fine-tuning"
+
+
 def run_summary(report: Mapping) -> str:
     """The short block printed when ``finetune`` finishes."""
     metric = report["metric"]
@@ -35,8 +50,8 @@ def run_summary(report: Mapping) -> str:
     sizes = report["sizes"]
     lines = [
         f"done in {report['timing']['total_s']:.0f} s -> {report['output_dir']}",
-        f"  {metric:<12} dense {format_metric(metric, dense)} (before fine-tuning)  ->  "
-        f"pruned {format_metric(metric, pruned)} (after)",
+        f"  {metric:<12} dense {format_metric(metric, dense)} ({dense_label(report)})  ->  "
+        f"pruned {format_metric(metric, pruned)} (step {report['training']['global_step']}, after pruning)",
         f"  sparsity     {s['target_sparsity']:.1%} of pruned layers ({s['target_params_pruned']:,} weights zero); "
         f"{s['model_sparsity']:.1%} of all parameters",
         f"  nonzero      {human_count(s['nonzero_params'])} of {human_count(s['params'])} parameters",

@@ -1,6 +1,6 @@
-"""``finetune``: evaluate the dense model, fine-tune while pruning, evaluate the pruned model,
-make the masks permanent, save. The artifacts (report.json, REPORT.md, sparsity.png) come
-from :mod:`.artifacts`.
+"""``finetune``: fine-tune while pruning (evaluating the dense model at train begin or just before
+the first mask update, per ``evaluation.dense``), evaluate the pruned model, make the masks
+permanent, save. The artifacts (report.json, REPORT.md, sparsity.png) come from :mod:`.artifacts`.
 
 The pruning itself is the stock Trainer integration
 (:func:`prune_callbacks.integrations.trainer.make_callbacks`); this module only wires a
@@ -161,7 +161,7 @@ def run_recipe(recipe: Recipe, recipe_path: Optional[str] = None) -> RunResult:
     # transformers does not scale the loss of **kwargs models under gradient accumulation (see trainer.py)
     trainer.model_accepts_loss_kwargs = False
 
-    train_output = trainer.train()  # dense eval at train begin; masks made permanent at train end
+    train_output = trainer.train()  # dense eval (train begin / before pruning); masks made permanent at train end
     trained = time.time()
     log_history = list(trainer.state.log_history)
     pruned_metrics = final_evaluation(trainer, log_history)
