@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/prune-callbacks finetune recipes/quickstart.yaml --output-dir outputs/quickstart "$@"
+exec .venv/bin/prune-callbacks finetune recipes/quickstart.yaml --output-dir outputs/quickstart \
+  --set output.overwrite=true "$@"

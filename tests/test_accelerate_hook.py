@@ -417,3 +417,26 @@ def test_finalize_warns_when_the_schedule_did_not_finish():
         hook.finalize()
     with pytest.raises(RuntimeError, match="already registered"):
         hook.register(acc, model, opt)
+
+
+def test_finalize_can_write_the_compressed_checkpoint(tmp_path):
+    from helpers import tiny_llama_lm
+
+    from prune_callbacks.sparse_io import load_sparse
+
+    acc = Accelerator(cpu=True)
+    model = tiny_llama_lm()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    hook = AcceleratePruningHook(PruningConfig(final_sparsity=0.75, start_step=1, end_step=4, update_every=1), total_steps=5)
+    hook.register(acc, model, opt)
+    for ids in random_batches(5, vocab=97):
+        acc.backward(model(input_ids=ids, labels=ids).loss)
+        opt.step()
+        opt.zero_grad()
+    report = hook.finalize(save_sparse_to=tmp_path / "sparse")
+    assert report["global_sparsity"] == pytest.approx(0.75, abs=1e-3)
+    loaded = load_sparse(tmp_path / "sparse")
+    expected = acc.unwrap_model(model).state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name

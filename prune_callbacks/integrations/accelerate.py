@@ -300,12 +300,25 @@ class AcceleratePruningHook:
         """`Pruner.report()`: global and per-target sparsity, step, counters."""
         return self._require_pruner().report()
 
-    def finalize(self) -> dict:
+    def finalize(self, *, save_sparse_to: Optional[str] = None, tokenizer: Any = None) -> dict:
         """Make the masks permanent (pruned weights are +0.0), stop pruning, log and return the final report.
 
         Afterwards ``accelerator.unwrap_model(model).save_pretrained(...)`` saves
-        an ordinary model. Calling it again returns the report and does nothing else.
+        an ordinary model. ``save_sparse_to``: also write the compressed sparse
+        checkpoint there (`prune_callbacks.sparse_io.save_sparse`, main process
+        only, then all processes wait). Calling it again returns the report and
+        does nothing else (but still saves when asked).
         """
+        report = self._finalize_pruner()
+        if save_sparse_to is not None:
+            if self.accelerator.is_main_process:
+                from ..sparse_io import save_sparse
+
+                save_sparse(self.pruner.model, save_sparse_to, tokenizer=tokenizer)
+            self.accelerator.wait_for_everyone()
+        return report
+
+    def _finalize_pruner(self) -> dict:
         pruner = self._require_pruner()
         if not pruner.finalized:
             if self._log_handle is not None:
