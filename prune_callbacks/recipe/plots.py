@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+from .summary import dense_step
+
 _LAYER = re.compile(r"^(.*?)\.?(\d+)\.(.+)$")
 
 
@@ -44,7 +46,7 @@ def plot_report(report: Mapping, path: "str | Path") -> Path:
         right.plot(*zip(*points), "o-", color="tab:orange", label=f"{metric} (during training)")
     dense = (report.get("dense_metrics") or {}).get(metric)
     if dense is not None:
-        step = (report.get("dense_metrics") or {}).get("step", 0) or 0
+        step = dense_step(report) or 0
         when = "before fine-tuning" if step == 0 else "before pruning"
         right.plot([step], [dense], "s", color="tab:green", label=f"{metric} dense (step {step}, {when})")
     pruned = report["pruned_metrics"].get(metric)
