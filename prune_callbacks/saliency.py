@@ -16,9 +16,11 @@ movement      4      accumulated -theta * grad (Sanh et al. 2020)
 magnitude     0      none: the score is |theta|
 ============  =====  ==================================================
 
-During an update a transient float32 copy of theta*grad per target also
-exists (freed at once); during a mask update a flat float32 copy of all scores
-exists (4 bytes per prunable parameter).
+Transients: during the per-step update a float32 theta*grad per target (4
+bytes per parameter, freed at once); during a mask update one flat float32
+buffer of all scores (4 bytes) plus boolean masks and the selection's working
+copy (measured 8-25 bytes per parameter in total before the single-buffer
+change; see BENCHMARKS.md). Mask updates are rare (``update_every``).
 """
 
 from __future__ import annotations

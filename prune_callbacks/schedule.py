@@ -37,8 +37,10 @@ def target_sparsity(
 def is_update_step(step: int, *, start: int, end: int, every: int, kind: str = "cubic") -> bool:
     """Whether masks are recomputed after optimizer step ``step`` (steps count from 1).
 
-    A schedule starting at step 0 makes its first update after the first
-    optimizer step, once a gradient exists to score weights with.
+    Updates fall on the grid ``start, start + every, ...`` and at ``end``. Step 0
+    never updates (no gradient has scored the weights yet): a schedule starting at
+    0 first updates at step ``every`` (or ``end`` if sooner); ``oneshot`` at
+    ``max(start, 1)``.
     """
     first = max(start, 1)
     last = max(end, first)
