@@ -63,12 +63,13 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from typing import Any, Literal, Optional, Union
+from typing import Optional, Union
 
 from transformers import Trainer, TrainerCallback
 
 from ..config import PruningConfigError, make_config
 from .trainer_engine import TrainerPruningEngine, engine_for
+from .trainer_dense import DenseTiming, dense_timing, evaluate_dense
 from .trainer_support import ConfigLike, add_to_logs, make_trainer_config, put_before_reporters, trainer_on_stack
 
 __all__ = [
@@ -81,22 +82,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DenseTiming = Union[bool, Literal["train_begin", "before_pruning"]]
-DENSE_TIMINGS = ("train_begin", "before_pruning")
-
-
-def dense_timing(value: Any) -> Optional[str]:
-    """``evaluate_dense`` as ``None`` (off), ``"train_begin"`` or ``"before_pruning"``; ``True`` is ``"train_begin"``."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return "train_begin"
-    if isinstance(value, str) and value in DENSE_TIMINGS:
-        return value
-    raise PruningConfigError(f"evaluate_dense={value!r} is invalid; allowed: False, True (same as 'train_begin'), "
-                             "'train_begin', 'before_pruning'")
-
 
 class _TrainerPruningCallback(TrainerCallback):
     """Shared plumbing: the engine and the Trainer the callback was bound to (weakly)."""
@@ -291,16 +276,6 @@ class PermanentMaskCallback(_TrainerPruningCallback):
             from ..sparse_io import save_sparse
 
             save_sparse(model, self.save_sparse_to, tokenizer=processing_class)
-
-
-# ---------------------------------------------------------------- helpers
-def evaluate_dense(trainer: Trainer, eval_dataset: Any = None, metric_key_prefix: str = "dense") -> dict:
-    """``trainer.evaluate`` with metrics named ``dense_*``: call it before pruning starts (the callbacks'
-    ``evaluate_dense`` calls it at train begin or just before the first mask update) to log the dense
-    baseline next to the ``eval_*`` metrics of the pruned model."""
-    if eval_dataset is None and trainer.eval_dataset is None:
-        raise ValueError("evaluate_dense needs an eval_dataset (on the Trainer or as an argument)")
-    return trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix=metric_key_prefix)
 
 
 class PruningCallbacks(list):

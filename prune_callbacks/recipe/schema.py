@@ -19,13 +19,13 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from ..config import PruningConfig
+from ..integrations.trainer_dense import DENSE_TIMINGS
 
 TASKS = ("sequence-classification", "causal-lm")
 BUILTIN_MODELS = {"minilm": "sequence-classification", "smollm2": "causal-lm"}
 BUILTIN_DATA = {"rotten_tomatoes": "sequence-classification", "kjv": "causal-lm"}
 METRICS = {"sequence-classification": ("accuracy", "f1"), "causal-lm": ("perplexity",)}
 LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-DENSE_TIMINGS = ("train_begin", "before_pruning")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
