@@ -17,7 +17,8 @@ from prune_callbacks.recipe import load_recipe
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TINY = ["--max-steps", "4", "--set", "data.max_train_samples=32", "--set", "data.max_eval_samples=16",
         "--set", "data.max_length=32", "--set", "training.per_device_train_batch_size=4",
-        "--set", "pruning.update_every=2", "--set", "evaluation.during_training=2"]
+        "--set", "pruning.update_every=2", "--set", "pruning.start_step=0.1", "--set", "pruning.end_step=0.7",
+        "--set", "evaluation.during_training=2"]
 
 
 def _minilm_installed() -> bool:
