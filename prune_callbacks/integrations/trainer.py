@@ -70,7 +70,14 @@ from transformers import Trainer, TrainerCallback
 from ..config import PruningConfigError, make_config
 from .trainer_engine import TrainerPruningEngine, engine_for
 from .trainer_dense import DenseTiming, dense_timing, evaluate_dense
-from .trainer_support import ConfigLike, add_to_logs, make_trainer_config, put_before_reporters, trainer_on_stack
+from .trainer_support import (
+    ConfigLike,
+    PruningCallbacks,
+    add_to_logs,
+    make_trainer_config,
+    put_before_reporters,
+    trainer_on_stack,
+)
 
 __all__ = [
     "make_callbacks",
@@ -276,24 +283,6 @@ class PermanentMaskCallback(_TrainerPruningCallback):
             from ..sparse_io import save_sparse
 
             save_sparse(model, self.save_sparse_to, tokenizer=processing_class)
-
-
-class PruningCallbacks(list):
-    """The callbacks of `make_callbacks` (a list, so ``callbacks=make_callbacks(...)`` just works)."""
-
-    def __init__(self, callbacks, engine: TrainerPruningEngine):
-        super().__init__(callbacks)
-        self.engine = engine
-
-    @property
-    def pruner(self):
-        """The running `Pruner` (None before ``train()``): ``report()``, ``state_dict()``, ..."""
-        return self.engine.pruner
-
-    def bind(self, trainer: Trainer) -> "PruningCallbacks":
-        for cb in self:
-            cb.bind(trainer)
-        return self
 
 
 def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = False, finalize: bool = True,

@@ -1,4 +1,4 @@
-"""Plumbing of the Trainer callbacks: config from a YAML path, finding the Trainer, log figures."""
+"""Plumbing of the Trainer callbacks: config from a YAML path, the callback set, finding the Trainer, log figures."""
 
 from __future__ import annotations
 
@@ -87,3 +87,22 @@ def add_to_logs(state, logs: dict, figures: dict) -> None:
         entry = state.log_history[-1]
         if entry.get("step") == state.global_step:
             entry.update(figures)
+
+
+# ---------------------------------------------------------------- the callback set
+class PruningCallbacks(list):
+    """The callbacks of `make_callbacks` (a list, so ``callbacks=make_callbacks(...)`` just works)."""
+
+    def __init__(self, callbacks, engine):
+        super().__init__(callbacks)
+        self.engine = engine
+
+    @property
+    def pruner(self):
+        """The running `Pruner` (None before ``train()``): ``report()``, ``state_dict()``, ..."""
+        return self.engine.pruner
+
+    def bind(self, trainer: Trainer) -> "PruningCallbacks":
+        for cb in self:
+            cb.bind(trainer)
+        return self
