@@ -137,20 +137,22 @@ class PruningConfig(BaseModel):
         if self.initial_sparsity > self.final_sparsity:
             problems.append(
                 f"initial_sparsity={self.initial_sparsity} is above final_sparsity={self.final_sparsity}: "
-                "sparsity never decreases"
+                "sparsity never decreases (allowed: initial_sparsity <= final_sparsity)"
             )
         if self.min_layer_sparsity > self.final_sparsity:
             problems.append(
                 f"min_layer_sparsity={self.min_layer_sparsity} is above final_sparsity={self.final_sparsity}: "
-                "every target cannot be sparser than the total"
+                "every target cannot be sparser than the total (allowed: min_layer_sparsity <= final_sparsity)"
             )
         if self.max_layer_sparsity < self.final_sparsity:
             problems.append(
                 f"max_layer_sparsity={self.max_layer_sparsity} is below final_sparsity={self.final_sparsity}: "
-                "the total cannot be reached"
+                "the total cannot be reached (allowed: max_layer_sparsity >= final_sparsity)"
             )
         if type(self.start_step) is type(self.end_step) and self.schedule != "oneshot" and self.end_step < self.start_step:
-            problems.append(f"end_step={self.end_step} is before start_step={self.start_step}")
+            problems.append(
+                f"end_step={self.end_step} is before start_step={self.start_step} (allowed: end_step >= start_step)"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -211,20 +211,6 @@ def pydantic_problems(exc: ValidationError) -> list[Problem]:
     return problems
 
 
-# PruningConfig's cross-field messages name the conflict; add what is allowed
-_HINTS = (
-    ("is before start_step", "allowed: end_step >= start_step"),
-    ("is above final_sparsity", "allowed: initial_sparsity <= final_sparsity"),
-)
-
-
-def _with_hint(message: str) -> str:
-    for needle, hint in _HINTS:
-        if needle in message and "allowed" not in message:
-            return f"{message}; {hint}"
-    return message
-
-
 def _section_problems(loc: list[str], message: str) -> list[Problem]:
     """A section-level check names the field it is about first (``end_step=0.1 is before ...``):
     point the path at that field, one problem per ``; ``-joined part when every part does so."""
@@ -237,7 +223,7 @@ def _section_problems(loc: list[str], message: str) -> list[Problem]:
 
     parts = message.split("; ")
     if len(parts) > 1 and all(head(p) in section.model_fields for p in parts):
-        return [(".".join([*loc, head(p)]), _with_hint(p)) for p in parts]
+        return [(".".join([*loc, head(p)]), p) for p in parts]
     if head(message) in section.model_fields:
-        return [(".".join([*loc, head(message)]), _with_hint(message))]
-    return [(".".join(loc), _with_hint(message))]
+        return [(".".join([*loc, head(message)]), message)]
+    return [(".".join(loc), message)]
