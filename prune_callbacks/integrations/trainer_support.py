@@ -36,7 +36,7 @@ def _config_from_path(path: Union[str, os.PathLike]) -> PruningConfig:
     if not isinstance(data, dict):
         raise PruningConfigError(f"{path}: expected a mapping of PruningConfig fields (or a 'pruning:' section)")
     try:
-        return PruningConfig(**data)
+        return PruningConfig.model_validate(data)
     except ValidationError as exc:
         raise PruningConfigError(f"invalid pruning config in {path}:\n{format_validation_error(exc, section)}") from None
 
