@@ -21,8 +21,9 @@ The package, one module per responsibility:
   and the one workaround for ``log_history`` that transformers has no API for;
 * :mod:`.dense` -- the dense baseline (``dense_*`` metrics);
 * :mod:`.loss_scaling` -- the ``model_accepts_loss_kwargs`` check;
-* :mod:`.config_loading` -- configs from objects, dicts, lists and YAML files
-  (through the recipe reader that ``prune-callbacks validate`` uses).
+* :mod:`prune_callbacks.integrations.configs` (shared with the Accelerate hook) --
+  configs from objects, dicts, lists and YAML files (through the recipe reader
+  that ``prune-callbacks validate`` uses).
 
 Names are imported lazily: ``import prune_callbacks.integrations.trainer.dense``
 does not import transformers. Log keys: :mod:`prune_callbacks.figures`.

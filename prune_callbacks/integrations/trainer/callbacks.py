@@ -41,7 +41,7 @@ from transformers.trainer_callback import ExportableState
 
 from ...config import PruningConfigError, make_config
 from . import checkpoint as ckpt
-from .config_loading import ConfigLike, make_configs
+from ..configs import ConfigLike, make_configs
 from .dense import DenseTiming, dense_timing, evaluate_dense
 from .engine import TrainerPruningEngine, engine_for
 from .logs import add_figures, put_before_reporters

@@ -27,7 +27,7 @@ from ...schedule import is_update_step, l1_strength
 from ...state_io import STATE_FILE, load_state_file
 from ...targets import unwrap_model
 from . import checkpoint as ckpt
-from .config_loading import Configs, as_list
+from ..configs import Configs, as_list
 
 logger = logging.getLogger(__name__)
 

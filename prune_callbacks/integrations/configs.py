@@ -1,4 +1,6 @@
-"""The configs of a callback set: a `PruningConfig`, a dict, a list of them, or a YAML file.
+"""The configs an adapter is given: a `PruningConfig`, a dict, a list of them, or a YAML file.
+
+One reader for both adapters (`make_callbacks`, `AcceleratePruningHook`).
 
 A YAML file is read by :func:`prune_callbacks.recipe.loading.read_yaml`, the
 reader ``prune-callbacks validate`` uses (safe loading, duplicate keys refused,
@@ -15,7 +17,7 @@ from typing import Sequence, Union
 
 from pydantic import BaseModel, ValidationError
 
-from ...config import PruningConfig, PruningConfigError, make_config
+from ..config import PruningConfig, PruningConfigError, make_config
 
 OneConfig = Union[PruningConfig, dict, None]
 ConfigLike = Union[OneConfig, str, os.PathLike, Sequence[Union[PruningConfig, dict]]]
@@ -40,7 +42,7 @@ def _from_recipe_error(exc) -> ConfigFileError:
 
 def config_from_file(path: Union[str, os.PathLike]) -> Configs:
     """The `PruningConfig` (or list of them) of a YAML file; `ConfigFileError` naming every problem."""
-    from ...recipe.loading import RecipeError, pydantic_problems, read_yaml
+    from ..recipe.loading import RecipeError, pydantic_problems, read_yaml
 
     source = str(path)
     try:
