@@ -191,7 +191,8 @@ def test_pruning_starts_fresh_from_a_dense_checkpoint(tmp_path, caplog):
         build(tmp_path / "cut2", make_callbacks(**CONFIG)).train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-4"))
 
 
-def test_load_best_model_at_end_ends_with_the_final_masks(tmp_path, caplog):
+@pytest.mark.parametrize("finalize", [True, False])
+def test_load_best_model_at_end_ends_with_the_final_masks(tmp_path, caplog, finalize):
     """The best checkpoint (step 4) was lightly pruned: the final masks are applied to its weights, figures match."""
     calls = []
 
@@ -199,7 +200,7 @@ def test_load_best_model_at_end_ends_with_the_final_masks(tmp_path, caplog):
         calls.append(1)
         return {"score": float(len(calls))}
 
-    cbs = make_callbacks(**CONFIG)
+    cbs = make_callbacks(**CONFIG, finalize=finalize)
     trainer = build(tmp_path / "out", cbs, eval_rows=toy_classification_rows(8), eval_strategy="steps", eval_steps=4,
                     load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=False)
     trainer.compute_metrics = later_is_worse
@@ -211,7 +212,7 @@ def test_load_best_model_at_end_ends_with_the_final_masks(tmp_path, caplog):
     assert "load_best_model_at_end loaded" in caplog.text and "final masks (sparsity 0.6000)" in caplog.text
     best_weights = load_file(os.path.join(trainer.state.best_model_checkpoint, "model.safetensors"))
     pruner = cbs.pruner
-    assert pruner.finalized and pruner.mask_sparsity == 0.6
+    assert pruner.finalized is finalize and pruner.mask_sparsity == 0.6
     for target, mask in zip(pruner.targets, pruner.pruned):
         w = target.param.detach()
         assert int((w == 0).sum()) == int(mask.sum())  # exactly the final masks

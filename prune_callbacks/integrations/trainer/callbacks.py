@@ -195,7 +195,7 @@ class GradualPruningCallback(_TrainerPruningCallback):
         self.engine.save(args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.engine.stop()
+        self.engine.stop(args, state)
 
 
 class L1RegularizationCallback(_TrainerPruningCallback):
@@ -235,7 +235,7 @@ class L1RegularizationCallback(_TrainerPruningCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.drives:
-            self.engine.stop()
+            self.engine.stop(args, state)
 
 
 class PermanentMaskCallback(_TrainerPruningCallback):

@@ -60,6 +60,7 @@ class TrainerPruningEngine:
         self.resumed_from: Optional[str] = None  # state file the current run was restored from
         self.started_fresh_at: Optional[int] = None  # global step a dense checkpoint was resumed at
         self._args = None
+        self._best_checked = None  # (TrainerState id, best checkpoint) already handled
         self._state = None  # the TrainerState of the train() call the pruner is attached for
 
     @property
@@ -123,10 +124,13 @@ class TrainerPruningEngine:
     def attached(self) -> bool:
         return self.pruner is not None and bool(self.pruner._hooks)
 
-    def stop(self) -> None:
-        """Detach the pruner's hooks (the masks stay applied)."""
+    def stop(self, args: Any = None, state: Any = None) -> None:
+        """End of a ``train()`` call: detach the pruner's hooks (the masks stay applied); after a
+        best-model reload, apply the run's final masks to the reloaded weights (see `finish`)."""
         if self.pruner is not None:
             self.pruner.detach()
+            if args is not None and state is not None:
+                self._check_best_model(args, state)
         self._state = None
 
     @torch.no_grad()
@@ -142,11 +146,15 @@ class TrainerPruningEngine:
         pruner = self.pruner
         if pruner is None or pruner.finalized:
             return
-        best = state.best_model_checkpoint if getattr(args, "load_best_model_at_end", False) else None
-        if best:
-            self._after_best_model_reload(best)
+        self._check_best_model(args, state)
         pruner.finalize()
         self._state = None
+
+    def _check_best_model(self, args: Any, state: Any) -> None:
+        best = state.best_model_checkpoint if getattr(args, "load_best_model_at_end", False) else None
+        if best and self._best_checked != (id(state), best) and not self.pruner.finalized:
+            self._best_checked = (id(state), best)
+            self._after_best_model_reload(best)
 
     def _after_best_model_reload(self, best: str) -> None:
         pruner = self.pruner
