@@ -43,8 +43,8 @@ def is_figure_key(key: str) -> bool:
 
 
 def mask_sparsity_of(report: Mapping[str, Any]) -> float:
-    """The sparsity the current masks were computed for (``mask_sparsity``; older reports: ``target_sparsity``)."""
-    return float(report.get("mask_sparsity", report.get("target_sparsity", 0.0)))
+    """The sparsity the current masks were computed for (``mask_sparsity`` of a report or a state dict)."""
+    return float(report.get("mask_sparsity", 0.0))
 
 
 def sparsity_figures(report: Mapping[str, Any], *, per_group: bool = True) -> dict:
@@ -64,12 +64,12 @@ def sparsity_figures(report: Mapping[str, Any], *, per_group: bool = True) -> di
     return out
 
 
-def l1_figures(strength: float, params) -> dict:
-    """``l1/strength`` and ``l1/zero_fraction`` (exact zeros among ``params``, masked or not)."""
-    from .report import sparsity_of_tensors
-
-    table = sparsity_of_tensors({str(i): p.detach() for i, p in enumerate(params)}, min_dims=0)
-    return {L1_STRENGTH: float(strength), L1_ZERO_FRACTION: float(table["matrix_sparsity"])}
+def l1_figures(report: Mapping[str, Any]) -> dict:
+    """``l1/strength`` and ``l1/zero_fraction`` of a `Pruner.report()` (empty when it runs no L1)."""
+    l1 = report.get("l1")
+    if not l1:
+        return {}
+    return {L1_STRENGTH: float(l1["strength"]), L1_ZERO_FRACTION: float(l1["zero_fraction"])}
 
 
 def short_group_names(per_group: Mapping[str, Any]) -> dict:

@@ -488,16 +488,10 @@ def test_total_steps_counted_from_the_prepared_dataloader():
 
 
 def test_a_list_of_configs_reaches_the_pruner():
-    from prune_callbacks import Pruner
-
     a = PruningConfig(final_sparsity=0.5, include=["up"], start_step=1, end_step=3, update_every=1)
     b = PruningConfig(final_sparsity=0.25, include=["down"], start_step=1, end_step=3, update_every=1)
     hook = AcceleratePruningHook([a, b], total_steps=4)
     assert hook.config == [a, b]
-    try:
-        Pruner(TinyLM(), [a, b], total_steps=4)
-    except (TypeError, AttributeError, ValueError) as exc:  # remove once Pruner takes a list (issue 10)
-        pytest.skip(f"the core Pruner does not take a list of configs yet: {exc}")
     acc, model, opt, sched = _setup()
     hook.register(acc, model, opt)
     for ids in random_batches(4):

@@ -239,12 +239,6 @@ def test_a_list_of_configs_reaches_the_pruner(tmp_path):
         make_callbacks([a, b], final_sparsity=0.2)
     cbs = make_callbacks([a, b])
     assert cbs.engine.config == [a, b]
-    from prune_callbacks import Pruner
-
-    try:
-        Pruner(tiny_bert_classifier(), [a, b], total_steps=4)
-    except (TypeError, AttributeError, ValueError) as exc:  # remove once Pruner takes a list (issue 10)
-        pytest.skip(f"the core Pruner does not take a list of configs yet: {exc}")
     build(tmp_path, cbs, max_steps=4).train()
     sparsity = {g: row["sparsity"] for g, row in cbs.pruner.report()["per_group"].items()}
     assert any(v == pytest.approx(0.5, abs=0.02) for k, v in sparsity.items() if "attention" in k)

@@ -141,7 +141,8 @@ class AcceleratePruningHook:
 
     def _resolve(self, total_steps: int) -> None:
         for config in self.configs:
-            config.resolve(total_steps)
+            resolve = getattr(config, "resolve", None) or config.resolve_ramp  # PruningConfig / L1Config
+            resolve(total_steps)
 
     # ------------------------------------------------------------ wiring
     def register(self, accelerator: Any, model: nn.Module, optimizer: Any, *, total_steps: Optional[int] = None,
@@ -264,7 +265,7 @@ class AcceleratePruningHook:
                 self._log_handle = None
             pruner.finalize()
             reached = F.mask_sparsity_of(pruner.report())
-            final = max(float(c.final_sparsity) for c in self.configs)
+            final = max(float(getattr(c, "final_sparsity", 0.0)) for c in self.configs)
             if len(self.configs) == 1 and reached < final:
                 end = getattr(getattr(pruner, "steps", None), "end_step", "?")
                 warnings.warn(

@@ -18,6 +18,7 @@ from typing import Sequence, Union
 from pydantic import BaseModel, ValidationError
 
 from ..config import PruningConfig, PruningConfigError, make_config
+from ..config import make_configs as core_make_configs
 
 OneConfig = Union[PruningConfig, dict, None]
 ConfigLike = Union[OneConfig, str, os.PathLike, Sequence[Union[PruningConfig, dict]]]
@@ -80,9 +81,7 @@ def make_configs(config: ConfigLike, overrides: dict) -> Configs:
             raise PruningConfigError(
                 f"keyword overrides ({', '.join(sorted(overrides))}) apply to one config; with a list of configs "
                 "set them in each config")
-        if not config:
-            raise PruningConfigError("an empty list of pruning configs; give at least one")
-        configs = [make_config(c) for c in config]
+        configs = core_make_configs(list(config))  # PruningConfig / L1Config / dicts, as the Pruner takes them
         return configs if len(configs) > 1 else configs[0]
     return make_config(config, **overrides)
 

@@ -39,7 +39,9 @@ from typing import Optional, Union
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ...config import PruningConfigError, make_config
+from pydantic import ValidationError
+
+from ...config import L1Config, PruningConfigError, format_validation_error
 from . import checkpoint as ckpt
 from ..configs import ConfigLike, make_configs
 from .dense import DenseTiming, dense_timing, evaluate_dense
@@ -156,7 +158,8 @@ class GradualPruningCallback(_TrainerPruningCallback):
         if not self.dense_timing:
             return
         pruner = self.engine.pruner
-        at = 0 if self.dense_timing == "train_begin" else self.engine.first_update_step() - 1
+        first = self.engine.first_update_step()
+        at = 0 if self.dense_timing == "train_begin" or first is None else first - 1
         if pruner.step > at or pruner.mask_updates > 0:
             logger.info("prune_callbacks: resumed run past step %d, the dense model is gone; dense evaluation skipped",
                         at)
@@ -214,10 +217,11 @@ class L1RegularizationCallback(_TrainerPruningCallback):
         if engine is None:
             if not l1_lambda or l1_lambda <= 0:
                 raise PruningConfigError(f"l1_lambda={l1_lambda!r} is invalid: L1RegularizationCallback needs l1_lambda > 0")
-            config = make_config(
-                final_sparsity=0.0, saliency="magnitude", schedule="oneshot", start_step=0, end_step=0,
-                l1_lambda=l1_lambda, l1_ramp_steps=l1_ramp_steps, include=include, exclude=list(exclude),
-            )
+            try:
+                config = L1Config(l1_lambda=l1_lambda, l1_ramp_steps=l1_ramp_steps, include=include,
+                                  exclude=list(exclude))
+            except ValidationError as exc:
+                raise PruningConfigError(f"invalid L1RegularizationCallback settings:\n{format_validation_error(exc)}") from None
             engine = TrainerPruningEngine(config, resume_from=resume_from)
         super().__init__(engine)
 

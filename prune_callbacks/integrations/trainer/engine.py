@@ -23,7 +23,6 @@ from torch import nn
 from ... import figures as F
 from ...config import PruningConfigError
 from ...pruner import Pruner
-from ...schedule import is_update_step, l1_strength
 from ...state_io import STATE_FILE, load_state_file
 from ...targets import unwrap_model
 from . import checkpoint as ckpt
@@ -65,7 +64,7 @@ class TrainerPruningEngine:
 
     @property
     def final_sparsity(self) -> float:
-        return max((float(c.final_sparsity) for c in self.configs), default=0.0)
+        return max((float(getattr(c, "final_sparsity", 0.0)) for c in self.configs), default=0.0)
 
     # ------------------------------------------------------------ train begin / end
     def start(self, args: Any, state: Any, model: Optional[nn.Module], optimizer: Any) -> bool:
@@ -104,21 +103,12 @@ class TrainerPruningEngine:
         _ENGINES[id(bare)] = self
         return True
 
-    def first_update_step(self) -> int:
+    def first_update_step(self) -> Optional[int]:
         """The optimizer step (1-based) whose optimizer post-hook computes the first masks; the model is
-        dense until then. From the core (`Pruner.first_update_step`) when it has it."""
+        dense until then (`Pruner.first_update_step`; None when nothing is pruned, L1 only)."""
         if self.pruner is None:
             raise RuntimeError("the pruner is built at train begin")
-        own = getattr(self.pruner, "first_update_step", None)
-        if callable(own):
-            return int(own())
-        # Fallback for a core without `first_update_step` (one config).
-        s, c = self.pruner.steps, self.configs[0]
-        first = max(s.start_step, 1)
-        for step in range(first, max(s.end_step, first) + 1):  # the last step is always an update step
-            if is_update_step(step, start=s.start_step, end=s.end_step, every=c.update_every, kind=c.schedule):
-                return step
-        return first
+        return self.pruner.first_update_step()
 
     @property
     def attached(self) -> bool:
@@ -214,43 +204,37 @@ class TrainerPruningEngine:
 
     def _start_fresh(self, pruner: Pruner, state: Any) -> None:
         """A dense checkpoint (its run had no pruning callbacks): prune from this step on."""
-        pruner.step = int(state.global_step)  # the schedule counts the Trainer's optimizer steps
+        step = int(state.global_step)
+        # the schedules count the Trainer's optimizer steps (as Pruner.load_state_dict sets them)
+        pruner.step = step
+        for component in pruner.l1:
+            component.step = step
         nxt = self._next_update_step(pruner)
-        if nxt is None:
+        if nxt is None and pruner.groups:
             raise PruningConfigError(
-                f"the run resumes a dense checkpoint at global step {pruner.step}, but the pruning schedule's last "
+                f"the run resumes a dense checkpoint at global step {step}, but the pruning schedule's last "
                 "mask update is not after it, so nothing would be pruned: set start_step / end_step after "
-                f"step {pruner.step} (max_steps={state.max_steps})"
+                f"step {step} (max_steps={state.max_steps})"
             )
-        self.started_fresh_at = pruner.step
+        self.started_fresh_at = step
         logger.warning(
             "prune_callbacks: the checkpoint at global step %d holds no pruning state (written by a run without "
-            "these callbacks): pruning starts fresh from this step; first mask update at step %d (scheduled "
-            "sparsity there %.4f)", pruner.step, nxt, pruner.scheduled_sparsity(nxt),
+            "these callbacks): pruning starts fresh from this step%s", step,
+            f"; first mask update at step {nxt} (scheduled sparsity there {pruner.scheduled_sparsity(nxt):.4f})"
+            if nxt is not None else "",
         )
 
-    def _next_update_step(self, pruner: Pruner) -> Optional[int]:
-        s, c = pruner.steps, self.configs[0]
-        for step in range(pruner.step + 1, max(s.end_step, pruner.step + 1) + 1):
-            if is_update_step(step, start=s.start_step, end=s.end_step, every=c.update_every, kind=c.schedule):
-                return step
-        return None
+    @staticmethod
+    def _next_update_step(pruner: Pruner) -> Optional[int]:
+        """The first step after the current one at which some group's schedule updates masks."""
+        later = [s for g in pruner.groups for s in g.schedule.update_steps() if s > pruner.step]
+        return min(later, default=None)
 
     def _check_compatible(self, pruner: Pruner, saved: dict, state: Any, path: str) -> None:
-        old, new = saved.get("config", {}), pruner.state_dict().get("config", {})
-        if isinstance(old, dict) and isinstance(new, dict):
-            if "saliency" in old and "saliency" in new and old["saliency"] != new["saliency"]:
-                raise PruningConfigError(
-                    f"{path} was written with saliency={old.get('saliency')!r} but the config says "
-                    f"saliency={new['saliency']!r}: its buffers cannot be resumed"
-                )
-            changed = sorted(k for k in new if k in old and old[k] != new[k])
-        else:
-            changed = ["config"] if old != new else []
-        if changed:
-            logger.warning("prune_callbacks: resuming with changed config fields: %s", ", ".join(changed))
+        """Pruner.load_state_dict refuses what cannot be resumed; here only the run-length warning."""
         total = saved.get("total_steps")
-        if total is not None and int(total) != state.max_steps and any(c.uses_fractions() for c in self.configs):
+        fractional = any(getattr(c, "uses_fractions", lambda: False)() for c in self.configs)
+        if total is not None and int(total) != state.max_steps and fractional:
             logger.warning(
                 "prune_callbacks: the checkpoint was written by a run of %s steps, this one has %s: fractional "
                 "schedule steps resolve differently", total, state.max_steps,
@@ -264,14 +248,7 @@ class TrainerPruningEngine:
         return F.sparsity_figures(self.pruner.report(), per_group=per_group)
 
     def l1_figures(self) -> dict:
-        """``l1/strength`` and ``l1/zero_fraction``."""
-        p = self.pruner
-        if p is None:
+        """``l1/strength`` and ``l1/zero_fraction`` (:mod:`prune_callbacks.figures`)."""
+        if self.pruner is None:
             return {}
-        own = getattr(p, "l1_strength", None)
-        if callable(own):
-            strength = 0.0 if p.finalized else float(own())
-        else:
-            c = self.configs[0]
-            strength = 0.0 if p.finalized else l1_strength(p.step, l1_lambda=c.l1_lambda, ramp_steps=p.steps.l1_ramp_steps)
-        return F.l1_figures(strength, p.params)
+        return F.l1_figures(self.pruner.report())
