@@ -137,10 +137,8 @@ def test_a_30_step_run_updates_masks_gradually(tmp_path):
     trainer.model_accepts_loss_kwargs = False
     trainer.train()
     updates = cbs.pruner.mask_updates
-    if updates < 4:
-        pytest.skip(f"the core still derives {updates} mask updates for a 30-step run with the default update_every "
-                    "(the interval derived from the window lands with the issue-10 engine refactor)")
-    assert updates >= 4
+    assert updates >= 4, f"{updates} mask updates in a 30-step run with the default update_every"
+    assert cbs.pruner.report()["groups"][0]["update_every"] < 25  # derived from the 18-step window
     at = {step: sparsity for step, _, sparsity in probe}
     assert 0.0 < at[10] < at[15] < at[21] <= 0.8  # checkpoints 10 and 20 are not dense
     assert cbs.pruner.report()["global_sparsity"] == pytest.approx(0.8, abs=1e-3)

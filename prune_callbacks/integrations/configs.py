@@ -15,18 +15,12 @@ from __future__ import annotations
 import os
 from typing import Sequence, Union
 
-from pydantic import BaseModel, ValidationError
-
 from ..config import PruningConfig, PruningConfigError, make_config
 from ..config import make_configs as core_make_configs
 
 OneConfig = Union[PruningConfig, dict, None]
 ConfigLike = Union[OneConfig, str, os.PathLike, Sequence[Union[PruningConfig, dict]]]
 Configs = Union[PruningConfig, list]  # what a Pruner takes: one config or a list of them
-
-
-class _Section(BaseModel):
-    pruning: PruningConfig
 
 
 class ConfigFileError(PruningConfigError):
@@ -43,7 +37,7 @@ def _from_recipe_error(exc) -> ConfigFileError:
 
 def config_from_file(path: Union[str, os.PathLike]) -> Configs:
     """The `PruningConfig` (or list of them) of a YAML file; `ConfigFileError` naming every problem."""
-    from ..recipe.loading import RecipeError, pydantic_problems, read_yaml
+    from ..recipe.loading import RecipeError, read_yaml
 
     source = str(path)
     try:
@@ -61,12 +55,11 @@ def config_from_file(path: Union[str, os.PathLike]) -> Configs:
     configs, problems = [], []
     for i, item in enumerate(items):
         base = ".".join(p for p in (prefix, str(i) if isinstance(section, list) else "") if p)
-        try:  # validated as the recipe's ``pruning`` section, so messages are those of `validate`
-            configs.append(_Section(pruning=item).pruning)
-        except ValidationError as exc:
-            for field, message in pydantic_problems(exc):
-                rest = field.removeprefix("pruning").lstrip(".")
-                problems.append((".".join(p for p in (base, rest) if p), message))
+        try:
+            configs.append(PruningConfig(**item))
+        except PruningConfigError as exc:  # the core's problems, as data: (field path, message)
+            for field, message in exc.problems or [("", str(exc))]:
+                problems.append((".".join(p for p in (base, field) if p), message))
     if problems:
         raise _from_recipe_error(RecipeError(problems, source=source, lines=lines))
     return configs if isinstance(section, list) else configs[0]
