@@ -18,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..config import PruningConfigError
-from .schema import SECTIONS, Recipe, cross_check
+from .schema import PRUNING_TAGS, SECTIONS, Recipe, cross_check
 from .training_args import check_training
 
 Problem = tuple[str, str]  # (yaml path, message)
@@ -37,7 +37,7 @@ class RecipeError(ValueError):
         out = []
         for path, message in self.problems:
             where = self._where(path)
-            out.append(f"{where}: {path or '<root>'}: {message}")
+            out.append(f"{where}: {path}: {message}" if path else f"{where}: {message}")
         return out
 
     def _where(self, path: str) -> str:
@@ -93,14 +93,49 @@ def read_yaml(path: "str | os.PathLike") -> tuple[dict, dict]:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise RecipeError([("", f"not valid YAML: {exc}".replace("\n", " "))], source=where) from None
+        where, message = yaml_problem(exc, str(path))
+        raise RecipeError([("", message)], source=where) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError([("", f"a recipe must be a mapping of sections (got {type(data).__name__})")], source=str(path))
     return data, lines
+
+
+# PyYAML's problem text -> what it usually means in a hand-written recipe
+_YAML_HINTS = (
+    ("mapping values are not allowed", "a second ':' on one line; quote a value that contains ': ', "
+                                       "or put the nested key on its own, indented line"),
+    ("found character '\\t'", "a tab character; indent with spaces only"),
+    ("could not find expected ':'", "a line that is neither 'key: value' nor a list item '- ...'"),
+    ("did not find expected key", "an indentation that does not line up with the keys above it"),
+    ("did not find expected '-' indicator", "a list item indented differently from the items above it"),
+    ("found unexpected end of stream", "an unclosed quote or bracket"),
+    ("found undefined alias", "an *alias with no matching &anchor"),
+    ("found duplicate anchor", "the same &anchor defined twice"),
+    ("duplicate key", "the same key twice in one section; keep one"),
+    ("expected <block end>", "an indentation that does not line up with the keys above it"),
+)
+
+
+def yaml_problem(exc: "yaml.YAMLError", source: str) -> tuple[str, str]:
+    """``(file:line:column, message in words)`` for a PyYAML error."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = (getattr(exc, "problem", None) or str(exc)).strip()
+    hint = next((h for key, h in _YAML_HINTS if key in problem), None)
+    message = f"not valid YAML: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+        message += f" ({context} started at line {context_mark.line + 1})"
+    if mark is not None and getattr(mark, "buffer", None):
+        line = mark.buffer.split("\n")[mark.line] if mark.line < mark.buffer.count("\n") + 1 else ""
+        line = line.replace("\0", "").rstrip()
+        if line.strip():
+            message += f"\n    {line}\n    {' ' * mark.column}^"
+    if hint:
+        message += f"\n    likely cause: {hint}"
+    return where, message
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -113,7 +148,9 @@ def parse_set(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise RecipeError([(key, f"value {raw!r} is not valid YAML: {exc}".replace("\n", " "))], source="--set") from None
+        problem = (getattr(exc, "problem", None) or str(exc)).strip()
+        raise RecipeError([(key, f"value {raw!r} is not valid YAML: {problem}; quote it, e.g. --set '{key}=\"...\"'")],
+                          source="--set") from None
     return key, value
 
 
@@ -150,10 +187,13 @@ def validate_data(data: dict, source: str = "recipe", lines: Optional[dict] = No
         problems.extend(cross_check(recipe))
         max_steps = training.get("max_steps", -1)
         if not problems and isinstance(max_steps, int) and max_steps > 0:
-            try:
-                recipe.pruning.resolve(max_steps)
-            except PruningConfigError as exc:
-                problems.extend(_section_problems(["pruning"], f"{exc} (training.max_steps={max_steps})"))
+            many = isinstance(recipe.pruning, list)
+            for i, config in enumerate(recipe.pruning_configs):
+                try:
+                    config.resolve(max_steps)
+                except PruningConfigError as exc:
+                    loc = ["pruning", str(i)] if many else ["pruning"]
+                    problems.extend(_section_problems(loc, f"{exc} (training.max_steps={max_steps})"))
     if problems:
         raise RecipeError(problems, source=source, lines=lines)
     return recipe.model_copy(update={"training": training})
@@ -187,9 +227,11 @@ def pydantic_problems(exc: ValidationError) -> list[Problem]:
     problems = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
+        if loc[:1] == ["pruning"] and len(loc) > 1 and loc[1] in PRUNING_TAGS:
+            loc = [loc[0], *loc[2:]]  # the union's tag (one config / a list) is no part of the yaml path
         kind, value = err["type"], err.get("input")
         message = err["msg"].removeprefix("Value error, ")
-        section = SECTIONS.get(".".join(loc[:-1]))
+        section = _section(loc[:-1])
         if kind == "extra_forbidden":
             allowed = sorted(section.model_fields) if section else []
             close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
@@ -211,10 +253,15 @@ def pydantic_problems(exc: ValidationError) -> list[Problem]:
     return problems
 
 
+def _section(loc: list[str]):
+    """The schema class of a yaml path (list indices skipped: ``pruning.1`` is a PruningConfig)."""
+    return SECTIONS.get(".".join(p for p in loc if not p.isdigit()))
+
+
 def _section_problems(loc: list[str], message: str) -> list[Problem]:
     """A section-level check names the field it is about first (``end_step=0.1 is before ...``):
     point the path at that field, one problem per ``; ``-joined part when every part does so."""
-    section = SECTIONS.get(".".join(loc))
+    section = _section(loc)
     if section is None:
         return [(".".join(loc), message)]
 

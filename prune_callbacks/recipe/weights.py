@@ -84,6 +84,20 @@ def _is_sparse(path: Path) -> bool:
     return is_sparse_checkpoint(path)
 
 
+def _sparse_damage(path: Path) -> str:
+    """What is wrong with a sparse weights file whose header does not read back."""
+    from ..sparse_io import SparseCheckpointError, read_sparse_state_dict
+
+    size = path.stat().st_size
+    try:
+        read_sparse_state_dict(path)
+    except SparseCheckpointError as exc:
+        return exc.problem
+    except Exception as exc:  # anything the reader did not anticipate in a broken file
+        return f"{type(exc).__name__}: {exc}"
+    return f"its header is not a sparse checkpoint header ({size} bytes)"
+
+
 def _read_sparse(path: Path) -> dict[str, torch.Tensor]:
     from ..sparse_io import SparseCheckpointError, read_sparse_state_dict
 
@@ -108,10 +122,16 @@ def load_weights(path: "str | os.PathLike") -> LoadedWeights:
 
     state = None
     if (path / STATE_FILE).is_file():
-        state = load_state_file(path / STATE_FILE)
-    if _is_sparse(path):
-        from ..sparse_io.format import WEIGHTS_NAME
+        try:
+            state = load_state_file(path / STATE_FILE)
+        except (ValueError, KeyError, TypeError) as exc:  # damaged file, or metadata that is not a pruning state
+            raise WeightsError(f"{path / STATE_FILE} is damaged: {exc}; the pruning state cannot be read "
+                               "(resume from an earlier checkpoint, or delete the file to report the weights only)") from None
+    from ..sparse_io.format import WEIGHTS_NAME
 
+    if (path / WEIGHTS_NAME).is_file() and not _is_sparse(path):
+        raise WeightsError(f"{path / WEIGHTS_NAME} is a damaged sparse checkpoint: {_sparse_damage(path / WEIGHTS_NAME)}")
+    if _is_sparse(path):
         loaded = LoadedWeights(_read_sparse(path), "sparse", [path / WEIGHTS_NAME])
     elif (path / "model.safetensors").is_file():
         loaded = LoadedWeights(_load_file(path / "model.safetensors"), "safetensors", [path / "model.safetensors"])
