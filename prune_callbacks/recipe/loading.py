@@ -33,6 +33,10 @@ class RecipeError(ValueError):
         self.lines = lines or {}
         super().__init__("\n".join(self.format_lines()))
 
+    def located(self, source: str, lines: Optional[dict]) -> "RecipeError":
+        """The same problems, located in the recipe file (for problems found after validation)."""
+        return RecipeError(self.problems, source=source, lines={**(lines or {}), **self.lines})
+
     def format_lines(self) -> list[str]:
         out = []
         for path, message in self.problems:
@@ -210,6 +214,7 @@ def load_recipe(path: "str | os.PathLike", sets: Sequence[str] = (), *, output_d
         overrides.append(("training.max_steps", max_steps))
     apply_overrides(data, overrides, lines)
     recipe = validate_data(data, source=str(path), lines=lines)
+    recipe._origin = (str(path), dict(lines))
     if recipe.output.dir is None:
         recipe.output.dir = str(Path("runs") / Path(path).stem)
     return recipe
@@ -247,6 +252,8 @@ def pydantic_problems(exc: ValidationError) -> list[Problem]:
             continue
         elif kind in ("model_type", "dict_type", "model_attributes_type"):
             message = f"must be a mapping (got {value!r})"
+            if loc == ["pruning"]:
+                message = f"must be a mapping (one PruningConfig) or a list of mappings (got {value!r})"
         else:
             message = f"{message} (got {value!r})"
         problems.append((".".join(loc), message))

@@ -39,7 +39,16 @@ def seed_of(recipe: Recipe) -> int:
 
 
 def check_recipe(recipe: Recipe, *, load_model: bool = False) -> Preflight:
-    """Run the checks (see the module docstring); raises RecipeError naming the recipe field."""
+    """Run the checks (see the module docstring); raises RecipeError naming the recipe field (and its line)."""
+    try:
+        return _check(recipe, load_model)
+    except RecipeError as exc:
+        if recipe._origin is None:
+            raise
+        raise exc.located(*recipe._origin) from None
+
+
+def _check(recipe: Recipe, load_model: bool) -> Preflight:
     pre = Preflight(recipe, plan_output(recipe, needs_pruning_state=True))
     if load_model or recipe.data.source != "hub":
         from .data import load_data

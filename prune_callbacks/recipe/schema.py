@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, PrivateAttr, Tag, field_validator,
+                      model_validator)
 from typing_extensions import Annotated
 
 from ..config import PruningConfig
@@ -232,6 +233,13 @@ class Recipe(Section):
                                                    "configs in one run, each pruning its own targets).")
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    # (recipe file, yaml path -> line) when read by load_recipe: later problems point into the file
+    _origin: Optional[tuple] = PrivateAttr(default=None)
+
+    def __eq__(self, other) -> bool:  # the same recipe, wherever it was read from
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    __hash__ = None
 
     @field_validator("pruning")
     @classmethod
