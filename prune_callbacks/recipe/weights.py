@@ -125,7 +125,8 @@ def load_weights(path: "str | os.PathLike") -> LoadedWeights:
         try:
             state = load_state_file(path / STATE_FILE)
         except (ValueError, KeyError, TypeError) as exc:  # damaged file, or metadata that is not a pruning state
-            raise WeightsError(f"{path / STATE_FILE} is damaged: {exc}; the pruning state cannot be read "
+            detail = str(exc).removeprefix(f"{path / STATE_FILE} ").removeprefix("is ")
+            raise WeightsError(f"{path / STATE_FILE} is damaged ({detail}); the pruning state cannot be read "
                                "(resume from an earlier checkpoint, or delete the file to report the weights only)") from None
     from ..sparse_io.format import WEIGHTS_NAME
 
