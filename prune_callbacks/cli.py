@@ -137,8 +137,8 @@ def _user_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     from .recipe.loading import RecipeError
     from .recipe.weights import WeightsError
 
-    environment: tuple[type, ...] = (AssetNotInstalledError, WeightsError, FileNotFoundError, IsADirectoryError,
-                                     PermissionError)
+    # OSError: missing / unreadable files, a full disk, a read-only output directory
+    environment: tuple[type, ...] = (AssetNotInstalledError, WeightsError, OSError)
     try:
         from .sparse_io import SparseCheckpointError
 

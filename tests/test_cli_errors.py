@@ -86,6 +86,30 @@ def test_validate_refuses_what_finetune_would(tmp_path, capsys, changes, argv, c
     assert not (tmp_path / "out").exists()
 
 
+# name, file name, its bytes, fragments: local data files that cannot be used, found by plain validate
+DATA_CASES = [
+    ("ragged-csv", "t.csv", b"text,label\na b,1\nc,d,0,9\ne,1\n", ["data.files: could not load the data",
+                                                                   "Expected 2 fields in line 3, saw 4"]),
+    ("empty-csv", "t.csv", b"", ["data.files: could not load the data", "No columns to parse"]),
+    ("broken-jsonl", "t.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label"\n', ["JSON parse error"]),
+    ("not-utf8", "t.csv", b"text,label\n\xff\xfe bad,1\n", ["data.files", "utf-8"]),
+    ("empty-text", "t.csv", b"text,label\ngood film,1\n,0\nbad film,0\n,1\n",
+     ["data.text_column: 2 of 4 rows of the train split have no text", "allowed: a string in every row"]),
+    ("float-labels", "t.csv", b"text,label\ngood,1.5\nbad,0\n", ["data.label_column: labels must be all ints or all strings"]),
+]
+
+
+@pytest.mark.parametrize("name, body, fragments", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_unusable_local_data_is_found_by_validate(tmp_path, capsys, name, body, fragments):
+    data = tmp_path / name
+    data.write_bytes(body)
+    recipe = tiny_recipe(tmp_path, tmp_path / "out", data={"files": {"train": str(data), "validation": str(data)}})
+    code, err = _run(capsys, ["validate", str(write_recipe(tmp_path / "r.yaml", recipe))])
+    assert code == 2
+    for fragment in fragments:
+        assert fragment in err
+
+
 # name, file text, exit code, fragments (the file is r.yaml)
 YAML_CASES = [
     ("colon-in-value", "task: sequence-classification\ndescription: ratio: 2\n", ["r.yaml:2:", "a second ':' on one line"]),
@@ -133,6 +157,8 @@ REPORT_CASES = [
     ("weights-truncated", ".", "model.safetensors", "truncate", ".", 1, ["model.safetensors is not a readable safetensors"]),
     ("no-weights", ".", "model.safetensors", "delete", ".", 1, ["holds no model weights"]),
     ("missing-path", ".", None, None, "nope", 1, ["no such file or directory"]),
+    ("shard-index-damaged", ".", "model.safetensors.index.json", "garbage", ".", 1,
+     ["model.safetensors.index.json is damaged (not a shard index"]),
 ]
 
 
@@ -144,6 +170,9 @@ def test_report_on_damaged_files(finished_run, tmp_path, capsys, copy, damaged, 
     if damaged:
         if how == "delete":
             (folder / damaged).unlink()
+        elif how == "garbage":  # a sharded checkpoint whose index is not JSON
+            (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+            (folder / damaged).write_text("{not json")
         else:
             _damage(folder / damaged, how)
     got, err = _run(capsys, ["report", str(folder / target)])

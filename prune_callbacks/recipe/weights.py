@@ -61,8 +61,12 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _sharded(directory: Path, index_name: str) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    index = json.loads((directory / index_name).read_text())
-    shards = sorted(set(index.get("weight_map", {}).values()))
+    try:
+        index = json.loads((directory / index_name).read_text(encoding="utf-8"))
+        shards = sorted(set(index.get("weight_map", {}).values()))
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise WeightsError(f"{directory / index_name} is damaged (not a shard index: {exc}); expected JSON with a "
+                           "weight_map of tensor name -> shard file") from None
     if not shards:
         raise WeightsError(f"{directory / index_name} lists no shard in its weight_map")
     tensors: dict[str, torch.Tensor] = {}
