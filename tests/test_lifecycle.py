@@ -148,7 +148,7 @@ def test_ctrl_c_keeps_the_checkpoints_and_resume_continues_exactly(tmp_path, mon
 
 
 # ----------------------------------------------------------------------------- SIGKILL (subprocess)
-def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, capsys):
+def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, capsys, caplog):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, out))
     _kill_run("checkpoint:4", recipe)
@@ -156,7 +156,9 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tm
     assert _names(out / "checkpoints") == {"checkpoint-2", "checkpoint-4"}
     assert not (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists()  # half-written
     assert "model.safetensors" not in _names(out)
-    assert main(["finetune", str(recipe), "--resume"]) == 0
+    with caplog.at_level(logging.WARNING, logger="prune_callbacks.recipe"):
+        assert main(["finetune", str(recipe), "--resume", "--set", "training.logging_steps=2"]) == 0
+    assert "differs from the interrupted run's in training.logging_steps" in caplog.text
     report = json.loads((out / "report.json").read_text())
     assert report["training"]["resumed_from"].endswith("checkpoint-2")
     assert (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file()  # written again, whole

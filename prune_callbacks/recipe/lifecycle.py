@@ -192,6 +192,34 @@ def plan_output(recipe: Recipe, needs_pruning_state: bool = True) -> OutputPlan:
     return plan
 
 
+def read_marker(out: Path) -> dict:
+    """The marker's content (an empty dict when missing or unreadable: a marker only has to exist)."""
+    try:
+        data = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# keys that may differ between an interrupted run and its resumption
+_RESUME_FREE = ("output.resume", "output.overwrite", "output.dir")
+
+
+def changed_keys(before: Optional[dict], after: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved recipes (``[]`` when ``before`` is unknown)."""
+    if not isinstance(before, dict):
+        return []
+    out = []
+    for key in sorted(set(before) | set(after), key=str):
+        path = f"{prefix}{key}"
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, path + ".")
+        elif a != b and path not in _RESUME_FREE:
+            out.append(path)
+    return out
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -218,9 +246,15 @@ class RunDirectory:
     def staging(self) -> Path:
         return self.out / STAGING
 
-    def begin(self) -> "RunDirectory":
+    def begin(self, recipe: Optional[dict] = None) -> "RunDirectory":
+        """Clean what the plan discards, write the marker (holding ``recipe``, the run's resolved recipe)."""
         for note in self.plan.notes:
             logger.warning("prune-callbacks: %s", note)
+        if self.plan.resume_from is not None and recipe is not None:
+            changed = changed_keys(read_marker(self.out).get("recipe"), recipe)
+            if changed:
+                logger.warning("prune-callbacks: resuming with a recipe that differs from the interrupted run's in "
+                               "%s; the checkpoint's state is kept where it exists", ", ".join(changed))
         self.out.mkdir(parents=True, exist_ok=True)
         for path in self.plan.discard:
             _remove(path)
@@ -228,6 +262,8 @@ class RunDirectory:
         self._clean_temporaries()
         marker = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "resumed_from": str(self.plan.resume_from) if self.plan.resume_from else None}
+        previous = read_marker(self.out).get("recipe") if self.plan.resume_from is not None else None
+        marker["recipe"] = previous or recipe  # a resumed run keeps the recipe it started with
         tmp = self.out / (MARKER + ".tmp")
         tmp.write_text(json.dumps(marker) + "\n", encoding="utf-8")
         os.replace(tmp, self.out / MARKER)

@@ -129,7 +129,7 @@ def run_recipe(recipe: Recipe, recipe_path: Optional[str] = None) -> RunResult:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     run_dir = RunDirectory(pre.plan)
     if rank0:
-        run_dir.begin()
+        run_dir.begin(recipe.model_dump(mode="json"))
     try:
         return _train_and_save(recipe, recipe_path, pre, run_dir, started, rank0)
     except BaseException:  # Ctrl-C and torch errors included: leave nothing that blocks the next run
