@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .registry import SALIENCIES, register_saliency
+
 BYTES_PER_PARAM = {"taylor": 4, "platon": 8, "movement": 4, "magnitude": 0}
 
 
@@ -38,6 +40,8 @@ class Saliency:
     name = "base"
     buffer_names: tuple[str, ...] = ()
     needs_gradients = True
+    #: PruningConfig fields this method reads (``beta``, ``uncertainty_beta``); setting others is an error
+    hyperparameters: tuple[str, ...] = ()
 
     def __init__(self, params: Sequence[torch.Tensor], **_hyperparameters):
         self.buffers: dict[str, list[torch.Tensor]] = {
@@ -72,11 +76,13 @@ def _products(params, grads, grad_scale: Optional[float]) -> list[torch.Tensor]:
     return prods
 
 
+@register_saliency("taylor")
 class Taylor(Saliency):
     """EMA of the first-order Taylor importance |theta * grad| (Molchanov et al. 2019)."""
 
     name = "taylor"
     buffer_names = ("importance",)
+    hyperparameters = ("beta",)
 
     def __init__(self, params, beta: float = 0.85, **_):
         super().__init__(params)
@@ -90,11 +96,13 @@ class Taylor(Saliency):
         return self.buffers["importance"]
 
 
+@register_saliency("platon")
 class Platon(Saliency):
     """PLATON (Zhang et al. 2022): EMA importance times EMA of its uncertainty |I - EMA(I)|."""
 
     name = "platon"
     buffer_names = ("importance", "uncertainty")
+    hyperparameters = ("beta", "uncertainty_beta")
 
     def __init__(self, params, beta: float = 0.85, uncertainty_beta: float = 0.95, **_):
         super().__init__(params)
@@ -112,6 +120,7 @@ class Platon(Saliency):
         return torch._foreach_mul(self.buffers["importance"], self.buffers["uncertainty"])
 
 
+@register_saliency("movement")
 class Movement(Saliency):
     """Movement pruning (Sanh et al. 2020): accumulated -theta * grad; weights moving towards 0 score low."""
 
@@ -125,6 +134,7 @@ class Movement(Saliency):
         return self.buffers["movement"]
 
 
+@register_saliency("magnitude")
 class Magnitude(Saliency):
     """|theta|: the classic baseline; needs no gradient and no buffer."""
 
@@ -135,15 +145,16 @@ class Magnitude(Saliency):
         return [p.detach().abs().float() for p in params]
 
 
-METHODS = {cls.name: cls for cls in (Taylor, Platon, Movement, Magnitude)}
+METHODS = {cls.name: cls for cls in (Taylor, Platon, Movement, Magnitude)}  # the built-ins
 
 
 def make_saliency(name: str, params: Sequence[torch.Tensor], **kwargs) -> Saliency:
+    """Build the registered saliency ``name``, passing only the hyperparameters it declares."""
     try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ValueError(f"saliency={name!r} is unknown; valid: {', '.join(METHODS)}") from None
-    return cls(params, **kwargs)
+        cls = SALIENCIES.get(name)
+    except KeyError as exc:
+        raise ValueError(str(exc.args[0])) from None
+    return cls(params, **{k: v for k, v in kwargs.items() if k in cls.hyperparameters})
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:

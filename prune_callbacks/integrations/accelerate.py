@@ -189,7 +189,7 @@ class AcceleratePruningHook:
         p = self.log_prefix
         values = {
             f"{p}global_sparsity": float(report["global_sparsity"]),
-            f"{p}target_sparsity": float(report["target_sparsity"]),
+            f"{p}target_sparsity": float(report["mask_sparsity"]),
             f"{p}scheduled_sparsity": float(report["scheduled_sparsity"]),
             f"{p}nonzero_params": int(report["nonzero_params"]),
             f"{p}mask_updates": int(report["mask_updates"]),
