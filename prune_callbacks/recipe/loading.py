@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional, Sequence
 import yaml
 from pydantic import ValidationError
 
-from ..config import PruningConfigError
+from ..config import PruningConfig, PruningConfigError
 from .schema import PRUNING_TAGS, SECTIONS, Recipe, cross_check
 from .training_args import check_training
 
@@ -223,7 +223,26 @@ def load_recipe(path: "str | os.PathLike", sets: Sequence[str] = (), *, output_d
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe (every default spelled out); it validates back to an equal Recipe."""
     header = "# Resolved recipe written by prune-callbacks: every default spelled out, overrides applied.\n"
-    return header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    data = recipe.model_dump(mode="json")
+    configs = [_applicable_dump(c) for c in recipe.pruning_configs]
+    data["pruning"] = configs if isinstance(recipe.pruning, list) else configs[0]
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _applicable_dump(config: PruningConfig) -> dict:
+    """Every field of ``config`` except defaults that do not apply to its method (writing those out would
+    make the copy invalid: a setting that does not apply is an error when it is set)."""
+    data = config.model_dump(mode="json")
+    for _ in range(len(data)):
+        try:
+            PruningConfig(**data)
+            return data
+        except PruningConfigError as exc:
+            drop = {str(field).split(".")[0] for field, _ in exc.problems} - config.model_fields_set
+            if not drop & set(data):
+                break
+            data = {k: v for k, v in data.items() if k not in drop}
+    return config.model_dump(mode="json", exclude_unset=True)
 
 
 # ---------------------------------------------------------------- errors
@@ -247,6 +266,12 @@ def pydantic_problems(exc: ValidationError) -> list[Problem]:
             message = "required key is missing" + (f"; allowed: {field.description}" if field and field.description else "")
             if loc == ["task"]:
                 message = "required key is missing; allowed: sequence-classification, causal-lm"
+        elif kind == "value_error" and getattr((err.get("ctx") or {}).get("error"), "problems", None):
+            # a PruningConfigError raised by the nested config carries its problems as (field, message) data
+            for field, text in err["ctx"]["error"].problems:
+                path = loc if field in ("", "<root>") else [*loc, *str(field).split(".")]
+                problems.append((".".join(path), text))
+            continue
         elif kind in ("value_error", "assertion_error"):
             problems.extend(_section_problems(loc, message))
             continue

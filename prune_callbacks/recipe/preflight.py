@@ -50,6 +50,7 @@ def check_recipe(recipe: Recipe, *, load_model: bool = False) -> Preflight:
 
 def _check(recipe: Recipe, load_model: bool) -> Preflight:
     pre = Preflight(recipe, plan_output(recipe, needs_pruning_state=True))
+    check_callbacks(recipe)
     if load_model or recipe.data.source != "hub":
         from .data import load_data
         from .workflow import quiet_transformers
@@ -70,6 +71,20 @@ def _check(recipe: Recipe, load_model: bool) -> Preflight:
     else:
         pre.notes.append("model not loaded (validate --load checks the targets)")
     return pre
+
+
+def check_callbacks(recipe: Recipe) -> None:
+    """The Trainer callbacks accept the pruning section (no model needed: nothing is built on one)."""
+    from ..integrations.trainer import make_callbacks
+
+    try:
+        make_callbacks(recipe.pruning)
+    except (ValueError, TypeError) as exc:  # PruningConfigError is a ValueError
+        many = isinstance(recipe.pruning, list)
+        what = (f"a list of {len(recipe.pruning)} pruning configs is not accepted by the Trainer callbacks of this "
+                "version (make_callbacks([...]))" if many else "the pruning config is not accepted by the Trainer callbacks")
+        raise RecipeError([("pruning", f"{what}: {exc}" + ("; allowed here: one mapping" if many else ""))],
+                          source="pruning") from None
 
 
 def check_model(recipe: Recipe, model, tokenizer) -> None:
