@@ -1,7 +1,7 @@
 """``prune-callbacks``: run, check and inspect pruning recipes.
 
     prune-callbacks finetune RECIPE.yaml [--output-dir DIR] [--max-steps N] [--resume] [--set dotted.key=value ...]
-    prune-callbacks validate RECIPE.yaml [--load] [--set dotted.key=value ...]
+    prune-callbacks validate RECIPE.yaml [--load] [--output-dir DIR] [--max-steps N] [--resume] [--set ...]
     prune-callbacks report PATH [--json]
 
 Exit status: 0 on success, 2 for an invalid recipe or command line, 1 for
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--load", action="store_true",
                        help="also open hub data, load the model and build the Pruner (checks include/exclude)")
     check.add_argument("--output-dir", help="check this output directory (same as --set output.dir=DIR)")
+    check.add_argument("--max-steps", type=_positive_int, help="as for finetune (same as --set training.max_steps=N)")
     check.add_argument("--resume", action="store_true", help="check that the run can resume (as finetune --resume)")
 
     report = sub.add_parser("report", help="print the sparsity of a saved model, weights file or checkpoint")
@@ -88,7 +89,7 @@ def _validate(args) -> int:
     from .recipe.preflight import check_recipe
     from .recipe.summary import describe
 
-    recipe = load_recipe(args.recipe, _resume_sets(args), output_dir=args.output_dir)
+    recipe = load_recipe(args.recipe, _resume_sets(args), output_dir=args.output_dir, max_steps=args.max_steps)
     pre = check_recipe(recipe, load_model=args.load)
     plan = pre.plan
     output = {"new": "new directory", "empty": "empty directory", "finished": "replaces the run it holds",
