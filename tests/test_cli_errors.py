@@ -54,6 +54,8 @@ RECIPE_CASES = [
     ("eval-split", {"data.eval_split": "dev"}, [], 2, ["data.eval_split", "eval_fraction"]),
     ("output-parent-is-file", {"output.dir": "{tmp}/afile/out"}, [], 2, ["output.dir", "is a file"]),
     ("resume-new-dir", {}, ["--resume"], 2, ["output.dir", "does not exist", "no unfinished run to resume"]),
+    ("output-is-the-model", {"output.dir": "{tmp}/tiny-assets/model", "output.overwrite": True}, [], 2,
+     ["output.dir", "is the model directory the run starts from"]),
     ("pruning-empty-list", {"pruning": []}, [], 2, ["pruning: pruning=[] lists no config"]),
     ("pruning-not-mapping", {"pruning": 3}, [], 2, ["pruning: must be a mapping (one PruningConfig) or a list"]),
     ("pruning-list-unknown-key", {"pruning": [{"final_sparsity": 0.5}, {"fooo": 1}]}, [], 2,

@@ -127,6 +127,9 @@ def plan_output(recipe: Recipe, needs_pruning_state: bool = True) -> OutputPlan:
     """Inspect ``recipe.output.dir`` and decide; raises RecipeError (field output.dir) when the run must not start."""
     out = Path(recipe.output.dir).expanduser()
     resume, overwrite = recipe.output.resume, recipe.output.overwrite
+    if recipe.model.source == "local" and Path(recipe.model.name).expanduser().resolve() == out.resolve():
+        raise _problem(f"{str(out)!r} is the model directory the run starts from (model.name); allowed: another "
+                       "directory (the run's artefacts would replace the model it loads)")
     if out.exists() and not out.is_dir():
         raise _problem(f"{str(out)!r} exists and is a file; allowed: a new or empty directory "
                        "(or one holding an earlier run, with output.overwrite: true)")
