@@ -364,7 +364,7 @@ class Pruner:
                 buffer_names = [t.name for t in g.targets] if len(g.params) == len(g.targets) else \
                     [str(j) for j in range(len(g.params))]
                 g.saliency.load_state_dict(
-                    {b: [bufs[_group_key(i, n)] for n in buffer_names] for b, bufs in state["saliency"].items()}
+                    {b: [state["saliency"][b][_group_key(i, n)] for n in buffer_names] for b in g.saliency.buffer_names}
                 )
             g.mask_sparsity = float(saved["mask_sparsity"])
             g.mask_updates = int(saved["mask_updates"])
