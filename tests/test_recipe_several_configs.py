@@ -35,7 +35,9 @@ def test_two_configs_prune_their_own_targets_to_their_own_sparsity(tmp_path, cap
     code = main(["finetune", str(path)])
     err = capsys.readouterr().err
     assert code == 0, err[-2000:]
-    per_target = json.loads((out / "report.json").read_text())["per_target"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"]["final_sparsity_per_config"] == [0.5, 0.25]
+    per_target = report["per_target"]
     mlp = {n: t["sparsity"] for n, t in per_target.items() if "intermediate" in n}
     attention = {n: t["sparsity"] for n, t in per_target.items() if "attention" in n}
     assert len(mlp) == 2 and len(attention) == 8 and len(per_target) == 10  # layer.N.output.dense: neither

@@ -94,6 +94,8 @@ def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model
         "evaluations": evals,
         "sparsity": {
             "final_sparsity": _final_sparsity(recipe),
+            **({"final_sparsity_per_config": [p.final_sparsity for p in recipe.pruning_configs]}
+               if isinstance(recipe.pruning, list) else {}),
             "targets": len(targets["per_target"]),
             **{k: v for k, v in targets.items() if k != "per_target"},
             "model_sparsity": whole["sparsity"],
