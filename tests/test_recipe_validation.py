@@ -54,7 +54,7 @@ def _schema_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     names = []
     for name, field in model.model_fields.items():
         names.append(f"{prefix}{name}")
-        inner = field.annotation
+        inner = PruningConfig if model is Recipe and name == "pruning" else field.annotation  # mapping | list
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             names += _schema_fields(inner, f"{prefix}{name}.")
     return names

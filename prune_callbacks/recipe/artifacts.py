@@ -50,6 +50,11 @@ def _target_sparsity(pruner) -> dict:
             "target_sparsity": zeros / total if total else 0.0}
 
 
+def _final_sparsity(recipe: Recipe) -> float:
+    """The configured final sparsity; for several configs the largest (each config's own is in the recipe copy)."""
+    return max(p.final_sparsity for p in recipe.pruning_configs)
+
+
 def _versions() -> dict:
     import transformers
 
@@ -67,8 +72,10 @@ def weight_bytes(directory: Path) -> int:
 
 def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model, pruner, log_history: list,
                  global_step: int, train_output, pruned_metrics: dict, recorder, data, sparse_info,
-                 timing: dict) -> dict[str, Any]:
+                 timing: dict, written: Optional[Path] = None) -> dict[str, Any]:
+    """``out``: where the run's artefacts end up; ``written``: where they are now (the staging folder)."""
     task = recipe.task
+    written = out if written is None else written
     dense, evals = _history(log_history, task)
     whole = model_sparsity(model)
     targets = _target_sparsity(pruner)
@@ -86,7 +93,9 @@ def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model
         "pruned_metrics": _strip(pruned_metrics, "eval", task),
         "evaluations": evals,
         "sparsity": {
-            "final_sparsity": recipe.pruning.final_sparsity,
+            "final_sparsity": _final_sparsity(recipe),
+            **({"final_sparsity_per_config": [p.final_sparsity for p in recipe.pruning_configs]}
+               if isinstance(recipe.pruning, list) else {}),
             "targets": len(targets["per_target"]),
             **{k: v for k, v in targets.items() if k != "per_target"},
             "model_sparsity": whole["sparsity"],
@@ -107,7 +116,7 @@ def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model
             "mask_updates": pruner.mask_updates if pruner is not None else None,
         },
         "sizes": {
-            "model_bytes": weight_bytes(out),
+            "model_bytes": weight_bytes(written),
             "sparse_bytes": sparse_info.file_bytes if sparse_info is not None else None,
             "sparse_dir": str(out / "sparse") if sparse_info is not None else None,
         },
