@@ -103,11 +103,10 @@ def _recorder_class():
             every = max(1, state.max_steps // 200)
             if pruner is None or (state.global_step % every and state.global_step != state.max_steps):
                 return
-            pruned = sum(int(m.sum()) for m in pruner.pruned)
-            total = sum(m.numel() for m in pruner.pruned)
+            report = pruner.report()
             self.steps.append(state.global_step)
-            self.target.append(float(pruner.scheduled_sparsity()))
-            self.achieved.append(pruned / total if total else 0.0)
+            self.target.append(float(report["scheduled_sparsity"]))
+            self.achieved.append(float(report["global_sparsity"]))
 
     return SparsityRecorder
 
