@@ -76,10 +76,19 @@ def make_pruner(model, method: str, **overrides) -> Pruner:
     cfg = dict(saliency=base, initial_sparsity=0.5, final_sparsity=0.9, start_step=0, end_step=10**6)
     cfg.update(overrides)
     pruner = Pruner(model, cfg, total_steps=10**6)
-    if method.endswith("@alloc"):
+    if method.endswith("@v1"):
         for group in pruner.groups:
             _allocating_prepare(group)
+            _masked_fill_apply(group.granularity)
     return pruner
+
+
+def _masked_fill_apply(granularity) -> None:
+    def apply():
+        for param, pruned in zip(granularity.params, granularity.masks):
+            param.masked_fill_(pruned, 0.0)
+
+    granularity.apply = apply
 
 
 def _allocating_prepare(group) -> None:
