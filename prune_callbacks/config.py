@@ -38,17 +38,23 @@ class PruningConfigError(ValueError):
         self.problems = list(problems or [])
 
 
-class _Validated(BaseModel):
-    """Raise `PruningConfigError` (not pydantic's ``ValidationError``) from direct construction."""
+class _RaisesConfigError(type(BaseModel)):
+    """``PruningConfig(...)`` raises `PruningConfigError`, not pydantic's ``ValidationError``.
 
-    def __init__(self, **data: Any):
+    Done in the metaclass's ``__call__`` (direct construction only): a config nested in a recipe
+    is still validated by pydantic itself, so the recipe's errors keep their field paths.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any):
         try:
-            super().__init__(**data)
+            return super().__call__(*args, **kwargs)
         except ValidationError as exc:
             raise PruningConfigError(
-                f"invalid {type(self).__name__}:\n" + format_validation_error(exc), validation_problems(exc)
+                f"invalid {cls.__name__}:\n" + format_validation_error(exc), validation_problems(exc)
             ) from None
 
+
+class _Validated(BaseModel, metaclass=_RaisesConfigError):
     def __setattr__(self, name: str, value: Any) -> None:
         try:
             super().__setattr__(name, value)

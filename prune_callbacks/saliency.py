@@ -16,8 +16,9 @@ movement      4      accumulated -theta * grad (Sanh et al. 2020)
 magnitude     0      none: the score is |theta|
 ============  =====  ==================================================
 
-Transients: during the per-step update a float32 theta*grad per target (4
-bytes per parameter, freed at once); during a mask update one flat float32
+Working buffer: a float32 theta*grad per float32 target (4 bytes per parameter),
+allocated once and reused every step (it used to be allocated and freed per
+step: the same peak, twice the hook time on CPU); during a mask update one flat float32
 buffer of all scores (4 bytes) plus boolean masks and the selection's working
 copy (measured 8-25 bytes per parameter in total before the single-buffer
 change; see BENCHMARKS.md). Mask updates are rare (``update_every``).
@@ -67,10 +68,23 @@ class Saliency:
         self.buffers = {name: [] for name in self.buffer_names}
 
 
-def _products(params, grads, grad_scale: Optional[float]) -> list[torch.Tensor]:
-    """theta * grad in float32, divided by ``grad_scale`` when the gradients are still scaled."""
-    prods = torch._foreach_mul([p.detach() for p in params], list(grads))
-    prods = [t if t.dtype == torch.float32 else t.float() for t in prods]
+def _products(params, grads, grad_scale: Optional[float], out: Optional[list] = None) -> list[torch.Tensor]:
+    """theta * grad in float32, divided by ``grad_scale`` when the gradients are still scaled.
+
+    With ``out`` (float32 buffers, one per float32 parameter), the products are written there:
+    no allocation per step, which on CPU halves the hook's time (fresh multi-MB buffers are
+    page-faulted in on every step).
+    """
+    if out is not None:
+        prods = []
+        for p, g, buf in zip(params, grads, out):
+            if p.dtype == torch.float32 and g.dtype == torch.float32:
+                prods.append(torch.mul(p.detach(), g, out=buf))
+            else:
+                prods.append((p.detach() * g).float())
+    else:
+        prods = torch._foreach_mul([p.detach() for p in params], list(grads))
+        prods = [t if t.dtype == torch.float32 else t.float() for t in prods]
     if grad_scale is not None and grad_scale != 1.0:
         torch._foreach_div_(prods, float(grad_scale))
     return prods
@@ -168,7 +182,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors))).sum()))
 
 
-def gradient_products(params, grads, grad_scale: Optional[float] = None) -> tuple[list[torch.Tensor], bool]:
-    """theta * grad per target (float32, unscaled) and whether every value is finite."""
-    prods = _products(params, grads, grad_scale)
+def gradient_products(params, grads, grad_scale: Optional[float] = None, out: Optional[list] = None) -> tuple[list[torch.Tensor], bool]:
+    """theta * grad per target (float32, unscaled; into ``out`` if given) and whether every value is finite."""
+    prods = _products(params, grads, grad_scale, out)
     return prods, all_finite(prods)

@@ -45,6 +45,7 @@ class PruningGroup(StepComponent):
         self.mask_updates = 0
         self.folded = 0  # gradients folded into the saliency since the last mask update
         self._prods: Optional[list[torch.Tensor]] = None
+        self._work: Optional[list[torch.Tensor]] = None  # reused theta*grad buffers (see saliency.py)
 
     def resolve(self, total_steps: Optional[int]) -> None:
         self.steps = self.config.resolve(total_steps)
@@ -66,7 +67,9 @@ class PruningGroup(StepComponent):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if not self.saliency.needs_gradients:
             return all_finite(grads)
-        prods, finite = gradient_products(self.params, grads, grad_scale)
+        if self._work is None:
+            self._work = [torch.empty(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+        prods, finite = gradient_products(self.params, grads, grad_scale, out=self._work)
         self._prods = prods if finite else None
         return finite
 
@@ -130,3 +133,4 @@ class PruningGroup(StepComponent):
     def finalize(self) -> None:
         self.granularity.finalize()
         self.saliency.release()
+        self._work = None
