@@ -287,13 +287,15 @@ class PermanentMaskCallback(_TrainerPruningCallback):
 
 def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = False, finalize: bool = True,
                    save_sparse_to: Optional[Union[str, os.PathLike]] = None, log_per_group: bool = True,
-                   resume_from: Optional[str] = None, **overrides) -> PruningCallbacks:
+                   resume_from: Optional[str] = None, distillation=None, **overrides) -> PruningCallbacks:
     """The callbacks sharing one pruning engine: ``GradualPruningCallback``, ``L1RegularizationCallback``
     (when ``l1_lambda > 0``) and ``PermanentMaskCallback`` (unless ``finalize=False``).
 
     ``config``: a `PruningConfig`, a dict, a path to a YAML recipe (its ``pruning:`` section, or the
     whole mapping), or None for the defaults; ``overrides`` are PruningConfig fields.
     ``evaluate_dense``: False, True / ``"train_begin"`` or ``"before_pruning"`` (see `GradualPruningCallback`).
+    ``distillation``: a `DistillationConfig` or dict adds a ``DistillationCallback`` sharing the engine
+    (see `prune_callbacks.integrations.distillation_callback`).
     """
     engine = TrainerPruningEngine(make_trainer_config(config, overrides), resume_from=resume_from)
     callbacks: list = [GradualPruningCallback(engine=engine, evaluate_dense=evaluate_dense, log_per_group=log_per_group)]
@@ -301,4 +303,8 @@ def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = F
         callbacks.append(L1RegularizationCallback(engine=engine))
     if finalize:
         callbacks.append(PermanentMaskCallback(engine=engine, save_sparse_to=save_sparse_to))
+    if distillation is not None:  # distillation from a dense teacher (issue 12)
+        from .distillation_callback import DistillationCallback
+
+        callbacks.append(DistillationCallback(distillation, engine=engine, resume_from=resume_from))
     return PruningCallbacks(callbacks, engine)
