@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any, Optional, Union
 
 from transformers import TrainerCallback
@@ -78,11 +79,19 @@ class DistillationCallback(TrainerCallback):
         self._bound = False
 
     # ------------------------------------------------------------ the Trainer
-    def _bind(self) -> Any:
-        trainer = trainer_on_stack(self, depth=14)
-        if trainer is not None and not self._bound:
+    def bind(self, trainer) -> "DistillationCallback":
+        """Tell the callback its Trainer (reporters' order, setup checks). Usually found automatically."""
+        self._trainer_ref = weakref.ref(trainer)
+        if not self._bound:
             self._bound = True
             put_before_reporters(trainer, DistillationCallback)  # reporters see distill/* in the same on_log
+        return self
+
+    def _bind(self) -> Any:
+        ref = getattr(self, "_trainer_ref", None)
+        trainer = (ref() if ref is not None else None) or trainer_on_stack(self, depth=14)
+        if trainer is not None:
+            self.bind(trainer)
         return trainer
 
     def on_init_end(self, args, state, control, **kwargs):

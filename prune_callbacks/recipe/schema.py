@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from ..config import PruningConfig
+from ..distillation.config import DistillationConfig
 from ..integrations.trainer_dense import DENSE_TIMINGS
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -211,6 +212,8 @@ class Recipe(Section):
     training: dict[str, Any] = Field(
         default_factory=dict, description="transformers.TrainingArguments keywords, passed through (output_dir is output.dir).")
     pruning: PruningConfig = Field(default_factory=PruningConfig, description="The PruningConfig of the Python API.")
+    distillation: Optional[DistillationConfig] = Field(
+        None, description="Knowledge distillation from a dense teacher (the DistillationConfig of the Python API); null = off.")
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
@@ -222,6 +225,7 @@ class Recipe(Section):
 SECTIONS: dict[str, type[BaseModel]] = {
     "": Recipe, "model": ModelSection, "data": DataSection, "evaluation": EvaluationSection,
     "output": OutputSection, "pruning": PruningConfig,
+    "distillation": DistillationConfig,
 }
 
 

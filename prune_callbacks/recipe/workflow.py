@@ -151,7 +151,8 @@ def run_recipe(recipe: Recipe, recipe_path: Optional[str] = None) -> RunResult:
     args = build_training_arguments(recipe.training, str(out / "checkpoints"), **training_defaults(recipe))
     reporting = [r for r in (args.report_to or []) if r != "none"]
     # per-layer-kind figures go to experiment trackers; the console and log_history get the totals only
-    callbacks = make_callbacks(recipe.pruning, evaluate_dense=recipe.evaluation.dense, log_per_group=bool(reporting))
+    callbacks = make_callbacks(recipe.pruning, evaluate_dense=recipe.evaluation.dense, log_per_group=bool(reporting),
+                               distillation=recipe.distillation)
     recorder = _recorder_class()(callbacks)
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                       data_collator=data.collator, processing_class=tokenizer,
@@ -192,6 +193,10 @@ def run_recipe(recipe: Recipe, recipe_path: Optional[str] = None) -> RunResult:
         sparse_info=sparse_info, timing={"load_s": loaded - started, "train_s": trained - loaded,
                                          "save_s": saved - trained, "total_s": time.time() - started},
     )
+    if recipe.distillation is not None:  # distill/* figures of the run (issue 12)
+        from ..distillation.report import distillation_summary
+
+        report["distillation"] = distillation_summary(recipe.distillation, log_history, callbacks)
     artifacts.write_all(report, out, plot=recipe.output.plot)
     from .summary import run_summary
 
