@@ -40,6 +40,7 @@ RUNS = {
     "kd_before_h0.5": {"snapshot": "before_pruning", "hardness": 0.5},
     "kd_begin_h0.5": {"snapshot": "train_begin", "hardness": 0.5},
     "kd_dense_teacher": {"teacher": "dense", "hardness": 1.0},
+    "kd_dense_teacher_h0.5": {"teacher": "dense", "hardness": 0.5},
     "kd_before_T4": {"snapshot": "before_pruning", "hardness": 1.0, "temperature": 4.0},
 }
 
@@ -115,6 +116,8 @@ def cost(args) -> dict:
     rows = {}
     for dtype in (None, "bf16"):
         distiller = Distiller(DistillationConfig(teacher=copy.deepcopy(model), teacher_dtype=dtype))
+        distiller.attach(model)  # resolves (and casts) the teacher
+        distiller.detach()
         out[f"teacher_bytes_{dtype or 'fp32'}"] = module_bytes(distiller.teacher)
         ratios = []
         for _ in range(args.rounds):
@@ -154,6 +157,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--block", type=int, default=5)
     p.add_argument("--resume", action="store_true", help="skip runs already in --out")
+    p.add_argument("--save-dense", type=Path, default=None, help="save the dense run's model here (save_pretrained)")
+    p.add_argument("--dense-from", type=Path, default=None,
+                   help="teacher of kd_dense_* runs: a dense model saved by --save-dense (instead of running 'dense')")
     p.add_argument("--minilm-dir", default=None)
     p.add_argument("--rt-csv", default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -180,6 +186,13 @@ def main(argv=None) -> dict:
     template, data = quality.prepare(args, setting)
     print(f"[distill] {setting_name}: runs {args.runs} at {args.sparsities}, data {data['sizes']}", flush=True)
     dense_model = None
+    if args.dense_from:
+        from transformers import AutoModelForSequenceClassification
+
+        while not (args.dense_from / "config.json").is_file():  # written by a parallel --save-dense process
+            time.sleep(15)
+        time.sleep(5)
+        dense_model = AutoModelForSequenceClassification.from_pretrained(args.dense_from).to(args.device)
     for name in args.runs:
         for sparsity in ([0.0] if name == "dense" else args.sparsities):
             if (name, sparsity) in done and name != "dense":
@@ -188,6 +201,9 @@ def main(argv=None) -> dict:
             record, model = run_one(template, name, sparsity, data, args, setting, dense_model)
             if name == "dense":
                 dense_model = model
+                if args.save_dense:
+                    model.save_pretrained(str(args.save_dense) + ".tmp")
+                    Path(str(args.save_dense) + ".tmp").rename(args.save_dense)
                 if (name, sparsity) in done:
                     continue
             else:

@@ -221,3 +221,12 @@ def _train_and_distance(distill: bool) -> float:
 def test_distilled_student_stays_closer_to_the_teacher():
     with_kd, without = _train_and_distance(True), _train_and_distance(False)
     assert with_kd < 0.5 * without, (with_kd, without)
+
+
+def test_distillation_core_does_not_import_transformers_and_is_exported():
+    import subprocess
+    import sys
+
+    code = ("import sys, prune_callbacks.distillation, prune_callbacks; prune_callbacks.DistillationConfig; "
+            "assert 'transformers' not in sys.modules and 'accelerate' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
