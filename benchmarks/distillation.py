@@ -143,6 +143,53 @@ def cost(args) -> dict:
     return out
 
 
+def merge(files: list[Path], out: Path) -> dict:
+    """One result file from parallel processes' files (first occurrence of a (name, sparsity) wins)."""
+    import json
+
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    merged = dict(parts[0], runs=[], merged_from=[Path(f).name for f in files],
+                  hardware_per_part=[p["hardware"] for p in parts])
+    seen = set()
+    for part in parts:
+        for r in part["runs"]:
+            if (r["name"], r["final_sparsity"]) not in seen:
+                seen.add((r["name"], r["final_sparsity"]))
+                merged["runs"].append(r)
+    quality._add_retention(merged["runs"])
+    common.write_json(out, merged)
+    return merged
+
+
+def plot(results: dict, png: Path) -> None:
+    """Test accuracy per run, grouped by sparsity; dense as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if r["name"] != "dense"]
+    dense = next((r for r in results["runs"] if r["name"] == "dense"), None)
+    labels = [f"{r['name']}\n{r['final_sparsity']:.0%}" for r in runs]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(runs)), 4))
+    colors = ["#888888" if r["distillation"] is None else "#3b7dd8" for r in runs]
+    ax.bar(range(len(runs)), [100 * r["test_accuracy"] for r in runs], color=colors)
+    for i, r in enumerate(runs):
+        ax.text(i, 100 * r["test_accuracy"] + 0.5, f"{100 * r['test_accuracy']:.1f}", ha="center", fontsize=8)
+    if dense:
+        ax.axhline(100 * dense["test_accuracy"], color="k", ls="--", lw=1, label=f"dense {100 * dense['test_accuracy']:.1f}")
+    ax.axhline(100 * 0.578, color="r", ls=":", lw=1, label="majority class 57.8")
+    ax.set_xticks(range(len(runs)), labels, fontsize=7)
+    ax.set_ylim(50, 85)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("MiniLM / RT reduced: pruning with (blue) / without (grey) distillation")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=["reduced", "full"], default="reduced")
@@ -163,7 +210,12 @@ def main(argv=None) -> dict:
     p.add_argument("--minilm-dir", default=None)
     p.add_argument("--rt-csv", default=None)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--merge", nargs="+", type=Path, default=None, help="merge these result files into --out (+ PNG)")
     args = p.parse_args(argv)
+    if args.merge:
+        merged = merge(args.merge, args.out)
+        plot(merged, args.out.with_suffix(".png"))
+        return merged
     common.set_threads(args.threads)
     common.seed_everything(args.seed)
     if args.cost:
