@@ -31,8 +31,8 @@ def write(tmp_path, data, name="r.yaml"):
 
 def test_section_defaults_and_off_by_default(tmp_path):
     assert load_recipe(write(tmp_path, BASE)).distillation is None
-    recipe = load_recipe(write(tmp_path, {**BASE, "distillation": {"hardness": 0.5}}))
-    assert recipe.distillation.hardness == 0.5 and recipe.distillation.teacher == "self"
+    recipe = load_recipe(write(tmp_path, {**BASE, "distillation": {"hardness": 1.0}}))
+    assert recipe.distillation.hardness == 1.0 and recipe.distillation.teacher == "self"
     assert recipe.distillation.snapshot == "before_pruning"
 
 
