@@ -16,7 +16,7 @@ already holds the distillation term, see `prune_callbacks.distillation.distiller
 
 * ``snapshot="before_pruning"`` (``"self"`` teacher): copied in a step post-hook of the torch
   optimizer right after the last real optimizer step before the pruner's first mask update
-  (the step `TrainerPruningEngine.first_update_step` names); at ``register`` when that is step 0.
+  (the step `Pruner.first_update_step` names); at ``register`` when that is step 0.
 * ``accelerator.save_state`` / ``load_state`` store and restore a ``"self"`` teacher exactly
   (``register`` calls ``register_for_checkpointing``; register it after the pruning hook and
   before ``load_state``, in the same order in every run).
@@ -28,7 +28,6 @@ already holds the distillation term, see `prune_callbacks.distillation.distiller
 
 from __future__ import annotations
 
-import types
 from typing import Any, Optional
 
 from torch import nn
@@ -38,14 +37,13 @@ from ..distillation import teacher as teacher_lib
 from ..distillation.config import DistillationConfigError
 from ..pruner import _torch_optimizer
 from .accelerate_support import check_accelerator_supported
-from .trainer_engine import TrainerPruningEngine
 
 __all__ = ["AccelerateDistillationHook"]
 
 
 def first_update_step(pruner) -> int:
     """The engine's rule (one source): the first optimizer step whose hook computes masks."""
-    return TrainerPruningEngine.first_update_step(types.SimpleNamespace(pruner=pruner, config=pruner.config))
+    return pruner.first_update_step()
 
 
 class AccelerateDistillationHook:
