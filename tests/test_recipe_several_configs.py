@@ -16,19 +16,6 @@ MLP = {"include": ["intermediate"], "final_sparsity": 0.5, **STEPS}
 ATTENTION = {"include": ["attention"], "final_sparsity": 0.25, "scope": "per_layer", **STEPS}
 
 
-def _callbacks_take_lists() -> bool:
-    from prune_callbacks.integrations.trainer import make_callbacks
-
-    try:
-        make_callbacks([MLP, ATTENTION])
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-@pytest.mark.xfail(not _callbacks_take_lists(), strict=True, raises=AssertionError,
-                   reason="make_callbacks([...]) does not take a list of configs yet (the Trainer adapter's part of "
-                          "issue 10); until then the recipe refuses a list with a clear message")
 def test_two_configs_prune_their_own_targets_to_their_own_sparsity(tmp_path, capsys):
     out = tmp_path / "out"
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, out, pruning=[MLP, ATTENTION]))
@@ -50,15 +37,11 @@ def test_two_configs_prune_their_own_targets_to_their_own_sparsity(tmp_path, cap
     assert int(torch.count_nonzero(ffn_out)) == ffn_out.numel()
 
 
-def test_a_list_is_refused_clearly_where_the_callbacks_take_one_config(tmp_path, capsys):
+def test_validate_describes_each_config(tmp_path, capsys):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, tmp_path / "out", pruning=[MLP, ATTENTION]))
-    code = main(["validate", str(path)])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    if _callbacks_take_lists():
-        assert code == 0
-    else:
-        assert code == 2 and "pruning: a list of 2 pruning configs is not accepted by the Trainer callbacks" in err
+    assert main(["validate", str(path), "--load"]) == 0
+    out = capsys.readouterr().out
+    assert "pruning magnitude/cubic to 50% (global) + magnitude/cubic to 25% (per_layer)" in out
 
 
 def test_two_configs_on_the_same_weights_are_refused_naming_them(tmp_path):
