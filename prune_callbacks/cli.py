@@ -137,9 +137,10 @@ def _user_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     from .config import PruningConfigError
     from .recipe.loading import RecipeError
     from .recipe.weights import WeightsError
+    from .state_compat import PruningStateError
 
     # OSError: missing / unreadable files, a full disk, a read-only output directory
-    environment: tuple[type, ...] = (AssetNotInstalledError, WeightsError, OSError)
+    environment: tuple[type, ...] = (AssetNotInstalledError, WeightsError, PruningStateError, OSError)
     try:
         from .sparse_io import SparseCheckpointError
 

@@ -12,6 +12,10 @@ _FATAL = ("saliency", "granularity")
 _TARGETING = ("include", "exclude")
 
 
+class PruningStateError(ValueError):
+    """A saved pruning state that this pruner cannot resume (other targets, saliency, granularity, ...)."""
+
+
 def check_resumable(pruner, state: dict, groups_state: list) -> None:
     problems = []
     if len(groups_state) != len(pruner.groups):
@@ -41,6 +45,6 @@ def check_resumable(pruner, state: dict, groups_state: list) -> None:
                 if saved is None or tuple(saved.shape) != tuple(mask.shape):
                     problems.append(f"pruning state masks are missing or have the wrong shape for: {prefix + name}")
     if problems:
-        raise ValueError("this pruning state cannot be resumed: " + "; ".join(problems))
+        raise PruningStateError("this pruning state cannot be resumed: " + "; ".join(problems))
     if changed:
         logger.warning("prune_callbacks: resuming a pruning state with changed config fields: %s", "; ".join(changed))
