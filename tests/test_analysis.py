@@ -131,3 +131,11 @@ def test_bad_inputs_have_clear_errors():
         analyze(model, [empty], progress=False)
     with pytest.raises(AnalysisError, match="nothing to analyse"):
         analyze(nn.Sequential(nn.ReLU()), _batches(1), progress=False)
+
+
+def test_bottom_overlap_by_hand():
+    from prune_callbacks.analysis.saliency_mass import bottom_overlap
+
+    a, b = torch.tensor([1.0, 2, 3, 4]), torch.tensor([1.0, 3, 2, 4])
+    assert bottom_overlap(a, a, 0.5) == 1.0
+    assert bottom_overlap(a, b, 0.5) == pytest.approx(1 / 3)  # {0,1} vs {0,2}

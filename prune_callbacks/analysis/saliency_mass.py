@@ -50,6 +50,8 @@ def bottom_overlap(a: torch.Tensor, b: torch.Tensor, fraction: float) -> float:
     k = int(fraction * a.numel())
     if k == 0:
         return 1.0
-    sa = set(a.flatten().argsort()[:k].tolist())
-    sb = set(b.flatten().argsort()[:k].tolist())
-    return len(sa & sb) / len(sa | sb)
+    ma = torch.zeros(a.numel(), dtype=torch.bool)
+    mb = torch.zeros(b.numel(), dtype=torch.bool)
+    ma[a.flatten().argsort()[:k]] = True
+    mb[b.flatten().argsort()[:k]] = True
+    return int((ma & mb).sum()) / int((ma | mb).sum())
