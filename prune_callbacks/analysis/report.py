@@ -35,9 +35,16 @@ def markdown(a: dict) -> str:
         tol = 2 * _se(a["baseline"], a["eval_rows"]) if metric in ("accuracy", "f1") else 0.02 * a["baseline"]
         sign = 1 if a["higher_is_better"] else -1
         cands = [b["name"] for b in a["blocks"] if sign * (a["baseline"] - b["metric_skipped"]) <= tol]
-        lines += ["", (f"Blocks that can be skipped without a change beyond noise ({tol:.3f}): {', '.join(cands)}. "
+        if "chance" in a and a["baseline"] - a["chance"] <= tol:
+            cands = []
+            lines += ["", f"The baseline ({a['baseline']:.3f}) is within noise of the majority-class share "
+                          f"({a['chance']:.3f}): the model does not solve the task yet, so the skipped-block metrics "
+                          "say nothing. Fine-tune first (or analyse a fine-tuned checkpoint) to judge blocks by the metric; "
+                          "the 1 - cos figures above still hold."]
+        else:
+            lines += ["", (f"Blocks that can be skipped without a change beyond noise ({tol:.3f}): {', '.join(cands)}. "
                        "Removing them is block pruning (not a strategy of this version: drop them by hand, then "
-                       "fine-tune)." if cands else "No block can be skipped without a clear metric loss.")]
+                           "fine-tune)." if cands else "No block can be skipped without a clear metric loss.")]
     # saliency
     lines += ["", "## Saliency mass (|theta * grad|)", "", "Share of each layer kind's saliency held by its lowest x% "
               "of weights:", "", "| layer kind | 50% | 80% | 90% | 95% |", "| --- | --- | --- | --- | --- |"]

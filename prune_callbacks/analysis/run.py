@@ -87,6 +87,9 @@ def analyze(model: nn.Module, batches: Iterable[dict], eval_batches: Optional[It
             _log(progress, f"baseline {metric} on {sum(_rows(b) for b in eval_batches)} held-out rows")
             result["baseline"] = evaluate(model, eval_batches, metric)
             result["eval_rows"] = sum(_rows(b) for b in eval_batches)
+            if metric in ("accuracy", "f1") and all("labels" in b for b in eval_batches):
+                labels = torch.cat([b["labels"].flatten() for b in eval_batches])
+                result["chance"] = float(labels.bincount().max()) / labels.numel()  # majority-class share
         # ---- spectra
         _log(progress, f"spectra of {len(targets)} weight matrices")
         weights = {t.name: t.param.detach() for t in targets}
