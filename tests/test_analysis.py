@@ -139,3 +139,18 @@ def test_bottom_overlap_by_hand():
     a, b = torch.tensor([1.0, 2, 3, 4]), torch.tensor([1.0, 3, 2, 4])
     assert bottom_overlap(a, a, 0.5) == 1.0
     assert bottom_overlap(a, b, 0.5) == pytest.approx(1 / 3)  # {0,1} vs {0,2}
+
+
+def test_report_names_no_block_when_the_baseline_is_at_chance():
+    from prune_callbacks.analysis.report import markdown
+
+    model = _tiny_bert()
+    batches = _batches(2, rows=8)
+    a = analyze(model, batches, batches, progress=False)
+    a["baseline"], a["chance"] = 0.5, 0.5
+    text = markdown(a)
+    assert "within noise of the majority-class share" in text and "candidates for removal" not in text
+    a["chance"] = 0.0
+    for b in a["blocks"]:
+        b["metric_skipped"] = 0.5
+    assert "candidates for removal" in markdown(a)
