@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--max-steps", type=_positive_int, help="as for finetune (same as --set training.max_steps=N)")
     check.add_argument("--resume", action="store_true", help="check that the run can resume (as finetune --resume)")
 
+    analyze = sub.add_parser("analyze", parents=[sets], help="measure where the model is redundant and suggest a recipe")
+    analyze.add_argument("recipe", help="recipe YAML file (model and data)")
+    analyze.add_argument("--output-dir", required=True, help="where analysis.json, ANALYSIS.md, plots, suggested.yaml go")
+    analyze.add_argument("--calibration-rows", type=_positive_int, default=256, help="training rows for saliency etc.")
+    analyze.add_argument("--eval-rows", type=_positive_int, default=200, help="held-out rows for the metrics")
+    analyze.add_argument("--no-fit-head", action="store_true", help="do not fit a classification head first")
+
     report = sub.add_parser("report", help="print the sparsity of a saved model, weights file or checkpoint")
     report.add_argument("path", help="model directory, weights file, sparse checkpoint or Trainer checkpoint-N/")
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -103,6 +110,15 @@ def _validate(args) -> int:
         checked.append("model and pruning targets")
     print(f"OK {args.recipe}: {describe(recipe)}\nchecked: {', '.join(checked)}"
           + (f"; not checked: {'; '.join(pre.notes)}" if pre.notes else ""))
+    return EXIT_OK
+
+
+def _analyze(args) -> int:
+    from .analysis.recipe_run import run_analysis
+
+    out = run_analysis(args.recipe, args.output_dir, args.sets, calibration_rows=args.calibration_rows,
+                       eval_rows=args.eval_rows, do_fit_head=not args.no_fit_head)
+    print(f"wrote {out}/analysis.json, ANALYSIS.md, suggested.yaml and plots")
     return EXIT_OK
 
 
@@ -147,12 +163,15 @@ def _user_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
         environment += (SparseCheckpointError,)
     except ImportError:
         pass
-    return (RecipeError, PruningConfigError), environment
+    from .analysis.errors import AnalysisError
+
+    return (RecipeError, PruningConfigError, AnalysisError), environment
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"finetune": _finetune, "validate": _validate, "report": _report}[args.command]
+    handler = {"finetune": _finetune, "validate": _validate, "report": _report,
+               "analyze": _analyze}[args.command]
     recipe_errors, environment_errors = _user_errors()
     try:
         return handler(args)

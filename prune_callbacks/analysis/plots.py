@@ -1,0 +1,76 @@
+"""PNG plots of an analysis (matplotlib's object API: no global backend state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fig(size=(8, 4.5)):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size)
+
+
+def write_plots(a: dict, out: Path) -> list[str]:
+    import numpy as np
+
+    written = []
+    fig = _fig((12, 4.5))
+    ax1, ax2 = fig.subplots(1, 2)
+    for name, s in a["spectra"].items():
+        sv = np.array(s["singular_values"])
+        if sv.size:
+            ax1.semilogy(sv / sv[0], lw=0.7)
+            ax2.plot(np.arange(1, sv.size + 1) / sv.size, np.cumsum(sv ** 2) / np.sum(sv ** 2), lw=0.7)
+    ax1.set_title("singular values (normalised), every target")
+    ax1.set_xlabel("index")
+    ax2.set_title("energy held by the top fraction of the rank")
+    ax2.set_xlabel("rank / full rank")
+    ax2.axhline(0.95, color="gray", ls="--", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(out / "spectra.png", dpi=100)
+    written.append("spectra.png")
+
+    fig = _fig()
+    ax = fig.subplots()
+    mass = a["saliency_mass"]
+    for kind, curve in mass["per_kind"].items():
+        ax.plot(list(map(float, curve)), list(curve.values()), marker=".", label=kind)
+    ax.axvline(a["budget"], color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("fraction of weights (lowest saliency first)")
+    ax.set_ylabel("share of |theta * grad| they hold")
+    ax.set_title("saliency mass per layer kind")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "saliency_mass.png", dpi=100)
+    written.append("saliency_mass.png")
+
+    if a.get("head_similarity"):
+        fig = _fig((7, 6))
+        ax = fig.subplots()
+        image = ax.imshow(np.array(a["head_similarity"]), vmin=-1, vmax=1, cmap="coolwarm")
+        ax.set_title("cosine similarity of head outputs (calibration tokens)")
+        ax.set_xlabel("head (layer-major)")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / "head_similarity.png", dpi=100)
+        written.append("head_similarity.png")
+
+    fig = _fig()
+    ax = fig.subplots()
+    blocks = a["blocks"]
+    ax.bar(range(len(blocks)), [b["influence"] for b in blocks], color="tab:blue", label="1 - cos(in, out)")
+    ax.set_xlabel("block")
+    ax.set_ylabel("influence")
+    if any("metric_skipped" in b for b in blocks):
+        right = ax.twinx()
+        right.plot(range(len(blocks)), [b.get("metric_skipped", np.nan) for b in blocks], "o-", color="tab:red",
+                   label=f"{a['metric']} with block skipped")
+        right.axhline(a["baseline"], color="tab:green", ls="--", label="baseline")
+        right.set_ylabel(a["metric"])
+        right.legend(fontsize=7, loc="upper right")
+    ax.set_title("block influence")
+    fig.tight_layout()
+    fig.savefig(out / "block_influence.png", dpi=100)
+    written.append("block_influence.png")
+    return written
