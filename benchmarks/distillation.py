@@ -20,7 +20,6 @@ import copy
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -30,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common, quality  # noqa: E402
 from prune_callbacks import Pruner  # noqa: E402
 from prune_callbacks.distillation import DistillationConfig, Distiller, module_bytes  # noqa: E402
-from prune_callbacks.integrations.trainer_engine import TrainerPruningEngine  # noqa: E402
 
 # name -> DistillationConfig fields (None: no distillation). teacher "dense" = the dense run's model.
 RUNS = {
@@ -46,8 +44,8 @@ RUNS = {
 
 
 def first_update_step(pruner: Pruner) -> int:
-    """The engine's own rule (one source): first optimizer step whose hook computes masks."""
-    return TrainerPruningEngine.first_update_step(types.SimpleNamespace(pruner=pruner, config=pruner.config))
+    """`Pruner.first_update_step` (one source): first optimizer step whose hook computes masks."""
+    return pruner.first_update_step()
 
 
 def run_one(template, name, sparsity, data, args, setting, dense_model=None) -> dict:

@@ -38,8 +38,9 @@ METHODS = {
     "platon": {"saliency": "platon"},
     "movement": {"saliency": "movement"},
     "torch_ao": "torch_ao",
+    "taylor_2:4": {"saliency": "taylor", "granularity": "2:4"},  # only at 0.5 (its fixed sparsity)
 }
-DEFAULT_METHODS = list(METHODS)
+DEFAULT_METHODS = [m for m in METHODS if ":" not in m]
 DEFAULT_SPARSITIES = [0.5, 0.8, 0.9, 0.95]
 
 # Variants of the default (taylor, global) at 90%: one knob changed at a time.

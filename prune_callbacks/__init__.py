@@ -1,17 +1,28 @@
 """prune_callbacks: prune transformer models inside ordinary fine-tuning.
 
-The core (config, targets, saliency, schedule, selection, pruner, report) is
-pure torch. The Trainer and Accelerate adapters and the checkpoint helpers are
+The core is pure torch. Where each part lives (a new one goes next to its kind):
+
+* ``config.py``: `PruningConfig` / `L1Config` (validated; names checked against ``registry.py``);
+* ``saliency.py``: how weights are scored (taylor, platon, movement, magnitude; ``register_saliency``);
+* ``schedule.py``: how sparsity rises over steps (cubic, linear, oneshot; ``register_schedule``);
+* ``granularity/``: how masks are shaped and chosen (unstructured, N:M; ``register_granularity``);
+* ``steps/``: what rides the optimizer step and in which order (pruning groups, L1; controllers);
+* ``pruner.py``: the `Pruner` that composes them; ``report.py``: the one sparsity report. The Trainer and Accelerate adapters and the checkpoint helpers are
 exported lazily, so ``import prune_callbacks`` never imports transformers or
 accelerate.
 """
 
 from importlib import import_module
 
-from .config import PruningConfig, PruningConfigError
+from .config import L1Config, PruningConfig, PruningConfigError
+from .granularity import Granularity
 from .pruner import Pruner
+from .registry import register_granularity, register_saliency, register_schedule
 from .report import model_sparsity, sparsity_of_tensors
-from .schedule import target_sparsity
+from .saliency import Saliency
+from .schedule import Schedule, target_sparsity
+from .semi_structured import to_semi_structured
+from .steps.base import StepComponent
 
 __version__ = "0.1.0"
 
@@ -33,7 +44,16 @@ _LAZY = {
 __all__ = [
     "PruningConfig",
     "PruningConfigError",
+    "L1Config",
     "Pruner",
+    "Granularity",
+    "Saliency",
+    "Schedule",
+    "StepComponent",
+    "register_granularity",
+    "register_saliency",
+    "register_schedule",
+    "to_semi_structured",
     "model_sparsity",
     "sparsity_of_tensors",
     "target_sparsity",

@@ -1,13 +1,15 @@
 """``prune-callbacks``: run, check and inspect pruning recipes.
 
-    prune-callbacks finetune RECIPE.yaml [--output-dir DIR] [--max-steps N] [--set dotted.key=value ...]
-    prune-callbacks validate RECIPE.yaml [--set dotted.key=value ...]
+    prune-callbacks finetune RECIPE.yaml [--output-dir DIR] [--max-steps N] [--resume] [--set dotted.key=value ...]
+    prune-callbacks validate RECIPE.yaml [--load] [--output-dir DIR] [--max-steps N] [--resume] [--set ...]
     prune-callbacks report PATH [--json]
 
 Exit status: 0 on success, 2 for an invalid recipe or command line, 1 for
 other problems the user can fix (missing asset package, unreadable weights,
-missing files). Those print one message to stderr, without a traceback;
-anything else is a bug and keeps its traceback.
+missing files), 130 when interrupted (Ctrl-C). Those print one message to stderr, without a
+traceback; anything else is a bug and keeps its traceback. What a failed or interrupted
+``finetune`` leaves in its output directory, and how the next run treats it, is described in
+:mod:`prune_callbacks.recipe.lifecycle`.
 """
 
 from __future__ import annotations
@@ -46,9 +48,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe YAML file (see recipes/template.yaml)")
     run.add_argument("--output-dir", help="output directory (same as --set output.dir=DIR)")
     run.add_argument("--max-steps", type=_positive_int, help="optimizer steps (same as --set training.max_steps=N)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the interrupted run in the output directory from its newest complete checkpoint "
+                          "(same as --set output.resume=true)")
 
-    check = sub.add_parser("validate", parents=[sets], help="check a recipe without running it")
+    check = sub.add_parser("validate", parents=[sets], help="check a recipe without running it",
+                           description="Check the recipe, the output directory and local / built-in data; with --load "
+                                       "also load the model and build the Pruner (no training). finetune runs the "
+                                       "same checks first.")
     check.add_argument("recipe", help="recipe YAML file")
+    check.add_argument("--load", action="store_true",
+                       help="also open hub data, load the model and build the Pruner (checks include/exclude)")
+    check.add_argument("--output-dir", help="check this output directory (same as --set output.dir=DIR)")
+    check.add_argument("--max-steps", type=_positive_int, help="as for finetune (same as --set training.max_steps=N)")
+    check.add_argument("--resume", action="store_true", help="check that the run can resume (as finetune --resume)")
 
     report = sub.add_parser("report", help="print the sparsity of a saved model, weights file or checkpoint")
     report.add_argument("path", help="model directory, weights file, sparse checkpoint or Trainer checkpoint-N/")
@@ -60,19 +73,36 @@ def _finetune(args) -> int:
     from .recipe.loading import load_recipe
     from .recipe.workflow import run_recipe
 
-    recipe = load_recipe(args.recipe, args.sets, output_dir=args.output_dir, max_steps=args.max_steps)
+    recipe = load_recipe(args.recipe, _resume_sets(args), output_dir=args.output_dir, max_steps=args.max_steps)
     result = run_recipe(recipe, recipe_path=args.recipe)
     if result.summary:  # empty on the other ranks of a multi-process launch
         print(result.summary)
     return EXIT_OK
 
 
+def _resume_sets(args) -> list[str]:
+    return [*args.sets, "output.resume=true"] if getattr(args, "resume", False) else list(args.sets)
+
+
 def _validate(args) -> int:
     from .recipe.loading import load_recipe
+    from .recipe.preflight import check_recipe
     from .recipe.summary import describe
 
-    recipe = load_recipe(args.recipe, args.sets)
-    print(f"OK {args.recipe}: {describe(recipe)}")
+    recipe = load_recipe(args.recipe, _resume_sets(args), output_dir=args.output_dir, max_steps=args.max_steps)
+    pre = check_recipe(recipe, load_model=args.load)
+    plan = pre.plan
+    output = {"new": "new directory", "empty": "empty directory", "finished": "replaces the run it holds",
+              "leftovers": "reuses an unfinished run's directory"}[plan.state]
+    if plan.resume_from is not None:
+        output = f"resumes from {plan.resume_from.name}"
+    checked = ["recipe", f"output ({output})"]
+    if pre.data_checked:
+        checked.append(f"data ({len(pre.train_raw)} train / {len(pre.eval_raw)} eval rows)")
+    if pre.model is not None:
+        checked.append("model and pruning targets")
+    print(f"OK {args.recipe}: {describe(recipe)}\nchecked: {', '.join(checked)}"
+          + (f"; not checked: {'; '.join(pre.notes)}" if pre.notes else ""))
     return EXIT_OK
 
 
@@ -108,8 +138,8 @@ def _user_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     from .recipe.loading import RecipeError
     from .recipe.weights import WeightsError
 
-    environment: tuple[type, ...] = (AssetNotInstalledError, WeightsError, FileNotFoundError, IsADirectoryError,
-                                     PermissionError)
+    # OSError: missing / unreadable files, a full disk, a read-only output directory
+    environment: tuple[type, ...] = (AssetNotInstalledError, WeightsError, OSError)
     try:
         from .sparse_io import SparseCheckpointError
 
@@ -133,7 +163,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"prune-callbacks {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"prune-callbacks {args.command}: interrupted", file=sys.stderr)
+        hint = (" (the checkpoints written so far are kept: run the same command with --resume to continue)"
+                if args.command == "finetune" else "")
+        print(f"prune-callbacks {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

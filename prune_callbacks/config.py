@@ -13,22 +13,58 @@ run, resolved once the total number of optimizer steps is known
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Union
+import re
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
+from .registry import GRANULARITIES, SALIENCIES, SCHEDULES
+
 Step = Union[StrictInt, float]
 
-SALIENCY_METHODS = ("taylor", "platon", "magnitude", "movement")
-SCHEDULES = ("cubic", "linear", "oneshot")
 SCOPES = ("global", "per_layer")
+#: below this many mask updates in the pruning window, a default ``update_every`` is shortened
+MIN_MASK_UPDATES = 4
 
 
 class PruningConfigError(ValueError):
-    """A pruning config that cannot work; the message names every offending field."""
+    """A pruning config that cannot work; the message names every offending field.
+
+    ``problems`` holds the same as data: a list of ``(field path, message)``.
+    """
+
+    def __init__(self, message: str, problems: Optional[list[tuple[str, str]]] = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
-class PruningConfig(BaseModel):
+class _RaisesConfigError(type(BaseModel)):
+    """``PruningConfig(...)`` raises `PruningConfigError`, not pydantic's ``ValidationError``.
+
+    Done in the metaclass's ``__call__`` (direct construction only): a config nested in a recipe
+    is still validated by pydantic itself, so the recipe's errors keep their field paths.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any):
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as exc:
+            raise PruningConfigError(
+                f"invalid {cls.__name__}:\n" + format_validation_error(exc), validation_problems(exc)
+            ) from None
+
+
+class _Validated(BaseModel, metaclass=_RaisesConfigError):
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise PruningConfigError(
+                f"invalid {type(self).__name__}:\n" + format_validation_error(exc), validation_problems(exc)
+            ) from None
+
+
+class PruningConfig(_Validated):
     """What to prune, how to score weights, and how fast to raise sparsity.
 
     Defaults were chosen from ``benchmarks/quality.py`` (BENCHMARKS.md, MiniLM on Rotten
@@ -44,14 +80,19 @@ class PruningConfig(BaseModel):
     initial_sparsity: float = Field(0.0, description="Sparsity applied at start_step, in [0, final_sparsity].")
     start_step: Step = Field(0.1, description="First optimizer step of the schedule (int) or fraction of the run (float).")
     end_step: Step = Field(0.7, description="Step at which final_sparsity is reached (int) or fraction of the run (float).")
-    update_every: StrictInt = Field(25, description="Masks are recomputed every this many optimizer steps.")
-    schedule: Literal["cubic", "linear", "oneshot"] = "cubic"
+    update_every: StrictInt = Field(
+        25, description="Masks are recomputed every this many optimizer steps. Left at the default, it is shortened "
+        f"when the pruning window would see fewer than {MIN_MASK_UPDATES} updates (window // 8, at least 1).")
+    schedule: str = Field("cubic", description="A registered schedule: cubic, linear, oneshot, or your own.")
 
-    saliency: Literal["taylor", "platon", "magnitude", "movement"] = "taylor"
+    granularity: str = Field(
+        "unstructured", description="How masks are shaped: 'unstructured', 'N:M' (e.g. '2:4'), or a registered one.")
+
+    saliency: str = Field("taylor", description="A registered saliency: taylor, platon, magnitude, movement, or your own.")
     beta: float = Field(0.85, description="EMA factor of the taylor score and of platon's importance.")
     uncertainty_beta: float = Field(0.95, description="EMA factor of platon's uncertainty term.")
 
-    scope: Literal["global", "per_layer"] = "global"
+    scope: Literal["global", "per_layer"] = Field("global", description="unstructured: one global threshold or the same fraction per layer.")
     min_layer_sparsity: float = Field(0.0, description="global scope: no target is pruned below this (capped by the current target).")
     max_layer_sparsity: float = Field(1.0, description="global scope: no target is pruned above this.")
 
@@ -66,6 +107,14 @@ class PruningConfig(BaseModel):
     sync_masks: bool = Field(True, description="Under torch.distributed, broadcast masks from rank 0 at every update.")
 
     # ------------------------------------------------------------------ fields
+    @field_validator("saliency", "schedule", "granularity")
+    @classmethod
+    def _registered(cls, v: str, info) -> str:
+        registry = {"saliency": SALIENCIES, "schedule": SCHEDULES, "granularity": GRANULARITIES}[info.field_name]
+        if v not in registry:
+            raise ValueError(f"{info.field_name}={v!r} is unknown; valid: {', '.join(registry.names())}")
+        return v
+
     @field_validator("final_sparsity")
     @classmethod
     def _final_in_range(cls, v: float) -> float:
@@ -131,9 +180,26 @@ class PruningConfig(BaseModel):
         return v
 
     # ------------------------------------------------------------- whole model
+    @model_validator(mode="before")
+    @classmethod
+    def _granularity_final(cls, data: Any) -> Any:
+        """A granularity that fixes the final sparsity (N:M: 1 - N/M) supplies it when it is left out."""
+        if isinstance(data, dict) and "final_sparsity" not in data and isinstance(data.get("granularity"), str):
+            try:
+                granularity, args = GRANULARITIES.resolve(data["granularity"])
+            except KeyError:
+                return data
+            try:
+                fixed = granularity.fixed_final_sparsity(*args)
+            except (ValueError, ZeroDivisionError):
+                fixed = None
+            if fixed is not None and 0.0 < fixed < 1.0:
+                data = {**data, "final_sparsity": fixed}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "PruningConfig":
-        problems = []
+        problems = self._inapplicable()
         if self.initial_sparsity > self.final_sparsity:
             problems.append(
                 f"initial_sparsity={self.initial_sparsity} is above final_sparsity={self.final_sparsity}: "
@@ -154,8 +220,36 @@ class PruningConfig(BaseModel):
                 f"end_step={self.end_step} is before start_step={self.start_step} (allowed: end_step >= start_step)"
             )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
+
+    def _inapplicable(self) -> list[str]:
+        """Settings the user gave that the chosen parts do not read (defaults that do not apply are unused).
+
+        A field counts as given when it was passed with a value other than its default, so a recipe
+        that spells out every default (like ``template.yaml``) stays valid.
+        """
+        given = {f for f in self.model_fields_set if getattr(self, f) != type(self).model_fields[f].default}
+        saliency = SALIENCIES.get(self.saliency)
+        problems = [
+            f"{f}={getattr(self, f)!r} does not apply to saliency={self.saliency!r} (it reads "
+            f"{', '.join(saliency.hyperparameters) or 'no hyperparameter'}); remove it"
+            for f in ("beta", "uncertainty_beta") if f in given and f not in saliency.hyperparameters
+        ]
+        granularity, args = GRANULARITIES.resolve(self.granularity)
+        problems += granularity.check_config(self, *args)
+        owned = set().union(*(g.config_fields for g in _granularity_classes()))
+        problems += [
+            f"{f}={getattr(self, f)!r} does not apply to granularity={self.granularity!r}; remove it"
+            for f in sorted(owned - set(granularity.config_fields)) if f in given
+        ]
+        fixed = None if problems else granularity.fixed_final_sparsity(*args)
+        if fixed is not None and not math.isclose(self.final_sparsity, fixed, abs_tol=1e-9):
+            problems.append(
+                f"final_sparsity={self.final_sparsity!r} contradicts granularity={self.granularity!r}, which ends at "
+                f"sparsity {fixed:g}; leave final_sparsity out (or set it to {fixed:g})"
+            )
+        return problems
 
     # --------------------------------------------------------------- helpers
     def uses_fractions(self) -> bool:
@@ -189,16 +283,69 @@ class PruningConfig(BaseModel):
                 problems.append(f"start_step={self.start_step!r} resolves to step {start}, beyond the run's {total_steps} steps")
         if problems:
             raise PruningConfigError("; ".join(problems))
-        return ResolvedSchedule(start_step=start, end_step=end, l1_ramp_steps=absolute(self.l1_ramp_steps))
+        every = self.update_every
+        window = end - start
+        if "update_every" not in self.model_fields_set and self.schedule != "oneshot" and window < MIN_MASK_UPDATES * every:
+            every = max(1, window // 8)
+        return ResolvedSchedule(start_step=start, end_step=end, l1_ramp_steps=absolute(self.l1_ramp_steps), update_every=every)
+
+    def build_schedule(self, resolved: "ResolvedSchedule"):
+        """The registered `~prune_callbacks.schedule.Schedule` for these absolute steps."""
+        return SCHEDULES.get(self.schedule)(
+            initial=self.initial_sparsity, final=self.final_sparsity,
+            start=resolved.start_step, end=resolved.end_step, every=resolved.update_every,
+        )
 
 
 class ResolvedSchedule(BaseModel):
-    """Absolute optimizer steps of one run."""
+    """Absolute optimizer steps of one run (``update_every`` as used: see `PruningConfig.update_every`)."""
 
     model_config = ConfigDict(frozen=True)
     start_step: int
     end_step: int
     l1_ramp_steps: int
+    update_every: int
+
+
+class L1Config(_Validated):
+    """L1 on its own: the proximal soft-threshold step on the selected weights, no pruning.
+
+    ``Pruner(model, L1Config(l1_lambda=1e-4))`` (or in a list next to `PruningConfig` s). Within a
+    `PruningConfig`, ``l1_lambda`` does the same for that config's targets.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    l1_lambda: float = Field(..., description="Strength of the proximal L1 step (> 0).")
+    l1_ramp_steps: Step = Field(0, description="Strength grows linearly from 0 over this many steps (or fraction).")
+    include: Optional[list[str]] = Field(None, description="Regexes over module names; None = the default targets.")
+    exclude: list[str] = Field(default_factory=list, description="Regexes over module names removed from the targets.")
+
+    @field_validator("l1_lambda")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"l1_lambda={v!r} is invalid: L1 on its own needs l1_lambda > 0")
+        return v
+
+    _step = field_validator("l1_ramp_steps")(PruningConfig._step.__func__)
+    _patterns = field_validator("include", "exclude")(PruningConfig._patterns_compile.__func__)
+
+    def resolve_ramp(self, total_steps: Optional[int]) -> int:
+        ramp = self.l1_ramp_steps
+        if isinstance(ramp, float):
+            if total_steps is None:
+                raise PruningConfigError(
+                    f"l1_ramp_steps={ramp!r} is a fraction of the run, but the total number of optimizer steps is "
+                    "unknown: pass total_steps=... or give an int", [("l1_ramp_steps", "fraction without total_steps")]
+                )
+            return int(round(ramp * total_steps))
+        return int(ramp)
+
+
+def _granularity_classes():
+    GRANULARITIES.names()  # loads the built-ins
+    return {v for v in GRANULARITIES._items.values()} | {t for _, _, t in GRANULARITIES._patterns}
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -216,23 +363,51 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
             message = f"{message} (got {err.get('input')!r})"
         elif err["type"] in ("int_type", "float_type", "bool_type", "string_type", "list_type", "float_parsing"):
             message = f"{message} (got {err.get('input')!r})"
+        if not err["loc"]:  # a whole-config check: each part names its field first ("field=value ...")
+            for part in message.split("\n"):
+                field = re.match(r"(\w+)=", part)
+                lines.append(f"{'.'.join(p for p in (prefix, field.group(1) if field else '') if p) or '<root>'}: {part}")
+            continue
         lines.append(f"{path or '<root>'}: {message}")
     return "\n".join(lines)
 
 
+def validation_problems(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """The same lines as `format_validation_error`, as ``(field path, message)`` pairs."""
+    return [tuple(line.split(": ", 1)) for line in format_validation_error(exc, prefix).splitlines()]  # type: ignore[misc]
+
+
 def _allowed_keys(model_name: str) -> list[str]:
-    model = {"PruningConfig": PruningConfig}.get(model_name)
+    model = {"PruningConfig": PruningConfig, "L1Config": L1Config}.get(model_name)
     return sorted(model.model_fields) if model else []
 
 
 def make_config(config: "PruningConfig | dict | None" = None, **overrides) -> PruningConfig:
-    """Build a config from a dict / config / keywords, raising `PruningConfigError` with readable lines."""
+    """Build a config from a dict / config / keywords, raising `PruningConfigError` with readable lines.
+
+    From a `PruningConfig`, only the fields that were set are carried over, so the
+    "does not apply" checks see what the user gave, not every default.
+    """
     if isinstance(config, PruningConfig):
-        data = config.model_dump()
-    else:
+        data = config.model_dump(exclude_unset=True)
+    elif config is None or isinstance(config, dict):
         data = dict(config or {})
+    else:
+        raise TypeError(f"expected a PruningConfig, a dict of its fields or None, got {type(config).__name__}")
     data.update(overrides)
     try:
         return PruningConfig(**data)
-    except ValidationError as exc:
-        raise PruningConfigError("invalid pruning config:\n" + format_validation_error(exc)) from None
+    except PruningConfigError as exc:
+        raise PruningConfigError(str(exc).replace("invalid PruningConfig:", "invalid pruning config:", 1), exc.problems) from None
+
+
+def make_configs(configs: Any, **overrides) -> list:
+    """One config or a list of them (`PruningConfig`, `L1Config` or dicts) as a list; overrides apply to each
+    `PruningConfig` (only allowed with one)."""
+    items = list(configs) if isinstance(configs, (list, tuple)) else [configs]
+    if not items:
+        raise PruningConfigError("an empty list of configs prunes nothing: give at least one PruningConfig or L1Config")
+    if overrides and len(items) > 1:
+        raise PruningConfigError(f"keyword overrides ({', '.join(overrides)}) are ambiguous with {len(items)} configs: "
+                                 "set them in each config")
+    return [c if isinstance(c, L1Config) and not overrides else make_config(c, **overrides) for c in items]

@@ -1,14 +1,21 @@
 """`Pruner`: prunes a model while any optimizer trains it.
 
-Per real optimizer step:
+The pruner is a list of step components (:mod:`prune_callbacks.steps`) run around
+every *real* optimizer step, in the order documented in
+:mod:`prune_callbacks.steps.base`:
 
-1. ``before_optimizer_step``: theta * grad from the accumulated, unscaled
-   gradient feeds the saliency (a step with non-finite gradients is marked
-   skipped and changes nothing);
+1. ``before_optimizer_step``: every component reads the accumulated, unscaled
+   gradient (a pruning group's theta * grad for its saliency); a step with
+   non-finite gradients is marked skipped and changes nothing;
 2. the optimizer steps;
-3. ``after_optimizer_step``: the step counter advances, the proximal L1 step
-   runs, masks are recomputed when the schedule says so, and masks are applied
-   in place so pruned weights are exactly zero whatever the optimizer did.
+3. ``after_optimizer_step``: the step counter advances, then the proximal L1
+   step, controllers, and mask updates when a group's schedule says so; last,
+   masks are applied in place so pruned weights are exactly zero whatever the
+   optimizer did.
+
+One `PruningConfig` makes one pruning group; ``Pruner(model, [config_a, config_b])``
+prunes different targets with different settings (two element-wise groups may
+not share a weight). An `L1Config` adds the L1 step alone.
 
 ``attach(optimizer)`` registers both as step hooks on the *torch* optimizer
 (unwrapping Accelerate's ``AcceleratedOptimizer``), so they fire only on real
@@ -18,19 +25,20 @@ steps: not on gradient-accumulation micro-steps, and not on steps a
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .config import PruningConfig, make_config
-from .distributed import broadcast_masks
-from .regularization import apply_l1_proximal
+from .config import L1Config, PruningConfig, PruningConfigError, make_configs
 from .report import build_report
-from .saliency import all_finite, gradient_products, make_saliency
-from .schedule import is_update_step, l1_strength, target_sparsity
-from .selection import global_masks, per_layer_masks
+from .steps.base import PHASES, StepComponent
+from .steps.l1 import L1Component
+from .steps.pruning import PruningGroup
 from .targets import check_not_sharded, find_targets, unwrap_model
+
+logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
@@ -49,29 +57,117 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _group_key(index: int, name: str) -> str:
+    """State-dict key of a group's mask / buffer: the bare name for the first group (the v1 layout)."""
+    return name if index == 0 else f"group{index}/{name}"
+
+
 class Pruner:
     """Gradual pruning engine. See the module docstring for the per-step order."""
 
-    def __init__(self, model: nn.Module, config: "PruningConfig | dict | None" = None, *, total_steps: Optional[int] = None, **overrides):
-        self.config = make_config(config, **overrides)
+    def __init__(self, model: nn.Module, config: Any = None, *, total_steps: Optional[int] = None, **overrides):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Pruner(model, ...) needs the torch.nn.Module to prune, got {type(model).__name__} {model!r:.60}; "
+                "load it first (e.g. AutoModel...from_pretrained(name))"
+            )
+        self.configs = make_configs(config, **overrides)
         self.model = unwrap_model(model)
-        self.targets = find_targets(self.model, self.config.include, self.config.exclude)
-        check_not_sharded(self.targets)
         self.total_steps = total_steps
-        self.steps = self.config.resolve(total_steps)
-        self.params = [t.param for t in self.targets]
-        self.saliency = make_saliency(
-            self.config.saliency, self.params, beta=self.config.beta, uncertainty_beta=self.config.uncertainty_beta
-        )
-        self.pruned = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self.params]
+        self.groups = [PruningGroup(self.model, c, total_steps) for c in self.configs if isinstance(c, PruningConfig)]
+        self._check_overlap()
+        l1 = []
+        for c in self.configs:
+            if isinstance(c, L1Config):
+                targets = find_targets(self.model, c.include, c.exclude)
+                check_not_sharded(targets)
+                l1.append(L1Component(targets, c.l1_lambda, c.resolve_ramp(total_steps)))
+        for g in self.groups:
+            if g.config.l1_lambda > 0:
+                l1.append(L1Component(g.targets, g.config.l1_lambda, g.steps.l1_ramp_steps))
+        self.l1 = l1
+        self.components: list[StepComponent] = []
+        for component in [*l1, *self.groups]:
+            self.add_component(component)
         self.step = 0  # completed real optimizer steps
         self.skipped_steps = 0  # steps whose gradients were not finite
-        self.mask_sparsity = 0.0  # the target sparsity the current masks were computed for
-        self.mask_updates = 0
         self.finalized = False
         self._skip_pending = False
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._hooks: list = []
+
+    def add_component(self, component: StepComponent) -> None:
+        """Add a step component (a controller, say); it runs in its phase's place (see :mod:`.steps.base`)."""
+        if component.phase not in PHASES:
+            raise ValueError(f"component phase {component.phase!r} is unknown; valid: {', '.join(PHASES)}")
+        self.components.append(component)
+        self.components.sort(key=lambda c: PHASES.index(c.phase))  # stable: list order within a phase
+
+    def _check_overlap(self) -> None:
+        owner: dict[int, tuple[int, str]] = {}
+        clashes = []
+        for i, group in enumerate(self.groups):
+            if not group.granularity.elementwise:
+                continue
+            for t in group.targets:
+                if id(t.param) in owner:
+                    clashes.append(f"{t.param_name} (configs {owner[id(t.param)][0]} and {i})")
+                owner.setdefault(id(t.param), (i, t.name))
+        if clashes:
+            raise PruningConfigError(
+                "two element-wise configs target the same weights, so each would undo the other's masks: "
+                f"{', '.join(clashes[:6])}{', ...' if len(clashes) > 6 else ''}. Split them with include/exclude"
+            )
+
+    # ------------------------------------------------------------ one-group views (the common case)
+    @property
+    def config(self):
+        """The first `PruningConfig` (or the only config)."""
+        return self.groups[0].config if self.groups else self.configs[0]
+
+    @property
+    def steps(self):
+        return self.groups[0].steps if self.groups else None
+
+    @property
+    def saliency(self):
+        return self.groups[0].saliency if self.groups else None
+
+    @property
+    def schedule(self):
+        """The first group's `~prune_callbacks.schedule.Schedule`."""
+        return self.groups[0].schedule if self.groups else None
+
+    @property
+    def targets(self):
+        if not self.groups:
+            return [t for c in self.l1 for t in c.targets]
+        return [t for g in self.groups for t in g.targets]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        if not self.groups:
+            return [p for c in self.l1 for p in c.params]
+        return [p for g in self.groups for p in g.params]
+
+    @property
+    def pruned(self) -> list[torch.Tensor]:
+        """Every group's masks (``True`` = pruned), in target order for element-wise granularities."""
+        return [m for g in self.groups for m in g.masks]
+
+    @property
+    def mask_sparsity(self) -> float:
+        """The sparsity the current masks were computed for (numel-weighted over groups)."""
+        return self._weighted(lambda g: g.mask_sparsity)
+
+    @property
+    def mask_updates(self) -> int:
+        return max((g.mask_updates for g in self.groups), default=0)
+
+    def _weighted(self, value) -> float:
+        sizes = [sum(n for _, n, _ in g.granularity.counts()) for g in self.groups]
+        total = sum(sizes)
+        return sum(value(g) * s for g, s in zip(self.groups, sizes)) / total if total else 0.0
 
     # ------------------------------------------------------------ wiring
     def attach(self, optimizer: Any) -> "Pruner":
@@ -113,8 +209,19 @@ class Pruner:
 
     def set_total_steps(self, total_steps: int) -> None:
         """Resolve fractional steps for a run of ``total_steps`` optimizer steps (validates the config)."""
-        self.steps = self.config.resolve(total_steps)
+        for group in self.groups:
+            group.resolve(total_steps)
+        for c, component in zip([c for c in self.configs if isinstance(c, L1Config)], self.l1):
+            component.ramp_steps = c.resolve_ramp(total_steps)
+        for g in self.groups:
+            for component in self.l1:
+                if component.targets is g.targets:
+                    component.ramp_steps = g.steps.l1_ramp_steps
         self.total_steps = total_steps
+
+    def first_update_step(self) -> Optional[int]:
+        """The optimizer step (1-based) after which the first masks are computed (None: no pruning group)."""
+        return min((g.schedule.first_update_step() for g in self.groups), default=None)
 
     # ------------------------------------------------------------ per step
     @torch.no_grad()
@@ -122,18 +229,14 @@ class Pruner:
         """Fold this step's gradients into the saliency. Pass ``grad_scale`` if grads are still loss-scaled."""
         if self.finalized:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if not self.saliency.needs_gradients:
-            self._skip_pending = not all_finite(grads)
-            return
-        prods, finite = gradient_products(self.params, grads, grad_scale)
-        self._skip_pending = not finite
-        if finite:
-            self.saliency.update(self.params, prods)
+        finite = [c.prepare(grad_scale) for c in self.components]
+        self._skip_pending = not all(finite)
+        for c in self.components:
+            c.discard() if self._skip_pending else c.commit()
 
     @torch.no_grad()
     def after_optimizer_step(self, optimizer: Any = None) -> None:
-        """Advance one step: L1, mask update when scheduled, masks applied."""
+        """Advance one step: L1, controllers, mask updates when scheduled, masks applied."""
         if self.finalized:
             return
         if self._skip_pending:
@@ -142,120 +245,135 @@ class Pruner:
             self.apply_masks()
             return
         self.step += 1
-        strength = l1_strength(self.step, l1_lambda=self.config.l1_lambda, ramp_steps=self.steps.l1_ramp_steps)
-        if strength > 0:
-            source = optimizer if optimizer is not None else self._optimizer
-            if source is None:
-                raise RuntimeError("l1_lambda > 0 needs the optimizer's learning rate: attach() or pass the optimizer")
-            apply_l1_proximal(self.params, _torch_optimizer(source), strength)
-        if is_update_step(
-            self.step, start=self.steps.start_step, end=self.steps.end_step, every=self.config.update_every, kind=self.config.schedule
-        ):
-            self.update_masks(self.scheduled_sparsity())
+        source = optimizer if optimizer is not None else self._optimizer
+        inner = _torch_optimizer(source) if source is not None else None
+        for component in self.components:
+            component.after_step(self.step, inner)
         self.apply_masks()
 
     def scheduled_sparsity(self, step: Optional[int] = None) -> float:
-        c, s = self.config, self.steps
-        return target_sparsity(
-            self.step if step is None else step,
-            initial=c.initial_sparsity, final=c.final_sparsity, start=s.start_step, end=s.end_step, kind=c.schedule,
-        )
+        """The schedules' value at ``step`` (default: now), numel-weighted over groups."""
+        return self._weighted(lambda g: g.schedule.value(self.step if step is None else step))
 
     @torch.no_grad()
     def update_masks(self, sparsity: float) -> None:
-        """Recompute masks for ``sparsity`` (never below the current masks) and apply them."""
-        sparsity = max(sparsity, self.mask_sparsity)
-        scores = self.saliency.scores(self.params)
-        if self.config.scope == "per_layer":
-            masks = per_layer_masks(scores, self.pruned, sparsity)
-        else:
-            masks = global_masks(
-                scores, self.pruned, sparsity, self.config.min_layer_sparsity, self.config.max_layer_sparsity
-            )
-        if self.config.sync_masks:
-            broadcast_masks(masks)
-        for dst, src in zip(self.pruned, masks):
-            dst.copy_(src)
-        self.mask_sparsity = sparsity
-        self.mask_updates += 1
-        self.apply_masks()
+        """Recompute every group's masks for ``sparsity`` (never below its current masks) and apply them."""
+        for group in self.groups:
+            group.update(sparsity)
 
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Write +0.0 into every pruned position (``masked_fill_``, so no -0.0 is left)."""
-        if self.mask_sparsity == 0.0:
-            return
-        for param, pruned in zip(self.params, self.pruned):
-            param.masked_fill_(pruned, 0.0)
+        for component in self.components:
+            component.apply()
 
     # ------------------------------------------------------------ results
     def report(self) -> dict:
-        """Global and per-target sparsity, nonzero counts, current target sparsity and step."""
-        return build_report(
-            names=[t.name for t in self.targets],
-            pruned=self.pruned,
-            step=self.step,
-            target_sparsity=self.mask_sparsity,
-            scheduled_sparsity=self.scheduled_sparsity(),
-            extra={"skipped_steps": self.skipped_steps, "mask_updates": self.mask_updates,
-                   "model_params": sum(p.numel() for p in self.model.parameters())},
-        )
+        """Sparsity report (see :func:`prune_callbacks.report.build_report` for the three sparsity figures).
+
+        After `finalize` the pruner is detached: the counts are then *measured* from the
+        weights (exact zeros), so training on after finalize shows up as lower sparsity,
+        and ``finalized`` is True.
+        """
+        rows = [row for g in self.groups for row in g.granularity.counts(measured=self.finalized)]
+        extra = {
+            "skipped_steps": self.skipped_steps,
+            "mask_updates": self.mask_updates,
+            "model_params": sum(p.numel() for p in self.model.parameters()),
+            "finalized": self.finalized,
+            "groups": [
+                {"granularity": g.config.granularity, "saliency": g.config.saliency, "targets": len(g.targets),
+                 "scheduled_sparsity": g.schedule.value(self.step), "mask_sparsity": g.mask_sparsity,
+                 "update_every": g.steps.update_every, **g.granularity.report()}
+                for g in self.groups
+            ],
+        }
+        if self.l1:
+            l1 = [c.report() for c in self.l1]
+            extra["l1"] = {"strength": max(r["strength"] for r in l1) if not self.finalized else 0.0,
+                           "zero_fraction": l1[0]["zero_fraction"] if len(l1) == 1 else
+                           sum(r["zero_fraction"] for r in l1) / len(l1)}
+        return build_report(rows, step=self.step, mask_sparsity=self.mask_sparsity,
+                            scheduled_sparsity=self.scheduled_sparsity(), extra=extra)
 
     @torch.no_grad()
     def finalize(self) -> None:
         """Make the masks permanent: pruned weights are +0.0, the pruner detaches and frees its buffers.
 
         Parameters stay the same objects (an optimizer over them stays valid) and
-        state-dict keys are unchanged. Calling it again does nothing.
+        state-dict keys are unchanged. Calling it again does nothing. The pruner no
+        longer acts afterwards: training on would change pruned weights, and
+        `report` then measures that.
         """
         if self.finalized:
             return
         self.detach()
-        for param, pruned in zip(self.params, self.pruned):
-            param.masked_fill_(pruned, 0.0)
-        self.saliency.release()
+        for component in self.components:
+            component.finalize()
         self.finalized = True
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Masks, saliency buffers and counters; ``load_state_dict`` of it resumes exactly."""
-        names = [t.name for t in self.targets]
+        """Masks, saliency buffers, schedules and counters; ``load_state_dict`` of it resumes exactly.
+
+        The first group's masks and buffers are keyed by name (the original single-config layout);
+        further groups' by ``group<i>/<name>``; per-group counters are in ``groups``.
+        """
+        first = self.groups[0] if self.groups else None
+        masks, saliency = {}, {}
+        groups = []
+        for i, g in enumerate(self.groups):
+            names = g.granularity.mask_names
+            masks.update({_group_key(i, n): m.clone() for n, m in zip(names, g.masks)})
+            buffer_names = [t.name for t in g.targets] if len(g.params) == len(g.targets) else \
+                [str(j) for j in range(len(g.params))]
+            for b, bufs in g.saliency.state_dict().items():
+                saliency.setdefault(b, {}).update({_group_key(i, n): t.clone() for n, t in zip(buffer_names, bufs)})
+            groups.append({"config": g.config.model_dump(mode="json"), "mask_sparsity": g.mask_sparsity,
+                           "mask_updates": g.mask_updates, "schedule": g.schedule.state_dict()})
         return {
             "version": STATE_VERSION,
             "config": self.config.model_dump(mode="json"),
-            "targets": names,
+            "targets": [t.name for t in self.targets],
             "step": self.step,
             "skipped_steps": self.skipped_steps,
-            "mask_sparsity": self.mask_sparsity,
-            "mask_updates": self.mask_updates,
+            "mask_sparsity": first.mask_sparsity if first else 0.0,
+            "mask_updates": first.mask_updates if first else 0,
             "finalized": self.finalized,
-            "masks": {n: m.clone() for n, m in zip(names, self.pruned)},
-            "saliency": {b: {n: t.clone() for n, t in zip(names, bufs)} for b, bufs in self.saliency.state_dict().items()},
+            "groups": groups,
+            "masks": masks,
+            "saliency": saliency,
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict`. Refuses a state that cannot be resumed (other targets, saliency,
+        granularity, number of configs); logs a warning for fields that merely changed."""
+        from .state_compat import check_resumable
+
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"pruning state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
-        names = [t.name for t in self.targets]
-        if list(state["targets"]) != names:
-            missing = sorted(set(names) - set(state["targets"]))
-            extra = sorted(set(state["targets"]) - set(names))
-            raise ValueError(
-                "pruning state was saved for other targets: "
-                f"missing from the state: {missing[:5] or 'none'}; unknown to this model: {extra[:5] or 'none'}"
-            )
-        bad_shapes = [n for n, m in zip(names, self.pruned) if tuple(state["masks"][n].shape) != tuple(m.shape)]
-        if bad_shapes:
-            raise ValueError(f"pruning state masks have the wrong shape for: {', '.join(bad_shapes)}")
-        for name, mask in zip(names, self.pruned):
-            mask.copy_(state["masks"][name])
-        if not state.get("finalized"):
-            self.saliency.load_state_dict({b: [bufs[n] for n in names] for b, bufs in state["saliency"].items()})
+        groups_state = state.get("groups") or [{"config": state.get("config", {}), "mask_sparsity": state["mask_sparsity"],
+                                                "mask_updates": state["mask_updates"], "schedule": {}}]
+        check_resumable(self, state, groups_state)
+        for i, (g, saved) in enumerate(zip(self.groups, groups_state)):
+            names = g.granularity.mask_names
+            for name, mask in zip(names, g.masks):
+                mask.copy_(state["masks"][_group_key(i, name)])
+            if not state.get("finalized"):
+                buffer_names = [t.name for t in g.targets] if len(g.params) == len(g.targets) else \
+                    [str(j) for j in range(len(g.params))]
+                g.saliency.load_state_dict(
+                    {b: [state["saliency"][b][_group_key(i, n)] for n in buffer_names] for b in g.saliency.buffer_names}
+                )
+            g.mask_sparsity = float(saved["mask_sparsity"])
+            g.mask_updates = int(saved["mask_updates"])
+            g.schedule.load_state_dict(saved.get("schedule") or {})
+            g.folded = 0
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
-        self.mask_sparsity = float(state["mask_sparsity"])
-        self.mask_updates = int(state["mask_updates"])
+        for component in self.l1:
+            component.step = self.step
         self.apply_masks()
         if state.get("finalized"):
             self.finalize()

@@ -16,24 +16,30 @@ def group_name(name: str) -> str:
 
 
 def build_report(
-    names: Sequence[str],
-    pruned: Sequence[torch.Tensor],
+    rows: Sequence[tuple[str, int, int]],
     step: int,
-    target_sparsity: float,
+    mask_sparsity: float,
     scheduled_sparsity: float,
     extra: Optional[dict] = None,
 ) -> dict:
-    counts = [int(torch.count_nonzero(m)) for m in pruned]
-    numels = [m.numel() for m in pruned]
-    total, total_pruned = sum(numels), sum(counts)
+    """The one sparsity report. ``rows`` are ``(target name, numel, pruned weights)``.
+
+    Three quantities that are easy to confuse, named apart:
+
+    * ``scheduled_sparsity``: the schedule's value at this step (where the run is heading now);
+    * ``mask_sparsity``: the sparsity the current masks were computed for (last mask update);
+    * ``global_sparsity``: the measured fraction of the targeted weights that are pruned.
+    """
     per_target = {
         n: {"numel": numel, "pruned": c, "nonzero": numel - c, "sparsity": c / numel if numel else 0.0}
-        for n, numel, c in zip(names, numels, counts)
+        for n, numel, c in rows
     }
+    total = sum(numel for _, numel, _ in rows)
+    total_pruned = sum(c for _, _, c in rows)
     return {
         "step": step,
-        "target_sparsity": target_sparsity,
         "scheduled_sparsity": scheduled_sparsity,
+        "mask_sparsity": mask_sparsity,
         "global_sparsity": total_pruned / total if total else 0.0,
         "prunable_params": total,
         "pruned_params": total_pruned,

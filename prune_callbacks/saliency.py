@@ -16,8 +16,9 @@ movement      4      accumulated -theta * grad (Sanh et al. 2020)
 magnitude     0      none: the score is |theta|
 ============  =====  ==================================================
 
-Transients: during the per-step update a float32 theta*grad per target (4
-bytes per parameter, freed at once); during a mask update one flat float32
+Working buffer: a float32 theta*grad per float32 target (4 bytes per parameter),
+allocated once and reused every step (it used to be allocated and freed per
+step: the same peak, twice the hook time on CPU); during a mask update one flat float32
 buffer of all scores (4 bytes) plus boolean masks and the selection's working
 copy (measured 8-25 bytes per parameter in total before the single-buffer
 change; see BENCHMARKS.md). Mask updates are rare (``update_every``).
@@ -29,6 +30,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .registry import SALIENCIES, register_saliency
+
 BYTES_PER_PARAM = {"taylor": 4, "platon": 8, "movement": 4, "magnitude": 0}
 
 
@@ -38,6 +41,8 @@ class Saliency:
     name = "base"
     buffer_names: tuple[str, ...] = ()
     needs_gradients = True
+    #: PruningConfig fields this method reads (``beta``, ``uncertainty_beta``); setting others is an error
+    hyperparameters: tuple[str, ...] = ()
 
     def __init__(self, params: Sequence[torch.Tensor], **_hyperparameters):
         self.buffers: dict[str, list[torch.Tensor]] = {
@@ -63,20 +68,35 @@ class Saliency:
         self.buffers = {name: [] for name in self.buffer_names}
 
 
-def _products(params, grads, grad_scale: Optional[float]) -> list[torch.Tensor]:
-    """theta * grad in float32, divided by ``grad_scale`` when the gradients are still scaled."""
-    prods = torch._foreach_mul([p.detach() for p in params], list(grads))
-    prods = [t if t.dtype == torch.float32 else t.float() for t in prods]
+def _products(params, grads, grad_scale: Optional[float], out: Optional[list] = None) -> list[torch.Tensor]:
+    """theta * grad in float32, divided by ``grad_scale`` when the gradients are still scaled.
+
+    With ``out`` (float32 buffers, one per float32 parameter), the products are written there:
+    no allocation per step, which on CPU halves the hook's time (fresh multi-MB buffers are
+    page-faulted in on every step).
+    """
+    if out is not None:
+        prods = []
+        for p, g, buf in zip(params, grads, out):
+            if p.dtype == torch.float32 and g.dtype == torch.float32:
+                prods.append(torch.mul(p.detach(), g, out=buf))
+            else:
+                prods.append((p.detach() * g).float())
+    else:
+        prods = torch._foreach_mul([p.detach() for p in params], list(grads))
+        prods = [t if t.dtype == torch.float32 else t.float() for t in prods]
     if grad_scale is not None and grad_scale != 1.0:
         torch._foreach_div_(prods, float(grad_scale))
     return prods
 
 
+@register_saliency("taylor")
 class Taylor(Saliency):
     """EMA of the first-order Taylor importance |theta * grad| (Molchanov et al. 2019)."""
 
     name = "taylor"
     buffer_names = ("importance",)
+    hyperparameters = ("beta",)
 
     def __init__(self, params, beta: float = 0.85, **_):
         super().__init__(params)
@@ -90,11 +110,13 @@ class Taylor(Saliency):
         return self.buffers["importance"]
 
 
+@register_saliency("platon")
 class Platon(Saliency):
     """PLATON (Zhang et al. 2022): EMA importance times EMA of its uncertainty |I - EMA(I)|."""
 
     name = "platon"
     buffer_names = ("importance", "uncertainty")
+    hyperparameters = ("beta", "uncertainty_beta")
 
     def __init__(self, params, beta: float = 0.85, uncertainty_beta: float = 0.95, **_):
         super().__init__(params)
@@ -112,6 +134,7 @@ class Platon(Saliency):
         return torch._foreach_mul(self.buffers["importance"], self.buffers["uncertainty"])
 
 
+@register_saliency("movement")
 class Movement(Saliency):
     """Movement pruning (Sanh et al. 2020): accumulated -theta * grad; weights moving towards 0 score low."""
 
@@ -125,6 +148,7 @@ class Movement(Saliency):
         return self.buffers["movement"]
 
 
+@register_saliency("magnitude")
 class Magnitude(Saliency):
     """|theta|: the classic baseline; needs no gradient and no buffer."""
 
@@ -135,15 +159,16 @@ class Magnitude(Saliency):
         return [p.detach().abs().float() for p in params]
 
 
-METHODS = {cls.name: cls for cls in (Taylor, Platon, Movement, Magnitude)}
+METHODS = {cls.name: cls for cls in (Taylor, Platon, Movement, Magnitude)}  # the built-ins
 
 
 def make_saliency(name: str, params: Sequence[torch.Tensor], **kwargs) -> Saliency:
+    """Build the registered saliency ``name``, passing only the hyperparameters it declares."""
     try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ValueError(f"saliency={name!r} is unknown; valid: {', '.join(METHODS)}") from None
-    return cls(params, **kwargs)
+        cls = SALIENCIES.get(name)
+    except KeyError as exc:
+        raise ValueError(str(exc.args[0])) from None
+    return cls(params, **{k: v for k, v in kwargs.items() if k in cls.hyperparameters})
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
@@ -157,7 +182,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(tensors))).sum()))
 
 
-def gradient_products(params, grads, grad_scale: Optional[float] = None) -> tuple[list[torch.Tensor], bool]:
-    """theta * grad per target (float32, unscaled) and whether every value is finite."""
-    prods = _products(params, grads, grad_scale)
+def gradient_products(params, grads, grad_scale: Optional[float] = None, out: Optional[list] = None) -> tuple[list[torch.Tensor], bool]:
+    """theta * grad per target (float32, unscaled; into ``out`` if given) and whether every value is finite."""
+    prods = _products(params, grads, grad_scale, out)
     return prods, all_finite(prods)

@@ -1,4 +1,4 @@
-"""Sparsity schedules as pure functions of the optimizer step.
+"""Sparsity schedules: how far a group is pruned after each optimizer step.
 
 Zhu & Gupta (2017), "To prune, or not to prune":
 
@@ -7,21 +7,23 @@ Zhu & Gupta (2017), "To prune, or not to prune":
 Before ``t0`` nothing is pruned, after ``t1`` ``s_f`` is held. Masks are
 recomputed at ``t0, t0 + dt, t0 + 2 dt, ...`` and at ``t1`` itself, so the final
 sparsity is reached exactly at ``end_step`` whatever ``update_every`` is.
+
+A `Schedule` object owns one group's steps (``start``, ``end``, the update grid,
+the first update step) and its value; it is the single place the adapters ask
+("when are masks first computed?"). It has ``state_dict``/``load_state_dict``
+so a stateful schedule (or a controller that holds or moves the target) resumes
+exactly. The pure functions below are the built-ins' arithmetic.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
 
-def target_sparsity(
-    step: int,
-    *,
-    initial: float,
-    final: float,
-    start: int,
-    end: int,
-    kind: str = "cubic",
-) -> float:
-    """Sparsity the schedule asks for after ``step`` optimizer steps."""
+from .registry import register_schedule
+
+
+def target_sparsity(step: int, *, initial: float, final: float, start: int, end: int, kind: str = "cubic") -> float:
+    """Sparsity the built-in schedule ``kind`` asks for after ``step`` optimizer steps."""
     if step < start:
         return 0.0
     if kind == "oneshot" or step >= end or end == start:
@@ -58,3 +60,80 @@ def l1_strength(step: int, *, l1_lambda: float, ramp_steps: int) -> float:
     if ramp_steps <= 0 or step >= ramp_steps:
         return l1_lambda
     return l1_lambda * step / ramp_steps
+
+
+class Schedule:
+    """A group's sparsity schedule over absolute optimizer steps.
+
+    Subclasses implement :meth:`progress` (0 at ``start``, 1 at ``end``; how far
+    the run is from ``initial`` to ``final``), or override :meth:`value` whole.
+    ``every`` is the update interval; :meth:`is_update_step` follows the
+    built-in grid (``start + k * every`` and ``end``).
+    """
+
+    name: ClassVar[str] = "base"
+    grid: ClassVar[str] = "cubic"  # which update grid of `is_update_step` (only "oneshot" differs)
+
+    def __init__(self, *, initial: float, final: float, start: int, end: int, every: int):
+        self.initial, self.final, self.start, self.end, self.every = initial, final, start, end, every
+
+    def progress(self, fraction: float) -> float:
+        raise NotImplementedError
+
+    def value(self, step: int) -> float:
+        if step < self.start:
+            return 0.0
+        if step >= self.end or self.end == self.start:
+            return self.final
+        return self.initial + (self.final - self.initial) * self.progress((step - self.start) / (self.end - self.start))
+
+    def is_update_step(self, step: int) -> bool:
+        return is_update_step(step, start=self.start, end=self.end, every=self.every, kind=self.grid)
+
+    def first_update_step(self) -> int:
+        """The optimizer step (1-based) after which the first masks are computed; dense until then."""
+        first = max(self.start, 1)
+        for step in range(first, max(self.end, first) + 1):  # the last step is always an update step
+            if self.is_update_step(step):
+                return step
+        return first
+
+    def update_steps(self) -> list[int]:
+        first = self.first_update_step()
+        return [s for s in range(first, max(self.end, first) + 1) if self.is_update_step(s)]
+
+    def state_dict(self) -> dict:
+        """JSON-able state (the built-ins have none: their values are functions of the step)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@register_schedule("cubic")
+class Cubic(Schedule):
+    """Zhu & Gupta's cubic ramp: fast early, slow near ``final`` (the default)."""
+
+    name = "cubic"
+
+    def value(self, step: int) -> float:
+        return target_sparsity(step, initial=self.initial, final=self.final, start=self.start, end=self.end, kind="cubic")
+
+
+@register_schedule("linear")
+class Linear(Schedule):
+    name = "linear"
+
+    def value(self, step: int) -> float:
+        return target_sparsity(step, initial=self.initial, final=self.final, start=self.start, end=self.end, kind="linear")
+
+
+@register_schedule("oneshot")
+class OneShot(Schedule):
+    """``final`` at ``max(start_step, 1)`` in one mask update."""
+
+    name = "oneshot"
+    grid = "oneshot"
+
+    def value(self, step: int) -> float:
+        return target_sparsity(step, initial=self.initial, final=self.final, start=self.start, end=self.end, kind="oneshot")

@@ -30,6 +30,7 @@ class Target:
 
     name: str  # module name, e.g. "encoder.layer.0.attention.self.query"
     param: nn.Parameter
+    transposed: bool = False  # GPT-2's Conv1D stores [in, out]; nn.Linear stores [out, in]
 
     @property
     def param_name(self) -> str:
@@ -96,6 +97,8 @@ def find_targets(
     include = list(include) if include is not None else None
     exclude = list(exclude)
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module (the model to prune), got {type(model).__name__}: {model!r:.80}")
     problems = []
     if include is None:
         chosen = [name for name in linear_names if _BLOCK_INDEX.search(name)]
@@ -106,6 +109,7 @@ def find_targets(
             if not hits:
                 problems.append(_no_match_message("include", pattern, linear_names or all_names))
             chosen.extend(h for h in hits if h not in chosen)
+    before_exclude = list(chosen)
     for pattern in exclude:
         if not any(re.search(pattern, name) for name in chosen):
             problems.append(_no_match_message("exclude", pattern, chosen or linear_names))
@@ -121,7 +125,18 @@ def find_targets(
             f"(e.g. the embeddings): {', '.join(explicitly_tied)}. Add an exclude pattern for them."
         )
     modules = dict(model.named_modules())
-    targets = [Target(name, modules[name].weight) for name in chosen if f"{name}.weight" not in tied]
+    targets = [Target(name, modules[name].weight, type(modules[name]).__name__ == "Conv1D")
+               for name in chosen if f"{name}.weight" not in tied]
+    if not targets and before_exclude and not chosen:
+        raise ValueError(
+            f"no prunable weights left: exclude={exclude!r} removed every candidate ({_preview(before_exclude)}); "
+            "narrow the exclude patterns"
+        )
+    if not targets and chosen:
+        raise ValueError(
+            "no prunable weights left: every selected weight is tied to another parameter (e.g. the embeddings), "
+            f"and pruning it would prune that too: {_preview([f'{n}.weight' for n in chosen])}"
+        )
     if not targets:
         raise ValueError(
             "no prunable weights found: the default targets are the nn.Linear layers inside numbered blocks "

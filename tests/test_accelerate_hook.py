@@ -385,13 +385,16 @@ def test_sparsity_reaches_trackers_every_log_every_steps():
     report = hook.finalize()
     assert [step for step, _ in tracker.logged] == [3, 6, 7]
     step, values = tracker.logged[-1]
-    assert values["pruning/global_sparsity"] == report["global_sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert values["pruning/target_sparsity"] == 0.5
-    assert values["pruning/nonzero_params"] == report["nonzero_params"]
+    # the one schema (prune_callbacks.figures), the same keys the Trainer callbacks log
+    assert values["sparsity/global"] == report["global_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert values["sparsity/masks_target"] == values["sparsity/scheduled"] == 0.5
     assert values["pruning/mask_updates"] == pruner.mask_updates
-    assert values["pruning/group/layers.*.up"] == pytest.approx(report["per_group"]["layers.*.up"]["sparsity"])
+    assert values["pruning/skipped_steps"] == 0
+    assert values["sparsity/up"] == pytest.approx(report["per_group"]["layers.*.up"]["sparsity"])
+    assert all(k.startswith(("sparsity/", "pruning/")) for k in values)
     mid = dict(tracker.logged)[3]
-    assert 0 < mid["pruning/global_sparsity"] < 0.5  # logged as it happened, not at the end
+    assert 0 < mid["sparsity/global"] < 0.5  # logged as it happened, not at the end
+    assert mid["sparsity/scheduled"] >= mid["sparsity/masks_target"]
     hook.finalize()
     assert len(tracker.logged) == 3  # finalize twice logs once
 
@@ -440,3 +443,59 @@ def test_finalize_can_write_the_compressed_checkpoint(tmp_path):
     expected = acc.unwrap_model(model).state_dict()
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_log_prefix_is_prepended_to_the_schema_keys():
+    acc, model, opt, sched = _setup()
+    hook = AcceleratePruningHook(PruningConfig(**CFG), total_steps=6, log_prefix="train/")
+    hook.register(acc, model, opt)
+    assert set(hook.log_values()) >= {"train/sparsity/global", "train/sparsity/scheduled", "train/sparsity/masks_target"}
+
+
+def test_more_steps_than_total_steps_warn_once_with_the_numbers():
+    acc, model, opt, sched = _setup()
+    hook = AcceleratePruningHook(PruningConfig(**CFG), total_steps=6, log_every=0)
+    hook.register(acc, model, opt)
+    with pytest.warns(UserWarning, match=r"optimizer step 7 is beyond total_steps=6") as caught:
+        for ids in random_batches(9):
+            _train_step(acc, model, opt, sched, ids)
+    assert len([w for w in caught if "beyond total_steps" in str(w.message)]) == 1
+    assert hook.pruner.step == 9
+
+
+def test_total_steps_counted_from_the_prepared_dataloader():
+    import warnings
+
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loader = torch.utils.data.DataLoader(torch.cat(random_batches(7, batch=2)), batch_size=2)  # 7 batches
+    model, opt, loader = acc.prepare(model, opt, loader)
+    hook = AcceleratePruningHook(PruningConfig(final_sparsity=0.5, start_step=0.2, end_step=0.8, update_every=1))
+    pruner = hook.register(acc, model, opt, train_dataloader=loader, num_epochs=2)
+    assert hook.total_steps == 8 == count_optimizer_steps(7, 2, 2)  # ceil(7 / 2) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overrun warning: the count is the real one
+        for _ in range(2):
+            for ids in loader:
+                with acc.accumulate(model):
+                    acc.backward(lm_loss(model, ids))
+                    opt.step()
+                    opt.zero_grad()
+    assert pruner.step == 8
+    assert hook.finalize()["global_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_list_of_configs_reaches_the_pruner():
+    a = PruningConfig(final_sparsity=0.5, include=["up"], start_step=1, end_step=3, update_every=1)
+    b = PruningConfig(final_sparsity=0.25, include=["down"], start_step=1, end_step=3, update_every=1)
+    hook = AcceleratePruningHook([a, b], total_steps=4)
+    assert hook.config == [a, b]
+    acc, model, opt, sched = _setup()
+    hook.register(acc, model, opt)
+    for ids in random_batches(4):
+        _train_step(acc, model, opt, sched, ids)
+    report = hook.finalize()
+    assert [g["mask_sparsity"] for g in report["groups"]] == [0.5, 0.25]
+    assert report["per_group"]["layers.*.up"]["sparsity"] == pytest.approx(0.5, abs=0.01)  # one layer kind per config

@@ -97,7 +97,9 @@ def test_resume_without_saved_teacher_is_an_error(tmp_path):
     (lambda: "self", {"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
 ])
 def test_bad_teacher_or_setup_fails_before_any_step(tmp_path, teacher, overrides, match):
-    trainer = build(tmp_path, make_callbacks(**PRUNING, distillation=DistillationConfig(teacher=teacher())), **overrides)
+    callbacks = make_callbacks(**PRUNING, distillation=DistillationConfig(teacher=teacher()))
+    trainer = build(tmp_path, callbacks, **overrides)
+    callbacks.bind(trainer)  # the Trainer's own settings are checked once the callbacks know it
     with pytest.raises(DistillationConfigError, match=match):
         trainer.train()
     assert trainer.state.global_step == 0

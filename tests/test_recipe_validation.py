@@ -54,7 +54,7 @@ def _schema_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     names = []
     for name, field in model.model_fields.items():
         names.append(f"{prefix}{name}")
-        inner = field.annotation
+        inner = PruningConfig if model is Recipe and name == "pruning" else field.annotation  # mapping | list
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             names += _schema_fields(inner, f"{prefix}{name}.")
     return names
@@ -149,7 +149,7 @@ BROKEN = {
                             ["pruning.sparsity:", "unknown key 'sparsity'", "final_sparsity"]),
     "wrong type": ({"pruning": {"update_every": "often"}}, ["pruning.update_every:", "'often'", "integer"]),
     "wrong literal": ({"pruning": {"schedule": "exponential"}},
-                      ["pruning.schedule:", "'exponential'", "'cubic', 'linear' or 'oneshot'"]),
+                      ["pruning.schedule:", "'exponential'", "schedule='exponential' is unknown; valid: cubic, linear, oneshot"]),
     "section not a mapping": ({"output": "runs/x"}, ["output:", "must be a mapping", "'runs/x'"]),
     "missing task": ({"task": None}, ["task:", "sequence-classification, causal-lm"]),
     "unknown builtin model": ({"model": {"name": "gpt5"}}, ["model.name:", "'gpt5'", "allowed: minilm, smollm2"]),

@@ -2,6 +2,8 @@
 
 import copy
 import glob
+import importlib.util
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ from prune_callbacks.integrations.trainer import (  # noqa: E402
 )
 
 
-def build(tmp_path, callbacks, *, model=None, rows=None, eval_rows=None, compute_metrics=None, **overrides):
+def build(tmp_path, callbacks, *, model=None, rows=None, eval_rows=None, compute_metrics=None, bind=True, **overrides):
     kwargs = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
                   max_steps=8, per_device_train_batch_size=8, disable_tqdm=True, seed=0)
     kwargs.update(overrides)
@@ -31,6 +33,10 @@ def build(tmp_path, callbacks, *, model=None, rows=None, eval_rows=None, compute
                       train_dataset=rows if rows is not None else toy_classification_rows(64), eval_dataset=eval_rows,
                       compute_metrics=compute_metrics, callbacks=callbacks)
     trainer.model_accepts_loss_kwargs = False
+    if bind:
+        for cb in callbacks:
+            if hasattr(cb, "bind"):
+                cb.bind(trainer)
     return trainer
 
 
@@ -107,18 +113,22 @@ def test_fractional_schedule_resolves_from_max_steps_and_lands_in_log_history(tm
     # hand values of 0.8 * (1 - (1 - (t - 2) / 6) ** 3)
     expected_target = {1: 0.0, 2: 0.0, 4: 0.8 * (1 - (2 / 3) ** 3), 6: 0.8 * (1 - (1 / 3) ** 3), 8: 0.8, 10: 0.8}
     for t, value in expected_target.items():
-        assert logs[t]["sparsity/target"] == pytest.approx(value, abs=1e-9)
+        assert logs[t]["sparsity/scheduled"] == pytest.approx(value, abs=1e-9)
     n = cbs.pruner.report()["prunable_params"]
     for t, entry in logs.items():
-        assert entry["sparsity/target"] == pytest.approx(target_sparsity(t, initial=0.0, final=0.8, start=2, end=8))
+        assert entry["sparsity/scheduled"] == pytest.approx(target_sparsity(t, initial=0.0, final=0.8, start=2, end=8))
         last_update = max([u for u in (2, 4, 6, 8) if u <= t], default=None)
         held = 0.0 if last_update is None else expected_target[last_update]
         assert entry["sparsity/global"] == pytest.approx(held, abs=1.0 / n)
-        groups = [k for k in entry if k.startswith("sparsity/") and k not in ("sparsity/global", "sparsity/target")]
+        assert entry["sparsity/masks_target"] == pytest.approx(held, abs=1e-12)  # what the masks were computed for
+        assert entry["pruning/mask_updates"] == len([u for u in (2, 4, 6, 8) if u <= t])
+        groups = [k for k in entry if k.startswith("sparsity/")
+                  and k not in ("sparsity/global", "sparsity/scheduled", "sparsity/masks_target")]
         assert {g.split("/", 1)[1] for g in groups} == {"attention.self.query", "attention.self.key", "attention.self.value",
                                                         "attention.output.dense", "intermediate.dense", "output.dense"}
     final = trainer.state.log_history[-1]
     assert "train_runtime" in final and final["sparsity/global"] == pytest.approx(0.8, abs=1.0 / n)
+    assert list(final).index("train_runtime") < list(final).index("sparsity/global")  # placed, not returned
 
 
 def test_figures_reach_tensorboard(tmp_path):
@@ -185,15 +195,53 @@ def test_recipe_path(tmp_path):
     assert (cfg.final_sparsity, cfg.start_step, cfg.end_step) == (0.5, 2, 6)
     cfg = GradualPruningCallback(flat, update_every=3).engine.config
     assert (cfg.final_sparsity, cfg.saliency, cfg.update_every) == (0.3, "magnitude", 3)
-    with pytest.raises(PruningConfigError, match=r"(?s)bad\.yaml:\npruning\.bogus: unknown key 'bogus'"):
+    with pytest.raises(PruningConfigError, match=r"bad\.yaml:3: pruning\.bogus: unknown key 'bogus'") as info:
         make_callbacks(bad)
-    with pytest.raises(PruningConfigError, match=r"missing\.yaml does not exist"):
+    assert [path for path, _ in info.value.problems] == ["pruning.bogus"]  # the field path as data
+    with pytest.raises(PruningConfigError, match=r"no such recipe file .*missing\.yaml"):
         make_callbacks(tmp_path / "missing.yaml")
     with pytest.raises(PruningConfigError, match=r"final_sparsity"):
         make_callbacks(PruningConfig(), final_sparsity=1.5)
     shipped = Path(__file__).parents[1] / "recipes" / "minilm-rt-90.yaml"
     if shipped.is_file():  # the repository's recipe: its pruning: section is a valid PruningConfig
         assert make_callbacks(shipped).engine.config.final_sparsity == 0.9
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("pruning:\n  final_sparsity: 0.5\n  final_sparsity: 0.7\n", "duplicate key 'final_sparsity'"),
+    ("pruning:\n  final_sparsity: [1\n", "not valid YAML"),
+    ("pruning:\n  saliency: nope\n", "pruning.saliency"),
+    ("pruning: 3\n", "must be a mapping of PruningConfig fields"),
+])
+def test_recipe_file_is_read_like_validate_reads_it(tmp_path, text, problem):
+    """One YAML reader: make_callbacks refuses what `prune-callbacks validate` refuses, with its messages."""
+    from prune_callbacks.recipe.loading import RecipeError, read_yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(PruningConfigError, match=problem):
+        make_callbacks(path)
+    if "YAML" in problem or "duplicate" in problem:
+        with pytest.raises(RecipeError, match=problem):
+            read_yaml(path)
+
+
+def test_a_list_of_configs_reaches_the_pruner(tmp_path):
+    """make_callbacks([a, b]) and a recipe's ``pruning:`` list give the Pruner the list as it is."""
+    a = PruningConfig(final_sparsity=0.5, include=["attention"], start_step=1, end_step=3, update_every=1)
+    b = PruningConfig(final_sparsity=0.3, include=["intermediate"], start_step=1, end_step=3, update_every=1)
+    path = tmp_path / "two.yaml"
+    path.write_text("pruning:\n  - {final_sparsity: 0.5, include: [attention]}\n  - {final_sparsity: 0.3, bogus: 1}\n")
+    with pytest.raises(PruningConfigError, match=r"pruning\.1\.bogus: unknown key") as info:
+        make_callbacks(path)
+    assert [p for p, _ in info.value.problems] == ["pruning.1.bogus"]
+    with pytest.raises(PruningConfigError, match="apply to one config"):
+        make_callbacks([a, b], final_sparsity=0.2)
+    cbs = make_callbacks([a, b])
+    assert cbs.engine.config == [a, b]
+    build(tmp_path, cbs, max_steps=4).train()
+    groups = cbs.pruner.report()["groups"]
+    assert [g["mask_sparsity"] for g in groups] == [0.5, 0.3]
 
 
 def _accuracy(pred):
@@ -240,7 +288,8 @@ def test_l1_without_pruning(tmp_path):
 
 def test_l1_in_a_set_shares_the_engine(tmp_path):
     cbs = make_callbacks(final_sparsity=0.5, start_step=1, end_step=3, update_every=1, l1_lambda=1.0)
-    assert [type(c).__name__ for c in cbs] == ["GradualPruningCallback", "L1RegularizationCallback", "PermanentMaskCallback"]
+    assert [type(c).__name__ for c in cbs] == ["GradualPruningCallback", "L1RegularizationCallback", "PermanentMaskCallback",
+                                       "PruningStateRecord"]
     assert len({id(c.engine) for c in cbs}) == 1
     trainer = build(tmp_path, cbs, max_steps=4)
     trainer.train()
@@ -265,10 +314,10 @@ def test_integrations_package_does_not_import_transformers():
 
 
 def test_group_names_stay_distinct():
-    from prune_callbacks.integrations.trainer_engine import _short_group_names
+    from prune_callbacks.figures import short_group_names
 
     groups = {"encoder.block.*.layer.*.q": 1, "decoder.block.*.layer.*.q": 2, "model.layers.*.mlp.up_proj": 3}
-    assert _short_group_names(groups) == {"encoder.block.*.layer.*.q": 1, "decoder.block.*.layer.*.q": 2, "mlp.up_proj": 3}
+    assert short_group_names(groups) == {"encoder.block.*.layer.*.q": 1, "decoder.block.*.layer.*.q": 2, "mlp.up_proj": 3}
 
 
 class Reporter(TrainerCallback):
@@ -281,20 +330,34 @@ class Reporter(TrainerCallback):
         self.seen.append(dict(logs))
 
 
-def test_callbacks_added_later_are_found_at_train_begin_and_run_before_reporters(tmp_path):
+def test_bind_adds_the_callbacks_and_runs_them_before_reporters(tmp_path):
     reporter = Reporter()
     trainer = build(tmp_path, [reporter], max_steps=3)
     cbs = make_callbacks(final_sparsity=0.5, start_step=1, end_step=2, update_every=1)
-    for cb in cbs:
-        trainer.add_callback(cb)  # after __init__: no on_init_end for them
-    assert [type(c).__name__ for c in trainer.callback_handler.callbacks][-2:] == ["GradualPruningCallback", "PermanentMaskCallback"]
-    trainer.train()
+    assert cbs.bind(trainer) is cbs  # adds them (after __init__) and orders them
+    cbs.bind(trainer)  # idempotent
     names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
     assert names[:3] == ["DefaultFlowCallback", "GradualPruningCallback", "PermanentMaskCallback"]
-    assert names.index("Reporter") > 2
+    assert names.count("GradualPruningCallback") == 1 and names.index("Reporter") > 2
+    assert "PruningStateRecord" in names
+    trainer.train()
     assert [e["sparsity/global"] for e in reporter.seen if "loss" in e] == [pytest.approx(0.0), pytest.approx(0.5, abs=1e-3),
                                                                              pytest.approx(0.5, abs=1e-3)]
     assert cbs[0].trainer is trainer
+
+
+def test_unbound_callbacks_still_fill_log_history_and_say_what_reporters_miss(tmp_path, caplog):
+    reporter = Reporter()
+    cbs = make_callbacks(final_sparsity=0.5, start_step=1, end_step=2, update_every=1)
+    trainer = build(tmp_path, [reporter, *cbs], max_steps=2, bind=False, report_to=["tensorboard"]
+                    if importlib.util.find_spec("tensorboard") else [])
+    with caplog.at_level(logging.WARNING, logger="prune_callbacks"):
+        trainer.train()
+    assert cbs[0].trainer is None
+    assert all("sparsity/global" not in e for e in reporter.seen)  # it ran before ours
+    assert [e["sparsity/global"] for e in train_logs(trainer)] == [0.0, pytest.approx(0.5, abs=1e-3)]
+    if importlib.util.find_spec("tensorboard"):
+        assert "not bound to their Trainer" in caplog.text
 
 
 class DenseSpy(TrainerCallback):

@@ -59,10 +59,19 @@ needs every weight and its gradient on every rank:
   GradScaler code path driven by ``torch.amp.GradScaler("cpu")``. Not run in
   this project's tests: CUDA/NCCL, fp16 autocast on GPU, XLA/TPU.
 
+Run length: ``total_steps`` is what fractional ``start_step`` / ``end_step``
+resolve against. Give it, or give ``register(..., train_dataloader=loader,
+num_epochs=n)`` with the *prepared* loader and the hook counts it
+(`count_optimizer_steps`: batches per process, accumulation, epochs). If more
+optimizer steps happen than ``total_steps``, the hook warns once, with the
+numbers (the schedule had ended early).
+
 Trackers: when the user has trackers (``Accelerator(log_with=...)`` and
-``init_trackers``), sparsity figures go to ``accelerator.log`` every
-``log_every`` optimizer steps and at ``finalize``, from the main process, with
-``step`` = the number of optimizer steps taken.
+``init_trackers``), the figures of :mod:`prune_callbacks.figures` (the same
+keys the Trainer callbacks log: ``sparsity/global``, ``sparsity/scheduled``,
+``sparsity/masks_target``, ``sparsity/<layer kind>``, ``pruning/*``) go to
+``accelerator.log`` every ``log_every`` optimizer steps and at ``finalize``,
+from the main process, with ``step`` = the number of optimizer steps taken.
 """
 
 from __future__ import annotations
@@ -72,8 +81,10 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..config import PruningConfig, make_config
+from .. import figures as F
+from ..config import PruningConfig
 from ..pruner import Pruner, _torch_optimizer
+from .configs import ConfigLike, as_list, make_configs
 from .accelerate_support import _sharded_parameters, check_accelerator_supported, count_optimizer_steps
 
 __all__ = ["AcceleratePruningHook", "check_accelerator_supported", "count_optimizer_steps"]
@@ -83,14 +94,17 @@ class AcceleratePruningHook:
     """Prunes the model of a hand-written Accelerate loop; the loop body needs no pruning calls.
 
     Args:
-        config: a `PruningConfig` (or dict); ``**overrides`` replace its fields.
+        config: a `PruningConfig`, a dict, a list of them (several configs in one
+            run, passed to ``Pruner(model, [...])``) or a YAML file (read like
+            ``prune-callbacks validate`` reads it); ``**overrides`` replace fields
+            of a single config.
         total_steps: optimizer steps of the whole run (needed when the config
             uses fractional steps); see `count_optimizer_steps`. Can also be
-            given to ``register``.
+            given to ``register``, or counted there from the prepared dataloader.
         log_every: log sparsity to the accelerator's trackers every this many
             optimizer steps (0 or None: only at ``finalize``). Nothing is
             logged, and nothing computed for it, when there are no trackers.
-        log_prefix: prefix of the logged keys.
+        log_prefix: prepended to the :mod:`prune_callbacks.figures` keys (default none).
 
     Supported: single process, DDP (``--multi_gpu``, also on CPU), bf16/fp16
     mixed precision, gradient accumulation, ``save_state``/``load_state``
@@ -103,16 +117,17 @@ class AcceleratePruningHook:
 
     def __init__(
         self,
-        config: "PruningConfig | dict | None" = None,
+        config: ConfigLike = None,
         *,
         total_steps: Optional[int] = None,
         log_every: Optional[int] = 10,
-        log_prefix: str = "pruning/",
+        log_prefix: str = "",
         **overrides,
     ):
-        self.config = make_config(config, **overrides)
+        self.config = make_configs(config, overrides)
+        self.configs = as_list(self.config)
         if total_steps is not None:
-            self.config.resolve(total_steps)  # fail early, before prepare() work is wasted on a bad schedule
+            self._resolve(total_steps)  # fail early, before prepare() work is wasted on a bad schedule
         if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0):
             raise ValueError(f"log_every={log_every!r} is invalid: give an int >= 0 (0 or None: log only at finalize)")
         self.total_steps = total_steps
@@ -122,12 +137,22 @@ class AcceleratePruningHook:
         self.pruner: Optional[Pruner] = None
         self._log_handle = None
         self._last_logged = -1
+        self._warned_overrun = False
+
+    def _resolve(self, total_steps: int) -> None:
+        for config in self.configs:
+            resolve = getattr(config, "resolve", None) or config.resolve_ramp  # PruningConfig / L1Config
+            resolve(total_steps)
 
     # ------------------------------------------------------------ wiring
-    def register(self, accelerator: Any, model: nn.Module, optimizer: Any, *, total_steps: Optional[int] = None) -> Pruner:
+    def register(self, accelerator: Any, model: nn.Module, optimizer: Any, *, total_steps: Optional[int] = None,
+                 train_dataloader: Any = None, num_epochs: int = 1) -> Pruner:
         """Start pruning ``model`` on every real step of ``optimizer``; returns the core `Pruner`.
 
         ``model`` and ``optimizer`` are those returned by ``accelerator.prepare``.
+        ``train_dataloader`` (the prepared one) and ``num_epochs``: when no
+        ``total_steps`` is given, count it from them and the accelerator's
+        gradient accumulation (`count_optimizer_steps`).
         Also registers this hook for ``accelerator.save_state``/``load_state``.
         Raises ``NotImplementedError`` for sharded setups (FSDP, DeepSpeed, TP).
         """
@@ -150,6 +175,9 @@ class AcceleratePruningHook:
             )
         if total_steps is not None:
             self.total_steps = total_steps
+        elif self.total_steps is None and train_dataloader is not None:
+            accumulation = int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1)
+            self.total_steps = count_optimizer_steps(len(train_dataloader), accumulation, num_epochs)
         pruner = Pruner(model, self.config, total_steps=self.total_steps)
         pruner.attach(optimizer)
         self.accelerator = accelerator
@@ -164,8 +192,9 @@ class AcceleratePruningHook:
         if self.pruner is not None:
             self.pruner.set_total_steps(total_steps)
         else:
-            self.config.resolve(total_steps)
+            self._resolve(total_steps)
         self.total_steps = total_steps
+        self._warned_overrun = False
 
     def _require_pruner(self) -> Pruner:
         if self.pruner is None:
@@ -179,24 +208,25 @@ class AcceleratePruningHook:
 
     def _after_step(self) -> None:
         pruner = self.pruner
-        if not self.log_every or pruner is None or pruner.step == self._last_logged or pruner.step % self.log_every:
+        if pruner is None:
+            return
+        if self.total_steps is not None and pruner.step > self.total_steps and not self._warned_overrun:
+            self._warned_overrun = True
+            warnings.warn(
+                f"optimizer step {pruner.step} is beyond total_steps={self.total_steps}: the pruning schedule was "
+                f"resolved for {self.total_steps} steps and ended early. Count the steps from the prepared dataloader "
+                f"(count_optimizer_steps(len(loader), gradient_accumulation_steps={getattr(self.accelerator, 'gradient_accumulation_steps', '?')}, "
+                "epochs), or register(..., train_dataloader=loader, num_epochs=n)) and pass that as total_steps",
+                stacklevel=2,
+            )
+        if not self.log_every or pruner.step == self._last_logged or pruner.step % self.log_every:
             return
         self._log()
 
     def log_values(self) -> dict:
-        """The figures sent to trackers: global/target/scheduled sparsity, counters, per layer kind sparsity."""
-        report = self._require_pruner().report()
-        p = self.log_prefix
-        values = {
-            f"{p}global_sparsity": float(report["global_sparsity"]),
-            f"{p}target_sparsity": float(report["target_sparsity"]),
-            f"{p}scheduled_sparsity": float(report["scheduled_sparsity"]),
-            f"{p}nonzero_params": int(report["nonzero_params"]),
-            f"{p}mask_updates": int(report["mask_updates"]),
-            f"{p}skipped_steps": int(report["skipped_steps"]),
-        }
-        values.update({f"{p}group/{g}": float(row["sparsity"]) for g, row in report["per_group"].items()})
-        return values
+        """The figures sent to trackers (:mod:`prune_callbacks.figures`), each key with ``log_prefix`` first."""
+        values = F.sparsity_figures(self._require_pruner().report())
+        return {f"{self.log_prefix}{k}": v for k, v in values.items()}
 
     def _log(self) -> None:
         if not self._has_trackers():
@@ -234,11 +264,14 @@ class AcceleratePruningHook:
                 self._log_handle.remove()
                 self._log_handle = None
             pruner.finalize()
-            if pruner.mask_sparsity < self.config.final_sparsity:
+            reached = F.mask_sparsity_of(pruner.report())
+            final = max(float(getattr(c, "final_sparsity", 0.0)) for c in self.configs)
+            if len(self.configs) == 1 and reached < final:
+                end = getattr(getattr(pruner, "steps", None), "end_step", "?")
                 warnings.warn(
-                    f"pruning finalized at sparsity {pruner.mask_sparsity:.4f}, below final_sparsity="
-                    f"{self.config.final_sparsity} after {pruner.step} optimizer steps (schedule ends at step "
-                    f"{pruner.steps.end_step}): the run was shorter than total_steps={self.total_steps}",
+                    f"pruning finalized at sparsity {reached:.4f}, below final_sparsity={final} after {pruner.step} "
+                    f"optimizer steps (schedule ends at step {end}): the run was shorter than "
+                    f"total_steps={self.total_steps}",
                     stacklevel=2,
                 )
             if pruner.step != self._last_logged:

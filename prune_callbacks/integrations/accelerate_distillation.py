@@ -28,7 +28,6 @@ already holds the distillation term, see `prune_callbacks.distillation.distiller
 
 from __future__ import annotations
 
-import types
 from typing import Any, Optional
 
 from torch import nn
@@ -38,14 +37,17 @@ from ..distillation import teacher as teacher_lib
 from ..distillation.config import DistillationConfigError
 from ..pruner import _torch_optimizer
 from .accelerate_support import check_accelerator_supported
-from .trainer_engine import TrainerPruningEngine
 
 __all__ = ["AccelerateDistillationHook"]
 
 
 def first_update_step(pruner) -> int:
-    """The engine's rule (one source): the first optimizer step whose hook computes masks."""
-    return TrainerPruningEngine.first_update_step(types.SimpleNamespace(pruner=pruner, config=pruner.config))
+    """`Pruner.first_update_step` (one source): the first optimizer step whose hook computes masks."""
+    step = pruner.first_update_step()
+    if step is None:
+        raise DistillationConfigError("snapshot='before_pruning': this pruner never updates masks (no pruning group); "
+                                      "use snapshot='train_begin'")
+    return step
 
 
 class AccelerateDistillationHook:

@@ -37,17 +37,20 @@ def _history(log_history: list[dict], task: str) -> tuple[Optional[dict], list[d
     return dense, evals
 
 
-@torch.no_grad()
 def _target_sparsity(pruner) -> dict:
-    """Exact zeros in the pruned layers' weights (what was saved), per target and in total."""
-    per_target, zeros, total = {}, 0, 0
-    for target in (pruner.targets if pruner is not None else []):
-        n = target.param.numel()
-        z = n - int(torch.count_nonzero(target.param))
-        per_target[target.name] = {"numel": n, "nonzero": n - z, "sparsity": z / n if n else 0.0}
-        zeros, total = zeros + z, total + n
+    """Exact zeros in the pruned layers' weights (what was saved), per target and in total: the
+    finalized pruner's own report, which counts them from the weights."""
+    report = pruner.report() if pruner is not None else {"per_target": {}, "prunable_params": 0, "pruned_params": 0}
+    per_target = {n: {"numel": r["numel"], "nonzero": r["nonzero"], "sparsity": r["sparsity"]}
+                  for n, r in report["per_target"].items()}
+    total, zeros = report["prunable_params"], report["pruned_params"]
     return {"per_target": per_target, "target_params": total, "target_params_pruned": zeros,
             "target_sparsity": zeros / total if total else 0.0}
+
+
+def _final_sparsity(recipe: Recipe) -> float:
+    """The configured final sparsity; for several configs the largest (each config's own is in the recipe copy)."""
+    return max(p.final_sparsity for p in recipe.pruning_configs)
 
 
 def _versions() -> dict:
@@ -67,8 +70,10 @@ def weight_bytes(directory: Path) -> int:
 
 def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model, pruner, log_history: list,
                  global_step: int, train_output, pruned_metrics: dict, recorder, data, sparse_info,
-                 timing: dict) -> dict[str, Any]:
+                 timing: dict, written: Optional[Path] = None) -> dict[str, Any]:
+    """``out``: where the run's artefacts end up; ``written``: where they are now (the staging folder)."""
     task = recipe.task
+    written = out if written is None else written
     dense, evals = _history(log_history, task)
     whole = model_sparsity(model)
     targets = _target_sparsity(pruner)
@@ -86,7 +91,9 @@ def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model
         "pruned_metrics": _strip(pruned_metrics, "eval", task),
         "evaluations": evals,
         "sparsity": {
-            "final_sparsity": recipe.pruning.final_sparsity,
+            "final_sparsity": _final_sparsity(recipe),
+            **({"final_sparsity_per_config": [p.final_sparsity for p in recipe.pruning_configs]}
+               if isinstance(recipe.pruning, list) else {}),
             "targets": len(targets["per_target"]),
             **{k: v for k, v in targets.items() if k != "per_target"},
             "model_sparsity": whole["sparsity"],
@@ -107,7 +114,7 @@ def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model
             "mask_updates": pruner.mask_updates if pruner is not None else None,
         },
         "sizes": {
-            "model_bytes": weight_bytes(out),
+            "model_bytes": weight_bytes(written),
             "sparse_bytes": sparse_info.file_bytes if sparse_info is not None else None,
             "sparse_dir": str(out / "sparse") if sparse_info is not None else None,
         },

@@ -9,6 +9,7 @@ with the path of the recipe key to change.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -41,13 +42,19 @@ def load_raw(recipe: Recipe, seed: int) -> tuple[Any, Any]:
     else:
         import datasets
 
+        # datasets logs the parser's traceback before raising; the message below says what it said
+        log = logging.getLogger("datasets")
+        level = log.level
+        log.setLevel(logging.CRITICAL)
         try:
             if d.source == "local":
                 ds = datasets.load_dataset(d.file_format, data_files=dict(d.files))
             else:
                 ds = datasets.load_dataset(d.name, d.config_name, revision=d.revision)
-        except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
-            _fail("data.name" if d.source == "hub" else "data.files", f"could not load the data: {exc}")
+        except (FileNotFoundError, ValueError, ConnectionError, OSError, datasets.exceptions.DatasetsError) as exc:
+            _fail("data.name" if d.source == "hub" else "data.files", f"could not load the data: {_cause(exc)}")
+        finally:
+            log.setLevel(level)
     if d.train_split not in ds:
         _fail("data.train_split", f"split {d.train_split!r} does not exist; allowed: {', '.join(ds)}")
     train = ds[d.train_split]
@@ -71,7 +78,24 @@ def load_raw(recipe: Recipe, seed: int) -> tuple[Any, Any]:
         if recipe.task == "sequence-classification" and d.label_column not in split.column_names:
             _fail("data.label_column", f"column {d.label_column!r} is not in the {name} split; "
                                        f"allowed: {', '.join(split.column_names)}")
+        empty = [text for text in split[d.text_column] if not isinstance(text, str)]
+        if empty:
+            _fail("data.text_column", f"{len(empty)} of {len(split)} rows of the {name} split have no text in column "
+                                      f"{d.text_column!r} (found {empty[0]!r}); allowed: a string in every row "
+                                      "(remove or fill the empty rows)")
     return train, evaluation
+
+
+def _cause(exc: BaseException) -> str:
+    """The useful part of a ``datasets`` error: it wraps the parser's message ('An error occurred while
+    generating the dataset') in its ``__cause__``."""
+    parts = [str(exc).strip()]
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and len(parts) < 4:
+        text = str(cause).strip().splitlines()
+        parts.append(f"{type(cause).__name__}: {text[0] if text else ''}".rstrip(": "))
+        cause = cause.__cause__ or cause.__context__
+    return " <- ".join(p for p in parts if p)
 
 
 def _cap(split, limit: Optional[int], seed: int):

@@ -17,8 +17,8 @@ from typing import Any, Iterable, Optional, Sequence
 import yaml
 from pydantic import ValidationError
 
-from ..config import PruningConfigError
-from .schema import SECTIONS, Recipe, cross_check
+from ..config import PruningConfig, PruningConfigError
+from .schema import PRUNING_TAGS, SECTIONS, Recipe, cross_check
 from .training_args import check_training
 
 Problem = tuple[str, str]  # (yaml path, message)
@@ -33,11 +33,15 @@ class RecipeError(ValueError):
         self.lines = lines or {}
         super().__init__("\n".join(self.format_lines()))
 
+    def located(self, source: str, lines: Optional[dict]) -> "RecipeError":
+        """The same problems, located in the recipe file (for problems found after validation)."""
+        return RecipeError(self.problems, source=source, lines={**(lines or {}), **self.lines})
+
     def format_lines(self) -> list[str]:
         out = []
         for path, message in self.problems:
             where = self._where(path)
-            out.append(f"{where}: {path or '<root>'}: {message}")
+            out.append(f"{where}: {path}: {message}" if path else f"{where}: {message}")
         return out
 
     def _where(self, path: str) -> str:
@@ -93,14 +97,49 @@ def read_yaml(path: "str | os.PathLike") -> tuple[dict, dict]:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise RecipeError([("", f"not valid YAML: {exc}".replace("\n", " "))], source=where) from None
+        where, message = yaml_problem(exc, str(path))
+        raise RecipeError([("", message)], source=where) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError([("", f"a recipe must be a mapping of sections (got {type(data).__name__})")], source=str(path))
     return data, lines
+
+
+# PyYAML's problem text -> what it usually means in a hand-written recipe
+_YAML_HINTS = (
+    ("mapping values are not allowed", "a second ':' on one line; quote a value that contains ': ', "
+                                       "or put the nested key on its own, indented line"),
+    ("found character '\\t'", "a tab character; indent with spaces only"),
+    ("could not find expected ':'", "a line that is neither 'key: value' nor a list item '- ...'"),
+    ("did not find expected key", "an indentation that does not line up with the keys above it"),
+    ("did not find expected '-' indicator", "a list item indented differently from the items above it"),
+    ("found unexpected end of stream", "an unclosed quote or bracket"),
+    ("found undefined alias", "an *alias with no matching &anchor"),
+    ("found duplicate anchor", "the same &anchor defined twice"),
+    ("duplicate key", "the same key twice in one section; keep one"),
+    ("expected <block end>", "an indentation that does not line up with the keys above it"),
+)
+
+
+def yaml_problem(exc: "yaml.YAMLError", source: str) -> tuple[str, str]:
+    """``(file:line:column, message in words)`` for a PyYAML error."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = (getattr(exc, "problem", None) or str(exc)).strip()
+    hint = next((h for key, h in _YAML_HINTS if key in problem), None)
+    message = f"not valid YAML: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+        message += f" ({context} started at line {context_mark.line + 1})"
+    if mark is not None and getattr(mark, "buffer", None):
+        line = mark.buffer.split("\n")[mark.line] if mark.line < mark.buffer.count("\n") + 1 else ""
+        line = line.replace("\0", "").rstrip()
+        if line.strip():
+            message += f"\n    {line}\n    {' ' * mark.column}^"
+    if hint:
+        message += f"\n    likely cause: {hint}"
+    return where, message
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -113,7 +152,9 @@ def parse_set(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise RecipeError([(key, f"value {raw!r} is not valid YAML: {exc}".replace("\n", " "))], source="--set") from None
+        problem = (getattr(exc, "problem", None) or str(exc)).strip()
+        raise RecipeError([(key, f"value {raw!r} is not valid YAML: {problem}; quote it, e.g. --set '{key}=\"...\"'")],
+                          source="--set") from None
     return key, value
 
 
@@ -150,10 +191,13 @@ def validate_data(data: dict, source: str = "recipe", lines: Optional[dict] = No
         problems.extend(cross_check(recipe))
         max_steps = training.get("max_steps", -1)
         if not problems and isinstance(max_steps, int) and max_steps > 0:
-            try:
-                recipe.pruning.resolve(max_steps)
-            except PruningConfigError as exc:
-                problems.extend(_section_problems(["pruning"], f"{exc} (training.max_steps={max_steps})"))
+            many = isinstance(recipe.pruning, list)
+            for i, config in enumerate(recipe.pruning_configs):
+                try:
+                    config.resolve(max_steps)
+                except PruningConfigError as exc:
+                    loc = ["pruning", str(i)] if many else ["pruning"]
+                    problems.extend(_section_problems(loc, f"{exc} (training.max_steps={max_steps})"))
     if problems:
         raise RecipeError(problems, source=source, lines=lines)
     return recipe.model_copy(update={"training": training})
@@ -170,6 +214,7 @@ def load_recipe(path: "str | os.PathLike", sets: Sequence[str] = (), *, output_d
         overrides.append(("training.max_steps", max_steps))
     apply_overrides(data, overrides, lines)
     recipe = validate_data(data, source=str(path), lines=lines)
+    recipe._origin = (str(path), dict(lines))
     if recipe.output.dir is None:
         recipe.output.dir = str(Path("runs") / Path(path).stem)
     return recipe
@@ -178,7 +223,26 @@ def load_recipe(path: "str | os.PathLike", sets: Sequence[str] = (), *, output_d
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe (every default spelled out); it validates back to an equal Recipe."""
     header = "# Resolved recipe written by prune-callbacks: every default spelled out, overrides applied.\n"
-    return header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    data = recipe.model_dump(mode="json")
+    configs = [_applicable_dump(c) for c in recipe.pruning_configs]
+    data["pruning"] = configs if isinstance(recipe.pruning, list) else configs[0]
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _applicable_dump(config: PruningConfig) -> dict:
+    """Every field of ``config`` except defaults that do not apply to its method (writing those out would
+    make the copy invalid: a setting that does not apply is an error when it is set)."""
+    data = config.model_dump(mode="json")
+    for _ in range(len(data)):
+        try:
+            PruningConfig(**data)
+            return data
+        except PruningConfigError as exc:
+            drop = {str(field).split(".")[0] for field, _ in exc.problems} - config.model_fields_set
+            if not drop & set(data):
+                break
+            data = {k: v for k, v in data.items() if k not in drop}
+    return config.model_dump(mode="json", exclude_unset=True)
 
 
 # ---------------------------------------------------------------- errors
@@ -187,9 +251,11 @@ def pydantic_problems(exc: ValidationError) -> list[Problem]:
     problems = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
+        if loc[:1] == ["pruning"] and len(loc) > 1 and loc[1] in PRUNING_TAGS:
+            loc = [loc[0], *loc[2:]]  # the union's tag (one config / a list) is no part of the yaml path
         kind, value = err["type"], err.get("input")
         message = err["msg"].removeprefix("Value error, ")
-        section = SECTIONS.get(".".join(loc[:-1]))
+        section = _section(loc[:-1])
         if kind == "extra_forbidden":
             allowed = sorted(section.model_fields) if section else []
             close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
@@ -200,21 +266,34 @@ def pydantic_problems(exc: ValidationError) -> list[Problem]:
             message = "required key is missing" + (f"; allowed: {field.description}" if field and field.description else "")
             if loc == ["task"]:
                 message = "required key is missing; allowed: sequence-classification, causal-lm"
+        elif kind == "value_error" and getattr((err.get("ctx") or {}).get("error"), "problems", None):
+            # a PruningConfigError raised by the nested config carries its problems as (field, message) data
+            for field, text in err["ctx"]["error"].problems:
+                path = loc if field in ("", "<root>") else [*loc, *str(field).split(".")]
+                problems.append((".".join(path), text))
+            continue
         elif kind in ("value_error", "assertion_error"):
             problems.extend(_section_problems(loc, message))
             continue
         elif kind in ("model_type", "dict_type", "model_attributes_type"):
             message = f"must be a mapping (got {value!r})"
+            if loc == ["pruning"]:
+                message = f"must be a mapping (one PruningConfig) or a list of mappings (got {value!r})"
         else:
             message = f"{message} (got {value!r})"
         problems.append((".".join(loc), message))
     return problems
 
 
+def _section(loc: list[str]):
+    """The schema class of a yaml path (list indices skipped: ``pruning.1`` is a PruningConfig)."""
+    return SECTIONS.get(".".join(p for p in loc if not p.isdigit()))
+
+
 def _section_problems(loc: list[str], message: str) -> list[Problem]:
     """A section-level check names the field it is about first (``end_step=0.1 is before ...``):
     point the path at that field, one problem per ``; ``-joined part when every part does so."""
-    section = SECTIONS.get(".".join(loc))
+    section = _section(loc)
     if section is None:
         return [(".".join(loc), message)]
 

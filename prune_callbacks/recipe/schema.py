@@ -16,7 +16,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, PrivateAttr, Tag, field_validator,
+                      model_validator)
+from typing_extensions import Annotated
 
 from ..config import PruningConfig
 from ..distillation.config import DistillationConfig
@@ -196,10 +198,26 @@ class OutputSection(Section):
     """Where and what is written."""
 
     dir: Optional[str] = Field(None, description="Output directory; default runs/<recipe file name>. --output-dir overrides it.")
-    overwrite: bool = Field(False, description="Allow writing into a non-empty directory (files of the same name are replaced).")
+    overwrite: bool = Field(False, description="Allow a directory holding an earlier run: that run's artefacts are removed "
+                                               "when this run starts (other files are kept).")
+    resume: Union[bool, Literal["auto"]] = Field(
+        False, description="Continue an interrupted run in output.dir from its newest complete checkpoint: true (--resume; "
+                           "an error when there is none), auto (resume if possible, else start afresh) or false.")
     save_sparse: bool = Field(True, description="Also write the compressed sparse checkpoint to <dir>/sparse/.")
     save_tokenizer: bool = Field(True, description="Save the tokenizer beside the model.")
     plot: bool = Field(True, description="Write sparsity.png (sparsity over steps with the metric; per-layer sparsity).")
+
+
+def _pruning_kind(value) -> str:
+    return "many" if isinstance(value, list) else "one"
+
+
+# tags that pydantic puts into error locations; loading.pydantic_problems drops them
+PRUNING_TAGS = ("one", "many")
+PruningSection = Annotated[
+    Union[Annotated[PruningConfig, Tag("one")], Annotated[list[PruningConfig], Tag("many")]],
+    Discriminator(_pruning_kind),
+]
 
 
 class Recipe(Section):
@@ -211,15 +229,36 @@ class Recipe(Section):
     data: DataSection
     training: dict[str, Any] = Field(
         default_factory=dict, description="transformers.TrainingArguments keywords, passed through (output_dir is output.dir).")
-    pruning: PruningConfig = Field(default_factory=PruningConfig, description="The PruningConfig of the Python API.")
+    pruning: PruningSection = Field(
+        default_factory=PruningConfig, description="The PruningConfig of the Python API, or a list of them (several "
+                                                   "configs in one run, each pruning its own targets).")
     distillation: Optional[DistillationConfig] = Field(
         None, description="Knowledge distillation from a dense teacher (the DistillationConfig of the Python API); null = off.")
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    # (recipe file, yaml path -> line) when read by load_recipe: later problems point into the file
+    _origin: Optional[tuple] = PrivateAttr(default=None)
+
+    def __eq__(self, other) -> bool:  # the same recipe, wherever it was read from
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    __hash__ = None
+
+    @field_validator("pruning")
+    @classmethod
+    def _some_config(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("pruning=[] lists no config; allowed: a mapping (one PruningConfig) or a non-empty list of them")
+        return v
 
     @property
     def metrics(self) -> list[str]:
         return list(self.evaluation.metrics or METRICS[self.task][:1])
+
+    @property
+    def pruning_configs(self) -> list[PruningConfig]:
+        """``pruning`` as a list (one entry for the mapping form)."""
+        return list(self.pruning) if isinstance(self.pruning, list) else [self.pruning]
 
 
 SECTIONS: dict[str, type[BaseModel]] = {

@@ -9,14 +9,15 @@ from .tables import human_bytes, human_count
 
 
 def describe(recipe: Recipe) -> str:
-    d, p, t = recipe.data, recipe.pruning, recipe.training
+    d, t = recipe.data, recipe.training
     caps = ", ".join(x for x in (f"train<={d.max_train_samples}" if d.max_train_samples else "",
                                  f"eval<={d.max_eval_samples}" if d.max_eval_samples else "",
                                  f"max_length {d.max_length}") if x)
     steps = f"max_steps {t['max_steps']}" if t.get("max_steps", -1) > 0 else f"{t.get('num_train_epochs', 3.0)} epochs"
     return (f"{recipe.task}; model {recipe.model.source}:{recipe.model.name}; "
             f"data {d.source}:{d.name or ','.join(d.files or {})} ({caps}); "
-            f"pruning {p.saliency}/{p.schedule} to {p.final_sparsity:.0%} ({p.scope}); {steps}; "
+            f"pruning {' + '.join(f'{p.saliency}/{p.schedule} to {p.final_sparsity:.0%} ({p.scope})' for p in recipe.pruning_configs)}; "
+            f"{steps}; "
             f"metric {recipe.metrics[0]}; output {recipe.output.dir}")
 
 

@@ -24,7 +24,18 @@ OWNED = {
     "do_train": "the finetune workflow always trains; remove it",
     "do_eval": "the finetune workflow always evaluates (see the evaluation section); remove it",
     "do_predict": "the finetune workflow does not predict; remove it",
-    "resume_from_checkpoint": "resuming is not supported by the recipe workflow; remove it",
+    "resume_from_checkpoint": "the workflow resumes an interrupted run from its own newest checkpoint; use "
+                              "--resume (output.resume: true or auto) instead",
+}
+# key -> (smallest allowed value, what it means); TrainingArguments accepts these and the run fails later
+BOUNDS = {
+    "per_device_train_batch_size": (1, "examples per device and step"),
+    "per_device_eval_batch_size": (1, "examples per device and evaluation step"),
+    "gradient_accumulation_steps": (1, "batches per optimizer step"),
+    "num_train_epochs": (0, "epochs (> 0; used when max_steps is not set)"),
+    "learning_rate": (0, "the peak learning rate (>= 0)"),
+    "save_total_limit": (1, "checkpoints kept (omit it to keep all)"),
+    "logging_steps": (0, "steps between log lines (> 0)"),
 }
 _JSONABLE = (str, int, float, bool, type(None), list, dict)
 
@@ -80,6 +91,7 @@ def check_training(training: Any, path: str = "training") -> tuple[dict, list[tu
                 problems.append((where, f"{new} (got {value!r})"))
             else:
                 coerced[key] = new
+    problems.extend(_bounds(coerced, path))
     if training.get("load_best_model_at_end") is True:
         problems.append((f"{path}.load_best_model_at_end",
                          "load_best_model_at_end=True would replace the final pruned model by an earlier, less sparse "
@@ -87,6 +99,24 @@ def check_training(training: Any, path: str = "training") -> tuple[dict, list[tu
     if not problems:
         problems.extend(_construct(coerced, path))
     return coerced, problems
+
+
+def _bounds(values: dict, path: str) -> list[tuple[str, str]]:
+    """Numbers TrainingArguments accepts but the run cannot use (a batch size of 0 fails inside torch)."""
+    problems = []
+    for key, (low, what) in BOUNDS.items():
+        value = values.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        strict = key in ("num_train_epochs", "logging_steps")
+        if value < low or (strict and value <= low):
+            allowed = f"> {low}" if strict else f">= {low}"
+            problems.append((f"{path}.{key}", f"{key}={value!r} is invalid: {what}; allowed: {allowed}"))
+    max_steps = values.get("max_steps")
+    if isinstance(max_steps, int) and not isinstance(max_steps, bool) and (max_steps == 0 or max_steps < -1):
+        problems.append((f"{path}.max_steps", f"max_steps={max_steps!r} is invalid; allowed: >= 1 "
+                                              "(or -1 / omitted to train for num_train_epochs)"))
+    return problems
 
 
 def _check_value(hint, value) -> tuple[bool, Any]:

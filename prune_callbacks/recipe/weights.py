@@ -61,8 +61,12 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _sharded(directory: Path, index_name: str) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    index = json.loads((directory / index_name).read_text())
-    shards = sorted(set(index.get("weight_map", {}).values()))
+    try:
+        index = json.loads((directory / index_name).read_text(encoding="utf-8"))
+        shards = sorted(set(index.get("weight_map", {}).values()))
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise WeightsError(f"{directory / index_name} is damaged (not a shard index: {exc}); expected JSON with a "
+                           "weight_map of tensor name -> shard file") from None
     if not shards:
         raise WeightsError(f"{directory / index_name} lists no shard in its weight_map")
     tensors: dict[str, torch.Tensor] = {}
@@ -82,6 +86,20 @@ def _is_sparse(path: Path) -> bool:
     except ImportError:  # sparse_io not installed in this build
         return False
     return is_sparse_checkpoint(path)
+
+
+def _sparse_damage(path: Path) -> str:
+    """What is wrong with a sparse weights file whose header does not read back."""
+    from ..sparse_io import SparseCheckpointError, read_sparse_state_dict
+
+    size = path.stat().st_size
+    try:
+        read_sparse_state_dict(path)
+    except SparseCheckpointError as exc:
+        return exc.problem
+    except Exception as exc:  # anything the reader did not anticipate in a broken file
+        return f"{type(exc).__name__}: {exc}"
+    return f"its header is not a sparse checkpoint header ({size} bytes)"
 
 
 def _read_sparse(path: Path) -> dict[str, torch.Tensor]:
@@ -108,10 +126,17 @@ def load_weights(path: "str | os.PathLike") -> LoadedWeights:
 
     state = None
     if (path / STATE_FILE).is_file():
-        state = load_state_file(path / STATE_FILE)
-    if _is_sparse(path):
-        from ..sparse_io.format import WEIGHTS_NAME
+        try:
+            state = load_state_file(path / STATE_FILE)
+        except (ValueError, KeyError, TypeError) as exc:  # damaged file, or metadata that is not a pruning state
+            detail = str(exc).removeprefix(f"{path / STATE_FILE} ").removeprefix("is ")
+            raise WeightsError(f"{path / STATE_FILE} is damaged ({detail}); the pruning state cannot be read "
+                               "(resume from an earlier checkpoint, or delete the file to report the weights only)") from None
+    from ..sparse_io.format import WEIGHTS_NAME
 
+    if (path / WEIGHTS_NAME).is_file() and not _is_sparse(path):
+        raise WeightsError(f"{path / WEIGHTS_NAME} is a damaged sparse checkpoint: {_sparse_damage(path / WEIGHTS_NAME)}")
+    if _is_sparse(path):
         loaded = LoadedWeights(_read_sparse(path), "sparse", [path / WEIGHTS_NAME])
     elif (path / "model.safetensors").is_file():
         loaded = LoadedWeights(_load_file(path / "model.safetensors"), "safetensors", [path / "model.safetensors"])

@@ -10,6 +10,7 @@ validated `Recipe` to data, model, ``TrainingArguments`` and ``Trainer``.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +27,6 @@ class RunResult:
     output_dir: Path
     report: dict
     summary: str
-
-
-def check_output_dir(recipe: Recipe) -> Path:
-    """The output directory, created; refuses a non-empty one unless output.overwrite."""
-    out = Path(recipe.output.dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise RecipeError([("output.dir", f"{str(out)!r} exists and is not a directory")], source="output")
-    if out.is_dir() and any(out.iterdir()) and not recipe.output.overwrite:
-        raise RecipeError([("output.dir", f"{str(out)!r} is not empty; allowed: a new or empty directory, "
-                                          "or output.overwrite: true (--set output.overwrite=true)")], source="output")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 @contextlib.contextmanager
@@ -114,55 +103,71 @@ def _recorder_class():
             every = max(1, state.max_steps // 200)
             if pruner is None or (state.global_step % every and state.global_step != state.max_steps):
                 return
-            pruned = sum(int(m.sum()) for m in pruner.pruned)
-            total = sum(m.numel() for m in pruner.pruned)
+            report = pruner.report()
             self.steps.append(state.global_step)
-            self.target.append(float(pruner.scheduled_sparsity()))
-            self.achieved.append(pruned / total if total else 0.0)
+            self.target.append(float(report["scheduled_sparsity"]))
+            self.achieved.append(float(report["global_sparsity"]))
 
     return SparsityRecorder
 
 
 def run_recipe(recipe: Recipe, recipe_path: Optional[str] = None) -> RunResult:
-    """Run a validated recipe end to end; returns the report and the printed summary."""
-    from transformers import Trainer, set_seed
+    """Run a validated recipe end to end; returns the report and the printed summary.
+
+    The same checks as ``validate --load`` run first (:mod:`.preflight`); the output directory
+    follows :mod:`.lifecycle` (marker while running, staged artefacts moved in at the end,
+    cleanup on failure, resume from the newest complete checkpoint with ``output.resume``)."""
+    from transformers import set_seed
+
+    from .lifecycle import RunDirectory
+    from .preflight import check_recipe, seed_of
+
+    started = time.time()
+    set_seed(seed_of(recipe))
+    pre = check_recipe(recipe, load_model=True)  # nothing is written before every check passed
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    run_dir = RunDirectory(pre.plan)
+    if rank0:
+        run_dir.begin(recipe.model_dump(mode="json"))
+    try:
+        return _train_and_save(recipe, recipe_path, pre, run_dir, started, rank0)
+    except BaseException:  # Ctrl-C and torch errors included: leave nothing that blocks the next run
+        if rank0:
+            run_dir.abort()
+        raise
+
+
+def _train_and_save(recipe: Recipe, recipe_path: Optional[str], pre, run_dir, started: float, rank0: bool) -> RunResult:
+    from transformers import Trainer
 
     from ..integrations.trainer import make_callbacks
     from . import artifacts
-    from .data import load_data, prepare
-    from .models import load_model, max_positions
+    from .data import prepare
     from .training_args import build_training_arguments
 
-    started = time.time()
-    out = check_output_dir(recipe)
-    seed = int(recipe.training.get("seed", 42))
-    set_seed(seed)
-
-    with quiet_transformers():
-        train_raw, eval_raw, label_names, label_map = load_data(recipe, seed)
-        model, tokenizer = load_model(recipe, label_names)
-    limit = max_positions(model, tokenizer)
-    if limit is not None and recipe.data.max_length > limit:
-        raise RecipeError([("data.max_length", f"max_length={recipe.data.max_length} is longer than the model accepts; "
-                                               f"allowed: <= {limit}")], source="data")
-    data = prepare(recipe, tokenizer, train_raw, eval_raw, label_map)
+    out = run_dir.out
+    model, tokenizer = pre.model, pre.tokenizer
+    data = prepare(recipe, tokenizer, pre.train_raw, pre.eval_raw, pre.label_map)
     loaded = time.time()
 
-    args = build_training_arguments(recipe.training, str(out / "checkpoints"), **training_defaults(recipe))
+    args = build_training_arguments(recipe.training, str(run_dir.checkpoints), **training_defaults(recipe))
     reporting = [r for r in (args.report_to or []) if r != "none"]
+    resume_from = str(pre.plan.resume_from) if pre.plan.resume_from is not None else None
     # per-layer-kind figures go to experiment trackers; the console and log_history get the totals only
     callbacks = make_callbacks(recipe.pruning, evaluate_dense=recipe.evaluation.dense, log_per_group=bool(reporting),
-                               distillation=recipe.distillation)
+                               distillation=recipe.distillation,
+                               **({"resume_from": resume_from} if resume_from else {}))
     recorder = _recorder_class()(callbacks)
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                       data_collator=data.collator, processing_class=tokenizer,
-                      compute_metrics=make_compute_metrics(recipe, len(label_names or []) or None),
+                      compute_metrics=make_compute_metrics(recipe, len(pre.label_names or []) or None),
                       callbacks=[*callbacks, recorder])
     callbacks.bind(trainer)
     # transformers does not scale the loss of **kwargs models under gradient accumulation (see trainer.py)
     trainer.model_accepts_loss_kwargs = False
 
-    train_output = trainer.train()  # dense eval (train begin / before pruning); masks made permanent at train end
+    # dense eval (train begin / before pruning); masks made permanent at train end
+    train_output = trainer.train(resume_from_checkpoint=resume_from)
     trained = time.time()
     log_history = list(trainer.state.log_history)
     pruned_metrics = final_evaluation(trainer, log_history)
@@ -170,21 +175,20 @@ def run_recipe(recipe: Recipe, recipe_path: Optional[str] = None) -> RunResult:
     if pruner is not None and not pruner.finalized:  # PermanentMaskCallback does it; never save live masks
         pruner.finalize()
 
-    if not trainer.is_world_process_zero():  # multi-process launch: rank 0 writes everything
+    if not trainer.is_world_process_zero() or not rank0:  # multi-process launch: rank 0 writes everything
         return RunResult(out, {}, "")
-    (out / RESOLVED_NAME).write_text(recipe_to_yaml(recipe), encoding="utf-8")
-    model.save_pretrained(out)
+    staging = run_dir.stage()
+    (staging / RESOLVED_NAME).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    model.save_pretrained(staging)
     if recipe.output.save_tokenizer:
-        tokenizer.save_pretrained(out)
+        tokenizer.save_pretrained(staging)
     sparse_info = None
     if recipe.output.save_sparse:
         from ..sparse_io import save_sparse
 
-        sparse_info = save_sparse(model, out / "sparse", tokenizer=tokenizer if recipe.output.save_tokenizer else None)
+        sparse_info = save_sparse(model, staging / "sparse",
+                                  tokenizer=tokenizer if recipe.output.save_tokenizer else None)
     saved = time.time()
-    checkpoints = out / "checkpoints"
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()
 
     report = artifacts.build_report(
         recipe=recipe, recipe_path=recipe_path, out=out, model=model, pruner=pruner, log_history=log_history,
@@ -192,12 +196,16 @@ def run_recipe(recipe: Recipe, recipe_path: Optional[str] = None) -> RunResult:
         train_output=train_output, pruned_metrics=pruned_metrics, recorder=recorder, data=data,
         sparse_info=sparse_info, timing={"load_s": loaded - started, "train_s": trained - loaded,
                                          "save_s": saved - trained, "total_s": time.time() - started},
+        written=staging,
     )
+    if resume_from:
+        report["training"]["resumed_from"] = resume_from
     if recipe.distillation is not None:  # distill/* figures of the run (issue 12)
         from ..distillation.report import distillation_summary
 
         report["distillation"] = distillation_summary(recipe.distillation, log_history, callbacks)
-    artifacts.write_all(report, out, plot=recipe.output.plot)
+    artifacts.write_all(report, staging, plot=recipe.output.plot)
+    run_dir.publish()
     from .summary import run_summary
 
     return RunResult(out, report, run_summary(report))

@@ -1,12 +1,4 @@
-"""Gradual pruning inside a stock ``transformers.Trainer``: callbacks only.
-
-::
-
-    from prune_callbacks import PruningConfig, make_callbacks
-    trainer = Trainer(model=model, args=args, train_dataset=ds,
-                      callbacks=make_callbacks(PruningConfig(final_sparsity=0.9)))
-    trainer.train()              # prunes while it fine-tunes; masks permanent at the end
-    trainer.save_model(out)      # plain from_pretrained loads it, zeros included
+"""The ``TrainerCallback`` classes and `make_callbacks`: Trainer events -> engine calls.
 
 How it fits the Trainer (verified against transformers 5.24):
 
@@ -18,44 +10,23 @@ How it fits the Trainer (verified against transformers 5.24):
   around the inner step: saliency from the accumulated, all-reduced, clipped,
   unscaled gradient; then masks) -> ``on_optimizer_step`` -> scheduler ->
   ``zero_grad`` -> ``on_step_end``. Micro-steps of gradient accumulation and
-  steps a fp16 ``GradScaler`` skips never call the inner step, so they change
-  nothing. A bad config (``end_step`` beyond ``max_steps``, an ``include``
-  pattern matching no module) raises `PruningConfigError` from
-  ``trainer.train()`` before the first forward pass.
-* Logs: the Trainer appends a copy of each logs dict to ``state.log_history``
-  before ``on_log`` runs, and runs reporting callbacks (TensorBoard, W&B,
-  the printer) before user callbacks. So the callback (1) writes the figures
-  into the logs dict *and* into the ``log_history`` entry just appended, and
-  (2) once it knows its Trainer, moves the prune_callbacks callbacks right
-  after ``DefaultFlowCallback`` so reporters see the figures in the same call.
-  It learns its Trainer from :meth:`bind` or, if not bound, from the call stack
-  of ``on_init_end`` / ``on_train_begin`` (the Trainer instance whose callback
-  handler holds this callback). Without a Trainer, figures still reach
-  ``log_history`` and later callbacks, and a warning says why reporters miss them.
-* Checkpoints: ``on_save`` writes ``pruning_state.safetensors`` (masks,
-  saliency buffers, counters) into ``checkpoint-N/`` from the process that
-  saves; the weights there are already masked. ``train(resume_from_checkpoint=...)``
-  does not record the path in ``args``: at ``on_train_begin`` the restored
-  ``state.global_step`` > 0 names ``checkpoint-{global_step}`` in ``output_dir``
-  (or pass ``resume_from=``), and the run continues exactly.
-* Dense baseline: ``evaluate_dense`` calls :func:`evaluate_dense` on the Trainer
-  while the model is still dense; metrics are logged as ``dense_*`` (with
-  ``dense_step``, the optimizer step it was measured at) next to the later
-  ``eval_*``. ``"train_begin"`` (or ``True``): before any step, i.e. the model as
-  loaded (a newly initialised classification head is at chance level there).
-  ``"before_pruning"``: at ``on_step_end`` of the last optimizer step before the
-  first mask update (after ``start_step - 1`` steps of fine-tuning; at train begin
-  when pruning starts at step 1). The Trainer's own logging / evaluation flags of
-  that step are kept. Skipped when a resumed run is already past that point.
-* Under DDP, masks are broadcast from rank 0 at each update (``sync_masks``),
+  steps a fp16 ``GradScaler`` skips never call the inner step. A bad config
+  raises `PruningConfigError` from ``trainer.train()`` before the first forward.
+* The Trainer hands callbacks no reference to itself. ``callbacks.bind(trainer)``
+  gives it (adding the callbacks if they are not there yet); it is needed for
+  (1) reporters (TensorBoard, W&B, the printer) to see the figures in the same
+  ``on_log`` (:mod:`.logs`), (2) the dense baseline (:mod:`.dense`) and (3) fixing
+  ``trainer.model_accepts_loss_kwargs`` (:mod:`.loss_scaling`). Unbound, figures
+  still reach ``log_history`` and later callbacks, and warnings say what is missing.
+* Figures: :mod:`prune_callbacks.figures` (``sparsity/global``,
+  ``sparsity/scheduled``, ``sparsity/masks_target``, ``sparsity/<layer kind>``,
+  ``pruning/*``, ``l1/*``). They are logged, never added to the metrics that
+  ``train()`` / ``evaluate()`` return.
+* Checkpoints and resume from any folder, dense checkpoints: :mod:`.checkpoint`.
+* ``load_best_model_at_end``: at train end the run's final masks are applied to
+  the reloaded best weights (:meth:`TrainerPruningEngine.finish`).
+* Under DDP, masks are broadcast from rank 0 at each update (``sync_masks``);
   only the saving process writes files.
-
-Known transformers issue: for BERT-like models whose ``forward`` accepts
-``**kwargs`` the Trainer assumes the model scales the loss itself and does not
-divide it by ``gradient_accumulation_steps`` (nor average it correctly under
-DDP), so gradients are accumulation-times too large. Taylor / PLATON /
-movement saliency and the gradient-norm clipping see that. Set
-``trainer.model_accepts_loss_kwargs = False`` after building the Trainer.
 """
 
 from __future__ import annotations
@@ -66,18 +37,17 @@ import weakref
 from typing import Optional, Union
 
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
-from ..config import PruningConfigError, make_config
-from .trainer_engine import TrainerPruningEngine, engine_for
-from .trainer_dense import DenseTiming, dense_timing, evaluate_dense
-from .trainer_support import (
-    ConfigLike,
-    PruningCallbacks,
-    add_to_logs,
-    make_trainer_config,
-    put_before_reporters,
-    trainer_on_stack,
-)
+from pydantic import ValidationError
+
+from ...config import L1Config, PruningConfigError, format_validation_error
+from . import checkpoint as ckpt
+from ..configs import ConfigLike, make_configs
+from .dense import DenseTiming, dense_timing, evaluate_dense
+from .engine import TrainerPruningEngine, engine_for
+from .logs import add_figures, put_before_reporters
+from .loss_scaling import loss_scaling_problem
 
 __all__ = [
     "make_callbacks",
@@ -85,10 +55,12 @@ __all__ = [
     "GradualPruningCallback",
     "L1RegularizationCallback",
     "PermanentMaskCallback",
+    "PruningStateRecord",
     "evaluate_dense",
 ]
 
 logger = logging.getLogger(__name__)
+
 
 class _TrainerPruningCallback(TrainerCallback):
     """Shared plumbing: the engine and the Trainer the callback was bound to (weakly)."""
@@ -102,50 +74,40 @@ class _TrainerPruningCallback(TrainerCallback):
         return self._trainer_ref() if self._trainer_ref is not None else None
 
     def bind(self, trainer: Trainer) -> "_TrainerPruningCallback":
-        """Tell the callback its Trainer (dense evaluation, reporters' order). Usually found automatically."""
+        """Tell the callback its Trainer (reporters' order, dense evaluation, loss-scaling fix)."""
         self._trainer_ref = weakref.ref(trainer)
         put_before_reporters(trainer, _TrainerPruningCallback)
         return self
-
-    def _find_trainer(self) -> Optional[Trainer]:
-        if self.trainer is None:
-            trainer = trainer_on_stack(self)
-            if trainer is not None:
-                self.bind(trainer)
-        return self.trainer
-
-    def on_init_end(self, args, state, control, **kwargs):
-        self._find_trainer()
 
 
 # ---------------------------------------------------------------- the callbacks
 class GradualPruningCallback(_TrainerPruningCallback):
     """Saliency, schedule, masks, checkpoints and sparsity logs (see the module docstring).
 
-    ``GradualPruningCallback(config | path | None, *, evaluate_dense=False, log_per_group=True,
-    resume_from=None, **config_overrides)``. Logged at every logging step: ``sparsity/global``,
-    ``sparsity/target`` and ``sparsity/<layer kind>``. ``evaluate_dense`` logs ``dense_*`` metrics
-    of the unpruned model and ``dense_step`` (needs an ``eval_dataset``): ``"train_begin"`` (or
-    ``True``) before any step, ``"before_pruning"`` after the last optimizer step before the first
-    mask update (the model fine-tuned up to pruning, still dense); ``False``: none.
-
-    Transformers bug: for BERT-like models under gradient accumulation or DDP the Trainer does not
-    divide the loss by the accumulation steps (the model "accepts loss kwargs"); the saliency
-    magnitudes (and clipping) see gradients that are too large. Set
-    ``trainer.model_accepts_loss_kwargs = False``.
+    ``GradualPruningCallback(config | list | path | None, *, evaluate_dense=False, log_per_group=True,
+    resume_from=None, fix_loss_scaling=True, **config_overrides)``. Logged at every logging step:
+    the :mod:`prune_callbacks.figures` keys. ``evaluate_dense`` logs ``dense_*`` metrics of the
+    unpruned model and ``dense_step`` (needs an ``eval_dataset`` and ``callbacks.bind(trainer)``):
+    ``"train_begin"`` (or ``True``) before any step, ``"before_pruning"`` after the last optimizer
+    step before the first mask update; ``False``: none. ``fix_loss_scaling``: with the Trainer
+    bound, set ``trainer.model_accepts_loss_kwargs = False`` where the Trainer would mis-scale the
+    loss (False: only warn). Prefer `make_callbacks`: its set also records where checkpoints'
+    pruning states are (resume from any folder, dense checkpoints).
     """
 
     def __init__(self, config: ConfigLike = None, *, evaluate_dense: DenseTiming = False, log_per_group: bool = True,
-                 resume_from: Optional[str] = None, engine: Optional[TrainerPruningEngine] = None, **overrides):
+                 resume_from: Optional[str] = None, fix_loss_scaling: bool = True,
+                 engine: Optional[TrainerPruningEngine] = None, **overrides):
         timing = dense_timing(evaluate_dense)
         if engine is None:
-            engine = TrainerPruningEngine(make_trainer_config(config, overrides), resume_from=resume_from)
+            engine = TrainerPruningEngine(make_configs(config, overrides), resume_from=resume_from)
         elif config is not None or overrides or resume_from is not None:
             raise TypeError("pass either engine= or a config, not both")
         super().__init__(engine)
         self.evaluate_dense = evaluate_dense
         self.dense_timing = timing  # None, "train_begin" or "before_pruning"
         self.log_per_group = log_per_group
+        self.fix_loss_scaling = fix_loss_scaling
         self._warned_unbound = False
         self._dense_at: Optional[int] = None  # pruner step after which the dense evaluation is still due
 
@@ -168,16 +130,36 @@ class GradualPruningCallback(_TrainerPruningCallback):
         evaluate_dense(trainer)  # dense_step is added in on_log
         control.should_log, control.should_evaluate = flags
 
+    def _check_loss_scaling(self, args, model) -> None:
+        problem = loss_scaling_problem(model, args)
+        if problem is None:
+            return
+        trainer = self.trainer
+        if trainer is None:
+            logger.warning(
+                "prune_callbacks: %s, unless trainer.model_accepts_loss_kwargs = False was set. Call "
+                "callbacks.bind(trainer) to have it checked and set.", problem)
+        elif trainer.model_accepts_loss_kwargs and getattr(trainer, "compute_loss_func", None) is None:
+            if self.fix_loss_scaling:
+                trainer.model_accepts_loss_kwargs = False
+                logger.warning("prune_callbacks: set trainer.model_accepts_loss_kwargs = False: %s", problem)
+            else:
+                logger.warning("prune_callbacks: %s. Set trainer.model_accepts_loss_kwargs = False after building "
+                               "the Trainer (fix_loss_scaling=True does it for you).", problem)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        trainer = self._find_trainer()
+        trainer = self.trainer
         if self.dense_timing and state.global_step == 0:
             self._check_dense(trainer)  # before any compute
-        self.engine.start(args, state, model, optimizer)  # validates the config before any compute
+        started = self.engine.start(args, state, model, optimizer)  # validates the config before any compute
+        if started:
+            self._check_loss_scaling(args, model)
         self._dense_at = None
         if not self.dense_timing:
             return
         pruner = self.engine.pruner
-        at = 0 if self.dense_timing == "train_begin" else self.engine.first_update_step() - 1
+        first = self.engine.first_update_step()
+        at = 0 if self.dense_timing == "train_begin" or first is None else first - 1
         if pruner.step > at or pruner.mask_updates > 0:
             logger.info("prune_callbacks: resumed run past step %d, the dense model is gone; dense evaluation skipped",
                         at)
@@ -202,20 +184,21 @@ class GradualPruningCallback(_TrainerPruningCallback):
         figures = self.engine.figures(self.log_per_group)
         if "dense_step" not in logs and any(k.startswith("dense_") for k in logs):
             figures = {"dense_step": state.global_step, **figures}  # when the dense baseline was measured
-        add_to_logs(state, logs, figures)
+        add_figures(state, logs, figures)
         reporters = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
         if self.trainer is None and any(r != "none" for r in reporters) and not self._warned_unbound:
             self._warned_unbound = True
             logger.warning(
-                "prune_callbacks: could not find the Trainer, so reporting callbacks (%s) run before this one and "
-                "miss the sparsity figures (log_history has them). Call callbacks.bind(trainer).", reporters,
+                "prune_callbacks: the callbacks are not bound to their Trainer, so reporting callbacks (%s) run "
+                "before them and miss the sparsity figures (log_history has them). Call callbacks.bind(trainer).",
+                reporters,
             )
 
     def on_save(self, args, state, control, **kwargs):
         self.engine.save(args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.engine.stop()
+        self.engine.stop(args, state)
 
 
 class L1RegularizationCallback(_TrainerPruningCallback):
@@ -234,21 +217,21 @@ class L1RegularizationCallback(_TrainerPruningCallback):
         if engine is None:
             if not l1_lambda or l1_lambda <= 0:
                 raise PruningConfigError(f"l1_lambda={l1_lambda!r} is invalid: L1RegularizationCallback needs l1_lambda > 0")
-            config = make_config(
-                final_sparsity=0.0, saliency="magnitude", schedule="oneshot", start_step=0, end_step=0,
-                l1_lambda=l1_lambda, l1_ramp_steps=l1_ramp_steps, include=include, exclude=list(exclude),
-            )
+            try:
+                config = L1Config(l1_lambda=l1_lambda, l1_ramp_steps=l1_ramp_steps, include=include,
+                                  exclude=list(exclude))
+            except ValidationError as exc:
+                raise PruningConfigError(f"invalid L1RegularizationCallback settings:\n{format_validation_error(exc)}") from None
             engine = TrainerPruningEngine(config, resume_from=resume_from)
         super().__init__(engine)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._find_trainer()
         if self.drives:
             self.engine.start(args, state, model, optimizer)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.engine.pruner is not None:
-            add_to_logs(state, logs, self.engine.l1_figures())
+            add_figures(state, logs, self.engine.l1_figures())
 
     def on_save(self, args, state, control, **kwargs):
         if self.drives:
@@ -256,16 +239,17 @@ class L1RegularizationCallback(_TrainerPruningCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.drives:
-            self.engine.stop()
+            self.engine.stop(args, state)
 
 
 class PermanentMaskCallback(_TrainerPruningCallback):
     """At train end: masks made permanent (pruned weights are +0.0, hooks and buffers released).
 
     ``PermanentMaskCallback(*, save_sparse_to=None)``. On its own it finalizes whichever
-    prune_callbacks engine prunes the Trainer's model. ``save_sparse_to``: also write a compressed
-    sparse checkpoint there (`prune_callbacks.sparse_io.save_sparse`, with the Trainer's
-    tokenizer / processor) from the saving process.
+    prune_callbacks engine prunes the Trainer's model. After ``load_best_model_at_end`` the run's
+    final masks are applied to the reloaded weights first. ``save_sparse_to``: also write a
+    compressed sparse checkpoint there (`prune_callbacks.sparse_io.save_sparse`, with the
+    Trainer's tokenizer / processor) from the saving process.
     """
 
     def __init__(self, *, save_sparse_to: Optional[Union[str, os.PathLike]] = None,
@@ -280,31 +264,85 @@ class PermanentMaskCallback(_TrainerPruningCallback):
         else:
             engine.finish(args, state)
         if self.save_sparse_to is not None and args.should_save:
-            from ..sparse_io import save_sparse
+            from ...sparse_io import save_sparse
 
             save_sparse(model, self.save_sparse_to, tokenizer=processing_class)
 
 
+class PruningStateRecord(TrainerCallback, ExportableState):
+    """Keeps, in each checkpoint's ``trainer_state.json``, where that checkpoint's pruning state file is.
+
+    Part of every `make_callbacks` set; it has no effect on training. The Trainer restores the
+    record with the TrainerState of the folder it resumes from, which is how resume finds the state
+    in any folder, and tells a dense checkpoint (no record) from one whose state was lost (see
+    :mod:`.checkpoint`). With ``restore_callback_states_from_checkpoint=True`` the Trainer replaces
+    this callback by a fresh instance; that one finds the engine through the model at train begin.
+    """
+
+    def __init__(self, engine: Optional[TrainerPruningEngine] = None):
+        self.engine = engine
+        self.record: Optional[dict] = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.engine is None:
+            self.engine = engine_for(model)
+
+    def state(self) -> dict:
+        current = self.engine.record() if self.engine is not None else None
+        return ckpt.exported_state(current if current is not None else self.record)
+
+
+class PruningCallbacks(list):
+    """The callbacks of `make_callbacks` (a list, so ``callbacks=make_callbacks(...)`` just works)."""
+
+    def __init__(self, callbacks, engine):
+        super().__init__(callbacks)
+        self.engine = engine
+
+    @property
+    def pruner(self):
+        """The running `Pruner` (None before ``train()``): ``report()``, ``state_dict()``, ..."""
+        return self.engine.pruner
+
+    def bind(self, trainer: Trainer) -> "PruningCallbacks":
+        """Give the callbacks their Trainer (adding them to it if they are not there yet), and run them
+        right after ``DefaultFlowCallback`` so reporters see the figures. Returns self."""
+        present = {id(cb) for cb in trainer.callback_handler.callbacks}
+        for cb in self:
+            if id(cb) not in present:
+                trainer.add_callback(cb)
+        for cb in self:
+            if isinstance(cb, _TrainerPruningCallback) or callable(getattr(cb, "bind", None)):
+                cb.bind(trainer)
+        return self
+
+
 def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = False, finalize: bool = True,
                    save_sparse_to: Optional[Union[str, os.PathLike]] = None, log_per_group: bool = True,
-                   resume_from: Optional[str] = None, distillation=None, **overrides) -> PruningCallbacks:
+                   resume_from: Optional[str] = None, fix_loss_scaling: bool = True, distillation=None,
+                   **overrides) -> PruningCallbacks:
     """The callbacks sharing one pruning engine: ``GradualPruningCallback``, ``L1RegularizationCallback``
-    (when ``l1_lambda > 0``) and ``PermanentMaskCallback`` (unless ``finalize=False``).
+    (when ``l1_lambda > 0``), ``PermanentMaskCallback`` (unless ``finalize=False``) and
+    ``PruningStateRecord``.
 
-    ``config``: a `PruningConfig`, a dict, a path to a YAML recipe (its ``pruning:`` section, or the
-    whole mapping), or None for the defaults; ``overrides`` are PruningConfig fields.
+    ``config``: a `PruningConfig`, a dict, a list of them (several configs in one run, passed to
+    ``Pruner(model, [...])``), a path to a YAML file (a recipe's ``pruning:`` section, or a bare
+    mapping; read like ``prune-callbacks validate`` reads it), or None for the defaults;
+    ``overrides`` are PruningConfig fields (one config only).
     ``evaluate_dense``: False, True / ``"train_begin"`` or ``"before_pruning"`` (see `GradualPruningCallback`).
     ``distillation``: a `DistillationConfig` or dict adds a ``DistillationCallback`` sharing the engine
     (see `prune_callbacks.integrations.distillation_callback`).
     """
-    engine = TrainerPruningEngine(make_trainer_config(config, overrides), resume_from=resume_from)
-    callbacks: list = [GradualPruningCallback(engine=engine, evaluate_dense=evaluate_dense, log_per_group=log_per_group)]
-    if engine.config.l1_lambda > 0:
+    engine = TrainerPruningEngine(make_configs(config, overrides), resume_from=resume_from)
+    callbacks: list = [GradualPruningCallback(engine=engine, evaluate_dense=evaluate_dense, log_per_group=log_per_group,
+                                              fix_loss_scaling=fix_loss_scaling)]
+    if any(c.l1_lambda > 0 for c in engine.configs):
         callbacks.append(L1RegularizationCallback(engine=engine))
     if finalize:
         callbacks.append(PermanentMaskCallback(engine=engine, save_sparse_to=save_sparse_to))
+    callbacks.append(PruningStateRecord(engine))
     if distillation is not None:  # distillation from a dense teacher (issue 12)
-        from .distillation_callback import DistillationCallback
+        from ..distillation_callback import DistillationCallback
 
         callbacks.append(DistillationCallback(distillation, engine=engine, resume_from=resume_from))
     return PruningCallbacks(callbacks, engine)

@@ -1,0 +1,81 @@
+"""The log-key schema: every figure the adapters log, named once.
+
+Both the Trainer callbacks and the Accelerate hook log exactly these keys (the
+Trainer's reporters add their own ``train/`` prefix):
+
+=============================  ==============================================================
+``sparsity/global``            measured: fraction of the targeted weights that are pruned now
+``sparsity/scheduled``         the schedule's value at this optimizer step
+``sparsity/masks_target``      the sparsity the current masks were computed for (it lags
+                               ``sparsity/scheduled`` between mask updates)
+``sparsity/<layer kind>``      measured, per kind of layer over the repeated blocks
+                               (``attention.self.query``, ``mlp.up_proj``, ...)
+``pruning/mask_updates``       mask updates so far
+``pruning/skipped_steps``      optimizer steps skipped for non-finite gradients
+``l1/strength``                current lambda of the proximal L1 step (L1 runs only)
+``l1/zero_fraction``           exact zeros among the targeted weights (L1 runs only)
+=============================  ==============================================================
+
+The three sparsities come from `Pruner.report()` (``global_sparsity``,
+``scheduled_sparsity``, ``mask_sparsity``); nothing here counts them again.
+Pure torch: no transformers / accelerate import.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+GLOBAL = "sparsity/global"
+SCHEDULED = "sparsity/scheduled"
+MASKS_TARGET = "sparsity/masks_target"
+MASK_UPDATES = "pruning/mask_updates"
+SKIPPED_STEPS = "pruning/skipped_steps"
+L1_STRENGTH = "l1/strength"
+L1_ZERO_FRACTION = "l1/zero_fraction"
+
+#: Every key of this schema starts with one of these.
+PREFIXES = ("sparsity/", "pruning/", "l1/")
+
+
+def is_figure_key(key: str) -> bool:
+    """Whether ``key`` belongs to this schema (what the adapters add to logs)."""
+    return isinstance(key, str) and key.startswith(PREFIXES)
+
+
+def mask_sparsity_of(report: Mapping[str, Any]) -> float:
+    """The sparsity the current masks were computed for (``mask_sparsity`` of a report or a state dict)."""
+    return float(report.get("mask_sparsity", 0.0))
+
+
+def sparsity_figures(report: Mapping[str, Any], *, per_group: bool = True) -> dict:
+    """The ``sparsity/*`` and ``pruning/*`` figures of a `Pruner.report()`."""
+    out = {
+        GLOBAL: float(report["global_sparsity"]),
+        SCHEDULED: float(report["scheduled_sparsity"]),
+        MASKS_TARGET: mask_sparsity_of(report),
+        MASK_UPDATES: int(report.get("mask_updates", 0)),
+        SKIPPED_STEPS: int(report.get("skipped_steps", 0)),
+    }
+    if per_group:
+        for name, row in short_group_names(report.get("per_group", {})).items():
+            key = f"sparsity/{name}"
+            if key not in out:  # a layer kind called "global" would not overwrite the total
+                out[key] = float(row["sparsity"])
+    return out
+
+
+def l1_figures(report: Mapping[str, Any]) -> dict:
+    """``l1/strength`` and ``l1/zero_fraction`` of a `Pruner.report()` (empty when it runs no L1)."""
+    l1 = report.get("l1")
+    if not l1:
+        return {}
+    return {L1_STRENGTH: float(l1["strength"]), L1_ZERO_FRACTION: float(l1["zero_fraction"])}
+
+
+def short_group_names(per_group: Mapping[str, Any]) -> dict:
+    """``bert.encoder.layer.*.attention.self.query`` -> ``attention.self.query`` (full name on clashes)."""
+    short = {g: g.rsplit(".*.", 1)[-1] for g in per_group}
+    counts: dict[str, int] = {}
+    for s in short.values():
+        counts[s] = counts.get(s, 0) + 1
+    return {(short[g] if counts[short[g]] == 1 else g): row for g, row in per_group.items()}

@@ -1,0 +1,7 @@
+"""Granularities: how masks are shaped and chosen (see :mod:`.base`). Importing registers the built-ins."""
+
+from .base import Granularity
+from .nm import NM
+from .unstructured import Unstructured
+
+__all__ = ["Granularity", "NM", "Unstructured"]

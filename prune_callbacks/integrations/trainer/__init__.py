@@ -1,0 +1,57 @@
+"""Gradual pruning inside a stock ``transformers.Trainer``: callbacks only.
+
+::
+
+    from prune_callbacks import PruningConfig, make_callbacks
+    callbacks = make_callbacks(PruningConfig(final_sparsity=0.9))
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks)
+    callbacks.bind(trainer)      # reporters see the figures, loss scaling checked, dense baseline possible
+    trainer.train()              # prunes while it fine-tunes; masks permanent at the end
+    trainer.save_model(out)      # plain from_pretrained loads it, zeros included
+
+The package, one module per responsibility:
+
+* :mod:`.callbacks` -- the ``TrainerCallback`` classes and `make_callbacks`: they
+  only translate Trainer events into engine calls;
+* :mod:`.engine` -- `TrainerPruningEngine`: one core `Pruner`'s life across
+  ``train()`` calls (build at train begin, attach, finalize, best-model reloads);
+* :mod:`.checkpoint` -- the pruning state in ``checkpoint-N/``, the record of
+  where it is (kept in ``trainer_state.json``), resume and dense checkpoints;
+* :mod:`.logs` -- where figures go (logs, ``log_history``, reporters' order),
+  and the one workaround for ``log_history`` that transformers has no API for;
+* :mod:`.dense` -- the dense baseline (``dense_*`` metrics);
+* :mod:`.loss_scaling` -- the ``model_accepts_loss_kwargs`` check;
+* :mod:`prune_callbacks.integrations.configs` (shared with the Accelerate hook) --
+  configs from objects, dicts, lists and YAML files (through the recipe reader
+  that ``prune-callbacks validate`` uses).
+
+Names are imported lazily: ``import prune_callbacks.integrations.trainer.dense``
+does not import transformers. Log keys: :mod:`prune_callbacks.figures`.
+"""
+
+from importlib import import_module
+
+_LAZY = {
+    "make_callbacks": ".callbacks",
+    "PruningCallbacks": ".callbacks",
+    "GradualPruningCallback": ".callbacks",
+    "L1RegularizationCallback": ".callbacks",
+    "PermanentMaskCallback": ".callbacks",
+    "PruningStateRecord": ".callbacks",
+    "TrainerPruningEngine": ".engine",
+    "evaluate_dense": ".dense",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -1,0 +1,114 @@
+"""Every check that can run before training, in one place: ``validate`` and ``finetune`` call the same one.
+
+``check_recipe(recipe)`` (``validate``): the output directory (`lifecycle.plan_output`), and the
+data when it is on this machine (local files, built-in assets): splits, columns, labels.
+``check_recipe(recipe, load_model=True)`` (``validate --load``, and ``finetune`` before it trains):
+also opens hub data, loads the model and tokenizer, checks ``data.max_length`` against the model
+and builds the Pruner(s) on the model, which checks ``include`` / ``exclude`` and the targets.
+``finetune`` then trains on exactly what was checked (the returned `Preflight` holds it), so it
+cannot reject what ``validate --load`` accepted; ``validate`` without ``--load`` checks everything
+but what needs the model (and hub data, which needs the network).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .lifecycle import OutputPlan, plan_output
+from .loading import RecipeError
+from .schema import Recipe
+
+
+@dataclass
+class Preflight:
+    recipe: Recipe
+    plan: OutputPlan
+    data_checked: bool = False
+    train_raw: Any = None
+    eval_raw: Any = None
+    label_names: Optional[list[str]] = None
+    label_map: Optional[dict] = None
+    model: Any = None
+    tokenizer: Any = None
+    notes: list[str] = field(default_factory=list)  # what was not checked, for validate's OK line
+
+
+def seed_of(recipe: Recipe) -> int:
+    return int(recipe.training.get("seed", 42))
+
+
+def check_recipe(recipe: Recipe, *, load_model: bool = False) -> Preflight:
+    """Run the checks (see the module docstring); raises RecipeError naming the recipe field (and its line)."""
+    try:
+        return _check(recipe, load_model)
+    except RecipeError as exc:
+        if recipe._origin is None:
+            raise
+        raise exc.located(*recipe._origin) from None
+
+
+def _check(recipe: Recipe, load_model: bool) -> Preflight:
+    pre = Preflight(recipe, plan_output(recipe, needs_pruning_state=True))
+    check_callbacks(recipe)
+    if load_model or recipe.data.source != "hub":
+        from .data import load_data
+        from .workflow import quiet_transformers
+
+        with quiet_transformers():
+            pre.train_raw, pre.eval_raw, pre.label_names, pre.label_map = load_data(recipe, seed_of(recipe))
+        pre.data_checked = True
+    else:
+        pre.notes.append("hub data not opened (validate --load opens it)")
+    if load_model:
+        from .models import load_model as _load
+
+        from .workflow import quiet_transformers
+
+        with quiet_transformers():
+            pre.model, pre.tokenizer = _load(recipe, pre.label_names)
+        check_model(recipe, pre.model, pre.tokenizer)
+    else:
+        pre.notes.append("model not loaded (validate --load checks the targets)")
+    return pre
+
+
+def check_callbacks(recipe: Recipe) -> None:
+    """The Trainer callbacks accept the pruning section (no model needed: nothing is built on one)."""
+    from ..integrations.trainer import make_callbacks
+
+    try:
+        make_callbacks(recipe.pruning)
+    except (ValueError, TypeError) as exc:  # PruningConfigError is a ValueError
+        many = isinstance(recipe.pruning, list)
+        what = (f"a list of {len(recipe.pruning)} pruning configs is not accepted by the Trainer callbacks of this "
+                "version (make_callbacks([...]))" if many else "the pruning config is not accepted by the Trainer callbacks")
+        raise RecipeError([("pruning", f"{what}: {exc}" + ("; allowed here: one mapping" if many else ""))],
+                          source="pruning") from None
+
+
+def check_model(recipe: Recipe, model, tokenizer) -> None:
+    """What needs the loaded model: the sequence length it accepts, and the pruning targets."""
+    from .models import max_positions
+
+    limit = max_positions(model, tokenizer)
+    if limit is not None and recipe.data.max_length > limit:
+        raise RecipeError([("data.max_length", f"max_length={recipe.data.max_length} is longer than the model accepts; "
+                                               f"allowed: <= {limit}")], source="data")
+    check_targets(recipe, model)
+
+
+def check_targets(recipe: Recipe, model) -> None:
+    """Build the Pruner(s) the run would build (include / exclude must match, targets must be prunable)."""
+    from ..pruner import Pruner
+
+    max_steps = recipe.training.get("max_steps", -1)
+    total = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
+    many = isinstance(recipe.pruning, list)
+    try:
+        pruner = Pruner(model, recipe.pruning if not many else list(recipe.pruning), total_steps=total)
+    except (ValueError, TypeError, NotImplementedError) as exc:  # PruningConfigError is a ValueError
+        what = f"the {len(recipe.pruning)} pruning configs do" if many else "the pruning config does"
+        raise RecipeError([("pruning", f"{what} not fit the model {recipe.model.name!r}: {exc}")],
+                          source="pruning") from None
+    del pruner
