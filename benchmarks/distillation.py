@@ -20,7 +20,6 @@ import copy
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -45,7 +44,7 @@ RUNS = {
 
 
 def first_update_step(pruner: Pruner) -> int:
-    """The engine's own rule (one source): first optimizer step whose hook computes masks."""
+    """`Pruner.first_update_step` (one source): first optimizer step whose hook computes masks."""
     return pruner.first_update_step()
 
 

@@ -99,7 +99,7 @@ def test_resume_without_saved_teacher_is_an_error(tmp_path):
 def test_bad_teacher_or_setup_fails_before_any_step(tmp_path, teacher, overrides, match):
     callbacks = make_callbacks(**PRUNING, distillation=DistillationConfig(teacher=teacher()))
     trainer = build(tmp_path, callbacks, **overrides)
-    callbacks.bind(trainer)  # the README's line: the callbacks learn their Trainer (setup checks need it)
+    callbacks.bind(trainer)  # the Trainer's own settings are checked once the callbacks know it
     with pytest.raises(DistillationConfigError, match=match):
         trainer.train()
     assert trainer.state.global_step == 0

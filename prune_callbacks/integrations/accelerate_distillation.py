@@ -16,7 +16,7 @@ already holds the distillation term, see `prune_callbacks.distillation.distiller
 
 * ``snapshot="before_pruning"`` (``"self"`` teacher): copied in a step post-hook of the torch
   optimizer right after the last real optimizer step before the pruner's first mask update
-  (the step `Pruner.first_update_step` names); at ``register`` when that is step 0.
+  (the step `TrainerPruningEngine.first_update_step` names); at ``register`` when that is step 0.
 * ``accelerator.save_state`` / ``load_state`` store and restore a ``"self"`` teacher exactly
   (``register`` calls ``register_for_checkpointing``; register it after the pruning hook and
   before ``load_state``, in the same order in every run).
@@ -42,8 +42,12 @@ __all__ = ["AccelerateDistillationHook"]
 
 
 def first_update_step(pruner) -> int:
-    """The engine's rule (one source): the first optimizer step whose hook computes masks."""
-    return pruner.first_update_step()
+    """`Pruner.first_update_step` (one source): the first optimizer step whose hook computes masks."""
+    step = pruner.first_update_step()
+    if step is None:
+        raise DistillationConfigError("snapshot='before_pruning': this pruner never updates masks (no pruning group); "
+                                      "use snapshot='train_begin'")
+    return step
 
 
 class AccelerateDistillationHook:

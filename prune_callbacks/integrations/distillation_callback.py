@@ -67,7 +67,8 @@ class DistillationCallback(TrainerCallback):
     ``engine``: the `TrainerPruningEngine` of the pruning callbacks (``make_callbacks`` passes
     it); ``snapshot="before_pruning"`` needs it to know when the first mask update comes.
     ``resume_from``: the checkpoint folder a resumed run's teacher is read from (default: the
-    engine's, else ``output_dir/checkpoint-<global_step>``).
+    engine's, else ``output_dir/checkpoint-<global_step>``). After ``callbacks.bind(trainer)`` it also
+    refuses ``label_smoothing_factor`` / ``compute_loss_func`` at train begin (they bypass ``outputs.loss``).
     """
 
     def __init__(self, config: DistillationLike = None, *, engine: Any = None, resume_from: Optional[str] = None,
@@ -137,7 +138,11 @@ class DistillationCallback(TrainerCallback):
                 "without pruning use snapshot='train_begin'"
             )
         engine.start(args, state, model, optimizer)  # no-op when the pruning callback already started it
-        return engine.first_update_step()
+        step = engine.first_update_step()
+        if step is None:
+            raise DistillationConfigError("snapshot='before_pruning': the pruning config never updates masks; "
+                                          "use snapshot='train_begin'")
+        return step
 
     def _restore(self, args, state, model) -> None:
         folders = [self.resume_from, getattr(self.engine, "resume_from", None), checkpoint_dir(args, state)]
