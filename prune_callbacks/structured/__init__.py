@@ -9,16 +9,10 @@
 """
 
 from .masking import mask_model, skip_block, zero_units
+from .pruned import slim_pruned, structured_keep
 from .slim import slim
 from .units import KINDS, Span, StructuredUnitsError, UnitGroup, block_layout, unit_map
 
 __all__ = ["KINDS", "Span", "StructuredUnitsError", "UnitGroup", "block_layout", "mask_model", "skip_block",
-           "slim", "slim_pruned", "unit_map", "zero_units"]
+           "slim", "slim_pruned", "structured_keep", "unit_map", "zero_units"]
 
-
-def __getattr__(name):
-    if name == "slim_pruned":
-        from .pruned import slim_pruned
-
-        return slim_pruned
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
