@@ -101,6 +101,36 @@ def accuracy_run(args) -> list[dict]:
     return rows
 
 
+def plot(json_path: Path) -> Path:
+    """Bar chart of the batch-1 / batch-32 speedups and the parameter ratio (PNG next to the JSON)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(json_path).read_text())
+    rows = data["rows"]
+    names = [r["variant"] for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.27
+    ax.bar([i - width for i in x], [r["b1_speedup"] for r in rows], width, label="speedup, batch 1")
+    ax.bar(list(x), [r["b32_speedup"] for r in rows], width, label="speedup, batch 32")
+    ax.bar([i + width for i in x], [r["dense_params"] / r["params"] if "dense_params" in r else 1 / r["params_ratio"]
+                                    for r in rows], width, label="dense params / params")
+    ax.axhline(1.5, color="grey", ls="--", lw=0.8)
+    ax.set_xticks(list(x), names, rotation=20)
+    ax.set_ylabel("x dense")
+    ax.set_title(f"MiniLM CPU inference, seq {data['seq']}, {data['threads']} thread (median, interleaved)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(json_path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
@@ -164,6 +194,7 @@ def main(argv=None):
               f"{row['b32_median_s'] * 1e3:.0f} ms ({row['b32_speedup']:.2f}x) |")
     common.write_json(Path(args.out), {"hardware": common.hardware_info(), "threads": args.threads, "seq": args.seq,
                                        "rounds": {"1": args.rounds1, "32": args.rounds32}, "rows": rows})
+    print("plot:", plot(Path(args.out)))
 
 
 if __name__ == "__main__":
