@@ -116,6 +116,11 @@ class StructuredUnits(Granularity):
         for g, pruned in zip(self.groups, self.masks):
             zero_units(g, pruned)
 
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Masks permanent: every spanned slice of a pruned unit is written +0.0 (``index_fill_``) once more."""
+        self.apply()
+
     def keep(self) -> list[torch.Tensor]:
         """``True`` = kept, one bool tensor per block of the model (blocks out of scope keep everything)."""
         by_block = {g.layer: ~m.cpu() for g, m in zip(self.groups, self.masks)}
