@@ -37,15 +37,13 @@ def _history(log_history: list[dict], task: str) -> tuple[Optional[dict], list[d
     return dense, evals
 
 
-@torch.no_grad()
 def _target_sparsity(pruner) -> dict:
-    """Exact zeros in the pruned layers' weights (what was saved), per target and in total."""
-    per_target, zeros, total = {}, 0, 0
-    for target in (pruner.targets if pruner is not None else []):
-        n = target.param.numel()
-        z = n - int(torch.count_nonzero(target.param))
-        per_target[target.name] = {"numel": n, "nonzero": n - z, "sparsity": z / n if n else 0.0}
-        zeros, total = zeros + z, total + n
+    """Exact zeros in the pruned layers' weights (what was saved), per target and in total: the
+    finalized pruner's own report, which counts them from the weights."""
+    report = pruner.report() if pruner is not None else {"per_target": {}, "prunable_params": 0, "pruned_params": 0}
+    per_target = {n: {"numel": r["numel"], "nonzero": r["nonzero"], "sparsity": r["sparsity"]}
+                  for n, r in report["per_target"].items()}
+    total, zeros = report["prunable_params"], report["pruned_params"]
     return {"per_target": per_target, "target_params": total, "target_params_pruned": zeros,
             "target_sparsity": zeros / total if total else 0.0}
 
