@@ -3,5 +3,6 @@
 from .base import Granularity
 from .nm import NM
 from .unstructured import Unstructured
+from .structured import AttentionHeads, Blocks, FFNNeurons
 
-__all__ = ["Granularity", "NM", "Unstructured"]
+__all__ = ["Granularity", "NM", "Unstructured", "FFNNeurons", "AttentionHeads", "Blocks"]

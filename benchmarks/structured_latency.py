@@ -1,0 +1,201 @@
+"""CPU inference latency and parameter count: dense MiniLM vs slimmed (FFN neurons / blocks cut out).
+
+Widths are chosen by weight magnitude (sum of |w| over every slice a neuron spans, the
+same count removed in every block); blocks are removed from the top (the last ones).
+No fine-tuning: this measures shapes (latency, parameters), not accuracy. Each variant
+is checked against its masked twin (max |logit difference| printed and stored).
+Timings: one forward per variant per round, variants interleaved (order rotated
+each round), median over rounds; ``torch.inference_mode``; batch 1 and 32, seq 128.
+
+    python benchmarks/structured_latency.py                 # 1 thread
+    python benchmarks/structured_latency.py --smoke --out /tmp/s.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+from prune_callbacks.structured import mask_model, slim, unit_map  # noqa: E402
+
+VARIANTS = {  # name: (fraction of FFN neurons removed, blocks removed)
+    "dense": (0.0, 0), "ffn50": (0.5, 0), "ffn75": (0.75, 0),
+    "blocks1": (0.0, 1), "blocks2": (0.0, 2), "blocks3": (0.0, 3),
+    "ffn50+blocks2": (0.5, 2),
+}
+
+
+def magnitude_keep(model, ffn: float, blocks: int) -> dict:
+    keep = {}
+    if ffn:
+        masks = []
+        for group in unit_map(model, "ffn_neurons"):
+            score = sum(s.unit_view(s.param.detach().abs(), group.n_units).sum(1) for s in group.spans)
+            kept = torch.ones(group.n_units, dtype=torch.bool)
+            kept[torch.argsort(score, stable=True)[: round(ffn * group.n_units)]] = False
+            masks.append(kept)
+        keep["ffn_neurons"] = masks
+    if blocks:
+        n = len(unit_map(model, "blocks"))
+        keep["blocks"] = [i < n - blocks for i in range(n)]
+    return keep
+
+
+def build(template, ffn, blocks, ids):
+    keep = magnitude_keep(template, ffn, blocks)
+    masked, slimmed = copy.deepcopy(template), copy.deepcopy(template)
+    if not keep:
+        return slimmed, 0.0
+    mask_model(masked, keep)
+    slim(slimmed, keep)
+    with torch.inference_mode():
+        diff = (masked(input_ids=ids).logits - slimmed(input_ids=ids).logits).abs().max().item()
+    return slimmed, diff
+
+
+ACCURACY_VARIANTS = {"dense": [], "ffn50": [("ffn_neurons", 0.5)], "blocks2": [("blocks", 2 / 6)],
+                     "ffn50+blocks2": [("ffn_neurons", 0.5), ("blocks", 2 / 6)]}
+
+
+def accuracy_run(args) -> list[dict]:
+    """Short fine-tunes on Rotten Tomatoes: pruning rides the fine-tune (taylor, cubic), then slim; test accuracy."""
+    from prune_callbacks import Pruner, PruningConfig
+    from prune_callbacks.structured import slim_pruned
+
+    rows = []
+    for name, kinds in ACCURACY_VARIANTS.items():
+        if args.smoke:
+            model = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=6))
+            data = {s: common.synthetic_encoded(64, seed=i) for i, s in enumerate(("train", "validation", "test"))}
+        else:
+            model, tok = common.load_minilm(seed=0)
+            data = common.load_rt_encoded(tok, seed=0, max_train=None, max_eval=args.max_eval, max_len=64)
+        steps = args.accuracy_steps
+        optimizer = common.make_optimizer(model, lr=args.lr)
+        scheduler = common.linear_warmup_decay(optimizer, steps=steps, warmup=steps // 10)
+        pruner = None
+        if kinds:
+            configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=0.1, end_step=0.6) for k, s in kinds]
+            pruner = Pruner(model, configs, total_steps=steps).attach(optimizer)
+        batches = common.train_batches(data["train"], steps=steps, batch_size=16, seed=0)
+        wall = common.train(model, batches, optimizer, scheduler,
+                            after_step=lambda st: print(f"{name}: step {st}/{steps}", flush=True) if st % 25 == 0 else None)
+        test = common.eval_batches(data["test"])
+        masked_acc = common.accuracy(model, test)
+        if pruner is not None:
+            slim_pruned(model, pruner)
+        acc = common.accuracy(model, test)
+        rows.append({"variant": name, "steps": steps, "train_wall_s": wall, "test_accuracy": acc,
+                     "masked_test_accuracy": masked_acc, "params": sum(p.numel() for p in model.parameters()),
+                     "test_examples": len(data["test"])})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def plot(json_path: Path) -> Path:
+    """Bar chart of the batch-1 / batch-32 speedups and the parameter ratio (PNG next to the JSON)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(json_path).read_text())
+    rows = data["rows"]
+    names = [r["variant"] for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.27
+    ax.bar([i - width for i in x], [r["b1_speedup"] for r in rows], width, label="speedup, batch 1")
+    ax.bar(list(x), [r["b32_speedup"] for r in rows], width, label="speedup, batch 32")
+    ax.bar([i + width for i in x], [r["dense_params"] / r["params"] if "dense_params" in r else 1 / r["params_ratio"]
+                                    for r in rows], width, label="dense params / params")
+    ax.axhline(1.5, color="grey", ls="--", lw=0.8)
+    ax.set_xticks(list(x), names, rotation=20)
+    ax.set_ylabel("x dense")
+    ax.set_title(f"MiniLM CPU inference, seq {data['seq']}, {data['threads']} thread (median, interleaved)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(json_path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds1", type=int, default=30, help="rounds at batch 1")
+    ap.add_argument("--rounds32", type=int, default=5, help="rounds at batch 32")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--out", default=str(common.RESULTS / "structured_latency.json"))
+    ap.add_argument("--accuracy-steps", type=int, default=0,
+                    help="instead of latency: short RT fine-tunes of this many steps (batch 16, max_len 64)")
+    ap.add_argument("--max-eval", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    args = ap.parse_args(argv)
+    common.set_threads(args.threads)
+    if args.accuracy_steps:
+        rows = accuracy_run(args)
+        common.write_json(Path(args.out), {"hardware": common.hardware_info(), "threads": args.threads,
+                                           "lr": args.lr, "batch_size": 16, "max_len": 64, "rows": rows})
+        return
+    if args.smoke:
+        template = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=4))
+        args.rounds1, args.rounds32, args.seq = 2, 1, 16
+    else:
+        template, _ = common.load_minilm()
+    template.eval()
+    vocab = template.config.vocab_size
+    ids = torch.randint(0, vocab, (2, args.seq), generator=torch.Generator().manual_seed(0))
+    models, diffs, params = {}, {}, {}
+    for name, (ffn, blocks) in VARIANTS.items():
+        models[name], diffs[name] = build(template, ffn, blocks, ids)
+        params[name] = sum(p.numel() for p in models[name].parameters())
+        print(f"{name}: {params[name] / 1e6:.2f}M params, masked-vs-slim max diff {diffs[name]:.2e}", flush=True)
+    timings = {}
+    for batch, rounds in ((1, args.rounds1), (32, args.rounds32)):
+        x = torch.randint(0, vocab, (batch, args.seq), generator=torch.Generator().manual_seed(batch))
+        mask = torch.ones_like(x)
+        times = {n: [] for n in models}
+        names = list(models)
+        with torch.inference_mode():
+            for m in models.values():  # warm-up
+                m(input_ids=x, attention_mask=mask)
+            for r in range(rounds):
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    t0 = time.perf_counter()
+                    models[name](input_ids=x, attention_mask=mask)
+                    times[name].append(time.perf_counter() - t0)
+                print(f"batch {batch}: round {r + 1}/{rounds}", flush=True)
+        timings[batch] = {n: statistics.median(t) for n, t in times.items()}
+    rows = []
+    for name in models:
+        rows.append({
+            "variant": name, "ffn_removed": VARIANTS[name][0], "blocks_removed": VARIANTS[name][1],
+            "params": params[name], "params_ratio": params[name] / params["dense"],
+            "masked_vs_slim_max_abs_diff": diffs[name],
+            **{f"b{b}_median_s": timings[b][name] for b in timings},
+            **{f"b{b}_speedup": timings[b]["dense"] / timings[b][name] for b in timings},
+        })
+    for row in rows:
+        print(f"| {row['variant']} | {row['params'] / 1e6:.2f}M ({row['params_ratio']:.2f}x) | "
+              f"{row['b1_median_s'] * 1e3:.1f} ms ({row['b1_speedup']:.2f}x) | "
+              f"{row['b32_median_s'] * 1e3:.0f} ms ({row['b32_speedup']:.2f}x) |")
+    common.write_json(Path(args.out), {"hardware": common.hardware_info(), "threads": args.threads, "seq": args.seq,
+                                       "rounds": {"1": args.rounds1, "32": args.rounds32}, "rows": rows})
+    print("plot:", plot(Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()
