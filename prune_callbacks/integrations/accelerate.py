@@ -239,16 +239,22 @@ class AcceleratePruningHook:
         """`Pruner.report()`: global and per-target sparsity, step, counters."""
         return self._require_pruner().report()
 
-    def finalize(self, *, save_sparse_to: Optional[str] = None, tokenizer: Any = None) -> dict:
+    def finalize(self, *, save_sparse_to: Optional[str] = None, tokenizer: Any = None, slim: bool = False) -> dict:
         """Make the masks permanent (pruned weights are +0.0), stop pruning, log and return the final report.
 
         Afterwards ``accelerator.unwrap_model(model).save_pretrained(...)`` saves
         an ordinary model. ``save_sparse_to``: also write the compressed sparse
         checkpoint there (`prune_callbacks.sparse_io.save_sparse`, main process
         only, then all processes wait). Calling it again returns the report and
-        does nothing else (but still saves when asked).
+        does nothing else (but still saves when asked). ``slim``: cut removed structured units out of
+        the model and rewrite its config (`prune_callbacks.structured.slim_pruned`); call it once the
+        optimizer is done (it still holds the old parameters).
         """
         report = self._finalize_pruner()
+        if slim:
+            from ..structured import slim_pruned
+
+            report["slim"] = slim_pruned(self.pruner.model, self.pruner)
         if save_sparse_to is not None:
             if self.accelerator.is_main_process:
                 from ..sparse_io import save_sparse

@@ -249,13 +249,17 @@ class PermanentMaskCallback(_TrainerPruningCallback):
     prune_callbacks engine prunes the Trainer's model. After ``load_best_model_at_end`` the run's
     final masks are applied to the reloaded weights first. ``save_sparse_to``: also write a
     compressed sparse checkpoint there (`prune_callbacks.sparse_io.save_sparse`, with the
-    Trainer's tokenizer / processor) from the saving process.
+    Trainer's tokenizer / processor) from the saving process. ``slim``: cut removed structured
+    units out of the model in place and rewrite its config
+    (`prune_callbacks.structured.slim_pruned`), so ``trainer.save_model`` writes a smaller model
+    that plain ``from_pretrained`` loads.
     """
 
     def __init__(self, *, save_sparse_to: Optional[Union[str, os.PathLike]] = None,
-                 engine: Optional[TrainerPruningEngine] = None):
+                 engine: Optional[TrainerPruningEngine] = None, slim: bool = False):
         super().__init__(engine)
         self.save_sparse_to = save_sparse_to
+        self.slim = slim
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         engine = self.engine if self.engine is not None and self.engine.pruner is not None else engine_for(model)
@@ -263,6 +267,12 @@ class PermanentMaskCallback(_TrainerPruningCallback):
             logger.warning("prune_callbacks: PermanentMaskCallback found no pruning engine on this model; nothing to finalize")
         else:
             engine.finish(args, state)
+            if self.slim:
+                from ...structured import slim_pruned
+
+                summary = slim_pruned(model, engine.pruner)
+                logger.info("prune_callbacks: slimmed the model from %s to %s parameters (%s)",
+                            summary["params_before"], summary["params_after"], summary["config"])
         if self.save_sparse_to is not None and args.should_save:
             from ...sparse_io import save_sparse
 
@@ -320,7 +330,7 @@ class PruningCallbacks(list):
 def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = False, finalize: bool = True,
                    save_sparse_to: Optional[Union[str, os.PathLike]] = None, log_per_group: bool = True,
                    resume_from: Optional[str] = None, fix_loss_scaling: bool = True, distillation=None,
-                   **overrides) -> PruningCallbacks:
+                   slim: bool = False, **overrides) -> PruningCallbacks:
     """The callbacks sharing one pruning engine: ``GradualPruningCallback``, ``L1RegularizationCallback``
     (when ``l1_lambda > 0``), ``PermanentMaskCallback`` (unless ``finalize=False``) and
     ``PruningStateRecord``.
@@ -339,7 +349,7 @@ def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = F
     if any(c.l1_lambda > 0 for c in engine.configs):
         callbacks.append(L1RegularizationCallback(engine=engine))
     if finalize:
-        callbacks.append(PermanentMaskCallback(engine=engine, save_sparse_to=save_sparse_to))
+        callbacks.append(PermanentMaskCallback(engine=engine, save_sparse_to=save_sparse_to, slim=slim))
     callbacks.append(PruningStateRecord(engine))
     if distillation is not None:  # distillation from a dense teacher (issue 12)
         from ..distillation_callback import DistillationCallback
