@@ -12,10 +12,11 @@ the sparsity the current masks were computed for (``s``):
 ``rollback``
     still outside after ``patience`` consecutive evaluations at ``s``: the masks go back to
     the last good ones, the weights pruned since then get their values back, and the
-    ceiling becomes ``good + (s - good) / 2`` (a smaller increment; after reaching the
-    ceiling with a passing metric it moves up by that increment again).
+    ceiling becomes ``good + (s - good) / 2`` (a smaller increment). From then on it bisects:
+    a pass at the ceiling moves it halfway to the lowest failed sparsity, a rollback halfway
+    from the last good one.
 ``stop``
-    the increment fell below ``min_increment``: sparsity stays at the last good value.
+    the next increment would be below ``min_increment``: sparsity stays at the last good value.
 
 The schedule override is `GuardedSchedule`: it wraps the group's own schedule and caps its
 value; after the schedule's ``end`` it keeps updating on the same grid while the cap allows
@@ -91,6 +92,7 @@ class AccuracyGuard(StepComponent):
         self.baseline: Optional[float] = None
         self.ceiling = float(group.config.final_sparsity)
         self.increment: Optional[float] = None  # None until the first rollback
+        self.failed: Optional[float] = None  # lowest sparsity rolled back from
         self.good_sparsity = 0.0
         self.good_masks = [m.clone() for m in group.masks]
         self.snapshot: list[torch.Tensor] = [torch.empty(0, dtype=torch.float32, device=m.device) for m in group.masks]
@@ -173,8 +175,8 @@ class AccuracyGuard(StepComponent):
         if self.passes(value):
             self.holding, self.failures = False, 0
             self._mark_good()
-            if self.increment is not None and not self.stopped and s >= self.ceiling - _EPS:
-                self.ceiling = min(float(self.group.config.final_sparsity), self.ceiling + self.increment)
+            if self.failed is not None and not self.stopped and s >= self.ceiling - _EPS:
+                self._bisect()
             return self._record(step, value, "stop" if self.stopped else "continue")
         self.failures += 1
         if self.failures < self.config.patience or s <= self.good_sparsity + _EPS:
@@ -191,14 +193,19 @@ class AccuracyGuard(StepComponent):
     @torch.no_grad()
     def _roll_back(self, failed: float) -> str:
         self.restore_good()
-        self.increment = (failed - self.good_sparsity) / 2.0
+        self.failed = failed
         self.holding, self.failures = False, 0
+        return "stop" if self._bisect() else "rollback"
+
+    def _bisect(self) -> bool:
+        """Next ceiling halfway between the last good and the lowest failed sparsity; True if that step is too small."""
+        self.increment = (self.failed - self.good_sparsity) / 2.0
         if self.increment < self.config.min_increment:
             self.stopped = True
             self.ceiling = self.good_sparsity
-            return "stop"
+            return True
         self.ceiling = self.good_sparsity + self.increment
-        return "rollback"
+        return False
 
     @torch.no_grad()
     def restore_good(self) -> None:
@@ -248,13 +255,13 @@ class AccuracyGuard(StepComponent):
             tensors[f"good_masks/{i}"] = m.clone()
             tensors[f"snapshot/{i}"] = v.clone()
         return {"json": {"baseline": self.baseline, "ceiling": self.ceiling, "increment": self.increment,
-                         "good_sparsity": self.good_sparsity, "holding": self.holding, "failures": self.failures,
+                         "failed": self.failed, "good_sparsity": self.good_sparsity, "holding": self.holding, "failures": self.failures,
                          "stopped": self.stopped, "trajectory": list(self.trajectory), "final": self.final},
                 "tensors": tensors}
 
     def load_state_dict(self, state: dict) -> None:
         js, tensors = state["json"], state["tensors"]
-        for k in ("baseline", "ceiling", "increment", "good_sparsity", "holding", "failures", "stopped", "final"):
+        for k in ("baseline", "ceiling", "increment", "failed", "good_sparsity", "holding", "failures", "stopped", "final"):
             setattr(self, k, js[k])
         self.trajectory = [dict(r) for r in js["trajectory"]]
         n = len(self.group.masks)
