@@ -45,9 +45,21 @@ def build(tmp_path, guard, *, eval_rows=True, compute_metrics="synthetic", max_s
     return trainer, callbacks
 
 
-def test_guarded_run_ends_at_a_measured_sparsity(tmp_path):
-    trainer, callbacks = build(tmp_path, {"metric": "eval_score", "max_drop": 0.0, "every": 2, "patience": 2})
+GUARD = {"metric": "eval_score", "max_drop": 0.0, "every": 2, "patience": 2}
+SAVE_AT = 12
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One guarded run (checkpoint at SAVE_AT), shared by the result and resume tests."""
+    folder = tmp_path_factory.mktemp("guard_full")
+    trainer, callbacks = build(folder, GUARD, save_strategy="steps", save_steps=SAVE_AT, logging_steps=10)
     trainer.train()
+    return folder, trainer, callbacks
+
+
+def test_guarded_run_ends_at_a_measured_sparsity(full_run):
+    _, trainer, callbacks = full_run
     (report,) = callbacks.guard.report()
     traj = report["trajectory"]
     assert traj[0]["decision"] == "baseline" and traj[0]["sparsity"] == 0.0 and traj[0]["step"] == 0
@@ -77,17 +89,13 @@ def test_metric_never_returned_is_an_error_listing_the_keys(tmp_path):
     assert trainer.state.global_step == 0
 
 
-SAVE_AT = 12
-
-
-def test_resume_reproduces_the_guarded_run(tmp_path):
-    guard = {"metric": "eval_score", "max_drop": 0.0, "every": 2, "patience": 2}
-    full, cb_full = build(tmp_path / "a", guard, save_strategy="steps", save_steps=SAVE_AT)
-    full.train()
+def test_resume_reproduces_the_guarded_run(full_run):
+    folder, _, cb_full = full_run
     by_step = {r["step"]: r["decision"] for r in cb_full.guard.report()[0]["trajectory"]}
-    assert by_step.get(SAVE_AT) in ("hold", "rollback"), by_step  # the checkpoint is taken inside a hold/rollback
-    resumed, cb_res = build(tmp_path / "a", guard, save_strategy="steps", save_steps=SAVE_AT)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / f"checkpoint-{SAVE_AT}"))
+    assert by_step.get(SAVE_AT) in ("hold", "rollback"), by_step
+    assert (folder / "out" / f"checkpoint-{SAVE_AT}" / "guard_state.safetensors").is_file()  # the checkpoint is taken inside a hold/rollback
+    resumed, cb_res = build(folder, GUARD, save_strategy="no", logging_steps=10)
+    resumed.train(resume_from_checkpoint=str(folder / "out" / f"checkpoint-{SAVE_AT}"))
     a, b = cb_full.guard.report()[0], cb_res.guard.report()[0]
     assert [r["decision"] for r in a["trajectory"]] == [r["decision"] for r in b["trajectory"]]
     assert b["final"]["sparsity"] == pytest.approx(a["final"]["sparsity"])
