@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
+from .guard.config import AccuracyGuardConfig
 from .registry import GRANULARITIES, SALIENCIES, SCHEDULES
 
 Step = Union[StrictInt, float]
@@ -105,6 +106,10 @@ class PruningConfig(_Validated):
     l1_ramp_steps: Step = Field(0, description="L1 strength grows linearly from 0 over this many steps (or fraction).")
 
     sync_masks: bool = Field(True, description="Under torch.distributed, broadcast masks from rank 0 at every update.")
+
+    accuracy_guard: Optional[AccuracyGuardConfig] = Field(
+        None, description="Hold / roll back sparsity when an eval metric drops too far (prune_callbacks.guard); "
+        "final_sparsity is then the upper bound.")
 
     # ------------------------------------------------------------------ fields
     @field_validator("saliency", "schedule", "granularity")

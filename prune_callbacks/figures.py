@@ -14,6 +14,9 @@ Trainer's reporters add their own ``train/`` prefix):
 ``pruning/skipped_steps``      optimizer steps skipped for non-finite gradients
 ``l1/strength``                current lambda of the proximal L1 step (L1 runs only)
 ``l1/zero_fraction``           exact zeros among the targeted weights (L1 runs only)
+``guard/sparsity``             accuracy guard: sparsity of its latest decision (guarded runs only)
+``guard/metric``               accuracy guard: the metric that decision was taken on
+``guard/decision``             accuracy guard: the decision, as ``GUARD_DECISION_CODES``
 =============================  ==============================================================
 
 The three sparsities come from `Pruner.report()` (``global_sparsity``,
@@ -32,9 +35,14 @@ MASK_UPDATES = "pruning/mask_updates"
 SKIPPED_STEPS = "pruning/skipped_steps"
 L1_STRENGTH = "l1/strength"
 L1_ZERO_FRACTION = "l1/zero_fraction"
+GUARD_SPARSITY = "guard/sparsity"
+GUARD_METRIC = "guard/metric"
+GUARD_DECISION = "guard/decision"
+#: ``guard/decision`` is logged as a number (reporters take scalars)
+GUARD_DECISION_CODES = {"baseline": -1, "continue": 0, "hold": 1, "rollback": 2, "stop": 3, "final": 4}
 
 #: Every key of this schema starts with one of these.
-PREFIXES = ("sparsity/", "pruning/", "l1/")
+PREFIXES = ("sparsity/", "pruning/", "l1/", "guard/")
 
 
 def is_figure_key(key: str) -> bool:

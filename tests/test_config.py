@@ -35,7 +35,7 @@ from prune_callbacks.config import PruningConfigError, make_config
         (dict(l1_lambda=-1.0), r"l1_lambda=-1\.0 is invalid: must be >= 0"),
         (dict(final_sparsity="high"), r"final_sparsity"),
         (dict(update_every=2.5), r"update_every"),
-        (dict(sparsity=0.9), r"sparsity: unknown key 'sparsity'; allowed keys: beta, .*final_sparsity"),
+        (dict(sparsity=0.9), r"sparsity: unknown key 'sparsity'; allowed keys: accuracy_guard, beta, .*final_sparsity"),
     ],
 )
 def test_bad_config_names_field_and_value(kwargs, expected):

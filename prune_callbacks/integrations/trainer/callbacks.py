@@ -314,6 +314,11 @@ class PruningCallbacks(list):
         """The running `Pruner` (None before ``train()``): ``report()``, ``state_dict()``, ..."""
         return self.engine.pruner
 
+    @property
+    def guard(self):
+        """The `AccuracyGuardCallback` of the set (None without ``accuracy_guard``): ``guard.report()``."""
+        return next((cb for cb in self if type(cb).__name__ == "AccuracyGuardCallback"), None)
+
     def bind(self, trainer: Trainer) -> "PruningCallbacks":
         """Give the callbacks their Trainer (adding them to it if they are not there yet), and run them
         right after ``DefaultFlowCallback`` so reporters see the figures. Returns self."""
@@ -346,6 +351,10 @@ def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = F
     engine = TrainerPruningEngine(make_configs(config, overrides), resume_from=resume_from)
     callbacks: list = [GradualPruningCallback(engine=engine, evaluate_dense=evaluate_dense, log_per_group=log_per_group,
                                               fix_loss_scaling=fix_loss_scaling)]
+    if any(getattr(c, "accuracy_guard", None) is not None for c in engine.configs):
+        from .guard import AccuracyGuardCallback  # before PermanentMaskCallback: its final check runs unfinalized
+
+        callbacks.append(AccuracyGuardCallback(engine))
     if any(c.l1_lambda > 0 for c in engine.configs):
         callbacks.append(L1RegularizationCallback(engine=engine))
     if finalize:

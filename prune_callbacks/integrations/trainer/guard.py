@@ -1,0 +1,146 @@
+"""`AccuracyGuardCallback`: feeds the Trainer's own evaluations to the accuracy guard (``PruningConfig.accuracy_guard``).
+
+* ``on_train_begin`` (after the engine built the pruner): adds one
+  `~prune_callbacks.guard.controller.AccuracyGuard` per guarded group and measures the
+  dense baseline with ``trainer.evaluate()`` (the Trainer's ``eval_dataset`` and
+  ``compute_metrics``) before any step. No ``eval_dataset``, or a metric name that the
+  evaluation does not return (the keys it returns are listed), is an error here, before
+  any training step.
+* every ``every`` optimizer steps once masks exist: ``control.should_evaluate = True``, so
+  the Trainer runs its normal evaluation; ``on_evaluate`` hands the metric to the guard
+  (evaluations the user scheduled count too).
+* ``on_train_end`` (before `PermanentMaskCallback` finalizes): `AccuracyGuard.final_check`
+  evaluates at the final sparsity and rolls back to the last good masks if it fails, so
+  the reported answer is measured where the run ends.
+* ``on_save``: the guards' state goes to ``checkpoint-N/guard_state.safetensors`` (tensors +
+  JSON metadata, no pickle); a resumed run reads it from the folder the pruning state
+  came from.
+* ``on_log``: the ``guard/*`` figures of :mod:`prune_callbacks.figures`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from ...guard.controller import AccuracyGuard, add_guards
+from . import checkpoint as ckpt
+from .callbacks import _TrainerPruningCallback
+from .logs import add_figures
+
+logger = logging.getLogger(__name__)
+
+GUARD_FILE = "guard_state.safetensors"
+_META_KEY = "prune_callbacks.guard"
+
+
+class AccuracyGuardCallback(_TrainerPruningCallback):
+    """Part of a `make_callbacks` set when a config has ``accuracy_guard``; needs ``callbacks.bind(trainer)``."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.guards: list[AccuracyGuard] = []
+        self._quiet = False  # our own evaluate() calls are not fed through on_evaluate
+
+    def report(self) -> list[dict]:
+        return [g.report() for g in self.guards]
+
+    def _evaluate(self) -> dict:
+        self._quiet = True
+        try:
+            return self.trainer.evaluate()
+        finally:
+            self._quiet = False
+
+    def _value(self, metrics: dict, guard: AccuracyGuard) -> float:
+        key = guard.config.metric
+        if key not in metrics:
+            raise ValueError(f"accuracy_guard.metric={key!r} is not among the evaluation's metrics; it returned: "
+                             f"{', '.join(sorted(metrics))} (give compute_metrics, or pick one of these)")
+        return float(metrics[key])
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pruner = self.engine.pruner
+        trainer = self.trainer
+        if trainer is None:
+            raise RuntimeError("accuracy_guard needs the Trainer: call callbacks.bind(trainer) before train()")
+        if trainer.eval_dataset is None:
+            raise ValueError("accuracy_guard needs an eval_dataset on the Trainer (its metric is measured on it)")
+        if self.guards and self.guards[0].group is pruner.groups[0]:
+            for g in self.guards:
+                g.install()
+            return  # a second train() of the same run
+        self.guards = add_guards(pruner)
+        if state.global_step > 0 and self.engine.resumed_from is not None:
+            self._load(Path(self.engine.resumed_from).parent / GUARD_FILE)
+            return
+        flags = control.should_log, control.should_evaluate
+        metrics = self._evaluate()
+        control.should_log, control.should_evaluate = flags
+        for g in self.guards:
+            g.set_baseline(self._value(metrics, g), state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        pruner = self.engine.pruner
+        if pruner is None or pruner.mask_updates == 0:
+            return
+        if any(pruner.step % g.config.every == 0 for g in self.guards):
+            control.should_evaluate = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        pruner = self.engine.pruner
+        if self._quiet or metrics is None or pruner is None or pruner.finalized or pruner.mask_updates == 0:
+            return
+        for g in self.guards:
+            g.report_metric(self._value(metrics, g), pruner.step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        figures = {}
+        for g in self.guards:
+            figures.update(g.figures())
+        if figures:
+            add_figures(state, logs, figures)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save or not self.guards:
+            return
+        from safetensors.torch import save_file
+
+        folder = Path(ckpt.checkpoint_dir(args, state))
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors, meta = {}, []
+        for i, g in enumerate(self.guards):
+            sd = g.state_dict()
+            meta.append(sd["json"])
+            tensors.update({f"{i}/{k}": v.contiguous().cpu() for k, v in sd["tensors"].items()})
+        tmp = folder / (GUARD_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        os.replace(tmp, folder / GUARD_FILE)
+
+    def _load(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise RuntimeError(f"resuming a guarded run, but there is no accuracy-guard state at {path}")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads(f.metadata()[_META_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for i, g in enumerate(self.guards):
+            prefix = f"{i}/"
+            g.load_state_dict({"json": meta[i], "tensors": {k[len(prefix):]: v for k, v in tensors.items()
+                                                             if k.startswith(prefix)}})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        pruner = self.engine.pruner
+        if pruner is None or pruner.finalized or not self.guards:
+            return
+        for g in self.guards:
+            final = g.final_check(lambda: self._value(self._evaluate(), g), pruner.step)
+            logger.info("prune_callbacks: accuracy guard ends at sparsity %.4f, %s=%.4f (dense %.4f, %s)",
+                        final["sparsity"], g.config.metric, final["metric"], final["baseline"],
+                        "within max_drop" if final["met"] else "NOT within max_drop")
