@@ -126,6 +126,16 @@ class AcceleratePruningHook:
     ):
         self.config = make_configs(config, overrides)
         self.configs = as_list(self.config)
+        guarded = [i for i, c in enumerate(self.configs) if getattr(c, "accuracy_guard", None) is not None]
+        if guarded:
+            from ..config import PruningConfigError
+
+            raise PruningConfigError(
+                f"accuracy_guard (config {', '.join(map(str, guarded))}) is not supported by the Accelerate hook yet: "
+                "it needs an evaluation loop; use the Trainer callbacks, or drive "
+                "prune_callbacks.guard.add_guards(pruner) yourself",
+                [("accuracy_guard", "not supported by AcceleratePruningHook")],
+            )
         if total_steps is not None:
             self._resolve(total_steps)  # fail early, before prepare() work is wasted on a bad schedule
         if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0):
