@@ -62,3 +62,16 @@ def test_merged_model_prunes_like_a_plain_model():
 def test_plain_models_are_untouched():
     refuse_adapter_models(tiny_llama_lm())
     refuse_adapter_models(torch.nn.Linear(3, 3))
+
+
+def test_detection_never_imports_peft():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nfrom prune_callbacks import Pruner, PruningConfig\nfrom helpers import TinyLM\n"
+            "Pruner(TinyLM(), PruningConfig(start_step=1, end_step=2))\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('peft', 'trl', 'transformers'))\n"
+            "print(bad); sys.exit(1 if bad else 0)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stdout + result.stderr
