@@ -90,6 +90,7 @@ def main():
                            update_every=update_every)
     callbacks = make_callbacks(config, evaluate_dense=True, save_sparse_to=str(Path(args.output_dir) / "sparse"))
     trainer = trainer_for("pruned", callbacks=callbacks, **prune_phase)
+    callbacks.bind(trainer)  # the dense baseline needs the Trainer; reporters then see the figures
     trainer.train()
 
     dense = next(e for e in trainer.state.log_history if "dense_accuracy" in e)

@@ -37,6 +37,9 @@ _LAZY = {
     "load_sparse": ".sparse_io",
     "densify": ".sparse_io",
     "SparseCheckpointError": ".sparse_io",
+    "DistillationConfig": ".distillation",
+    "DistillationCallback": ".integrations.distillation_callback",
+    "AccelerateDistillationHook": ".integrations.accelerate_distillation",
 }
 
 __all__ = [

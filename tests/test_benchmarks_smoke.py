@@ -67,7 +67,7 @@ def test_overhead_smoke(tmp_path):
     out = tmp_path / "overhead_cpu.json"
     overhead.main(["--smoke", "--out", str(out)])
     row = json.loads(out.read_text())["models"]["tiny"]
-    assert set(row["interleaved"]["variants"]) == {"taylor", "taylor@alloc", "platon", "movement", "magnitude"}
+    assert set(row["interleaved"]["variants"]) == {"taylor", "taylor@v1", "platon", "movement", "magnitude"}
     assert all(v["ratio"] > 0 for v in row["interleaved"]["variants"].values())
     mem = row["memory"]
     for method in ("taylor", "platon", "movement", "magnitude"):  # exact buffer bytes match the documented table

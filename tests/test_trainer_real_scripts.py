@@ -2,6 +2,7 @@
 
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,6 +94,8 @@ def test_loss_scaling_is_detected_only_where_it_bites():
     assert "gradient_accumulation_steps=2" in loss_scaling_problem(bert, accumulate)
     assert loss_scaling_problem(bert, plain) is None  # one process, no accumulation: the loss is right
     assert loss_scaling_problem(llama, accumulate) is None  # its loss_function normalises with num_items_in_batch
+    ddp = SimpleNamespace(gradient_accumulation_steps=1, world_size=2)  # what TrainingArguments says under torchrun
+    assert "2 processes" in loss_scaling_problem(bert, ddp) and "2x too large" in loss_scaling_problem(bert, ddp)
 
 
 @pytest.mark.parametrize("fix", [True, False])

@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, 
 from typing_extensions import Annotated
 
 from ..config import PruningConfig
+from ..distillation.config import DistillationConfig
 from ..integrations.trainer_dense import DENSE_TIMINGS
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -231,6 +232,8 @@ class Recipe(Section):
     pruning: PruningSection = Field(
         default_factory=PruningConfig, description="The PruningConfig of the Python API, or a list of them (several "
                                                    "configs in one run, each pruning its own targets).")
+    distillation: Optional[DistillationConfig] = Field(
+        None, description="Knowledge distillation from a dense teacher (the DistillationConfig of the Python API); null = off.")
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     output: OutputSection = Field(default_factory=OutputSection)
     # (recipe file, yaml path -> line) when read by load_recipe: later problems point into the file
@@ -261,6 +264,7 @@ class Recipe(Section):
 SECTIONS: dict[str, type[BaseModel]] = {
     "": Recipe, "model": ModelSection, "data": DataSection, "evaluation": EvaluationSection,
     "output": OutputSection, "pruning": PruningConfig,
+    "distillation": DistillationConfig,
 }
 
 

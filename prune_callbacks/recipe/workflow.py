@@ -155,6 +155,7 @@ def _train_and_save(recipe: Recipe, recipe_path: Optional[str], pre, run_dir, st
     resume_from = str(pre.plan.resume_from) if pre.plan.resume_from is not None else None
     # per-layer-kind figures go to experiment trackers; the console and log_history get the totals only
     callbacks = make_callbacks(recipe.pruning, evaluate_dense=recipe.evaluation.dense, log_per_group=bool(reporting),
+                               distillation=recipe.distillation,
                                **({"resume_from": resume_from} if resume_from else {}))
     recorder = _recorder_class()(callbacks)
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
@@ -199,6 +200,10 @@ def _train_and_save(recipe: Recipe, recipe_path: Optional[str], pre, run_dir, st
     )
     if resume_from:
         report["training"]["resumed_from"] = resume_from
+    if recipe.distillation is not None:  # distill/* figures of the run (issue 12)
+        from ..distillation.report import distillation_summary
+
+        report["distillation"] = distillation_summary(recipe.distillation, log_history, callbacks)
     artifacts.write_all(report, staging, plot=recipe.output.plot)
     run_dir.publish()
     from .summary import run_summary

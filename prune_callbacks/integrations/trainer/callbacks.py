@@ -312,14 +312,15 @@ class PruningCallbacks(list):
             if id(cb) not in present:
                 trainer.add_callback(cb)
         for cb in self:
-            if isinstance(cb, _TrainerPruningCallback):
+            if isinstance(cb, _TrainerPruningCallback) or callable(getattr(cb, "bind", None)):
                 cb.bind(trainer)
         return self
 
 
 def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = False, finalize: bool = True,
                    save_sparse_to: Optional[Union[str, os.PathLike]] = None, log_per_group: bool = True,
-                   resume_from: Optional[str] = None, fix_loss_scaling: bool = True, **overrides) -> PruningCallbacks:
+                   resume_from: Optional[str] = None, fix_loss_scaling: bool = True, distillation=None,
+                   **overrides) -> PruningCallbacks:
     """The callbacks sharing one pruning engine: ``GradualPruningCallback``, ``L1RegularizationCallback``
     (when ``l1_lambda > 0``), ``PermanentMaskCallback`` (unless ``finalize=False``) and
     ``PruningStateRecord``.
@@ -329,6 +330,8 @@ def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = F
     mapping; read like ``prune-callbacks validate`` reads it), or None for the defaults;
     ``overrides`` are PruningConfig fields (one config only).
     ``evaluate_dense``: False, True / ``"train_begin"`` or ``"before_pruning"`` (see `GradualPruningCallback`).
+    ``distillation``: a `DistillationConfig` or dict adds a ``DistillationCallback`` sharing the engine
+    (see `prune_callbacks.integrations.distillation_callback`).
     """
     engine = TrainerPruningEngine(make_configs(config, overrides), resume_from=resume_from)
     callbacks: list = [GradualPruningCallback(engine=engine, evaluate_dense=evaluate_dense, log_per_group=log_per_group,
@@ -338,4 +341,8 @@ def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = F
     if finalize:
         callbacks.append(PermanentMaskCallback(engine=engine, save_sparse_to=save_sparse_to))
     callbacks.append(PruningStateRecord(engine))
+    if distillation is not None:  # distillation from a dense teacher (issue 12)
+        from ..distillation_callback import DistillationCallback
+
+        callbacks.append(DistillationCallback(distillation, engine=engine, resume_from=resume_from))
     return PruningCallbacks(callbacks, engine)

@@ -62,10 +62,6 @@ class TrainerPruningEngine:
         self._best_checked = None  # (TrainerState id, best checkpoint) already handled
         self._state = None  # the TrainerState of the train() call the pruner is attached for
 
-    @property
-    def final_sparsity(self) -> float:
-        return max((float(getattr(c, "final_sparsity", 0.0)) for c in self.configs), default=0.0)
-
     # ------------------------------------------------------------ train begin / end
     def start(self, args: Any, state: Any, model: Optional[nn.Module], optimizer: Any) -> bool:
         """Build, restore (on resume) and attach the pruner for this ``train()`` call.

@@ -1,0 +1,39 @@
+"""Two CPU processes under torchrun (gloo): each rank's teacher is the same dense copy; the teacher file
+is written once; training stays in lock step."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from prune_callbacks.distillation import TEACHER_FILE  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("ddp_distillation_script.py")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_distil_from_identical_teachers(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parent.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["distributed"] and r1["distributed"]
+    assert r0["teacher_step"] == r1["teacher_step"] == 2
+    assert r0["teacher"] == r1["teacher"] and r0["weights"] == r1["weights"]
+    assert not r0["teacher_in_optimizer"] and r0["forward_restored"] and r1["forward_restored"]
+    assert len(r0["kd"]) == 3 and all(v >= 0 for v in r0["kd"])  # logged at steps 4, 6, 8
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    assert (ckpt / TEACHER_FILE).is_file() and not list(ckpt.glob("*.tmp"))
