@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny LlamaConfig model and random tokens (CI)")
     p.add_argument("--rows", nargs="+", default=["dense", "ours", "magnitude", *PEER_METHODS])
-    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
+    p.add_argument("--sparsities", nargs="+", type=_sparsity, default=[0.5, "2:4", 0.7],
+                   help="unstructured fractions and/or N:M patterns such as 2:4")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
@@ -53,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-blocks", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-cache-dir", default=None, help="float32 copy of SmolLM2 (load_smollm2 cache_dir)")
     p.add_argument("--peer-python", default=None,
                    help="python of a venv with llmcompressor==0.14.0.1 (peer rows are skipped, with the reason, without)")
     p.add_argument("--out", default="benchmarks/results/causal_lm_peers.json")
@@ -62,8 +64,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _sparsity(text: str):
+    """A fraction in (0, 1) or an N:M pattern ("2:4")."""
+    if ":" in text:
+        n, m = (int(x) for x in text.split(":"))
+        if not 0 < n < m:
+            raise argparse.ArgumentTypeError(f"N:M pattern {text!r} needs 0 < N < M, e.g. 2:4")
+        return text
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"sparsity {text!r} must be in (0, 1) or an N:M pattern like 2:4")
+    return value
+
+
+def _fraction(s) -> float:
+    """The fraction of weights an unstructured sparsity or N:M pattern removes."""
+    if isinstance(s, str):
+        n, m = (int(x) for x in s.split(":"))
+        return 1.0 - n / m
+    return float(s)
+
+
 # ---------------------------------------------------------------- peer worker (runs in the peer venv)
-def peer_worker(method: str, sparsity: float, model_dir: str, calib_pt: str, out_pt: str) -> None:
+def peer_worker(method: str, sparsity, model_dir: str, calib_pt: str, out_pt: str) -> None:
     """llm-compressor one-shot pruning; saves the pruned state dict (zeros in place). Imports only its own stack."""
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -84,7 +107,8 @@ def peer_worker(method: str, sparsity: float, model_dir: str, calib_pt: str, out
         processor = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, "<unk>")),
                                             unk_token="<unk>", pad_token="<unk>")
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    recipe = Modifier(sparsity=sparsity, mask_structure="0:0", targets=["Linear"], ignore=["lm_head"])
+    structure = sparsity if isinstance(sparsity, str) else "0:0"
+    recipe = Modifier(sparsity=_fraction(sparsity), mask_structure=structure, targets=["Linear"], ignore=["lm_head"])
     oneshot(model=model, processor=processor, dataset=ds, recipe=recipe, num_calibration_samples=len(ids),
             max_seq_length=ids.shape[1])
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_pt)
@@ -111,7 +135,7 @@ def build(args):
 
     from prune_callbacks.assets import load_kjv, load_smollm2, tokenize_and_group
 
-    base, tokenizer = load_smollm2(dtype=torch.float32)
+    base, tokenizer = load_smollm2(dtype=torch.float32, cache_dir=args.model_cache_dir)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     kjv = load_kjv(seed=args.seed)
     grouped = tokenize_and_group(kjv, tokenizer, block_size=args.seq_len)
@@ -196,10 +220,18 @@ def finetune(model, train, args, pruning_config=None):
 
 
 @torch.no_grad()
-def oneshot_magnitude(model, sparsity: float) -> None:
-    """Per-layer magnitude: zero the smallest |w| of every block weight."""
+def oneshot_magnitude(model, sparsity) -> None:
+    """Per-layer magnitude: zero the smallest |w| of every block weight (N:M: per group of M along the input)."""
     for t in block_weights(model):
         w = t.param
+        if isinstance(sparsity, str):
+            if t.transposed:
+                raise ValueError(f"{t.param_name}: N:M one-shot magnitude supports [out, in] weights only")
+            n, m = (int(x) for x in sparsity.split(":"))
+            groups = w.view(-1, m)  # a view: the zeros land in w
+            drop = groups.abs().topk(m - n, dim=1, largest=False).indices
+            groups.scatter_(1, drop, 0.0)
+            continue
         k = int(round(sparsity * w.numel()))
         if k:
             threshold = w.abs().flatten().kthvalue(k).values
@@ -213,7 +245,7 @@ def run_peer(method, sparsity, model, calib, args, workdir: Path, tokenizer=None
         model.save_pretrained(model_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(model_dir)
-    calib_pt, out_pt = workdir / "calib.pt", workdir / f"{method}_{sparsity}.pt"
+    calib_pt, out_pt = workdir / "calib.pt", workdir / f"{method}_{str(sparsity).replace(':', 'of')}.pt"
     torch.save(calib, calib_pt)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
     cmd = [args.peer_python, str(Path(__file__).resolve()), "--peer-worker", method, str(sparsity),
@@ -242,7 +274,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.peer_worker:
         m, s, model_dir, calib, out = args.peer_worker
-        peer_worker(m, float(s), model_dir, calib, out)
+        peer_worker(m, _sparsity(s), model_dir, calib, out)
         return None
     torch.set_num_threads(args.threads)
     from prune_callbacks import PruningConfig
@@ -265,7 +297,7 @@ def main(argv=None):
     print(f"{model_desc}: base held-out perplexity {results['base_perplexity']:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, s in plan(args):
-            label = name if s is None else f"{name}_{s:g}"
+            label = name if s is None else f"{name}_{s if isinstance(s, str) else f'{s:g}'}"
             if name in PEER_METHODS and not args.peer_python:
                 results["skipped"].append({"name": label, "reason": "no --peer-python (llm-compressor venv) given"})
                 continue
@@ -280,14 +312,17 @@ def main(argv=None):
                     run_peer(name, s, model, calib, args, Path(tmp), tokenizer)
                 oneshot_s = time.time() - t0
                 after_oneshot = held_out_perplexity(model, held) if s is not None and name != "ours" else None
-                cfg = PruningConfig(final_sparsity=s, start_step=0.1, end_step=0.7, update_every=2) \
-                    if name == "ours" else None
+                cfg = None
+                if name == "ours":
+                    target = {"granularity": s} if isinstance(s, str) else {"final_sparsity": s}
+                    cfg = PruningConfig(**target, start_step=0.1, end_step=0.7, update_every=2)
                 finetune(model, train, args, cfg)
             except Exception as exc:  # a peer that cannot run here is reported, not hidden
                 results["skipped"].append({"name": label, "reason": f"{type(exc).__name__}: {exc}"[:600]})
                 print(f"   skipped: {exc}", flush=True)
                 continue
-            row = {"name": label, "method": name, "target_sparsity": s or 0.0,
+            row = {"name": label, "method": name, "pattern": s if isinstance(s, str) else "unstructured",
+                   "target_sparsity": 0.0 if s is None else _fraction(s),
                    "achieved_sparsity": measured_sparsity(model), "perplexity": held_out_perplexity(model, held),
                    "perplexity_after_oneshot": after_oneshot, "oneshot_seconds": oneshot_s,
                    "wall_seconds": time.time() - t0}
@@ -307,10 +342,15 @@ def plot(results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    methods = sorted({r["method"] for r in results["runs"]})
-    for m in methods:
+    for i, m in enumerate(sorted({r["method"] for r in results["runs"]})):
         rows = sorted((r for r in results["runs"] if r["method"] == m), key=lambda r: r["target_sparsity"])
-        ax.plot([r["target_sparsity"] for r in rows], [r["perplexity"] for r in rows], "o-", label=m)
+        plain = [r for r in rows if r.get("pattern", "unstructured") == "unstructured"]
+        nm = [r for r in rows if r not in plain]
+        color = f"C{i}"
+        ax.plot([r["target_sparsity"] for r in plain], [r["perplexity"] for r in plain], "o-", color=color, label=m)
+        if nm:
+            ax.plot([r["target_sparsity"] for r in nm], [r["perplexity"] for r in nm], "s", color=color,
+                    mfc="none", ms=9, label=f"{m} {nm[0]['pattern']}")
     ax.axhline(results["base_perplexity"], color="grey", ls=":", label="base (no fine-tuning)")
     b = results["budget"]
     ax.set(xlabel="sparsity of block weights", ylabel="held-out perplexity", yscale="log",
