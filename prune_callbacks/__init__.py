@@ -7,6 +7,7 @@ The core is pure torch. Where each part lives (a new one goes next to its kind):
 * ``schedule.py``: how sparsity rises over steps (cubic, linear, oneshot; ``register_schedule``);
 * ``granularity/``: how masks are shaped and chosen (unstructured, N:M; ``register_granularity``);
 * ``steps/``: what rides the optimizer step and in which order (pruning groups, L1; controllers);
+* ``peft_support.py``: models carrying PEFT (LoRA) adapters are refused, with the reason and the remedy;
 * ``pruner.py``: the `Pruner` that composes them; ``report.py``: the one sparsity report. The Trainer and Accelerate adapters and the checkpoint helpers are
 exported lazily, so ``import prune_callbacks`` never imports transformers or
 accelerate.

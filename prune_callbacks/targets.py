@@ -21,6 +21,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from .peft_support import refuse_adapter_models
+
 _BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
 
 
@@ -92,6 +94,7 @@ def find_targets(
 ) -> list[Target]:
     """Select the weights to prune, raising ``ValueError`` for patterns that match nothing."""
     model = unwrap_model(model)
+    refuse_adapter_models(model)  # PEFT-wrapped models: see peft_support.py
     linear_names = [name for name, module in model.named_modules() if name and _is_linear_like(module)]
     all_names = [name for name, _ in model.named_modules() if name]
     include = list(include) if include is not None else None

@@ -1,0 +1,91 @@
+"""Smoke run of benchmarks/causal_lm_peers.py (``--smoke``: tiny LlamaConfig, random motif tokens, no asset).
+
+The llm-compressor rows need their own venv (``--peer-python``); without one they are listed as skipped
+with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_causal_lm_peers_smoke(tmp_path):
+    from benchmarks import causal_lm_peers
+
+    out = tmp_path / "peers.json"
+    res = causal_lm_peers.main(["--smoke", "--steps", "6", "--seq-len", "32", "--eval-blocks", "4",
+                                "--calib-blocks", "4", "--sparsities", "0.5", "2:4", "--threads", "1",
+                                "--rows", "dense", "ours", "magnitude", "sparsegpt", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(res))
+    runs = {r["name"]: r for r in data["runs"]}
+    assert set(runs) == {"dense", "ours_0.5", "magnitude_0.5", "ours_2:4", "magnitude_2:4"}
+    for name in ("ours_2:4", "magnitude_2:4"):
+        assert runs[name]["pattern"] == "2:4" and runs[name]["target_sparsity"] == 0.5
+        assert runs[name]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert runs["dense"]["achieved_sparsity"] == 0.0
+    # prune-while-finetune reaches its target; the one-shot mask stays fixed through fine-tuning
+    assert runs["ours_0.5"]["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert runs["magnitude_0.5"]["achieved_sparsity"] >= 0.5 - 1e-3
+    for r in runs.values():
+        assert r["perplexity"] > 1.0 and r["wall_seconds"] > 0
+    assert data["budget"]["tokens"] == 6 * 4 * 32
+    assert [s["name"] for s in data["skipped"]] == ["sparsegpt_0.5", "sparsegpt_2:4"]
+    assert "--peer-python" in data["skipped"][0]["reason"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_oneshot_magnitude_2_4_pattern():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from benchmarks import causal_lm_peers
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+    model = AutoModelForCausalLM.from_config(cfg)
+    causal_lm_peers.oneshot_magnitude(model, "2:4")
+    for t in causal_lm_peers.block_weights(model):
+        zeros = (t.param.view(-1, 4) == 0).sum(dim=1)
+        assert bool((zeros == 2).all()), t.param_name  # exactly 2 of every 4 consecutive inputs
+
+
+def test_fixed_mask_hook_holds_zeros():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from benchmarks import causal_lm_peers
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    causal_lm_peers.oneshot_magnitude(model, 0.6)
+    before = causal_lm_peers.measured_sparsity(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    handle = causal_lm_peers.fixed_mask_hook(opt, model)
+    ids = torch.randint(0, 64, (2, 8))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert before == pytest.approx(0.6, abs=0.01)
+    assert causal_lm_peers.measured_sparsity(model) == pytest.approx(before)
+    handle.remove()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()  # without the hook AdamW moves the zeros again: the hook is what held them
+    assert causal_lm_peers.measured_sparsity(model) < before
