@@ -243,7 +243,7 @@ class PruningConfig(_Validated):
         ]
         granularity, args = GRANULARITIES.resolve(self.granularity)
         problems += granularity.check_config(self, *args)
-        owned = set().union(*(g.config_fields for g in _granularity_classes()))
+        owned = set().union(*(g.config_fields for g in GRANULARITIES.classes()))
         problems += [
             f"{f}={getattr(self, f)!r} does not apply to granularity={self.granularity!r}; remove it"
             for f in sorted(owned - set(granularity.config_fields)) if f in given
@@ -347,10 +347,6 @@ class L1Config(_Validated):
             return int(round(ramp * total_steps))
         return int(ramp)
 
-
-def _granularity_classes():
-    GRANULARITIES.names()  # loads the built-ins
-    return {v for v in GRANULARITIES._items.values()} | {t for _, _, t in GRANULARITIES._patterns}
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:

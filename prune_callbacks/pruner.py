@@ -62,6 +62,14 @@ def _group_key(index: int, name: str) -> str:
     return name if index == 0 else f"group{index}/{name}"
 
 
+def _buffer_names(group: PruningGroup) -> list[str]:
+    """State-dict keys of a group's saliency buffers: target names when there is one tracked tensor per
+    target (element-wise granularities), else positions (units spanning several tensors)."""
+    if len(group.params) == len(group.targets):
+        return [t.name for t in group.targets]
+    return [str(j) for j in range(len(group.params))]
+
+
 class Pruner:
     """Gradual pruning engine. See the module docstring for the per-step order."""
 
@@ -81,10 +89,10 @@ class Pruner:
             if isinstance(c, L1Config):
                 targets = find_targets(self.model, c.include, c.exclude)
                 check_not_sharded(targets)
-                l1.append(L1Component(targets, c.l1_lambda, c.resolve_ramp(total_steps)))
+                l1.append(L1Component(targets, c.l1_lambda, c.resolve_ramp, total_steps))
         for g in self.groups:
-            if g.config.l1_lambda > 0:
-                l1.append(L1Component(g.targets, g.config.l1_lambda, g.steps.l1_ramp_steps))
+            if g.config.l1_lambda > 0:  # the group's own resolved ramp (resolved with its schedule)
+                l1.append(L1Component(g.targets, g.config.l1_lambda, lambda _total, g=g: g.steps.l1_ramp_steps))
         self.l1 = l1
         self.components: list[StepComponent] = []
         for component in [*l1, *self.groups]:
@@ -211,12 +219,8 @@ class Pruner:
         """Resolve fractional steps for a run of ``total_steps`` optimizer steps (validates the config)."""
         for group in self.groups:
             group.resolve(total_steps)
-        for c, component in zip([c for c in self.configs if isinstance(c, L1Config)], self.l1):
-            component.ramp_steps = c.resolve_ramp(total_steps)
-        for g in self.groups:
-            for component in self.l1:
-                if component.targets is g.targets:
-                    component.ramp_steps = g.steps.l1_ramp_steps
+        for component in self.l1:  # after the groups: a group's L1 ramp is resolved with its schedule
+            component.resolve(total_steps)
         self.total_steps = total_steps
 
     def first_update_step(self) -> Optional[int]:
@@ -325,8 +329,7 @@ class Pruner:
         for i, g in enumerate(self.groups):
             names = g.granularity.mask_names
             masks.update({_group_key(i, n): m.clone() for n, m in zip(names, g.masks)})
-            buffer_names = [t.name for t in g.targets] if len(g.params) == len(g.targets) else \
-                [str(j) for j in range(len(g.params))]
+            buffer_names = _buffer_names(g)
             for b, bufs in g.saliency.state_dict().items():
                 saliency.setdefault(b, {}).update({_group_key(i, n): t.clone() for n, t in zip(buffer_names, bufs)})
             groups.append({"config": g.config.model_dump(mode="json"), "mask_sparsity": g.mask_sparsity,
@@ -361,8 +364,7 @@ class Pruner:
             for name, mask in zip(names, g.masks):
                 mask.copy_(state["masks"][_group_key(i, name)])
             if not state.get("finalized"):
-                buffer_names = [t.name for t in g.targets] if len(g.params) == len(g.targets) else \
-                    [str(j) for j in range(len(g.params))]
+                buffer_names = _buffer_names(g)
                 g.saliency.load_state_dict(
                     {b: [state["saliency"][b][_group_key(i, n)] for n in buffer_names] for b in g.saliency.buffer_names}
                 )

@@ -86,6 +86,11 @@ class Registry:
             return False
         return True
 
+    def classes(self) -> list[Any]:
+        """Every registered class (plain names and patterns), built-ins included."""
+        self._load()
+        return [*self._items.values(), *(target for _, _, target in self._patterns)]
+
     def names(self) -> list[str]:
         self._load()
         return [*self._items, *(shown for _, shown, _ in self._patterns)]

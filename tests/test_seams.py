@@ -241,3 +241,11 @@ def test_no_target_messages_say_the_real_cause():
                 self.layers[0].weight = self.emb.weight
 
         find_targets(OnlyTied())
+
+
+def test_set_total_steps_re_resolves_every_l1_ramp():
+    pruner = Pruner(TinyLM(), [PruningConfig(**CFG, l1_lambda=0.1, l1_ramp_steps=0.5, include=[r"\.up$"]),
+                               L1Config(l1_lambda=0.1, l1_ramp_steps=0.25, include=[r"\.down$"])], total_steps=20)
+    assert sorted(c.ramp_steps for c in pruner.l1) == [5, 10]
+    pruner.set_total_steps(100)
+    assert sorted(c.ramp_steps for c in pruner.l1) == [25, 50]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -16,11 +16,17 @@ class L1Component(StepComponent):
     phase = "regularize"
     name = "l1"
 
-    def __init__(self, targets: Sequence[Target], l1_lambda: float, ramp_steps: int):
+    def __init__(self, targets: Sequence[Target], l1_lambda: float, ramp_of: Callable[[Optional[int]], int],
+                 total_steps: Optional[int] = None):
+        """``ramp_of(total_steps)`` gives the ramp in absolute steps (fractions resolve against the run)."""
         self.targets = list(targets)
         self.params = [t.param for t in self.targets]
-        self.l1_lambda, self.ramp_steps = l1_lambda, ramp_steps
+        self.l1_lambda, self.ramp_of = l1_lambda, ramp_of
+        self.resolve(total_steps)
         self.step = 0
+
+    def resolve(self, total_steps: Optional[int]) -> None:
+        self.ramp_steps = self.ramp_of(total_steps)
 
     def strength(self, step: Optional[int] = None) -> float:
         return l1_strength(self.step if step is None else step, l1_lambda=self.l1_lambda, ramp_steps=self.ramp_steps)
