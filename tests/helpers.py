@@ -82,3 +82,25 @@ def toy_classification_rows(n: int = 64, seq: int = 12, vocab: int = 101, seed: 
         ids[0] = 2
         rows.append({"input_ids": ids.tolist(), "attention_mask": [1] * seq, "labels": label})
     return rows
+
+
+def run_torchrun(script, *args, timeout: int = 170):
+    """Run ``script`` under ``torchrun --standalone --nproc_per_node 2`` (CPU, gloo) with this checkout on the
+    path; skips the test when torchrun is missing, fails it with the output tail when a rank fails."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

@@ -2,13 +2,11 @@
 is written once; training stays in lock step."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_torchrun
 
 pytest.importorskip("transformers")
 
@@ -19,16 +17,7 @@ SCRIPT = Path(__file__).with_name("ddp_distillation_script.py")
 
 @pytest.mark.slow
 def test_ddp_ranks_distil_from_identical_teachers(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parent.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(SCRIPT, tmp_path, timeout=240)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["distributed"] and r1["distributed"]
     assert r0["teacher_step"] == r1["teacher_step"] == 2

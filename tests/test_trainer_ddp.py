@@ -1,13 +1,11 @@
 """Two CPU processes under torchrun (gloo): every rank holds the same masks at every update."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_torchrun
 
 pytest.importorskip("transformers")
 
@@ -18,16 +16,7 @@ SCRIPT = Path(__file__).with_name("ddp_trainer_script.py")
 
 @pytest.mark.slow
 def test_ddp_ranks_hold_identical_masks(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parent.parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=170,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(SCRIPT, tmp_path, timeout=170)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["distributed"] and r1["distributed"] and r0["world_size"] == 2
     assert [u["step"] for u in r0["updates"]] == [1, 2, 3, 4, 5, 6]
