@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .config import L1Config, PruningConfig, PruningConfigError, make_configs
+from .pruner_state import STATE_VERSION, load_pruner_state, pruner_state_dict  # noqa: F401 (STATE_VERSION: re-exported)
 from .report import build_report
 from .steps.base import PHASES, StepComponent
 from .steps.l1 import L1Component
@@ -39,8 +40,6 @@ from .steps.pruning import PruningGroup
 from .targets import check_not_sharded, find_targets, unwrap_model
 
 logger = logging.getLogger(__name__)
-
-STATE_VERSION = 1
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -55,19 +54,6 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper exposing .optimizer); got {type(optimizer).__name__}")
     return optimizer
-
-
-def _group_key(index: int, name: str) -> str:
-    """State-dict key of a group's mask / buffer: the bare name for the first group (the v1 layout)."""
-    return name if index == 0 else f"group{index}/{name}"
-
-
-def _buffer_names(group: PruningGroup) -> list[str]:
-    """State-dict keys of a group's saliency buffers: target names when there is one tracked tensor per
-    target (element-wise granularities), else positions (units spanning several tensors)."""
-    if len(group.params) == len(group.targets):
-        return [t.name for t in group.targets]
-    return [str(j) for j in range(len(group.params))]
 
 
 class Pruner:
@@ -316,66 +302,17 @@ class Pruner:
             component.finalize()
         self.finalized = True
 
-    # ------------------------------------------------------------ state
+    # ------------------------------------------------------------ state (layout: :mod:`.pruner_state`)
     def state_dict(self) -> dict:
         """Masks, saliency buffers, schedules and counters; ``load_state_dict`` of it resumes exactly.
 
         The first group's masks and buffers are keyed by name (the original single-config layout);
         further groups' by ``group<i>/<name>``; per-group counters are in ``groups``.
         """
-        first = self.groups[0] if self.groups else None
-        masks, saliency = {}, {}
-        groups = []
-        for i, g in enumerate(self.groups):
-            names = g.granularity.mask_names
-            masks.update({_group_key(i, n): m.clone() for n, m in zip(names, g.masks)})
-            buffer_names = _buffer_names(g)
-            for b, bufs in g.saliency.state_dict().items():
-                saliency.setdefault(b, {}).update({_group_key(i, n): t.clone() for n, t in zip(buffer_names, bufs)})
-            groups.append({"config": g.config.model_dump(mode="json"), "mask_sparsity": g.mask_sparsity,
-                           "mask_updates": g.mask_updates, "schedule": g.schedule.state_dict()})
-        return {
-            "version": STATE_VERSION,
-            "config": self.config.model_dump(mode="json"),
-            "targets": [t.name for t in self.targets],
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-            "mask_sparsity": first.mask_sparsity if first else 0.0,
-            "mask_updates": first.mask_updates if first else 0,
-            "finalized": self.finalized,
-            "groups": groups,
-            "masks": masks,
-            "saliency": saliency,
-        }
+        return pruner_state_dict(self)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict`. Refuses a state that cannot be resumed (other targets, saliency,
         granularity, number of configs); logs a warning for fields that merely changed."""
-        from .state_compat import check_resumable
-
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"pruning state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
-        groups_state = state.get("groups") or [{"config": state.get("config", {}), "mask_sparsity": state["mask_sparsity"],
-                                                "mask_updates": state["mask_updates"], "schedule": {}}]
-        check_resumable(self, state, groups_state)
-        for i, (g, saved) in enumerate(zip(self.groups, groups_state)):
-            names = g.granularity.mask_names
-            for name, mask in zip(names, g.masks):
-                mask.copy_(state["masks"][_group_key(i, name)])
-            if not state.get("finalized"):
-                buffer_names = _buffer_names(g)
-                g.saliency.load_state_dict(
-                    {b: [state["saliency"][b][_group_key(i, n)] for n in buffer_names] for b in g.saliency.buffer_names}
-                )
-            g.mask_sparsity = float(saved["mask_sparsity"])
-            g.mask_updates = int(saved["mask_updates"])
-            g.schedule.load_state_dict(saved.get("schedule") or {})
-            g.folded = 0
-        self.step = int(state["step"])
-        self.skipped_steps = int(state["skipped_steps"])
-        for component in self.l1:
-            component.step = self.step
-        self.apply_masks()
-        if state.get("finalized"):
-            self.finalize()
+        load_pruner_state(self, state)

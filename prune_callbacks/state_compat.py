@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from .pruner_state import group_key
+
 logger = logging.getLogger("prune_callbacks.pruner")
 
 #: config fields whose change makes saved buffers / masks meaningless for this run
@@ -39,11 +41,11 @@ def check_resumable(pruner, state: dict, groups_state: list) -> None:
         changed += [f"{where}{k}: {old[k]!r} -> {new[k]!r}" for k in new if k in old and k not in _FATAL and old[k] != new[k]]
     if not problems:
         for i, g in enumerate(pruner.groups):
-            prefix = "" if i == 0 else f"group{i}/"
             for name, mask in zip(g.granularity.mask_names, g.masks):
-                saved = state["masks"].get(prefix + name)
+                key = group_key(i, name)
+                saved = state["masks"].get(key)
                 if saved is None or tuple(saved.shape) != tuple(mask.shape):
-                    problems.append(f"pruning state masks are missing or have the wrong shape for: {prefix + name}")
+                    problems.append(f"pruning state masks are missing or have the wrong shape for: {key}")
     if problems:
         raise PruningStateError("this pruning state cannot be resumed: " + "; ".join(problems))
     if changed:
