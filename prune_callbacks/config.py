@@ -7,7 +7,10 @@ rejected and every error names the field, the bad value and what is allowed.
 Steps (``start_step``, ``end_step``, ``l1_ramp_steps``) are *optimizer* steps.
 An ``int`` is an absolute step; a ``float`` in ``[0, 1]`` is a fraction of the
 run, resolved once the total number of optimizer steps is known
-(:meth:`PruningConfig.resolve`).
+(:meth:`PruningConfig.resolve`, done by :mod:`.resolution`).
+
+`PruningConfigError` and the formatting of pydantic's errors live in :mod:`.config_errors`
+(re-exported here).
 """
 
 from __future__ import annotations
@@ -16,53 +19,20 @@ import math
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from .config_errors import (  # noqa: F401 (re-exported: `from prune_callbacks.config import PruningConfigError` etc.)
+    PruningConfigError, _allowed_keys, _RaisesConfigError, _Validated, format_validation_error, list_allowed_keys,
+    validation_problems,
+)
 from .guard.config import AccuracyGuardConfig
 from .registry import GRANULARITIES, SALIENCIES, SCHEDULES
+from . import resolution
+from .resolution import MIN_MASK_UPDATES, ResolvedSchedule, absolute_step  # noqa: F401 (re-exported)
 
 Step = Union[StrictInt, float]
 
 SCOPES = ("global", "per_layer")
-#: below this many mask updates in the pruning window, a default ``update_every`` is shortened
-MIN_MASK_UPDATES = 4
-
-
-class PruningConfigError(ValueError):
-    """A pruning config that cannot work; the message names every offending field.
-
-    ``problems`` holds the same as data: a list of ``(field path, message)``.
-    """
-
-    def __init__(self, message: str, problems: Optional[list[tuple[str, str]]] = None):
-        super().__init__(message)
-        self.problems = list(problems or [])
-
-
-class _RaisesConfigError(type(BaseModel)):
-    """``PruningConfig(...)`` raises `PruningConfigError`, not pydantic's ``ValidationError``.
-
-    Done in the metaclass's ``__call__`` (direct construction only): a config nested in a recipe
-    is still validated by pydantic itself, so the recipe's errors keep their field paths.
-    """
-
-    def __call__(cls, *args: Any, **kwargs: Any):
-        try:
-            return super().__call__(*args, **kwargs)
-        except ValidationError as exc:
-            raise PruningConfigError(
-                f"invalid {cls.__name__}:\n" + format_validation_error(exc), validation_problems(exc)
-            ) from None
-
-
-class _Validated(BaseModel, metaclass=_RaisesConfigError):
-    def __setattr__(self, name: str, value: Any) -> None:
-        try:
-            super().__setattr__(name, value)
-        except ValidationError as exc:
-            raise PruningConfigError(
-                f"invalid {type(self).__name__}:\n" + format_validation_error(exc), validation_problems(exc)
-            ) from None
 
 
 class PruningConfig(_Validated):
@@ -173,8 +143,6 @@ class PruningConfig(_Validated):
     @field_validator("include", "exclude")
     @classmethod
     def _patterns_compile(cls, v, info):
-        import re
-
         for pattern in v or []:
             try:
                 re.compile(pattern)
@@ -260,56 +228,13 @@ class PruningConfig(_Validated):
     def uses_fractions(self) -> bool:
         return any(isinstance(v, float) for v in (self.start_step, self.end_step, self.l1_ramp_steps))
 
-    def resolve(self, total_steps: Optional[int]) -> "ResolvedSchedule":
+    def resolve(self, total_steps: Optional[int]) -> ResolvedSchedule:
         """Turn fractional steps into absolute optimizer steps for a run of ``total_steps``."""
-        if total_steps is None and self.uses_fractions():
-            fractional = [n for n in ("start_step", "end_step", "l1_ramp_steps") if isinstance(getattr(self, n), float)]
-            raise PruningConfigError(
-                f"{', '.join(f'{n}={getattr(self, n)!r}' for n in fractional)} "
-                "are fractions of the run, but the total number of optimizer steps is unknown: "
-                "pass total_steps=... or give absolute int steps"
-            )
+        return resolution.resolve_steps(self, total_steps)
 
-        def absolute(value: Step) -> int:
-            return int(round(value * total_steps)) if isinstance(value, float) else int(value)
-
-        start, end = absolute(self.start_step), absolute(self.end_step)
-        problems = []
-        if self.schedule != "oneshot" and end < start:
-            problems.append(f"end_step resolves to {end}, before start_step {start}")
-        if total_steps is not None:
-            if end > total_steps and self.schedule != "oneshot":
-                problems.append(
-                    f"end_step={self.end_step!r} resolves to step {end}, beyond the run's {total_steps} optimizer "
-                    f"steps: final_sparsity={self.final_sparsity} would never be reached (use end_step <= {total_steps} "
-                    "or a fraction such as 0.7)"
-                )
-            if start > total_steps:
-                problems.append(f"start_step={self.start_step!r} resolves to step {start}, beyond the run's {total_steps} steps")
-        if problems:
-            raise PruningConfigError("; ".join(problems))
-        every = self.update_every
-        window = end - start
-        if "update_every" not in self.model_fields_set and self.schedule != "oneshot" and window < MIN_MASK_UPDATES * every:
-            every = max(1, window // 8)
-        return ResolvedSchedule(start_step=start, end_step=end, l1_ramp_steps=absolute(self.l1_ramp_steps), update_every=every)
-
-    def build_schedule(self, resolved: "ResolvedSchedule"):
+    def build_schedule(self, resolved: ResolvedSchedule):
         """The registered `~prune_callbacks.schedule.Schedule` for these absolute steps."""
-        return SCHEDULES.get(self.schedule)(
-            initial=self.initial_sparsity, final=self.final_sparsity,
-            start=resolved.start_step, end=resolved.end_step, every=resolved.update_every,
-        )
-
-
-class ResolvedSchedule(BaseModel):
-    """Absolute optimizer steps of one run (``update_every`` as used: see `PruningConfig.update_every`)."""
-
-    model_config = ConfigDict(frozen=True)
-    start_step: int
-    end_step: int
-    l1_ramp_steps: int
-    update_every: int
+        return resolution.build_schedule(self, resolved)
 
 
 class L1Config(_Validated):
@@ -338,49 +263,15 @@ class L1Config(_Validated):
 
     def resolve_ramp(self, total_steps: Optional[int]) -> int:
         ramp = self.l1_ramp_steps
-        if isinstance(ramp, float):
-            if total_steps is None:
-                raise PruningConfigError(
-                    f"l1_ramp_steps={ramp!r} is a fraction of the run, but the total number of optimizer steps is "
-                    "unknown: pass total_steps=... or give an int", [("l1_ramp_steps", "fraction without total_steps")]
-                )
-            return int(round(ramp * total_steps))
-        return int(ramp)
+        if isinstance(ramp, float) and total_steps is None:
+            raise PruningConfigError(
+                f"l1_ramp_steps={ramp!r} is a fraction of the run, but the total number of optimizer steps is "
+                "unknown: pass total_steps=... or give an int", [("l1_ramp_steps", "fraction without total_steps")]
+            )
+        return absolute_step(ramp, total_steps)
 
 
-
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line per offending field: ``path: message (got value)``."""
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = f"unknown key {path.rsplit('.', 1)[-1]!r}"
-            allowed = _allowed_keys(exc.title)
-            if allowed:
-                message += f"; allowed keys: {', '.join(allowed)}"
-        elif err["type"] == "literal_error":
-            message = f"{message} (got {err.get('input')!r})"
-        elif err["type"] in ("int_type", "float_type", "bool_type", "string_type", "list_type", "float_parsing"):
-            message = f"{message} (got {err.get('input')!r})"
-        if not err["loc"]:  # a whole-config check: each part names its field first ("field=value ...")
-            for part in message.split("\n"):
-                field = re.match(r"(\w+)=", part)
-                lines.append(f"{'.'.join(p for p in (prefix, field.group(1) if field else '') if p) or '<root>'}: {part}")
-            continue
-        lines.append(f"{path or '<root>'}: {message}")
-    return "\n".join(lines)
-
-
-def validation_problems(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
-    """The same lines as `format_validation_error`, as ``(field path, message)`` pairs."""
-    return [tuple(line.split(": ", 1)) for line in format_validation_error(exc, prefix).splitlines()]  # type: ignore[misc]
-
-
-def _allowed_keys(model_name: str) -> list[str]:
-    model = {"PruningConfig": PruningConfig, "L1Config": L1Config}.get(model_name)
-    return sorted(model.model_fields) if model else []
+list_allowed_keys(PruningConfig, L1Config)
 
 
 def make_config(config: "PruningConfig | dict | None" = None, **overrides) -> PruningConfig:
