@@ -13,9 +13,10 @@ How it fits the Trainer (verified against transformers 5.24):
   steps a fp16 ``GradScaler`` skips never call the inner step. A bad config
   raises `PruningConfigError` from ``trainer.train()`` before the first forward.
 * The Trainer hands callbacks no reference to itself. ``callbacks.bind(trainer)``
-  gives it (adding the callbacks if they are not there yet); it is needed for
+  (:mod:`.binding`) gives it (adding the callbacks if they are not there yet); it is needed for
   (1) reporters (TensorBoard, W&B, the printer) to see the figures in the same
-  ``on_log`` (:mod:`.logs`), (2) the dense baseline (:mod:`.dense`) and (3) fixing
+  ``on_log`` (:mod:`.logs`), (2) the dense baseline (:mod:`.dense`, when:
+  :mod:`.dense_baseline`) and (3) fixing
   ``trainer.model_accepts_loss_kwargs`` (:mod:`.loss_scaling`). Unbound, figures
   still reach ``log_history`` and later callbacks, and warnings say what is missing.
 * Figures: :mod:`prune_callbacks.figures` (``sparsity/global``,
@@ -33,10 +34,9 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from typing import Optional, Union
 
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from pydantic import ValidationError
@@ -44,9 +44,11 @@ from pydantic import ValidationError
 from ...config import L1Config, PruningConfigError, format_validation_error
 from . import checkpoint as ckpt
 from ..configs import ConfigLike, make_configs
-from .dense import DenseTiming, dense_timing, evaluate_dense
+from .binding import PruningCallbacks, _TrainerPruningCallback
+from .dense import DenseTiming, evaluate_dense
+from .dense_baseline import DenseBaseline
 from .engine import TrainerPruningEngine, engine_for
-from .logs import add_figures, put_before_reporters
+from .logs import add_figures
 from .loss_scaling import loss_scaling_problem
 
 __all__ = [
@@ -60,24 +62,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class _TrainerPruningCallback(TrainerCallback):
-    """Shared plumbing: the engine and the Trainer the callback was bound to (weakly)."""
-
-    def __init__(self, engine: Optional[TrainerPruningEngine]):
-        self.engine = engine
-        self._trainer_ref: Optional[weakref.ref] = None
-
-    @property
-    def trainer(self) -> Optional[Trainer]:
-        return self._trainer_ref() if self._trainer_ref is not None else None
-
-    def bind(self, trainer: Trainer) -> "_TrainerPruningCallback":
-        """Tell the callback its Trainer (reporters' order, dense evaluation, loss-scaling fix)."""
-        self._trainer_ref = weakref.ref(trainer)
-        put_before_reporters(trainer, _TrainerPruningCallback)
-        return self
 
 
 # ---------------------------------------------------------------- the callbacks
@@ -98,37 +82,29 @@ class GradualPruningCallback(_TrainerPruningCallback):
     def __init__(self, config: ConfigLike = None, *, evaluate_dense: DenseTiming = False, log_per_group: bool = True,
                  resume_from: Optional[str] = None, fix_loss_scaling: bool = True,
                  engine: Optional[TrainerPruningEngine] = None, **overrides):
-        timing = dense_timing(evaluate_dense)
+        dense = DenseBaseline(evaluate_dense)  # an invalid value fails first
         if engine is None:
             engine = TrainerPruningEngine(make_configs(config, overrides), resume_from=resume_from)
         elif config is not None or overrides or resume_from is not None:
             raise TypeError("pass either engine= or a config, not both")
         super().__init__(engine)
-        self.evaluate_dense = evaluate_dense
-        self.dense_timing = timing  # None, "train_begin" or "before_pruning"
+        self.dense = dense
         self.log_per_group = log_per_group
         self.fix_loss_scaling = fix_loss_scaling
         self._warned_unbound = False
-        self._dense_at: Optional[int] = None  # pruner step after which the dense evaluation is still due
 
     @property
     def pruner(self):
         return self.engine.pruner
 
-    def _check_dense(self, trainer: Optional[Trainer]) -> Trainer:
-        if trainer is None:
-            raise RuntimeError(f"evaluate_dense={self.evaluate_dense!r} needs the Trainer: "
-                               "call callbacks.bind(trainer) before train()")
-        if trainer.eval_dataset is None:
-            raise ValueError(f"evaluate_dense={self.evaluate_dense!r} needs an eval_dataset on the Trainer")
-        return trainer
+    @property
+    def evaluate_dense(self) -> DenseTiming:
+        return self.dense.setting
 
-    def _evaluate_dense(self, control) -> None:
-        trainer = self._check_dense(self.trainer)
-        # Trainer.evaluate clears the handler's should_log / should_evaluate: keep this step's own log and eval
-        flags = control.should_log, control.should_evaluate
-        evaluate_dense(trainer)  # dense_step is added in on_log
-        control.should_log, control.should_evaluate = flags
+    @property
+    def dense_timing(self) -> Optional[str]:
+        """None, ``"train_begin"`` or ``"before_pruning"``."""
+        return self.dense.timing
 
     def _check_loss_scaling(self, args, model) -> None:
         problem = loss_scaling_problem(model, args)
@@ -148,35 +124,14 @@ class GradualPruningCallback(_TrainerPruningCallback):
                                "the Trainer (fix_loss_scaling=True does it for you).", problem)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        trainer = self.trainer
-        if self.dense_timing and state.global_step == 0:
-            self._check_dense(trainer)  # before any compute
+        self.dense.before_start(self.trainer, state)  # before any compute
         started = self.engine.start(args, state, model, optimizer)  # validates the config before any compute
         if started:
             self._check_loss_scaling(args, model)
-        self._dense_at = None
-        if not self.dense_timing:
-            return
-        pruner = self.engine.pruner
-        first = self.engine.first_update_step()
-        at = 0 if self.dense_timing == "train_begin" or first is None else first - 1
-        if pruner.step > at or pruner.mask_updates > 0:
-            logger.info("prune_callbacks: resumed run past step %d, the dense model is gone; dense evaluation skipped",
-                        at)
-        elif pruner.step == at:
-            self._evaluate_dense(control)
-        else:
-            self._dense_at = at
+        self.dense.after_start(self.engine, self.trainer, control)
 
     def on_step_end(self, args, state, control, **kwargs):
-        pruner, at = self.engine.pruner, self._dense_at
-        if at is None or pruner is None or pruner.step < at:
-            return
-        self._dense_at = None
-        if pruner.step == at and pruner.mask_updates == 0:
-            self._evaluate_dense(control)
-        else:  # not expected: the pruner counts every real step and updates masks only after `at`
-            logger.warning("prune_callbacks: the model was pruned before step %d; dense evaluation skipped", at)
+        self.dense.at_step_end(self.engine.pruner, self.trainer, control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or self.engine.pruner is None:
@@ -300,36 +255,6 @@ class PruningStateRecord(TrainerCallback, ExportableState):
     def state(self) -> dict:
         current = self.engine.record() if self.engine is not None else None
         return ckpt.exported_state(current if current is not None else self.record)
-
-
-class PruningCallbacks(list):
-    """The callbacks of `make_callbacks` (a list, so ``callbacks=make_callbacks(...)`` just works)."""
-
-    def __init__(self, callbacks, engine):
-        super().__init__(callbacks)
-        self.engine = engine
-
-    @property
-    def pruner(self):
-        """The running `Pruner` (None before ``train()``): ``report()``, ``state_dict()``, ..."""
-        return self.engine.pruner
-
-    @property
-    def guard(self):
-        """The `AccuracyGuardCallback` of the set (None without ``accuracy_guard``): ``guard.report()``."""
-        return next((cb for cb in self if type(cb).__name__ == "AccuracyGuardCallback"), None)
-
-    def bind(self, trainer: Trainer) -> "PruningCallbacks":
-        """Give the callbacks their Trainer (adding them to it if they are not there yet), and run them
-        right after ``DefaultFlowCallback`` so reporters see the figures. Returns self."""
-        present = {id(cb) for cb in trainer.callback_handler.callbacks}
-        for cb in self:
-            if id(cb) not in present:
-                trainer.add_callback(cb)
-        for cb in self:
-            if isinstance(cb, _TrainerPruningCallback) or callable(getattr(cb, "bind", None)):
-                cb.bind(trainer)
-        return self
 
 
 def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = False, finalize: bool = True,
