@@ -37,7 +37,7 @@ from .report import build_report
 from .steps.base import PHASES, StepComponent
 from .steps.l1 import L1Component
 from .steps.pruning import PruningGroup
-from .targets import check_not_sharded, find_targets, unwrap_model
+from .targets import _preview, check_not_sharded, find_targets, unwrap_model  # _preview: the one "a, b, ..." list
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Pruner:
         if clashes:
             raise PruningConfigError(
                 "two element-wise configs target the same weights, so each would undo the other's masks: "
-                f"{', '.join(clashes[:6])}{', ...' if len(clashes) > 6 else ''}. Split them with include/exclude"
+                f"{_preview(clashes, 6)}. Split them with include/exclude"
             )
 
     # ------------------------------------------------------------ one-group views (the common case)
@@ -175,7 +175,7 @@ class Pruner:
         if missing:
             raise ValueError(
                 f"{len(missing)} targeted weights are not trained by this optimizer (frozen, or the optimizer was "
-                f"built for another model): {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}"
+                f"built for another model): {_preview(missing, 5)}"
             )
         self._optimizer = inner
         self._hooks = [

@@ -39,9 +39,7 @@ from typing import Optional, Union
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from pydantic import ValidationError
-
-from ...config import L1Config, PruningConfigError, format_validation_error
+from ...config import L1Config, PruningConfigError
 from . import checkpoint as ckpt
 from ..configs import ConfigLike, make_configs
 from .binding import PruningCallbacks, _TrainerPruningCallback
@@ -172,11 +170,8 @@ class L1RegularizationCallback(_TrainerPruningCallback):
         if engine is None:
             if not l1_lambda or l1_lambda <= 0:
                 raise PruningConfigError(f"l1_lambda={l1_lambda!r} is invalid: L1RegularizationCallback needs l1_lambda > 0")
-            try:
-                config = L1Config(l1_lambda=l1_lambda, l1_ramp_steps=l1_ramp_steps, include=include,
-                                  exclude=list(exclude))
-            except ValidationError as exc:
-                raise PruningConfigError(f"invalid L1RegularizationCallback settings:\n{format_validation_error(exc)}") from None
+            # L1Config(...) raises PruningConfigError itself ("invalid L1Config: <field>: ...")
+            config = L1Config(l1_lambda=l1_lambda, l1_ramp_steps=l1_ramp_steps, include=include, exclude=list(exclude))
             engine = TrainerPruningEngine(config, resume_from=resume_from)
         super().__init__(engine)
 
