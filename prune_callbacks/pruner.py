@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .config import L1Config, PruningConfig, PruningConfigError, make_configs
+from .optimizer_unwrap import torch_optimizer as _torch_optimizer  # also imported from here by the Accelerate hooks
 from .pruner_state import STATE_VERSION, load_pruner_state, pruner_state_dict  # noqa: F401 (STATE_VERSION: re-exported)
 from .report import build_report
 from .steps.base import PHASES, StepComponent
@@ -40,20 +41,6 @@ from .steps.pruning import PruningGroup
 from .targets import _preview, check_not_sharded, find_targets, unwrap_model  # _preview: the one "a, b, ..." list
 
 logger = logging.getLogger(__name__)
-
-
-def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The innermost ``torch.optim.Optimizer`` (Accelerate and others wrap it in ``.optimizer``)."""
-    # AcceleratedOptimizer *subclasses* torch.optim.Optimizer (without calling its __init__),
-    # so unwrap while ``.optimizer`` leads further in, not only while the type is foreign.
-    for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer or not (isinstance(inner, torch.optim.Optimizer) or hasattr(inner, "optimizer")):
-            break
-        optimizer = inner
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper exposing .optimizer); got {type(optimizer).__name__}")
-    return optimizer
 
 
 class Pruner:
