@@ -230,3 +230,20 @@ def test_distillation_core_does_not_import_transformers_and_is_exported():
     code = ("import sys, prune_callbacks.distillation, prune_callbacks; prune_callbacks.DistillationConfig; "
             "assert 'transformers' not in sys.modules and 'accelerate' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_snapshot_step_is_one_before_the_first_mask_update_and_refuses_l1_only():
+    from prune_callbacks import Pruner
+    from prune_callbacks.distillation.teacher import snapshot_step
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    pruner = Pruner(model, final_sparsity=0.5, start_step=4, end_step=8, update_every=2,
+                    total_steps=10)
+    assert snapshot_step(pruner) == pruner.first_update_step() - 1 == 3
+
+    class NeverPrunes:
+        def first_update_step(self):
+            return None
+
+    with pytest.raises(DistillationConfigError, match="train_begin"):
+        snapshot_step(NeverPrunes())

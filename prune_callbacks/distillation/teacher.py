@@ -21,6 +21,18 @@ from torch import nn
 from ..targets import unwrap_model
 from .config import DistillationConfig, DistillationConfigError
 
+
+def snapshot_step(pruning: Any) -> int:
+    """The step a ``"before_pruning"`` snapshot is taken after: one before the first optimizer step whose
+    hook computes masks (`Pruner.first_update_step`, one source; ``pruning`` is a `Pruner` or anything with
+    that method, e.g. the Trainer engine). An error when nothing is ever pruned."""
+    step = pruning.first_update_step()
+    if step is None:
+        raise DistillationConfigError("snapshot='before_pruning': the pruning config never updates masks "
+                                      "(no pruning group, L1 only); use snapshot='train_begin'")
+    return step - 1
+
+
 TEACHER_FILE = "distillation_teacher.safetensors"
 _META_KEY = "prune_callbacks.teacher"
 _DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}

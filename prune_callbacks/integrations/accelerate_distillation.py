@@ -41,15 +41,6 @@ from .accelerate_support import check_accelerator_supported
 __all__ = ["AccelerateDistillationHook"]
 
 
-def first_update_step(pruner) -> int:
-    """`Pruner.first_update_step` (one source): the first optimizer step whose hook computes masks."""
-    step = pruner.first_update_step()
-    if step is None:
-        raise DistillationConfigError("snapshot='before_pruning': this pruner never updates masks (no pruning group); "
-                                      "use snapshot='train_begin'")
-    return step
-
-
 class AccelerateDistillationHook:
     """Distils the model of an Accelerate loop from a frozen teacher; see the module docstring."""
 
@@ -76,7 +67,7 @@ class AccelerateDistillationHook:
                     "snapshot='before_pruning' needs pruning=<the registered AcceleratePruningHook>; without pruning "
                     "use snapshot='train_begin'"
                 )
-            self._snapshot_at = first_update_step(pruner) - 1
+            self._snapshot_at = teacher_lib.snapshot_step(pruner)
         self.distiller.attach(model)
         self._pruner = pruner
         if self.distiller.teacher is None and self._snapshot_at is not None and pruner.step >= self._snapshot_at:

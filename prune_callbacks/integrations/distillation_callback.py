@@ -48,6 +48,7 @@ from transformers import TrainerCallback
 
 from ..distillation import DistillationConfig, Distiller, make_distillation_config
 from ..distillation.config import DistillationConfigError
+from ..distillation import teacher as teacher_lib
 from ..distillation.teacher import TEACHER_FILE
 from .trainer.checkpoint import checkpoint_dir
 from .trainer.logs import add_figures as add_to_logs
@@ -118,7 +119,7 @@ class DistillationCallback(TrainerCallback):
         d.detach()
         self._snapshot_at = None
         if cfg.self_teacher and cfg.snapshot == "before_pruning":
-            self._snapshot_at = self._first_update_step(args, state, model, optimizer) - 1
+            self._snapshot_at = self._snapshot_step(args, state, model, optimizer)
         if cfg.self_teacher and state.global_step > 0:
             d.teacher = None
             self._restore(args, state, model)
@@ -130,7 +131,7 @@ class DistillationCallback(TrainerCallback):
         if d.teacher is not None:
             logger.info("prune_callbacks: distillation teacher ready (%.1f MB)", d.teacher_bytes() / 2**20)
 
-    def _first_update_step(self, args, state, model, optimizer) -> int:
+    def _snapshot_step(self, args, state, model, optimizer) -> int:
         engine = self.engine
         if engine is None:
             raise DistillationConfigError(
@@ -138,11 +139,7 @@ class DistillationCallback(TrainerCallback):
                 "without pruning use snapshot='train_begin'"
             )
         engine.start(args, state, model, optimizer)  # no-op when the pruning callback already started it
-        step = engine.first_update_step()
-        if step is None:
-            raise DistillationConfigError("snapshot='before_pruning': the pruning config never updates masks; "
-                                          "use snapshot='train_begin'")
-        return step
+        return teacher_lib.snapshot_step(engine)
 
     def _restore(self, args, state, model) -> None:
         folders = [self.resume_from, getattr(self.engine, "resume_from", None), checkpoint_dir(args, state)]
