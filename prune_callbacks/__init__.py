@@ -13,7 +13,7 @@ exported lazily, so ``import prune_callbacks`` never imports transformers or
 accelerate.
 """
 
-from importlib import import_module
+from ._lazy import lazy_exports
 
 from .config import L1Config, PruningConfig, PruningConfigError
 from .granularity import Granularity
@@ -63,13 +63,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -29,7 +29,7 @@ Names are imported lazily: ``import prune_callbacks.integrations.trainer.dense``
 does not import transformers. Log keys: :mod:`prune_callbacks.figures`.
 """
 
-from importlib import import_module
+from ..._lazy import lazy_exports
 
 _LAZY = {
     "make_callbacks": ".callbacks",
@@ -45,13 +45,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
