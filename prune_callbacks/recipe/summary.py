@@ -59,4 +59,13 @@ def run_summary(report: Mapping) -> str:
         f"  on disk      {human_bytes(sizes['model_bytes'])} standard (model.safetensors)"
         + (f", {human_bytes(sizes['sparse_bytes'])} sparse (sparse/)" if sizes.get("sparse_bytes") else ""),
     ]
+    if report.get("slim"):
+        lines.append(f"  slim         {slim_line(report['slim'])}")
     return "\n".join(lines)
+
+
+def slim_line(slim: Mapping) -> str:
+    """``22.7M -> 19.2M parameters (intermediate_size 1536 -> 768)``: what slimming changed."""
+    changes = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in slim["config"].items() if not isinstance(v[0], (list, tuple)))
+    return (f"{human_count(slim['params_before'])} -> {human_count(slim['params_after'])} parameters"
+            + (f" ({changes})" if changes else ""))
