@@ -158,3 +158,15 @@ def test_llama_slim_run_cuts_kv_groups_neurons_and_a_block_and_reloads(tmp_path)
     assert torch.isfinite(loss) and generated.shape == (1, 7)
     assert sum(p.numel() for p in model.parameters()) == report["slim"]["params_after"]
     assert report["pruned_metrics"]["perplexity"] > 0
+
+
+def test_epoch_based_recipe_with_fractional_steps_passes_the_model_checks(tmp_path):
+    """validate --load / finetune dry-build the Pruner before the Trainer knows its step count (shipped
+    minilm-rt-90 / minilm-rt-slim: num_train_epochs with start_step 0.1); that must not refuse the recipe."""
+    recipe = tiny_recipe(tmp_path, tmp_path / "out", pruning={**FFN, "start_step": 0.1, "end_step": 0.6},
+                         output={"dir": str(tmp_path / "out"), "slim": True, "plot": False})
+    recipe["training"] = {k: v for k, v in recipe["training"].items() if k != "max_steps"} | {"num_train_epochs": 1}
+    path = write_recipe(tmp_path / "epochs.yaml", recipe)
+    assert main(["validate", str(path), "--load"]) == 0
+    assert main(["finetune", str(path)]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size"] == 19

@@ -99,12 +99,17 @@ def check_model(recipe: Recipe, model, tokenizer) -> None:
     check_targets(recipe, model)
 
 
+EPOCH_RUN_STAND_IN = 10**6
+
+
 def check_targets(recipe: Recipe, model) -> None:
     """Build the Pruner(s) the run would build (include / exclude must match, targets must be prunable)."""
     from ..pruner import Pruner
 
     max_steps = recipe.training.get("max_steps", -1)
-    total = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
+    # epoch-based runs: the step count is known only once the Trainer has its dataloader; a stand-in lets
+    # fractional start_step / end_step resolve for this dry build (it checks targets, not the schedule)
+    total = max_steps if isinstance(max_steps, int) and max_steps > 0 else EPOCH_RUN_STAND_IN
     many = isinstance(recipe.pruning, list)
     try:
         pruner = Pruner(model, recipe.pruning if not many else list(recipe.pruning), total_steps=total)

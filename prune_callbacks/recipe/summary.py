@@ -16,9 +16,15 @@ def describe(recipe: Recipe) -> str:
     steps = f"max_steps {t['max_steps']}" if t.get("max_steps", -1) > 0 else f"{t.get('num_train_epochs', 3.0)} epochs"
     return (f"{recipe.task}; model {recipe.model.source}:{recipe.model.name}; "
             f"data {d.source}:{d.name or ','.join(d.files or {})} ({caps}); "
-            f"pruning {' + '.join(f'{p.saliency}/{p.schedule} to {p.final_sparsity:.0%} ({p.scope})' for p in recipe.pruning_configs)}; "
+            f"pruning {' + '.join(f'{p.saliency}/{p.schedule} to {p.final_sparsity:.0%} ({_shape(p)})' for p in recipe.pruning_configs)}; "
             f"{steps}; "
-            f"metric {recipe.metrics[0]}; output {recipe.output.dir}")
+            + ("slim; " if recipe.output.slim else "")
+            + f"metric {recipe.metrics[0]}; output {recipe.output.dir}")
+
+
+def _shape(config) -> str:
+    """``global`` / ``per_layer`` for unstructured weights, else the granularity (``2:4``, ``ffn_neurons``, ...)."""
+    return config.scope if config.granularity == "unstructured" else config.granularity
 
 
 def format_metric(name: str, value: Optional[float]) -> str:
