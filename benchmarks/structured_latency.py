@@ -51,6 +51,23 @@ def magnitude_keep(model, ffn: float, blocks: int) -> dict:
     return keep
 
 
+def interleaved_medians(models: dict, forward, rounds: int, label: str = "") -> dict:
+    """Median seconds of ``forward(model)`` per model: one warm-up each, then ``rounds`` rounds of one call per
+    model, the order rotated every round, under ``torch.inference_mode``."""
+    names = list(models)
+    times = {n: [] for n in names}
+    with torch.inference_mode():
+        for m in models.values():
+            forward(m)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                forward(models[name])
+                times[name].append(time.perf_counter() - t0)
+            print(f"{label}: round {r + 1}/{rounds}", flush=True)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def build(template, ffn, blocks, ids):
     keep = magnitude_keep(template, ffn, blocks)
     masked, slimmed = copy.deepcopy(template), copy.deepcopy(template)
@@ -120,18 +137,8 @@ def main(argv=None):
     for batch, rounds in ((1, args.rounds1), (32, args.rounds32)):
         x = torch.randint(0, vocab, (batch, args.seq), generator=torch.Generator().manual_seed(batch))
         mask = torch.ones_like(x)
-        times = {n: [] for n in models}
-        names = list(models)
-        with torch.inference_mode():
-            for m in models.values():  # warm-up
-                m(input_ids=x, attention_mask=mask)
-            for r in range(rounds):
-                for name in names[r % len(names):] + names[: r % len(names)]:
-                    t0 = time.perf_counter()
-                    models[name](input_ids=x, attention_mask=mask)
-                    times[name].append(time.perf_counter() - t0)
-                print(f"batch {batch}: round {r + 1}/{rounds}", flush=True)
-        timings[batch] = {n: statistics.median(t) for n, t in times.items()}
+        timings[batch] = interleaved_medians(models, lambda m: m(input_ids=x, attention_mask=mask), rounds,
+                                             label=f"batch {batch}")
     rows = []
     for name in models:
         rows.append({

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,18 +36,21 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import causal_lm_peers as peers  # noqa: E402
 from benchmarks import common  # noqa: E402
+from benchmarks.structured_latency import interleaved_medians  # noqa: E402
 
 # name -> [(granularity, final_sparsity)]; SmolLM2 has 30 blocks and 3 KV groups (of 3 query heads) per block
 VARIANTS = {"dense": [], "ffn25": [("ffn_neurons", 0.25)], "ffn50": [("ffn_neurons", 0.5)],
             "kv1": [("attention_heads", 1 / 3)], "blocks6": [("blocks", 0.2)],
             "ffn50+kv1": [("ffn_neurons", 0.5), ("attention_heads", 1 / 3)]}
+SMOKE_VARIANTS = {**VARIANTS, "kv1": [("attention_heads", 0.5)], "blocks6": [("blocks", 0.5)]}  # 2 blocks, 2 KV groups
 
 
-def _kinds(name: str):
+def _kinds(name: str, smoke: bool = False):
+    variants = SMOKE_VARIANTS if smoke else VARIANTS
     base = name[: -len("+kd")] if name.endswith("+kd") else name
-    if base not in VARIANTS:
-        raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)} (each also with +kd)")
-    return VARIANTS[base], name.endswith("+kd")
+    if base not in variants:
+        raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(variants)} (each also with +kd)")
+    return variants[base], name.endswith("+kd")
 
 
 def _load(out: Path) -> dict:
@@ -62,7 +64,7 @@ def train_variant(name: str, make, train, held, args) -> dict:
     from prune_callbacks.distillation import DistillationConfig, Distiller
     from prune_callbacks.structured import slim_pruned
 
-    kinds, kd = _kinds(name)
+    kinds, kd = _kinds(name, args.smoke)
     torch.manual_seed(args.seed)
     model = make()
     configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=0.1, end_step=0.6, update_every=2)
@@ -121,23 +123,12 @@ def latency_main(args) -> dict:
     rows = {r["variant"]: r for r in results["rows"] if Path(r["model_dir"]).is_dir()}
     models = {n: AutoModelForCausalLM.from_pretrained(r["model_dir"]).eval() for n, r in rows.items()}
     vocab = next(iter(models.values())).config.vocab_size
-    names = list(models)
     for batch, rounds in ((1, args.rounds1), (8, args.rounds8)):
         x = torch.randint(0, vocab, (batch, args.seq_len), generator=torch.Generator().manual_seed(batch))
-        times = {n: [] for n in names}
-        with torch.inference_mode():
-            for m in models.values():  # warm-up
-                m(input_ids=x, use_cache=False)
-            for r in range(rounds):
-                for n in names[r % len(names):] + names[: r % len(names)]:
-                    t0 = time.perf_counter()
-                    models[n](input_ids=x, use_cache=False)
-                    times[n].append(time.perf_counter() - t0)
-        dense = statistics.median(times["dense"]) if "dense" in times else None
-        for n in names:
-            rows[n][f"b{batch}_median_s"] = statistics.median(times[n])
-            rows[n][f"b{batch}_speedup"] = dense / rows[n][f"b{batch}_median_s"] if dense else None
-        print(f"batch {batch} done", flush=True)
+        medians = interleaved_medians(models, lambda m: m(input_ids=x, use_cache=False), rounds, label=f"batch {batch}")
+        for n, median in medians.items():
+            rows[n][f"b{batch}_median_s"] = median
+            rows[n][f"b{batch}_speedup"] = medians["dense"] / median if "dense" in medians else None
     results["latency"] = {"seq": args.seq_len, "rounds": {"1": args.rounds1, "8": args.rounds8},
                           "threads": args.threads, "hardware": common.hardware_info()}
     out.write_text(json.dumps(results, indent=2))
@@ -189,8 +180,6 @@ def main(argv=None):
     ap.add_argument("--out", default=str(common.RESULTS / "structured_lm.json"))
     args = ap.parse_args(argv)
     common.set_threads(args.threads)
-    if args.smoke:  # the tiny model has 2 blocks, 2 KV groups
-        VARIANTS.update(kv1=[("attention_heads", 0.5)], blocks6=[("blocks", 0.5)])
     if args.train:
         return train_main(args)
     if args.latency:

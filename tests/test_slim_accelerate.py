@@ -14,23 +14,14 @@ pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
 from accelerate import Accelerator  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from helpers import tiny_llama_lm  # noqa: E402
+from test_accelerate_hook import fresh_accelerate_state  # noqa: E402,F401  (autouse: a clean Accelerator singleton)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from prune_callbacks import PruningConfig  # noqa: E402
 from prune_callbacks.integrations.accelerate import AcceleratePruningHook  # noqa: E402
 
 STEPS = {"start_step": 1, "end_step": 4, "update_every": 1}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def _free_port() -> int:
