@@ -9,6 +9,7 @@ seed for every variant; rows are appended to ``--out`` as they finish (``--resum
 
     python benchmarks/structured_accuracy.py --threads 1 --variants dense --save-dense outputs/dense150
     python benchmarks/structured_accuracy.py --threads 1 --variants ffn50+kd ffn75 --dense-from outputs/dense150
+    python benchmarks/structured_accuracy.py --merge A.json B.json --out benchmarks/results/structured_accuracy.json
     python benchmarks/structured_accuracy.py --smoke --out /tmp/a.json
 """
 
@@ -93,6 +94,52 @@ def run_variant(name: str, args) -> dict:
             "config_changes": summary["config"] if summary else {}, "test_examples": len(data["test"])}
 
 
+def merge(files: list[Path], out: Path) -> dict:
+    """One result file from several jobs' files (the first row of each variant wins)."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    rows: dict = {}
+    for part in parts:
+        for row in part["rows"]:
+            rows.setdefault(row["variant"], row)
+    merged = dict(parts[0], rows=list(rows.values()), merged_from=[str(f) for f in files])
+    common.write_json(out, merged)
+    return merged
+
+
+def plot(results: dict, latency: dict, png: Path) -> None:
+    """Accuracy retention vs batch-32 speedup (from the latency results), with / without distillation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = {r["variant"]: r["b32_speedup"] for r in latency["rows"]}
+    dense = next(r["test_accuracy"] for r in results["rows"] if r["variant"] == "dense")
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.axvline(1.5, color="grey", ls="--", lw=0.8)
+    ax.axhline(0.97, color="grey", ls="--", lw=0.8, label="target: >= 1.5x at >= 97% of dense")
+    for r in results["rows"]:
+        base = r["variant"].removesuffix("+kd")
+        if base not in speed:
+            continue
+        kd = r["variant"].endswith("+kd")
+        x, y = speed[base], r["test_accuracy"] / dense
+        ax.scatter(x, y, color="#3b7dd8" if kd else "k", marker="o" if kd else "s", zorder=3)
+        ax.annotate(r["variant"], (x, y), fontsize=8, xytext=(4, -10 if kd else 4), textcoords="offset points")
+    ax.set_xlabel("CPU inference speedup, batch 32 x 128 tokens, 1 thread (structured_latency.json)")
+    ax.set_ylabel("test accuracy / dense")
+    ax.set_title(f"MiniLM / Rotten Tomatoes, {results['rows'][0]['steps']} steps: black no distillation, "
+                 "blue distilled from the dense model", fontsize=8)
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    ax.fill_between([1.5, x1], 0.97, max(y1, 1.01), color="#dff0d8", zorder=0)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, max(y1, 1.01))
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["dense", "ffn50", "ffn50+kd"])
@@ -105,7 +152,13 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, skip their variants")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "structured_accuracy.json")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, help="merge these result files into --out, plot")
+    ap.add_argument("--latency", type=Path, default=common.RESULTS / "structured_latency.json")
     args = ap.parse_args(argv)
+    if args.merge:
+        merged = merge(args.merge, args.out)
+        plot(merged, json.loads(args.latency.read_text()), args.out.with_suffix(".png"))
+        return merged
     common.set_threads(args.threads)
     results = {"benchmark": "structured_accuracy", "hardware": common.hardware_info(), "threads": args.threads,
                "lr": args.lr, "batch_size": 16, "max_len": 64, "rows": []}
