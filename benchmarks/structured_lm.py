@@ -147,7 +147,7 @@ def plot(results: dict, png: Path) -> None:
     for r in rows:
         ax.scatter(r["b1_median_s"] * 1e3, r["perplexity"], color="#3b7dd8" if r["distillation"] else "k")
         ax.annotate(r["variant"], (r["b1_median_s"] * 1e3, r["perplexity"]), fontsize=8,
-                    xytext=(4, 3), textcoords="offset points")
+                    xytext=(4, -11 if r["distillation"] else 3), textcoords="offset points")
     ax.axhline(results["base_perplexity"], color="grey", ls=":", lw=1, label="pretrained, not fine-tuned")
     ax.set_xlabel(f"CPU latency, batch 1 x {results['latency']['seq']} tokens (ms, median, "
                   f"{results['latency']['threads']} thread)")
