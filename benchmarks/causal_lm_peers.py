@@ -187,7 +187,8 @@ def measured_sparsity(model) -> float:
 
 
 def finetune(model, train, args, pruning_config=None):
-    """The shared budget: args.steps AdamW steps, linear warm-up then cosine, same batches for every row."""
+    """The shared budget: args.steps AdamW steps, linear warm-up then cosine, same batches for every row.
+    Returns the (finalized) `Pruner`, or None without ``pruning_config``."""
     from transformers import get_scheduler
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -217,6 +218,7 @@ def finetune(model, train, args, pruning_config=None):
         pruner.finalize()
     if hook is not None:
         hook.remove()
+    return pruner
 
 
 @torch.no_grad()

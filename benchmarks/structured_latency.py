@@ -2,7 +2,8 @@
 
 Widths are chosen by weight magnitude (sum of |w| over every slice a neuron spans, the
 same count removed in every block); blocks are removed from the top (the last ones).
-No fine-tuning: this measures shapes (latency, parameters), not accuracy. Each variant
+No fine-tuning: this measures shapes (latency, parameters), not accuracy (accuracy after a short
+fine-tune, with and without distillation: ``benchmarks/structured_accuracy.py``). Each variant
 is checked against its masked twin (max |logit difference| printed and stored).
 Timings: one forward per variant per round, variants interleaved (order rotated
 each round), median over rounds; ``torch.inference_mode``; batch 1 and 32, seq 128.
@@ -50,6 +51,23 @@ def magnitude_keep(model, ffn: float, blocks: int) -> dict:
     return keep
 
 
+def interleaved_medians(models: dict, forward, rounds: int, label: str = "") -> dict:
+    """Median seconds of ``forward(model)`` per model: one warm-up each, then ``rounds`` rounds of one call per
+    model, the order rotated every round, under ``torch.inference_mode``."""
+    names = list(models)
+    times = {n: [] for n in names}
+    with torch.inference_mode():
+        for m in models.values():
+            forward(m)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                forward(models[name])
+                times[name].append(time.perf_counter() - t0)
+            print(f"{label}: round {r + 1}/{rounds}", flush=True)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def build(template, ffn, blocks, ids):
     keep = magnitude_keep(template, ffn, blocks)
     masked, slimmed = copy.deepcopy(template), copy.deepcopy(template)
@@ -60,45 +78,6 @@ def build(template, ffn, blocks, ids):
     with torch.inference_mode():
         diff = (masked(input_ids=ids).logits - slimmed(input_ids=ids).logits).abs().max().item()
     return slimmed, diff
-
-
-ACCURACY_VARIANTS = {"dense": [], "ffn50": [("ffn_neurons", 0.5)], "blocks2": [("blocks", 2 / 6)],
-                     "ffn50+blocks2": [("ffn_neurons", 0.5), ("blocks", 2 / 6)]}
-
-
-def accuracy_run(args) -> list[dict]:
-    """Short fine-tunes on Rotten Tomatoes: pruning rides the fine-tune (taylor, cubic), then slim; test accuracy."""
-    from prune_callbacks import Pruner, PruningConfig
-    from prune_callbacks.structured import slim_pruned
-
-    rows = []
-    for name, kinds in ACCURACY_VARIANTS.items():
-        if args.smoke:
-            model = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=6))
-            data = {s: common.synthetic_encoded(64, seed=i) for i, s in enumerate(("train", "validation", "test"))}
-        else:
-            model, tok = common.load_minilm(seed=0)
-            data = common.load_rt_encoded(tok, seed=0, max_train=None, max_eval=args.max_eval, max_len=64)
-        steps = args.accuracy_steps
-        optimizer = common.make_optimizer(model, lr=args.lr)
-        scheduler = common.linear_warmup_decay(optimizer, steps=steps, warmup=steps // 10)
-        pruner = None
-        if kinds:
-            configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=0.1, end_step=0.6) for k, s in kinds]
-            pruner = Pruner(model, configs, total_steps=steps).attach(optimizer)
-        batches = common.train_batches(data["train"], steps=steps, batch_size=16, seed=0)
-        wall = common.train(model, batches, optimizer, scheduler,
-                            after_step=lambda st: print(f"{name}: step {st}/{steps}", flush=True) if st % 25 == 0 else None)
-        test = common.eval_batches(data["test"])
-        masked_acc = common.accuracy(model, test)
-        if pruner is not None:
-            slim_pruned(model, pruner)
-        acc = common.accuracy(model, test)
-        rows.append({"variant": name, "steps": steps, "train_wall_s": wall, "test_accuracy": acc,
-                     "masked_test_accuracy": masked_acc, "params": sum(p.numel() for p in model.parameters()),
-                     "test_examples": len(data["test"])})
-        print(rows[-1], flush=True)
-    return rows
 
 
 def plot(json_path: Path) -> Path:
@@ -139,17 +118,8 @@ def main(argv=None):
     ap.add_argument("--rounds32", type=int, default=5, help="rounds at batch 32")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--out", default=str(common.RESULTS / "structured_latency.json"))
-    ap.add_argument("--accuracy-steps", type=int, default=0,
-                    help="instead of latency: short RT fine-tunes of this many steps (batch 16, max_len 64)")
-    ap.add_argument("--max-eval", type=int, default=400)
-    ap.add_argument("--lr", type=float, default=5e-5)
     args = ap.parse_args(argv)
     common.set_threads(args.threads)
-    if args.accuracy_steps:
-        rows = accuracy_run(args)
-        common.write_json(Path(args.out), {"hardware": common.hardware_info(), "threads": args.threads,
-                                           "lr": args.lr, "batch_size": 16, "max_len": 64, "rows": rows})
-        return
     if args.smoke:
         template = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=4))
         args.rounds1, args.rounds32, args.seq = 2, 1, 16
@@ -167,18 +137,8 @@ def main(argv=None):
     for batch, rounds in ((1, args.rounds1), (32, args.rounds32)):
         x = torch.randint(0, vocab, (batch, args.seq), generator=torch.Generator().manual_seed(batch))
         mask = torch.ones_like(x)
-        times = {n: [] for n in models}
-        names = list(models)
-        with torch.inference_mode():
-            for m in models.values():  # warm-up
-                m(input_ids=x, attention_mask=mask)
-            for r in range(rounds):
-                for name in names[r % len(names):] + names[: r % len(names)]:
-                    t0 = time.perf_counter()
-                    models[name](input_ids=x, attention_mask=mask)
-                    times[name].append(time.perf_counter() - t0)
-                print(f"batch {batch}: round {r + 1}/{rounds}", flush=True)
-        timings[batch] = {n: statistics.median(t) for n, t in times.items()}
+        timings[batch] = interleaved_medians(models, lambda m: m(input_ids=x, attention_mask=mask), rounds,
+                                             label=f"batch {batch}")
     rows = []
     for name in models:
         rows.append({

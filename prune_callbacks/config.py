@@ -156,11 +156,17 @@ class PruningConfig(_Validated):
     @model_validator(mode="before")
     @classmethod
     def _granularity_final(cls, data: Any) -> Any:
-        """A granularity that fixes the final sparsity (N:M: 1 - N/M) supplies it when it is left out."""
-        if isinstance(data, dict) and "final_sparsity" not in data and isinstance(data.get("granularity"), str):
+        """A granularity that fixes the final sparsity (N:M: 1 - N/M) supplies it when it is left out; one that
+        reads a given value differently explains a bad one (`Granularity.final_sparsity_hint`)."""
+        if isinstance(data, dict) and isinstance(data.get("granularity"), str):
             try:
                 granularity, args = GRANULARITIES.resolve(data["granularity"])
             except KeyError:
+                return data
+            if "final_sparsity" in data:  # a granularity may read it differently (blocks: a fraction, not a count)
+                hint = granularity.final_sparsity_hint(data["final_sparsity"], *args)
+                if hint:
+                    raise ValueError(hint)
                 return data
             try:
                 fixed = granularity.fixed_final_sparsity(*args)

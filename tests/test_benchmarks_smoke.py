@@ -90,3 +90,30 @@ def test_size_smoke(tmp_path):
         if not sparse.get("pending"):
             assert sparse["weights_bytes"] < dense["weights_bytes"]
     assert "| fp32 | 90% |" in plot.size_table(out)
+
+
+def test_structured_accuracy_smoke_with_and_without_distillation(tmp_path):
+    from benchmarks import structured_accuracy
+
+    out = tmp_path / "acc.json"
+    res = structured_accuracy.main(["--smoke", "--steps", "8", "--variants", "dense", "ffn50", "ffn50+kd",
+                                    "--save-dense", str(tmp_path / "dense"), "--dense-from", str(tmp_path / "dense"),
+                                    "--out", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows.keys() == {"dense", "ffn50", "ffn50+kd"} and res["rows"][2]["distillation"]["hardness"] == 1.0
+    assert rows["ffn50"]["config_changes"] == rows["ffn50+kd"]["config_changes"] == {"intermediate_size": [48, 24]}
+    assert all(r["test_accuracy"] == r["masked_test_accuracy"] for r in rows.values())  # slim == masked
+
+
+def test_structured_lm_smoke_trains_slims_reloads_and_times(tmp_path):
+    from benchmarks import structured_lm
+
+    out = tmp_path / "lm.json"
+    args = ["--smoke", "--steps", "4", "--eval-blocks", "4", "--out", str(out), "--models-dir", str(tmp_path / "m")]
+    structured_lm.main([*args, "--train", "dense", "ffn50", "kv1", "blocks6"])
+    data = structured_lm.main([*args, "--latency", "--rounds1", "1", "--rounds8", "1"])
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows["kv1"]["config_changes"] == {"num_attention_heads": [4, 2], "num_key_value_heads": [2, 1]}
+    assert rows["blocks6"]["config_changes"] == {"num_hidden_layers": [2, 1]}
+    assert all(r["reload_max_abs_logit_diff"] <= 1e-5 and r["b1_median_s"] > 0 for r in rows.values())
+    assert rows["dense"]["b8_speedup"] == 1.0 and out.with_suffix(".png").is_file()

@@ -31,8 +31,16 @@ def write(tmp_path: Path, data, name: str = "r.yaml") -> Path:
     return path
 
 
-def test_the_four_shipped_recipes_exist():
-    assert {p.name for p in RECIPE_FILES} >= {"quickstart.yaml", "minilm-rt-90.yaml", "smollm2-kjv-50.yaml", "template.yaml"}
+def test_the_shipped_recipes_exist():
+    assert {p.name for p in RECIPE_FILES} >= {"quickstart.yaml", "minilm-rt-90.yaml", "smollm2-kjv-50.yaml", "template.yaml",
+                                              "minilm-rt-slim.yaml", "smollm2-kjv-slim.yaml"}
+
+
+@pytest.mark.parametrize("name", ["minilm-rt-slim.yaml", "smollm2-kjv-slim.yaml"])
+def test_slim_recipes_are_structured_with_distillation(name):
+    recipe = load_recipe(RECIPES / name)
+    assert recipe.output.slim and recipe.distillation is not None
+    assert recipe.pruning.granularity == "ffn_neurons" and 0 < recipe.pruning.final_sparsity <= 0.5
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.name)

@@ -149,3 +149,16 @@ def test_non_uniform_width_of_a_removed_block_is_ignored():
     keep = make_keep(model, "ffn_neurons+blocks")
     keep["ffn_neurons"][1][:] = True  # block 1 is removed, so its width does not matter
     assert slim(model, keep)["kept"] == {"ffn_neurons": 40, "blocks": [0, 2]}
+
+
+def test_slim_leaves_a_config_shared_with_another_model_alone():
+    """transformers models built from one config object share it; slimming one must not reshape the other."""
+    model, _ = llama()
+    twin = transformers.LlamaForCausalLM(model.config)  # the same config object
+    assert twin.config is model.config
+    slim(model, make_keep(model, "ffn_neurons+attention_heads+blocks"))
+    assert (twin.config.intermediate_size, twin.config.num_key_value_heads, twin.config.num_hidden_layers) == (64, 2, 3)
+    assert (model.config.intermediate_size, model.config.num_hidden_layers) == (40, 2)
+    assert all(m.config is model.config for m in model.modules() if hasattr(m, "config"))
+    ids = torch.randint(0, 100, (1, 8))
+    assert _outputs(transformers.LlamaForCausalLM(twin.config), ids).shape == (1, 8, 100)

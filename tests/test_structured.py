@@ -173,3 +173,23 @@ def test_slim_pruned_needs_a_structured_group():
 def test_unstructured_only_fields_refused_for_structured():
     with pytest.raises(ValueError, match="scope='per_layer' does not apply to granularity='ffn_neurons'"):
         PruningConfig(granularity="ffn_neurons", scope="per_layer")
+
+
+@pytest.mark.parametrize("value", [2, 1.0, 3.5])
+def test_blocks_final_sparsity_is_a_fraction_and_a_count_is_refused_with_the_fraction_to_give(value):
+    from prune_callbacks.config import PruningConfigError
+
+    with pytest.raises(PruningConfigError) as info:
+        PruningConfig(granularity="blocks", final_sparsity=value)
+    text = str(info.value)
+    assert f"final_sparsity={value!r} is invalid for granularity='blocks'" in text
+    assert "fraction of blocks removed" in text and "not a count" in text
+    with pytest.raises(PruningConfigError, match=r"must be in \[0, 1\)"):  # other granularities: the generic check
+        PruningConfig(granularity="ffn_neurons", final_sparsity=value)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_blocks_fraction_k_over_n_removes_k_blocks(k):
+    pruner = train(bert(), [cfg("blocks", k / 4)])
+    kept = structured_keep(pruner)["blocks"]
+    assert len(kept) == 4 and kept.count(False) == k

@@ -54,6 +54,11 @@ class Granularity:
         return None
 
     @classmethod
+    def final_sparsity_hint(cls, value, *args: str) -> Optional[str]:
+        """A message for a ``final_sparsity`` this granularity reads differently (None: the generic range check)."""
+        return None
+
+    @classmethod
     def check_config(cls, config, *args: str) -> list[str]:
         """Problems with ``config`` for this granularity (each names the field, value and what is allowed)."""
         return []

@@ -10,7 +10,8 @@ are one bool per unit (``[n_units]`` per block, ``True`` = pruned).
   scope prunes ``round(s * n_units)`` of its units (at most ``n_units - 1``), its
   lowest-scoring ones, so a plain config describes the slimmed model. Already pruned
   units stay pruned. ``blocks``: ``final_sparsity`` is the *fraction of blocks*
-  removed (``round(s * n_blocks)``, at most ``n_blocks - 1``), lowest-scoring first.
+  removed (``round(s * n_blocks)``, at most ``n_blocks - 1``), lowest-scoring first;
+  a count (``final_sparsity: 2``) is refused at config time with the fraction to give.
 * **Masks** are applied to every spanned slice after every optimizer step (+0.0), so
   removed units contribute exactly zero; a removed block is also skipped by a forward
   hook (its input passes through), which is what cutting it does.
@@ -184,6 +185,16 @@ class Blocks(StructuredUnits):
 
     name = "blocks"
     kind = "blocks"
+
+    @classmethod
+    def final_sparsity_hint(cls, value, *args: str) -> Optional[str]:
+        """``final_sparsity`` is a fraction of the blocks, never a count: ``2`` is refused with what to give."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1:
+            k = int(value) if float(value).is_integer() else value
+            return (f"final_sparsity={value!r} is invalid for granularity='blocks': it is the fraction of blocks "
+                    "removed (round(final_sparsity * number of blocks), at most all but one), not a count; "
+                    f"to remove {k} of n blocks give {k}/n (e.g. {k} of 12 blocks: {round(value / 12, 4)})")
+        return None
 
     def select(self, scores, sparsity):
         per_block = torch.cat([s.cpu() for s in self.unit_scores(scores)])

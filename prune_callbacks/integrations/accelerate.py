@@ -258,7 +258,10 @@ class AcceleratePruningHook:
         only, then all processes wait). Calling it again returns the report and
         does nothing else (but still saves when asked). ``slim``: cut removed structured units out of
         the model and rewrite its config (`prune_callbacks.structured.slim_pruned`); call it once the
-        optimizer is done (it still holds the old parameters).
+        optimizer is done (it still holds the old parameters). The pruner holds the unwrapped model,
+        so a DDP-wrapped loop model is cut in place too (``accelerator.unwrap_model(model)`` is the
+        slim model; the wrapper's gradient buckets still refer to the old parameters: do not train
+        through it afterwards). Every rank slims (the masks are identical on every rank).
         """
         report = self._finalize_pruner()
         if slim:

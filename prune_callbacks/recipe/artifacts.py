@@ -11,6 +11,7 @@ import torch
 
 from ..report import model_sparsity
 from .schema import Recipe
+from .slimming import SPARSE_SKIPPED
 
 REPORT_JSON, REPORT_MD, PLOT_PNG = "report.json", "REPORT.md", "sparsity.png"
 
@@ -68,15 +69,23 @@ def weight_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
+def measure_sparsity(model, pruner) -> tuple[dict, dict]:
+    """``(model_sparsity(model), the pruner's per-target zeros)``: what the report's sparsity figures are built from."""
+    return model_sparsity(model), _target_sparsity(pruner)
+
+
 def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model, pruner, log_history: list,
                  global_step: int, train_output, pruned_metrics: dict, recorder, data, sparse_info,
-                 timing: dict, written: Optional[Path] = None) -> dict[str, Any]:
-    """``out``: where the run's artefacts end up; ``written``: where they are now (the staging folder)."""
+                 timing: dict, written: Optional[Path] = None, measured: Optional[tuple] = None,
+                 slim: Optional[dict] = None) -> dict[str, Any]:
+    """``out``: where the run's artefacts end up; ``written``: where they are now (the staging folder).
+    ``measured``: `measure_sparsity` taken earlier (before slimming); ``slim``: the slim summary
+    (:mod:`.slimming`), which also means no sparse checkpoint."""
     task = recipe.task
     written = out if written is None else written
     dense, evals = _history(log_history, task)
-    whole = model_sparsity(model)
-    targets = _target_sparsity(pruner)
+    whole, targets = measured if measured is not None else measure_sparsity(model, pruner)
+    whole = dict(whole)
     per_tensor = whole.pop("per_tensor")
     return {
         "recipe": str(recipe_path) if recipe_path else None,
@@ -117,7 +126,9 @@ def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model
             "model_bytes": weight_bytes(written),
             "sparse_bytes": sparse_info.file_bytes if sparse_info is not None else None,
             "sparse_dir": str(out / "sparse") if sparse_info is not None else None,
+            **({"sparse_skipped": SPARSE_SKIPPED} if slim is not None else {}),
         },
+        **({"slim": {**slim, "saved_params": sum(p.numel() for p in model.parameters())}} if slim is not None else {}),
         "timing": dict(timing),
         "versions": _versions(),
     }

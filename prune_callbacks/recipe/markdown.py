@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from .summary import dense_label, dense_step, format_metric
+from .summary import dense_label, dense_step, format_metric, slim_line
 from .tables import human_bytes, human_count, markdown_table
 
 
@@ -51,6 +51,8 @@ def render_markdown(report: Mapping, plot_name: Optional[str] = "sparsity.png") 
         f"| nonzero parameters | {human_count(s['nonzero_params'])} of {human_count(s['params'])} |",
         f"| standard checkpoint | {human_bytes(sizes['model_bytes'])} (`model.safetensors`) |",
     ]
+    if report.get("slim"):
+        lines.append(f"| slimmed (units cut out; the figures above are the masked model's) | {slim_line(report['slim'])} |")
     if sizes.get("sparse_bytes"):
         lines.append(f"| sparse checkpoint | {human_bytes(sizes['sparse_bytes'])} (`sparse/`, "
                      "`prune_callbacks.sparse_io.load_sparse`) |")
@@ -72,7 +74,8 @@ def render_markdown(report: Mapping, plot_name: Optional[str] = "sparsity.png") 
     lines += ["## Per-layer sparsity (pruned layers)", "", markdown_table(table), "",
               "## Loading", "", "```python",
               f"from transformers import {auto}",
-              f"model = {auto}.from_pretrained({out!r})  # the zeros are ordinary weights",
+              f"model = {auto}.from_pretrained({out!r})  "
+              + ("# a smaller ordinary model" if report.get("slim") else "# the zeros are ordinary weights"),
               ]
     if sizes.get("sparse_bytes"):
         lines += ["from prune_callbacks.sparse_io import load_sparse",

@@ -4,7 +4,8 @@
 data when it is on this machine (local files, built-in assets): splits, columns, labels.
 ``check_recipe(recipe, load_model=True)`` (``validate --load``, and ``finetune`` before it trains):
 also opens hub data, loads the model and tokenizer, checks ``data.max_length`` against the model
-and builds the Pruner(s) on the model, which checks ``include`` / ``exclude`` and the targets.
+and builds the Pruner(s) on the model, which checks ``include`` / ``exclude`` and the targets (and,
+with ``output.slim``, that the structured widths can be cut uniformly).
 ``finetune`` then trains on exactly what was checked (the returned `Preflight` holds it), so it
 cannot reject what ``validate --load`` accepted; ``validate`` without ``--load`` checks everything
 but what needs the model (and hub data, which needs the network).
@@ -98,12 +99,17 @@ def check_model(recipe: Recipe, model, tokenizer) -> None:
     check_targets(recipe, model)
 
 
+EPOCH_RUN_STAND_IN = 10**6
+
+
 def check_targets(recipe: Recipe, model) -> None:
     """Build the Pruner(s) the run would build (include / exclude must match, targets must be prunable)."""
     from ..pruner import Pruner
 
     max_steps = recipe.training.get("max_steps", -1)
-    total = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
+    # epoch-based runs: the step count is known only once the Trainer has its dataloader; a stand-in lets
+    # fractional start_step / end_step resolve for this dry build (it checks targets, not the schedule)
+    total = max_steps if isinstance(max_steps, int) and max_steps > 0 else EPOCH_RUN_STAND_IN
     many = isinstance(recipe.pruning, list)
     try:
         pruner = Pruner(model, recipe.pruning if not many else list(recipe.pruning), total_steps=total)
@@ -111,4 +117,8 @@ def check_targets(recipe: Recipe, model) -> None:
         what = f"the {len(recipe.pruning)} pruning configs do" if many else "the pruning config does"
         raise RecipeError([("pruning", f"{what} not fit the model {recipe.model.name!r}: {exc}")],
                           source="pruning") from None
+    if recipe.output.slim:
+        from .slimming import check_pruner
+
+        check_pruner(pruner)
     del pruner

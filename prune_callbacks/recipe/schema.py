@@ -23,6 +23,7 @@ from typing_extensions import Annotated
 from ..config import PruningConfig
 from ..distillation.config import DistillationConfig
 from ..integrations.trainer_dense import DENSE_TIMINGS
+from .slimming import slim_problems
 
 TASKS = ("sequence-classification", "causal-lm")
 BUILTIN_MODELS = {"minilm": "sequence-classification", "smollm2": "causal-lm"}
@@ -203,7 +204,11 @@ class OutputSection(Section):
     resume: Union[bool, Literal["auto"]] = Field(
         False, description="Continue an interrupted run in output.dir from its newest complete checkpoint: true (--resume; "
                            "an error when there is none), auto (resume if possible, else start afresh) or false.")
-    save_sparse: bool = Field(True, description="Also write the compressed sparse checkpoint to <dir>/sparse/.")
+    save_sparse: bool = Field(True, description="Also write the compressed sparse checkpoint to <dir>/sparse/ "
+                                                "(skipped with slim: a slim model is dense).")
+    slim: bool = Field(False, description="Cut the removed structured units (ffn_neurons / attention_heads / blocks) out "
+                                          "before saving and rewrite the config: a smaller ordinary model that plain "
+                                          "from_pretrained loads. Needs a structured granularity in pruning.")
     save_tokenizer: bool = Field(True, description="Save the tokenizer beside the model.")
     plot: bool = Field(True, description="Write sparsity.png (sparsity over steps with the metric; per-layer sparsity).")
 
@@ -280,6 +285,7 @@ def cross_check(recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(("data.name", f"built-in dataset {recipe.data.name!r} is for task {BUILTIN_DATA[recipe.data.name]!r}, "
                                       f"not {task!r}; allowed for {task}: "
                                       f"{_allowed(d for d, t in BUILTIN_DATA.items() if t == task)}"))
+    problems += slim_problems(recipe)
     for i, metric in enumerate(recipe.evaluation.metrics or []):
         if metric not in METRICS[task]:
             problems.append((f"evaluation.metrics.{i}", f"unknown metric {metric!r} for task {task}; "

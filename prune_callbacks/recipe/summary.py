@@ -16,9 +16,15 @@ def describe(recipe: Recipe) -> str:
     steps = f"max_steps {t['max_steps']}" if t.get("max_steps", -1) > 0 else f"{t.get('num_train_epochs', 3.0)} epochs"
     return (f"{recipe.task}; model {recipe.model.source}:{recipe.model.name}; "
             f"data {d.source}:{d.name or ','.join(d.files or {})} ({caps}); "
-            f"pruning {' + '.join(f'{p.saliency}/{p.schedule} to {p.final_sparsity:.0%} ({p.scope})' for p in recipe.pruning_configs)}; "
+            f"pruning {' + '.join(f'{p.saliency}/{p.schedule} to {p.final_sparsity:.0%} ({_shape(p)})' for p in recipe.pruning_configs)}; "
             f"{steps}; "
-            f"metric {recipe.metrics[0]}; output {recipe.output.dir}")
+            + ("slim; " if recipe.output.slim else "")
+            + f"metric {recipe.metrics[0]}; output {recipe.output.dir}")
+
+
+def _shape(config) -> str:
+    """``global`` / ``per_layer`` for unstructured weights, else the granularity (``2:4``, ``ffn_neurons``, ...)."""
+    return config.scope if config.granularity == "unstructured" else config.granularity
 
 
 def format_metric(name: str, value: Optional[float]) -> str:
@@ -59,4 +65,13 @@ def run_summary(report: Mapping) -> str:
         f"  on disk      {human_bytes(sizes['model_bytes'])} standard (model.safetensors)"
         + (f", {human_bytes(sizes['sparse_bytes'])} sparse (sparse/)" if sizes.get("sparse_bytes") else ""),
     ]
+    if report.get("slim"):
+        lines.append(f"  slim         {slim_line(report['slim'])}")
     return "\n".join(lines)
+
+
+def slim_line(slim: Mapping) -> str:
+    """``22.7M -> 19.2M parameters (intermediate_size 1536 -> 768)``: what slimming changed."""
+    changes = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in slim["config"].items() if not isinstance(v[0], (list, tuple)))
+    return (f"{human_count(slim['params_before'])} -> {human_count(slim['params_after'])} parameters"
+            + (f" ({changes})" if changes else ""))

@@ -27,6 +27,8 @@ Config fields rewritten: the FFN width (``intermediate_size``; GPT-2 ``n_inner``
 ``num_attention_heads`` and ``num_key_value_heads`` (``head_dim`` stays),
 ``num_hidden_layers`` and per-layer lists (``layer_types``, ...), and every
 ``layer_idx`` attribute inside the remaining blocks (used by KV caches) is renumbered.
+The model gets its own copy of the config first (every module that held the old object
+gets the copy), so another model built from the same config object is left as it was.
 
 Call it after training: the optimizer's references to the old parameters are stale
 afterwards.
@@ -34,6 +36,7 @@ afterwards.
 
 from __future__ import annotations
 
+import copy
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -88,6 +91,17 @@ def _refresh_features(module: nn.Module) -> None:
         module.nf = weight.shape[1]
 
 
+def _own_config(model: nn.Module, config):
+    """Give ``model`` (and its submodules holding ``config``) a private copy of ``config``."""
+    if config is None:
+        return None
+    mine = copy.deepcopy(config)
+    for module in model.modules():
+        if getattr(module, "config", None) is config:
+            module.config = mine
+    return mine
+
+
 def _plan(model, keep):
     """Validate ``keep`` against the model; returns what to cut (nothing is modified)."""
     unknown = [k for k in keep if k not in KINDS]
@@ -131,7 +145,7 @@ def slim(model: nn.Module, keep: Mapping[str, Optional[Sequence]]) -> dict:
     """
     model = unwrap_model(model)
     layout, blocks_kept, widths = _plan(model, keep)
-    config = layout.config
+    config = _own_config(model, layout.config)
     params_before = sum(p.numel() for p in model.parameters())
     changes: dict[str, list] = {}
 

@@ -1,0 +1,180 @@
+"""MiniLM on Rotten Tomatoes: accuracy after a short fine-tune with structured pruning, with and without distillation.
+
+Pruning rides the fine-tune (taylor saliency, cubic from 10% to 60% of the run, uniform per block), then
+`prune_callbacks.structured.slim_pruned` cuts the units out; the slimmed model's test accuracy is compared
+with the masked model's (they must agree). ``+kd`` variants attach a
+`prune_callbacks.distillation.Distiller` whose teacher is the fine-tuned ``dense`` model of the same setting
+(the oBERT / SparseML arrangement; ``hardness`` 1.0, temperature 2.0). Same batches, optimizer, schedule and
+seed for every variant; rows are appended to ``--out`` as they finish (``--resume`` skips finished ones).
+
+    python benchmarks/structured_accuracy.py --threads 1 --variants dense --save-dense outputs/dense150
+    python benchmarks/structured_accuracy.py --threads 1 --variants ffn50+kd ffn75 --dense-from outputs/dense150
+    python benchmarks/structured_accuracy.py --merge A.json B.json --out benchmarks/results/structured_accuracy.json
+    python benchmarks/structured_accuracy.py --smoke --out /tmp/a.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+
+# name -> [(granularity, final_sparsity)]; a "+kd" suffix adds distillation from the dense model
+VARIANTS = {"dense": [], "ffn50": [("ffn_neurons", 0.5)], "ffn75": [("ffn_neurons", 0.75)],
+            "blocks1": [("blocks", 1 / 6)], "blocks2": [("blocks", 2 / 6)],
+            "ffn50+blocks2": [("ffn_neurons", 0.5), ("blocks", 2 / 6)]}
+KD = {"hardness": 1.0, "temperature": 2.0}
+
+
+def _kinds(name: str):
+    base = name[: -len("+kd")] if name.endswith("+kd") else name
+    if base not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)} (each also with +kd)")
+    return VARIANTS[base], name.endswith("+kd")
+
+
+def _setup(args):
+    if args.smoke:
+        model = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=6))
+        data = {s: common.synthetic_encoded(64, seed=i) for i, s in enumerate(("train", "validation", "test"))}
+        return model, data
+    model, tok = common.load_minilm(seed=0)
+    return model, common.load_rt_encoded(tok, seed=0, max_train=None, max_eval=args.max_eval, max_len=64)
+
+
+def _teacher(args):
+    from transformers import AutoModelForSequenceClassification
+
+    if args.dense_from is None:
+        raise SystemExit("+kd variants need --dense-from DIR (a dense model saved by --save-dense)")
+    for _ in range(120):  # a parallel job may still be writing it (saved via a .tmp folder, then renamed)
+        if (args.dense_from / "config.json").is_file():
+            break
+        time.sleep(15)
+    return AutoModelForSequenceClassification.from_pretrained(args.dense_from).eval()
+
+
+def run_variant(name: str, args) -> dict:
+    from prune_callbacks import Pruner, PruningConfig
+    from prune_callbacks.distillation import DistillationConfig, Distiller
+    from prune_callbacks.structured import slim_pruned
+
+    kinds, kd = _kinds(name)
+    common.seed_everything(0)
+    model, data = _setup(args)
+    steps = args.steps
+    optimizer = common.make_optimizer(model, lr=args.lr)
+    scheduler = common.linear_warmup_decay(optimizer, steps=steps, warmup=steps // 10)
+    pruner = distiller = None
+    if kinds:
+        configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=0.1, end_step=0.6) for k, s in kinds]
+        pruner = Pruner(model, configs, total_steps=steps).attach(optimizer)
+    if kd:
+        distiller = Distiller(DistillationConfig(teacher=_teacher(args), **KD)).attach(model)
+    batches = common.train_batches(data["train"], steps=steps, batch_size=16, seed=0)
+    wall = common.train(model, batches, optimizer, scheduler,
+                        after_step=lambda st: print(f"{name}: step {st}/{steps}", flush=True) if st % 25 == 0 else None)
+    if distiller is not None:
+        distiller.detach()
+    test = common.eval_batches(data["test"])
+    masked_acc = common.accuracy(model, test)
+    summary = slim_pruned(model, pruner) if pruner is not None else None
+    if name == "dense" and args.save_dense:
+        model.save_pretrained(str(args.save_dense) + ".tmp")
+        Path(str(args.save_dense) + ".tmp").rename(args.save_dense)
+    return {"variant": name, "units": [list(k) for k in kinds], "distillation": KD if kd else None,
+            "steps": steps, "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
+            "masked_test_accuracy": masked_acc, "params": sum(p.numel() for p in model.parameters()),
+            "config_changes": summary["config"] if summary else {}, "test_examples": len(data["test"])}
+
+
+def merge(files: list[Path], out: Path) -> dict:
+    """One result file from several jobs' files (the first row of each variant wins)."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    rows: dict = {}
+    for part in parts:
+        for row in part["rows"]:
+            rows.setdefault(row["variant"], row)
+    merged = dict(parts[0], rows=list(rows.values()), merged_from=[str(f) for f in files])
+    common.write_json(out, merged)
+    return merged
+
+
+def plot(results: dict, latency: dict, png: Path) -> None:
+    """Accuracy retention vs batch-32 speedup (from the latency results), with / without distillation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = {r["variant"]: r["b32_speedup"] for r in latency["rows"]}
+    dense = next(r["test_accuracy"] for r in results["rows"] if r["variant"] == "dense")
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.axvline(1.5, color="grey", ls="--", lw=0.8)
+    ax.axhline(0.97, color="grey", ls="--", lw=0.8, label="target: >= 1.5x at >= 97% of dense")
+    for r in results["rows"]:
+        base = r["variant"].removesuffix("+kd")
+        if base not in speed:
+            continue
+        kd = r["variant"].endswith("+kd")
+        x, y = speed[base], r["test_accuracy"] / dense
+        ax.scatter(x, y, color="#3b7dd8" if kd else "k", marker="o" if kd else "s", zorder=3)
+        ax.annotate(r["variant"], (x, y), fontsize=8, xytext=(4, -10 if kd else 4), textcoords="offset points")
+    ax.set_xlabel("CPU inference speedup, batch 32 x 128 tokens, 1 thread (structured_latency.json)")
+    ax.set_ylabel("test accuracy / dense")
+    ax.set_title(f"MiniLM / Rotten Tomatoes, {results['rows'][0]['steps']} steps: black no distillation, "
+                 "blue distilled from the dense model", fontsize=8)
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    ax.fill_between([1.5, x1], 0.97, max(y1, 1.01), color="#dff0d8", zorder=0)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, max(y1, 1.01))
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["dense", "ffn50", "ffn50+kd"])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--max-eval", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save-dense", type=Path, default=None, help="save the dense variant's model here")
+    ap.add_argument("--dense-from", type=Path, default=None, help="teacher of the +kd variants")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, skip their variants")
+    ap.add_argument("--out", type=Path, default=common.RESULTS / "structured_accuracy.json")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, help="merge these result files into --out, plot")
+    ap.add_argument("--latency", type=Path, default=common.RESULTS / "structured_latency.json")
+    args = ap.parse_args(argv)
+    if args.merge:
+        merged = merge(args.merge, args.out)
+        plot(merged, json.loads(args.latency.read_text()), args.out.with_suffix(".png"))
+        return merged
+    common.set_threads(args.threads)
+    results = {"benchmark": "structured_accuracy", "hardware": common.hardware_info(), "threads": args.threads,
+               "lr": args.lr, "batch_size": 16, "max_len": 64, "rows": []}
+    if args.resume and args.out.exists():
+        results["rows"] = json.loads(args.out.read_text())["rows"]
+    done = {r["variant"] for r in results["rows"]}
+    for name in args.variants:
+        _kinds(name)  # fail before any training on a typo
+    for name in args.variants:
+        if name in done:
+            continue
+        results["rows"].append(run_variant(name, args))
+        print(results["rows"][-1], flush=True)
+        common.write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""SmolLM2-135M on KJV: held-out perplexity vs CPU latency after structured pruning while fine-tuning, then slim.
+
+Two steps (separate processes, so each bench job stays short):
+
+* ``--train VARIANT...``: the shared budget of ``benchmarks/causal_lm_peers.py`` (``--steps`` AdamW steps of
+  ``--batch-size`` blocks of ``--seq-len`` tokens, warm-up then cosine, the same batches for every variant;
+  whole KJV books held out), pruning riding it (taylor saliency, cubic from 10% to 60% of the run,
+  ``update_every`` 2, uniform per block), then `slim_pruned`. The slim model is saved with
+  ``save_pretrained`` to ``--models-dir/<variant>``, reloaded with plain ``AutoModelForCausalLM.from_pretrained``
+  and compared with the in-memory model (max |logit diff| stored); held-out perplexity of the reloaded model.
+  ``+kd``: distillation (`prune_callbacks.distillation`, default hardness 0.5, temperature 2.0) from the
+  pretrained model (a ``train_begin`` teacher).
+* ``--latency``: every saved variant loaded in one process; one forward per variant per round, variants
+  interleaved (rotated order), median over rounds at batch 1 and batch 8, seq ``--seq-len``,
+  ``torch.inference_mode``, ``use_cache=False``. Rows of ``--out`` get the timings; a plot is written.
+
+    python benchmarks/structured_lm.py --threads 1 --train dense ffn25 ffn50
+    python benchmarks/structured_lm.py --threads 1 --latency
+    python benchmarks/structured_lm.py --smoke --train dense ffn50 kv1 --out /tmp/lm.json && \\
+        python benchmarks/structured_lm.py --smoke --latency --out /tmp/lm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import causal_lm_peers as peers  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.structured_latency import interleaved_medians  # noqa: E402
+
+# name -> [(granularity, final_sparsity)]; SmolLM2 has 30 blocks and 3 KV groups (of 3 query heads) per block
+VARIANTS = {"dense": [], "ffn25": [("ffn_neurons", 0.25)], "ffn50": [("ffn_neurons", 0.5)],
+            "kv1": [("attention_heads", 1 / 3)], "blocks6": [("blocks", 0.2)],
+            "ffn50+kv1": [("ffn_neurons", 0.5), ("attention_heads", 1 / 3)]}
+SMOKE_VARIANTS = {**VARIANTS, "kv1": [("attention_heads", 0.5)], "blocks6": [("blocks", 0.5)]}  # 2 blocks, 2 KV groups
+
+
+def _kinds(name: str, smoke: bool = False):
+    variants = SMOKE_VARIANTS if smoke else VARIANTS
+    base = name[: -len("+kd")] if name.endswith("+kd") else name
+    if base not in variants:
+        raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(variants)} (each also with +kd)")
+    return variants[base], name.endswith("+kd")
+
+
+def _load(out: Path) -> dict:
+    return json.loads(out.read_text()) if out.exists() else {}
+
+
+def train_variant(name: str, make, train, held, args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from prune_callbacks import PruningConfig
+    from prune_callbacks.distillation import DistillationConfig, Distiller
+    from prune_callbacks.structured import slim_pruned
+
+    kinds, kd = _kinds(name, args.smoke)
+    torch.manual_seed(args.seed)
+    model = make()
+    configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=0.1, end_step=0.6, update_every=2)
+               for k, s in kinds] or None
+    distiller = Distiller(DistillationConfig(teacher=copy.deepcopy(model))).attach(model) if kd else None
+    t0 = time.time()
+    pruner = peers.finetune(model, train, args, configs)
+    train_s = time.time() - t0
+    if distiller is not None:
+        distiller.detach()
+    masked_ppl = peers.held_out_perplexity(model, held)
+    summary = slim_pruned(model, pruner) if pruner is not None else {"config": {}}
+    folder = Path(args.models_dir) / name
+    model.save_pretrained(folder)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model.eval()
+    with torch.no_grad():
+        diff = (model(input_ids=held[:2]).logits - reloaded(input_ids=held[:2]).logits).abs().max().item()
+    return {"variant": name, "units": [list(k) for k in kinds], "distillation": "train_begin teacher" if kd else None,
+            "perplexity": peers.held_out_perplexity(reloaded, held), "masked_perplexity": masked_ppl,
+            "reload_max_abs_logit_diff": diff, "params": sum(p.numel() for p in reloaded.parameters()),
+            "config_changes": summary["config"], "train_s": round(train_s, 1), "model_dir": str(folder)}
+
+
+def train_main(args) -> dict:
+    """Fine-tune, slim and save each variant; rows go into ``--out`` (re-read before each write: parallel jobs)."""
+    out = Path(args.out)
+    for name in args.train:
+        _kinds(name)
+    make, train, held, desc, _ = peers.build(args)
+    meta = {"benchmark": "structured_lm", "model": desc, "hardware": common.hardware_info(), "threads": args.threads,
+            "budget": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                       "tokens": args.steps * args.batch_size * args.seq_len, "lr": args.lr,
+                       "held_out_blocks": len(held), "seed": args.seed}}
+    if "base_perplexity" not in _load(out):
+        meta["base_perplexity"] = peers.held_out_perplexity(make(), held)
+        print(f"base held-out perplexity {meta['base_perplexity']:.2f}", flush=True)
+    for name in args.train:
+        if any(r["variant"] == name for r in _load(out).get("rows", [])):
+            continue
+        print(f"== {name}", flush=True)
+        row = train_variant(name, make, train, held, args)
+        print(row, flush=True)
+        results = {"rows": [], **_load(out), **meta}
+        results["rows"] = [r for r in results["rows"] if r["variant"] != name] + [row]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+    return _load(out)
+
+
+def latency_main(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    out = Path(args.out)
+    results = _load(out)
+    rows = {r["variant"]: r for r in results["rows"] if Path(r["model_dir"]).is_dir()}
+    models = {n: AutoModelForCausalLM.from_pretrained(r["model_dir"]).eval() for n, r in rows.items()}
+    vocab = next(iter(models.values())).config.vocab_size
+    for batch, rounds in ((1, args.rounds1), (8, args.rounds8)):
+        x = torch.randint(0, vocab, (batch, args.seq_len), generator=torch.Generator().manual_seed(batch))
+        medians = interleaved_medians(models, lambda m: m(input_ids=x, use_cache=False), rounds, label=f"batch {batch}")
+        for n, median in medians.items():
+            rows[n][f"b{batch}_median_s"] = median
+            rows[n][f"b{batch}_speedup"] = medians["dense"] / median if "dense" in medians else None
+    results["latency"] = {"seq": args.seq_len, "rounds": {"1": args.rounds1, "8": args.rounds8},
+                          "threads": args.threads, "hardware": common.hardware_info()}
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
+    return results
+
+
+def plot(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r.get("b1_median_s")]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for r in rows:
+        ax.scatter(r["b1_median_s"] * 1e3, r["perplexity"], color="#3b7dd8" if r["distillation"] else "k")
+        ax.annotate(r["variant"], (r["b1_median_s"] * 1e3, r["perplexity"]), fontsize=8,
+                    xytext=(4, -11 if r["distillation"] else 3), textcoords="offset points")
+    ax.axhline(results["base_perplexity"], color="grey", ls=":", lw=1, label="pretrained, not fine-tuned")
+    ax.set_xlabel(f"CPU latency, batch 1 x {results['latency']['seq']} tokens (ms, median, "
+                  f"{results['latency']['threads']} thread)")
+    ax.set_ylabel("held-out KJV perplexity")
+    b = results["budget"]
+    ax.set_title(f"SmolLM2-135M, structured + slim, {b['steps']} steps x {b['batch_size']} x {b['seq_len']} tokens",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", nargs="+", default=None, help=f"variants to fine-tune: {list(VARIANTS)} (+kd)")
+    ap.add_argument("--latency", action="store_true", help="time every saved variant (after --train)")
+    ap.add_argument("--smoke", action="store_true", help="tiny LlamaConfig model and random motifs")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--eval-blocks", type=int, default=16)
+    ap.add_argument("--rounds1", type=int, default=15)
+    ap.add_argument("--rounds8", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model-cache-dir", default=None, help="float32 copy of SmolLM2 (load_smollm2 cache_dir)")
+    ap.add_argument("--models-dir", default="outputs/structured_lm")
+    ap.add_argument("--out", default=str(common.RESULTS / "structured_lm.json"))
+    args = ap.parse_args(argv)
+    common.set_threads(args.threads)
+    if args.train:
+        return train_main(args)
+    if args.latency:
+        return latency_main(args)
+    ap.error("give --train VARIANT... or --latency")
+
+
+if __name__ == "__main__":
+    main()
