@@ -400,25 +400,42 @@ def merge(paths, out: Path, plot_it: bool = True) -> dict:
 
 
 def plot(results, path: Path) -> None:
+    """Grouped bars: one group per sparsity setting, one bar per method (held-out perplexity after the
+    fine-tuning budget); x = the same one-shot model before fine-tuning; lines = dense fine-tuned and base."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, m in enumerate(sorted({r["method"] for r in results["runs"]})):
-        rows = sorted((r for r in results["runs"] if r["method"] == m), key=lambda r: r["target_sparsity"])
-        plain = [r for r in rows if r.get("pattern", "unstructured") == "unstructured"]
-        nm = [r for r in rows if r not in plain]
-        color = f"C{i}"
-        ax.plot([r["target_sparsity"] for r in plain], [r["perplexity"] for r in plain], "o-", color=color, label=m)
-        if nm:
-            ax.plot([r["target_sparsity"] for r in nm], [r["perplexity"] for r in nm], "s", color=color,
-                    mfc="none", ms=9, label=f"{m} {nm[0]['pattern']}")
+    runs = results["runs"]
+    pruned = [r for r in runs if r["method"] != "dense"]
+    def setting(r):
+        return r["target_sparsity"], r["pattern"] != "unstructured", r["pattern"]
+
+    settings = sorted({setting(r) for r in pruned})
+    methods = [m for m in ROWS if m != "dense" and any(r["method"] == m for r in pruned)]
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for j, m in enumerate(methods):
+        for i, key in enumerate(settings):
+            row = next((r for r in pruned if r["method"] == m and setting(r) == key), None)
+            if row is None:
+                continue
+            x = i + (j - (len(methods) - 1) / 2) * width
+            ax.bar(x, row["perplexity"], width, color=f"C{j}", label=m if i == 0 or m not in
+                   ax.get_legend_handles_labels()[1] else None)
+            if row.get("perplexity_after_oneshot"):
+                ax.plot(x, row["perplexity_after_oneshot"], "x", color="k", ms=6,
+                        label="one-shot, before fine-tuning" if "one-shot, before fine-tuning" not in
+                        ax.get_legend_handles_labels()[1] else None)
+    for r in runs:
+        if r["method"] == "dense":
+            ax.axhline(r["perplexity"], color="C0", ls="--", lw=1, label="dense fine-tuned")
     ax.axhline(results["base_perplexity"], color="grey", ls=":", label="base (no fine-tuning)")
+    ax.set_xticks(range(len(settings)), [p if nm else f"{s:.0%}" for s, nm, p in settings])
     b = results["budget"]
-    ax.set(xlabel="sparsity of block weights", ylabel="held-out perplexity", yscale="log",
-           title=f"{results['model']}: {b['steps']} steps x {b['batch_size']} x {b['seq_len']} tokens")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="sparsity of the decoder-block Linear weights", ylabel="held-out perplexity", yscale="log",
+           title=f"{results['model']}: {b['steps']} steps x {b['batch_size']} x {b['seq_len']} tokens per row")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
