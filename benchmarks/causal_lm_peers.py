@@ -396,7 +396,22 @@ def merge(paths, out: Path, plot_it: bool = True) -> dict:
     out.write_text(json.dumps(merged, indent=2))
     if plot_it:
         plot(merged, out.with_suffix(".png"))
+    print(markdown(merged))
     return merged
+
+
+def markdown(results) -> str:
+    """The results as a markdown table (what BENCHMARKS.md shows), the skipped rows with their reasons below."""
+    lines = ["| row | sparsity (achieved) | ppl after one-shot | held-out ppl | one-shot s | wall s | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        once = r.get("perplexity_after_oneshot")
+        load = r.get("load_average")
+        lines.append(f"| `{r['name']}` | {r['achieved_sparsity']:.3f} | {'' if once is None else f'{once:.2f}'} | "
+                     f"**{r['perplexity']:.2f}** | {r['oneshot_seconds']:.0f} | {r['wall_seconds']:.0f} | "
+                     f"{'' if not load else f'{load[0]:.1f}'} |")
+    lines += [f"- `{s['name']}` not run: {s['reason']}" for s in results["skipped"]]
+    return "\n".join(lines)
 
 
 def plot(results, path: Path) -> None:

@@ -68,6 +68,9 @@ def test_merge_joins_parts_of_one_budget(tmp_path):
     assert [s["name"] for s in merged["skipped"]] == ["wanda_0.7"]
     assert [p["rows"] for p in merged["parts"]] == [["dense"], ["magnitude_0.7"]]
     assert json.loads(out.read_text()) == merged and out.with_suffix(".png").stat().st_size > 0
+    table = causal_lm_peers.markdown(merged).splitlines()
+    assert [line.split("`")[1] for line in table[2:]] == ["dense", "magnitude_0.7", "wanda_0.7"]
+    assert "--peer-python" in table[-1]  # a skipped row is listed with its reason
     with pytest.raises(SystemExit, match="budget"):  # parts of different budgets are not one table
         c = tmp_path / "c.json"
         causal_lm_peers.main(common[:2] + ["3"] + common[3:] + ["--rows", "dense", "--out", str(c)])
