@@ -444,7 +444,7 @@ def plot(results, path: Path) -> None:
                         ax.get_legend_handles_labels()[1] else None)
     for r in runs:
         if r["method"] == "dense":
-            ax.axhline(r["perplexity"], color="C0", ls="--", lw=1, label="dense fine-tuned")
+            ax.axhline(r["perplexity"], color="k", ls="--", lw=1, label="dense fine-tuned")
     ax.axhline(results["base_perplexity"], color="grey", ls=":", label="base (no fine-tuning)")
     ax.set_xticks(range(len(settings)), [p if nm else f"{s:.0%}" for s, nm, p in settings])
     b = results["budget"]
