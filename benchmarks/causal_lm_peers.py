@@ -5,7 +5,9 @@ Every row gets the same fine-tuning budget: ``--steps`` AdamW steps of ``--batch
 ``--seq-len`` tokens (tokens = steps x batch x seq, stated in the results). Rows:
 
 * ``dense``: fine-tuned, no pruning;
-* ``ours_taylor_<s>``: prune while fine-tuning (`Pruner`, default saliency, cubic schedule);
+* ``ours_<s>``: prune while fine-tuning (`Pruner`, default saliency, cubic schedule);
+* ``ours_kd_<s>``: the same, plus knowledge distillation (`prune_callbacks.distillation`, `DistillationConfig`
+  defaults: ``"self"`` teacher copied ``"before_pruning"``, hardness 0.5, temperature 2.0);
 * ``oneshot_magnitude_<s>``: per-layer magnitude pruning once, then fine-tuning with the mask held fixed;
 * ``sparsegpt_<s>`` / ``wanda_<s>``: llm-compressor one-shot on ``--calib-blocks`` training blocks, run in its
   own virtual environment (``--peer-python``; llmcompressor 0.14.0.1 pins transformers<=5.17), its zeroed weights
@@ -13,9 +15,12 @@ Every row gets the same fine-tuning budget: ``--steps`` AdamW steps of ``--batch
 
 Every pruned row targets the same weights: the Linear layers inside the decoder blocks (not embeddings, not
 lm_head). Held-out perplexity and wall time per row go to ``--out`` (JSON) and a plot (PNG next to it).
+A long table can be run in parts (``--rows`` / ``--sparsities`` subsets, each with its own ``--out``) and the
+parts joined with ``--merge`` (same budget required).
 
-    nice python benchmarks/causal_lm_peers.py --peer-python outputs/peer-venv/bin/python
+    python benchmarks/causal_lm_peers.py --threads 1 --peer-python outputs/peer-venv/bin/python
     python benchmarks/causal_lm_peers.py --smoke          # tiny Llama from a config, seconds
+    python benchmarks/causal_lm_peers.py --merge a.json b.json --out benchmarks/results/causal_lm_peers.json
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PEER_METHODS = ("sparsegpt", "wanda")
+OURS_METHODS = ("ours", "ours_kd")
+ROWS = ("dense", *OURS_METHODS, "magnitude", *PEER_METHODS)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny LlamaConfig model and random tokens (CI)")
-    p.add_argument("--rows", nargs="+", default=["dense", "ours", "magnitude", *PEER_METHODS])
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     p.add_argument("--sparsities", nargs="+", type=_sparsity, default=[0.5, "2:4", 0.7],
                    help="unstructured fractions and/or N:M patterns such as 2:4")
     p.add_argument("--steps", type=int, default=30)
@@ -59,6 +66,8 @@ def parse_args(argv=None):
                    help="python of a venv with llmcompressor==0.14.0.1 (peer rows are skipped, with the reason, without)")
     p.add_argument("--out", default="benchmarks/results/causal_lm_peers.json")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="join the results of several runs (same budget) into --out and plot them; runs nothing")
     p.add_argument("--peer-worker", nargs=5, metavar=("METHOD", "SPARSITY", "MODEL_DIR", "CALIB_PT", "OUT_PT"),
                    help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -186,9 +195,13 @@ def measured_sparsity(model) -> float:
     return zeros / sum(t.numel for t in targets)
 
 
-def finetune(model, train, args, pruning_config=None):
+def finetune(model, train, args, pruning_config=None, distillation=None):
     """The shared budget: args.steps AdamW steps, linear warm-up then cosine, same batches for every row.
-    Returns the (finalized) `Pruner`, or None without ``pruning_config``."""
+    Returns the (finalized) `Pruner`, or None without ``pruning_config``.
+
+    ``distillation`` (a `DistillationConfig`, with ``pruning_config``): the student's loss gets the KD term
+    (`Distiller` patches its forward); a ``"self"`` / ``"before_pruning"`` teacher is copied after the last
+    optimizer step before the pruner's first mask update (`Pruner.first_update_step`)."""
     from transformers import get_scheduler
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -200,10 +213,21 @@ def finetune(model, train, args, pruning_config=None):
         pruner = Pruner(model, pruning_config, total_steps=args.steps).attach(optimizer)
     elif measured_sparsity(model) > 0:
         hook = fixed_mask_hook(optimizer, model)
+    distiller, snapshot_at = None, None
+    if distillation is not None:
+        from prune_callbacks.distillation import Distiller
+        from prune_callbacks.distillation.teacher import snapshot_step
+        if pruner is None:
+            raise ValueError("distillation rows prune while fine-tuning: give pruning_config too")
+        distiller = Distiller(distillation).attach(model)
+        if distillation.self_teacher and distillation.snapshot == "before_pruning":
+            snapshot_at = snapshot_step(pruner)
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(train), generator=g)
     model.train()
-    for step in range(args.steps):
+    for step in range(args.steps):  # step = optimizer steps taken so far
+        if distiller is not None and distiller.teacher is None and step >= snapshot_at:
+            distiller.take_snapshot(step)
         idx = order[(torch.arange(args.batch_size) + step * args.batch_size) % len(train)]
         ids = train[idx]
         loss = model(input_ids=ids, labels=ids).loss
@@ -214,6 +238,10 @@ def finetune(model, train, args, pruning_config=None):
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % max(1, args.steps // 5) == 0:
             print(f"    step {step + 1}/{args.steps} loss {loss.item():.3f}", flush=True)
+    if distiller is not None:
+        kd = distiller.figures()
+        print(f"    distill since last log: {kd}", flush=True)
+        distiller.detach()
     if pruner is not None:
         pruner.finalize()
     if hook is not None:
@@ -278,8 +306,13 @@ def main(argv=None):
         m, s, model_dir, calib, out = args.peer_worker
         peer_worker(m, _sparsity(s), model_dir, calib, out)
         return None
+    if args.merge:
+        return merge(args.merge, Path(args.out), plot_it=not args.no_plot)
     torch.set_num_threads(args.threads)
     from prune_callbacks import PruningConfig
+    from prune_callbacks.distillation import DistillationConfig
+
+    distillation = DistillationConfig()  # the defaults: "self" teacher copied "before_pruning"
 
     make, train, held, model_desc, tokenizer = build(args)
     calib = train[: args.calib_blocks]
@@ -289,7 +322,8 @@ def main(argv=None):
                    "tokens": args.steps * args.batch_size * args.seq_len, "lr": args.lr,
                    "calib_blocks": args.calib_blocks, "held_out_blocks": len(held)},
         "hardware": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                     "torch": torch.__version__, "note": "2 CPU cores shared with other jobs, run under nice"},
+                     "torch": torch.__version__, "cpus": os.cpu_count(), "load_average_start": os.getloadavg()},
+        "seed": args.seed, "distillation": distillation.dump(),
         "runs": [], "skipped": [],
     }
     out = Path(args.out)
@@ -313,12 +347,13 @@ def main(argv=None):
                 elif name in PEER_METHODS:
                     run_peer(name, s, model, calib, args, Path(tmp), tokenizer)
                 oneshot_s = time.time() - t0
-                after_oneshot = held_out_perplexity(model, held) if s is not None and name != "ours" else None
+                oneshot = s is not None and name not in OURS_METHODS
+                after_oneshot = held_out_perplexity(model, held) if oneshot else None
                 cfg = None
-                if name == "ours":
+                if name in OURS_METHODS:
                     target = {"granularity": s} if isinstance(s, str) else {"final_sparsity": s}
                     cfg = PruningConfig(**target, start_step=0.1, end_step=0.7, update_every=2)
-                finetune(model, train, args, cfg)
+                finetune(model, train, args, cfg, distillation if name == "ours_kd" else None)
             except Exception as exc:  # a peer that cannot run here is reported, not hidden
                 results["skipped"].append({"name": label, "reason": f"{type(exc).__name__}: {exc}"[:600]})
                 print(f"   skipped: {exc}", flush=True)
@@ -327,7 +362,7 @@ def main(argv=None):
                    "target_sparsity": 0.0 if s is None else _fraction(s),
                    "achieved_sparsity": measured_sparsity(model), "perplexity": held_out_perplexity(model, held),
                    "perplexity_after_oneshot": after_oneshot, "oneshot_seconds": oneshot_s,
-                   "wall_seconds": time.time() - t0}
+                   "wall_seconds": time.time() - t0, "load_average": os.getloadavg()}
             results["runs"].append(row)
             print(f"   ppl {row['perplexity']:.2f} sparsity {row['achieved_sparsity']:.3f} "
                   f"wall {row['wall_seconds']:.0f}s", flush=True)
@@ -338,26 +373,87 @@ def main(argv=None):
     return results
 
 
+def merge(paths, out: Path, plot_it: bool = True) -> dict:
+    """Join the runs of several result files of the same model and budget (a table run in parts)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for path, part in zip(paths, parts):
+        for key in ("model", "budget", "seed"):
+            if part.get(key) != first.get(key):
+                raise SystemExit(f"--merge: {path} has {key}={part.get(key)!r}, {paths[0]} has {first.get(key)!r}; "
+                                 "only runs of the same model, budget and seed can be joined")
+    merged = {k: v for k, v in first.items() if k not in ("runs", "skipped", "hardware")}
+    merged["parts"] = [{"file": str(p), "hardware": part["hardware"], "base_perplexity": part["base_perplexity"],
+                        "rows": [r["name"] for r in part["runs"]]} for p, part in zip(paths, parts)]
+    seen, merged["runs"], merged["skipped"] = set(), [], []
+    for part in parts:
+        for r in part["runs"]:
+            if r["name"] in seen:
+                raise SystemExit(f"--merge: row {r['name']!r} is in more than one file")
+            seen.add(r["name"])
+            merged["runs"].append(r)
+        merged["skipped"].extend(part["skipped"])
+    done = {r["name"] for r in merged["runs"]}
+    merged["skipped"] = [s for s in merged["skipped"] if s["name"] not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=2))
+    if plot_it:
+        plot(merged, out.with_suffix(".png"))
+    print(markdown(merged))
+    return merged
+
+
+def markdown(results) -> str:
+    """The results as a markdown table (what BENCHMARKS.md shows), the skipped rows with their reasons below."""
+    lines = ["| row | sparsity (achieved) | ppl after one-shot | held-out ppl | one-shot s | wall s | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        once = r.get("perplexity_after_oneshot")
+        load = r.get("load_average")
+        lines.append(f"| `{r['name']}` | {r['achieved_sparsity']:.3f} | {'' if once is None else f'{once:.2f}'} | "
+                     f"**{r['perplexity']:.2f}** | {r['oneshot_seconds']:.0f} | {r['wall_seconds']:.0f} | "
+                     f"{'' if not load else f'{load[0]:.1f}'} |")
+    lines += [f"- `{s['name']}` not run: {s['reason']}" for s in results["skipped"]]
+    return "\n".join(lines)
+
+
 def plot(results, path: Path) -> None:
+    """Grouped bars: one group per sparsity setting, one bar per method (held-out perplexity after the
+    fine-tuning budget); x = the same one-shot model before fine-tuning; lines = dense fine-tuned and base."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, m in enumerate(sorted({r["method"] for r in results["runs"]})):
-        rows = sorted((r for r in results["runs"] if r["method"] == m), key=lambda r: r["target_sparsity"])
-        plain = [r for r in rows if r.get("pattern", "unstructured") == "unstructured"]
-        nm = [r for r in rows if r not in plain]
-        color = f"C{i}"
-        ax.plot([r["target_sparsity"] for r in plain], [r["perplexity"] for r in plain], "o-", color=color, label=m)
-        if nm:
-            ax.plot([r["target_sparsity"] for r in nm], [r["perplexity"] for r in nm], "s", color=color,
-                    mfc="none", ms=9, label=f"{m} {nm[0]['pattern']}")
+    runs = results["runs"]
+    pruned = [r for r in runs if r["method"] != "dense"]
+    def setting(r):
+        return r["target_sparsity"], r["pattern"] != "unstructured", r["pattern"]
+
+    settings = sorted({setting(r) for r in pruned})
+    methods = [m for m in ROWS if m != "dense" and any(r["method"] == m for r in pruned)]
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for j, m in enumerate(methods):
+        for i, key in enumerate(settings):
+            row = next((r for r in pruned if r["method"] == m and setting(r) == key), None)
+            if row is None:
+                continue
+            x = i + (j - (len(methods) - 1) / 2) * width
+            ax.bar(x, row["perplexity"], width, color=f"C{j}", label=m if i == 0 or m not in
+                   ax.get_legend_handles_labels()[1] else None)
+            if row.get("perplexity_after_oneshot"):
+                ax.plot(x, row["perplexity_after_oneshot"], "x", color="k", ms=6,
+                        label="one-shot, before fine-tuning" if "one-shot, before fine-tuning" not in
+                        ax.get_legend_handles_labels()[1] else None)
+    for r in runs:
+        if r["method"] == "dense":
+            ax.axhline(r["perplexity"], color="k", ls="--", lw=1, label="dense fine-tuned")
     ax.axhline(results["base_perplexity"], color="grey", ls=":", label="base (no fine-tuning)")
+    ax.set_xticks(range(len(settings)), [p if nm else f"{s:.0%}" for s, nm, p in settings])
     b = results["budget"]
-    ax.set(xlabel="sparsity of block weights", ylabel="held-out perplexity", yscale="log",
-           title=f"{results['model']}: {b['steps']} steps x {b['batch_size']} x {b['seq_len']} tokens")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="sparsity of the decoder-block Linear weights", ylabel="held-out perplexity", yscale="log",
+           title=f"{results['model']}: {b['steps']} steps x {b['batch_size']} x {b['seq_len']} tokens per row")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -31,17 +31,22 @@ def test_causal_lm_peers_smoke(tmp_path):
     out = tmp_path / "peers.json"
     res = causal_lm_peers.main(["--smoke", "--steps", "6", "--seq-len", "32", "--eval-blocks", "4",
                                 "--calib-blocks", "4", "--sparsities", "0.5", "2:4", "--threads", "1",
-                                "--rows", "dense", "ours", "magnitude", "sparsegpt", "--out", str(out)])
+                                "--rows", "dense", "ours", "ours_kd", "magnitude", "sparsegpt", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(res))
     runs = {r["name"]: r for r in data["runs"]}
-    assert set(runs) == {"dense", "ours_0.5", "magnitude_0.5", "ours_2:4", "magnitude_2:4"}
-    for name in ("ours_2:4", "magnitude_2:4"):
+    assert set(runs) == {"dense", "ours_0.5", "ours_kd_0.5", "magnitude_0.5", "ours_2:4", "ours_kd_2:4",
+                         "magnitude_2:4"}
+    for name in ("ours_2:4", "ours_kd_2:4", "magnitude_2:4"):
         assert runs[name]["pattern"] == "2:4" and runs[name]["target_sparsity"] == 0.5
         assert runs[name]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert runs["dense"]["achieved_sparsity"] == 0.0
     # prune-while-finetune reaches its target; the one-shot mask stays fixed through fine-tuning
-    assert runs["ours_0.5"]["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    for name in ("ours_0.5", "ours_kd_0.5"):
+        assert runs[name]["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    # distillation changes the loss the student trains on, so the same batches give a different model
+    assert runs["ours_kd_0.5"]["perplexity"] != runs["ours_0.5"]["perplexity"]
+    assert data["distillation"]["teacher"] == "self" and data["distillation"]["snapshot"] == "before_pruning"
     assert runs["magnitude_0.5"]["achieved_sparsity"] >= 0.5 - 1e-3
     for r in runs.values():
         assert r["perplexity"] > 1.0 and r["wall_seconds"] > 0
@@ -49,6 +54,29 @@ def test_causal_lm_peers_smoke(tmp_path):
     assert [s["name"] for s in data["skipped"]] == ["sparsegpt_0.5", "sparsegpt_2:4"]
     assert "--peer-python" in data["skipped"][0]["reason"]
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_merge_joins_parts_of_one_budget(tmp_path):
+    from benchmarks import causal_lm_peers
+
+    common = ["--smoke", "--steps", "2", "--seq-len", "16", "--eval-blocks", "2", "--threads", "1", "--no-plot"]
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
+    causal_lm_peers.main(common + ["--rows", "dense", "--out", str(a)])
+    causal_lm_peers.main(common + ["--rows", "magnitude", "wanda", "--sparsities", "0.7", "--out", str(b)])
+    merged = causal_lm_peers.main(["--merge", str(a), str(b), "--out", str(out)])
+    assert [r["name"] for r in merged["runs"]] == ["dense", "magnitude_0.7"]
+    assert [s["name"] for s in merged["skipped"]] == ["wanda_0.7"]
+    assert [p["rows"] for p in merged["parts"]] == [["dense"], ["magnitude_0.7"]]
+    assert json.loads(out.read_text()) == merged and out.with_suffix(".png").stat().st_size > 0
+    table = causal_lm_peers.markdown(merged).splitlines()
+    assert [line.split("`")[1] for line in table[2:]] == ["dense", "magnitude_0.7", "wanda_0.7"]
+    assert "--peer-python" in table[-1]  # a skipped row is listed with its reason
+    with pytest.raises(SystemExit, match="budget"):  # parts of different budgets are not one table
+        c = tmp_path / "c.json"
+        causal_lm_peers.main(common[:2] + ["3"] + common[3:] + ["--rows", "dense", "--out", str(c)])
+        causal_lm_peers.main(["--merge", str(a), str(c), "--out", str(out)])
+    with pytest.raises(SystemExit, match="more than one file"):
+        causal_lm_peers.main(["--merge", str(a), str(a), "--out", str(out)])
 
 
 def test_oneshot_magnitude_2_4_pattern():
