@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--output-dir", required=True, help="where analysis.json, ANALYSIS.md, plots, suggested.yaml go")
     analyze.add_argument("--calibration-rows", type=_positive_int, default=256, help="training rows for saliency etc.")
     analyze.add_argument("--eval-rows", type=_positive_int, default=200, help="held-out rows for the metrics")
+    analyze.add_argument("--batch-size", type=_positive_int, default=32, help="rows per forward/backward pass")
     analyze.add_argument("--no-fit-head", action="store_true", help="do not fit a classification head first")
 
     report = sub.add_parser("report", help="print the sparsity of a saved model, weights file or checkpoint")
@@ -117,7 +118,7 @@ def _analyze(args) -> int:
     from .analysis.recipe_run import run_analysis
 
     out = run_analysis(args.recipe, args.output_dir, args.sets, calibration_rows=args.calibration_rows,
-                       eval_rows=args.eval_rows, do_fit_head=not args.no_fit_head)
+                       eval_rows=args.eval_rows, batch_size=args.batch_size, do_fit_head=not args.no_fit_head)
     print(f"wrote {out}/analysis.json, ANALYSIS.md, suggested.yaml and plots")
     return EXIT_OK
 

@@ -19,6 +19,7 @@ def test_analyze_writes_every_file_and_the_suggestion_validates(tmp_path, capsys
     a = json.loads((out / "analysis.json").read_text())
     assert len(a["blocks"]) == 2 and all("metric_skipped" in b for b in a["blocks"])
     assert "baseline" in a and a["head_fitted"] is True
+    assert a["probe"]["pooling"] == "model"  # no sentence-transformers pooling config with this checkpoint
     suggested = load_recipe(out / "suggested.yaml")
     assert suggested.pruning.final_sparsity == 0.5  # same budget as the recipe analysed
     assert "# Suggested by" in (out / "suggested.yaml").read_text()

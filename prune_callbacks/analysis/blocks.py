@@ -1,6 +1,6 @@
 """Blocks: how much each transformer block changes its input (1 - cosine of input and output hidden
 states, averaged over real tokens), and the metric with the block skipped (its output replaced by
-its input)."""
+its input, as structured block pruning does)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from ..structured.masking import is_skipped, skip_block
 
 
 def _hidden_in(args, kwargs) -> torch.Tensor:
@@ -79,23 +81,13 @@ class BlockInfluence:
 
 @contextlib.contextmanager
 def skipped(block: nn.Module):
-    """Within the context, ``block`` returns its input unchanged (same output structure)."""
-    seen = {}
-
-    def pre(module, args, kwargs):
-        seen["x"] = _hidden_in(args, kwargs)
-
-    def post(module, args, output):
-        x = seen.pop("x")
-        if isinstance(output, tuple):
-            return (x,) + tuple(output[1:])
-        if isinstance(output, list):
-            return [x, *output[1:]]
-        return x
-
-    handles = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post)]
+    """Within the context, ``block`` returns its input unchanged: the same hook structured pruning uses
+    to remove a block (:func:`prune_callbacks.structured.masking.skip_block`)."""
+    if is_skipped(block):  # already skipped by its owner: leave that hook alone
+        yield
+        return
+    skip_block(block)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        skip_block(block, skip=False)

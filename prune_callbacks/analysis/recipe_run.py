@@ -2,8 +2,9 @@
 slice of the training data, a held-out slice of the evaluation data, then analyze() and every file.
 
 For sequence classification the head of a freshly loaded model is random, so every metric would be
-at chance level: the head alone (nothing else) is first fitted on the calibration slice's features
-(``fit_head``); ANALYSIS.md says so. ``--no-fit-head`` turns it off.
+at chance level: the head alone (nothing else) is first fitted on the calibration slice's features,
+pooled the way the encoder was trained (:mod:`.probe`); ANALYSIS.md says so. ``--no-fit-head`` turns
+it off.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from .errors import AnalysisError
+from .probe import MeanPooled, fit_head, trained_pooling
 
 
 def _batches(dataset, collator, rows: int, batch_size: int) -> list[dict]:
@@ -25,46 +25,6 @@ def _batches(dataset, collator, rows: int, batch_size: int) -> list[dict]:
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         out.append(dict(collator(items)))
     return out
-
-
-def _head(model) -> Optional[torch.nn.Linear]:
-    for name in ("classifier", "score"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Linear):
-            return head
-    return None
-
-
-def fit_head(model, batches: list[dict], steps: int = 200) -> bool:
-    """Fit only the classification head (logistic regression on its input features, LBFGS)."""
-    head = _head(model)
-    if head is None:
-        return False
-    feats, labels = [], []
-    handle = head.register_forward_pre_hook(lambda m, args: feats.append(args[0].detach()))
-    model.eval()
-    with torch.no_grad():
-        for b in batches:
-            model(**b)
-            labels.append(b["labels"])
-    handle.remove()
-    x, y = torch.cat(feats).reshape(-1, head.in_features), torch.cat(labels).reshape(-1)
-    w = head.weight.detach().clone().requires_grad_(True)
-    bias = (head.bias.detach().clone() if head.bias is not None else torch.zeros(head.out_features)).requires_grad_(True)
-    opt = torch.optim.LBFGS([w, bias], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w.T + bias, y) + 1e-3 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        head.weight.copy_(w)
-        if head.bias is not None:
-            head.bias.copy_(bias)
-    return True
 
 
 def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), calibration_rows: int = 256,
@@ -91,15 +51,20 @@ def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), ca
     data = prepare(recipe, tokenizer, train_raw, eval_raw, label_map)
     calib = _batches(data.train, data.collator, calibration_rows, batch_size)
     held = _batches(data.eval, data.collator, eval_rows, batch_size)
-    fitted = False
+    fitted, probe = False, None
     if recipe.task == "sequence-classification" and do_fit_head:
-        print("[analyze] fitting the classification head on the calibration features", flush=True)
+        pooling, why = trained_pooling(model)
+        if pooling == "mean":
+            model = MeanPooled(model)
+        print(f"[analyze] fitting the classification head on {pooling}-pooled calibration features ({why})", flush=True)
         fitted = fit_head(model, calib)
+        probe = {"pooling": pooling, "why": why}
     config = recipe.pruning_configs[0]
     metric = recipe.metrics[0]
     result = analyze(model, calib, held, metric=metric, include=config.include, exclude=config.exclude,
                      budget=config.final_sparsity)
     result["head_fitted"] = fitted
+    result["probe"] = probe
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "analysis.json")
@@ -107,7 +72,9 @@ def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), ca
     if fitted:
         with open(out / "ANALYSIS.md", "a", encoding="utf-8") as f:
             f.write("\nNote: the classification head was random after loading; only the head was fitted (LBFGS "
-                    "logistic regression on the calibration features) before measuring, so the metrics mean something.\n")
+                    f"logistic regression on {probe['pooling']}-pooled calibration features: {probe['why']}) before "
+                    "measuring, so the metrics mean something. Saliency and the metrics are measured through that "
+                    "pooling.\n")
     write_plots(result, out)
     raw, _ = read_yaml(recipe_path)
     (out / "suggested.yaml").write_text(suggested_recipe_yaml(raw, result), encoding="utf-8")

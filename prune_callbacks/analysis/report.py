@@ -42,9 +42,14 @@ def markdown(a: dict) -> str:
                           "say nothing. Fine-tune first (or analyse a fine-tuned checkpoint) to judge blocks by the metric; "
                           "the 1 - cos figures above still hold."]
         else:
-            lines += ["", (f"Blocks that can be skipped without a change beyond noise ({tol:.3f}): {', '.join(cands)}. "
-                       "Removing them is block pruning (not a strategy of this version: drop them by hand, then "
-                           "fine-tune)." if cands else "No block can be skipped without a clear metric loss.")]
+            text = (f"Blocks that, each skipped on its own, change {metric} by no more than the noise ({tol:.3f}): "
+                    f"{', '.join(cands)}. This is one block at a time, not the blocks together; removing them is "
+                    "block pruning (drop them, then fine-tune)." if cands else
+                    "No block can be skipped without a clear metric loss.")
+            if cands and len(cands) == len(a["blocks"]):
+                text += (" Every block passes: the held-out slice is too small to tell the blocks apart by the metric "
+                         "(a larger --eval-rows narrows the noise); rank them by 1 - cos instead.")
+            lines += ["", text]
     # saliency
     lines += ["", "## Saliency mass (|theta * grad|)", "", "Share of each layer kind's saliency held by its lowest x% "
               "of weights:", "", "| layer kind | 50% | 80% | 90% | 95% |", "| --- | --- | --- | --- | --- |"]

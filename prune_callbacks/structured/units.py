@@ -97,15 +97,22 @@ class ArchSpec:
     k: Optional[str] = None
     v: Optional[str] = None
     o: Optional[str] = None
+    qkv: Optional[str] = None  # one fused q|k|v projection (GPT-2 ``c_attn``) instead of q, k, v
     heads_refusal: Optional[str] = None  # why attention_heads cannot be cut here
+
+    @property
+    def attention_in(self) -> tuple[str, ...]:
+        """The projections whose output features belong to heads (q, k, v, or the fused one)."""
+        return (self.qkv,) if self.qkv else tuple(n for n in (self.q, self.k, self.v) if n)
 
 
 ARCHS = (
     ArchSpec("bert", ("intermediate.dense",), ("output.dense",), "intermediate_size",
+             q="attention.self.query", k="attention.self.key", v="attention.self.value", o="attention.output.dense",
              heads_refusal="BERT-style attention derives head size as hidden_size / num_attention_heads"),
     ArchSpec("llama", ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",), "intermediate_size",
              q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj"),
-    ArchSpec("gpt2", ("mlp.c_fc",), ("mlp.c_proj",), "n_inner",
+    ArchSpec("gpt2", ("mlp.c_fc",), ("mlp.c_proj",), "n_inner", qkv="attn.c_attn", o="attn.c_proj",
              heads_refusal="GPT-2 attention fuses q/k/v in c_attn and derives head size as hidden_size / n_head"),
 )
 
@@ -117,9 +124,10 @@ def is_transposed(module: nn.Module) -> bool:
 
 @dataclass
 class BlockLayout:
-    """The model's repeated blocks: their container, names and architecture."""
+    """The model's repeated blocks: their container, names and architecture (``arch`` is None only for
+    ``block_layout(model, known_only=False)`` on a model whose blocks it does not recognise)."""
 
-    arch: ArchSpec
+    arch: Optional[ArchSpec]
     container: str  # module name of the ModuleList
     blocks: list[str]
     modules: dict[str, nn.Module]
@@ -127,6 +135,24 @@ class BlockLayout:
 
     def module(self, name: str) -> nn.Module:
         return self.modules[name]
+
+    def ffn_modules(self, block: str) -> tuple[list[str], Optional[str]]:
+        """Full names of ``block``'s FFN input projections (those present) and its output projection."""
+        if self.arch is None:
+            return [], None
+        ins = [f"{block}.{n}" for n in self.arch.ffn_in if f"{block}.{n}" in self.modules]
+        return ins, f"{block}.{self.arch.ffn_out[0]}"
+
+    def attention_modules(self, block: str) -> tuple[list[str], Optional[str]]:
+        """Full names of ``block``'s q/k/v (or fused qkv) projections and its attention output projection;
+        ``([], None)`` where they are not all there."""
+        if self.arch is None or self.arch.o is None:
+            return [], None
+        ins = [f"{block}.{n}" for n in self.arch.attention_in]
+        out = f"{block}.{self.arch.o}"
+        if not ins or any(n not in self.modules for n in (*ins, out)):
+            return [], None
+        return ins, out
 
 
 def _match_arch(block: nn.Module) -> Optional[ArchSpec]:
@@ -137,8 +163,22 @@ def _match_arch(block: nn.Module) -> Optional[ArchSpec]:
     return None
 
 
-def block_layout(model: nn.Module) -> BlockLayout:
-    """Find the ``nn.ModuleList`` of transformer blocks and recognise their architecture."""
+def _largest_module_list(modules: dict[str, nn.Module]) -> Optional[str]:
+    best = None
+    for name, module in modules.items():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[1]:
+                best = (name, size)
+    return None if best is None else best[0]
+
+
+def block_layout(model: nn.Module, *, known_only: bool = True) -> BlockLayout:
+    """Find the ``nn.ModuleList`` of transformer blocks and recognise their architecture.
+
+    ``known_only=False`` (analysis): a model whose blocks match no architecture gets the ``nn.ModuleList``
+    holding the most parameters as its blocks, with ``arch=None`` (no units), instead of an error.
+    """
     model = unwrap_model(model)
     modules = dict(model.named_modules())
     best = None
@@ -148,7 +188,13 @@ def block_layout(model: nn.Module) -> BlockLayout:
             if arch is not None and all(_match_arch(m) is arch for m in module):
                 if best is None or len(module) > len(modules[best[0]]):
                     best = (name, arch)
+    if best is None and not known_only:
+        container = _largest_module_list(modules)
+        if container is not None:
+            best = (container, None)
     if best is None:
+        if not known_only:
+            return BlockLayout(None, "", [], modules, getattr(model, "config", None))
         raise StructuredUnitsError(
             "structured pruning found no transformer blocks it knows: expected an nn.ModuleList of blocks with "
             "BERT (intermediate.dense / output.dense), Llama (mlp.gate_proj / up_proj / down_proj) or GPT-2 "
@@ -178,8 +224,7 @@ def _ffn_groups(layout: BlockLayout) -> list[UnitGroup]:
     groups = []
     for layer, block in enumerate(layout.blocks):
         spans = []
-        ins = [f"{block}.{n}" for n in layout.arch.ffn_in if f"{block}.{n}" in layout.modules]
-        out = f"{block}.{layout.arch.ffn_out[0]}"
+        ins, out = layout.ffn_modules(block)
         for name in ins:
             spans += [s for s in (_linear_span(layout, name, "weight", True, 1), _linear_span(layout, name, "bias", True, 1)) if s]
         spans.append(_linear_span(layout, out, "weight", False, 1))
@@ -188,11 +233,19 @@ def _ffn_groups(layout: BlockLayout) -> list[UnitGroup]:
     return groups
 
 
+def head_geometry(config) -> tuple[int, int, int]:
+    """``(heads, kv heads, head_dim)`` of any BERT / Llama / GPT-2 config (head_dim derived as hidden / heads
+    where the config has none); zeros where the config does not say."""
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
+    head_dim = int(getattr(config, "head_dim", 0) or (hidden // heads if heads else 0))
+    kv = int(getattr(config, "num_key_value_heads", 0) or heads)
+    return heads, kv, head_dim
+
+
 def heads_config(config) -> tuple[int, int, int]:
     """``(num_attention_heads, num_key_value_heads, head_dim)`` from a config that has its own ``head_dim``."""
-    heads = int(config.num_attention_heads)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    return heads, kv, int(config.head_dim)
+    return head_geometry(config)
 
 
 def _head_groups(layout: BlockLayout) -> list[UnitGroup]:
