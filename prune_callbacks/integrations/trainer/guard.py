@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ...guard.controller import AccuracyGuard, add_guards
+from ...guard.controller import AccuracyGuard, add_guards, evaluation_due, metric_value
 from . import checkpoint as ckpt
 from .callbacks import _TrainerPruningCallback
 from .logs import add_figures
@@ -56,11 +56,7 @@ class AccuracyGuardCallback(_TrainerPruningCallback):
             self._quiet = False
 
     def _value(self, metrics: dict, guard: AccuracyGuard) -> float:
-        key = guard.config.metric
-        if key not in metrics:
-            raise ValueError(f"accuracy_guard.metric={key!r} is not among the evaluation's metrics; it returned: "
-                             f"{', '.join(sorted(metrics))} (give compute_metrics, or pick one of these)")
-        return float(metrics[key])
+        return metric_value(metrics, guard.config, "give compute_metrics, or pick one of these")
 
     def on_train_begin(self, args, state, control, **kwargs):
         pruner = self.engine.pruner
@@ -85,9 +81,7 @@ class AccuracyGuardCallback(_TrainerPruningCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         pruner = self.engine.pruner
-        if pruner is None or pruner.mask_updates == 0:
-            return
-        if any(pruner.step % g.config.every == 0 for g in self.guards):
+        if pruner is not None and evaluation_due(pruner, self.guards):
             control.should_evaluate = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
