@@ -161,16 +161,12 @@ def plot(results: dict, png: Path) -> None:
     if not runs:
         return
     fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4), squeeze=False)
-    marks = {"baseline": ("s", "tab:green"), "continue": ("o", "tab:blue"), "hold": ("D", "tab:orange"),
-             "rollback": ("X", "tab:red"), "stop": ("P", "tab:purple"), "final": ("*", "k")}
+    from prune_callbacks.recipe.guard_artifacts import plot_trajectory
+
     for ax, r in zip(axes[0], runs):
         traj = r["trajectory"]
         ax.step([t["step"] for t in traj], [t["sparsity"] for t in traj], where="post", color="tab:gray", lw=1)
-        for kind, (m, c) in marks.items():
-            pts = [t for t in traj if t["decision"] == kind]
-            if pts:
-                ax.scatter([t["step"] for t in pts], [t["sparsity"] for t in pts], marker=m, color=c, s=40, label=kind,
-                           zorder=3)
+        plot_trajectory(ax, traj)
         ax.set_ylim(0, 1)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("sparsity evaluated at")

@@ -59,4 +59,9 @@ def run_summary(report: Mapping) -> str:
         f"  on disk      {human_bytes(sizes['model_bytes'])} standard (model.safetensors)"
         + (f", {human_bytes(sizes['sparse_bytes'])} sparse (sparse/)" if sizes.get("sparse_bytes") else ""),
     ]
+    for guard in report.get("accuracy_guard") or []:
+        final = guard.get("final") or {}
+        if final:
+            lines.append(f"  guard        ended at {final['sparsity']:.1%} sparsity, {guard['metric']} {final['metric']:.4f} "
+                         f"(dense {guard['baseline']:.4f}; {'within' if final['met'] else 'NOT within'} the allowed drop)")
     return "\n".join(lines)
