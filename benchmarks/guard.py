@@ -107,7 +107,7 @@ def prepare(args, setting):
     data["heldout"] = common.eval_batches(common.Encoded(val.ids[n:], val.labels[n:]))
     data["prune_batches"] = common.train_batches(tr, steps=setting["prune_steps"], batch_size=setting["batch_size"],
                                                  seed=args.seed + 1)
-    data["sizes"].update(guard=n, heldout=len(val) - n)
+    data["sizes"].update(validation=len(val), guard=n, heldout=len(val) - n)
     return template, data
 
 
@@ -209,6 +209,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--merge", nargs="+", type=Path, default=None)
     args = p.parse_args(argv)
+    args.minilm_dir = args.rt_csv = None  # what quality.prepare reads (assets from prune_callbacks.assets)
     if args.merge:
         return merge(args.merge, args.out)
     common.set_threads(args.threads)

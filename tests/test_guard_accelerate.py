@@ -139,3 +139,18 @@ def test_loss_like_metric_is_guarded_downwards(tmp_path):
     _, _, report, _ = run(tmp_path, cfg=cfg, metrics=loss)
     final = report["accuracy_guard"][0]["final"]
     assert final["met"] and final["metric"] == 1.0 and 0.5 < final["sparsity"] <= S_STAR + 1e-9
+
+
+@pytest.mark.parametrize("when, step", [("train_begin", 0), ("before_pruning", 9)])
+def test_baseline_timing(tmp_path, when, step):
+    """start_step 10: the first masks come with step 10; before_pruning measures the model after step 9."""
+    seen = []
+
+    def metrics(hook):
+        seen.append((hook.pruner.step, hook.pruner.mask_updates))
+        return synthetic_accuracy(hook)
+
+    cfg = PruningConfig(**{**config().model_dump(), "start_step": 10, "accuracy_guard": {**GUARD, "baseline": when}})
+    _, _, report, _ = run(tmp_path, cfg=cfg, metrics=metrics)
+    assert report["accuracy_guard"][0]["trajectory"][0]["step"] == step
+    assert seen[0] == (step, 0)  # measured on the dense model

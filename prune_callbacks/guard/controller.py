@@ -282,6 +282,20 @@ def metric_value(metrics: Any, config: AccuracyGuardConfig, hint: str = "") -> f
     return float(metrics[key])
 
 
+def baseline_step(pruner: Any, config: AccuracyGuardConfig) -> int:
+    """The pruner step after which the baseline is measured: 0 (before any step) for ``train_begin``, else the
+    last step before the first mask update (``Pruner.first_update_step() - 1``)."""
+    first = pruner.first_update_step()
+    return 0 if config.baseline == "train_begin" or first is None else max(0, first - 1)
+
+
+def baseline_due(pruner: Any, guards: list[AccuracyGuard]) -> list[AccuracyGuard]:
+    """The guards whose baseline is to be measured now (none measured yet, and this is their step, still dense)."""
+    if pruner.finalized or pruner.mask_updates > 0:
+        return []
+    return [g for g in guards if g.baseline is None and pruner.step == baseline_step(pruner, g.config)]
+
+
 def evaluation_due(pruner: Any, guards: list[AccuracyGuard]) -> bool:
     """Whether the guards want an evaluation after this optimizer step (every ``every`` steps once masks exist)."""
     if not guards or pruner.finalized or pruner.mask_updates == 0:

@@ -16,11 +16,13 @@ The user passes an evaluation function; the hook decides when it runs::
 The controller is the one of the Trainer path (`prune_callbacks.guard.controller.AccuracyGuard`,
 one per guarded config, added by `add_guards`); this module only decides when to evaluate:
 
-* **baseline**: in a pre-hook of the first real optimizer step (the weights are still those the
-  run started with; ``evaluate`` runs under ``torch.no_grad`` and the model's train/eval mode is
-  restored afterwards). A metric name the evaluation does not return fails there, before any
-  weight changes. Not measured again after ``accelerator.load_state``: the baseline comes back
-  with the state.
+* **baseline**, in an optimizer pre-hook (the weights are those after the previous step):
+  ``accuracy_guard.baseline="before_pruning"`` (default) at the step whose hook computes the
+  first masks, i.e. on the model after the last dense step; ``"train_begin"`` at the first real
+  step, on the weights the run started with. ``evaluate`` runs under ``torch.no_grad`` and the
+  model's train/eval mode is restored afterwards. A metric name the evaluation does not return
+  fails there, before any weight is pruned. Not measured again after ``accelerator.load_state``:
+  the baseline comes back with the state.
 * **during pruning**: after every ``every``-th optimizer step once masks exist (after that step's
   mask update), the decision (continue / hold / rollback / stop) is taken on the result.
 * **final check**: ``hook.finalize()`` evaluates at the final sparsity and rolls back to the last
@@ -43,7 +45,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..guard.controller import AccuracyGuard, add_guards, evaluation_due, metric_value
+from ..guard.controller import AccuracyGuard, add_guards, baseline_due, evaluation_due, metric_value
 from ..pruner import Pruner, _torch_optimizer
 
 STATE_KEY = "accuracy_guard"
@@ -72,17 +74,14 @@ class GuardWiring:
         finally:
             model.train(training)
 
-    def _values(self, metrics: Any) -> list[float]:
-        return [metric_value(metrics, g.config, _HINT) for g in self.guards]
-
     def _before_step(self) -> None:
-        """Baseline at the first real step (before it changes any weight); nothing once measured or loaded."""
-        if self.pruner.finalized or all(g.baseline is not None for g in self.guards):
+        """The baselines due before this step (`baseline_due`); nothing once measured or loaded."""
+        due = baseline_due(self.pruner, self.guards)
+        if not due:
             return
-        step = self.pruner.step
-        for g, value in zip(self.guards, self._values(self._evaluate())):
-            if g.baseline is None:
-                g.set_baseline(value, step)
+        metrics = self._evaluate()
+        for g in due:
+            g.set_baseline(metric_value(metrics, g.config, _HINT), self.pruner.step)
 
     def after_step(self) -> None:
         """Called by the hook after the pruner's own post-step work (masks of this step already updated)."""
@@ -90,8 +89,9 @@ class GuardWiring:
         if pruner.step == self._last_eval or not evaluation_due(pruner, self.guards):
             return
         self._last_eval = pruner.step
-        for g, value in zip(self.guards, self._values(self._evaluate())):
-            g.report_metric(value, pruner.step)
+        metrics = self._evaluate()
+        for g in self.guards:
+            g.report_metric(metric_value(metrics, g.config, _HINT), pruner.step)
 
     def final_check(self) -> list[dict]:
         """`AccuracyGuard.final_check` of every guard (before the pruner is finalized)."""
