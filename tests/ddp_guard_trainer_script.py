@@ -4,7 +4,6 @@ sparsity 0.6, rank 1 above 0.3): without the rank-0 broadcast the ranks would de
 Each rank writes ``rank<r>.json`` (trajectory, local scores, final sparsity, hashes of masks and weights).
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -16,19 +15,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import tiny_bert_classifier, toy_classification_rows  # noqa: E402
+from helpers import digest, tiny_bert_classifier, toy_classification_rows  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from prune_callbacks.integrations.trainer import make_callbacks  # noqa: E402
 
 BREAKS_AT = {0: 0.6, 1: 0.3}
 
-
-def digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def main(out_dir: str) -> None:

@@ -9,7 +9,6 @@ sparsity and hashes of masks and weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -19,19 +18,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for helpers
 
 from accelerate import Accelerator  # noqa: E402
-from helpers import TinyLM, lm_loss, random_batches  # noqa: E402
+from helpers import TinyLM, digest, lm_loss, random_batches  # noqa: E402
 
 from prune_callbacks import PruningConfig  # noqa: E402
 from prune_callbacks.integrations.accelerate import AcceleratePruningHook  # noqa: E402
 
 BREAKS_AT = {0: 0.6, 1: 0.3}
 
-
-def digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def main(out_dir: str) -> None:
