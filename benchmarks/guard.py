@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common, quality  # noqa: E402
 from prune_callbacks import PruningConfig  # noqa: E402
+from prune_callbacks.guard import AccuracyGuardConfig  # noqa: E402
 
 PRUNE = dict(saliency="taylor", schedule="cubic", start_step=0, end_step=0.6, update_every=8)
 GUARD = dict(metric="eval_accuracy", every=16, patience=2)
@@ -171,11 +172,11 @@ def plot(results: dict, png: Path) -> None:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("sparsity evaluated at")
         right = ax.twinx()
-        right.plot([t["step"] for t in traj], [100 * t["metric"] for t in traj], ":", color="tab:orange", lw=1)
-        base = traj[0]["metric"]
-        right.axhline(100 * (base - r["config"]["accuracy_guard"]["max_drop"]), color="tab:red", ls="--", lw=0.8)
-        right.set_ylabel("guard-set accuracy (%) (dotted); allowed (dashed)")
-        ax.set_title(f"max_drop {r['config']['accuracy_guard']['max_drop']}: ends at "
+        gcfg = AccuracyGuardConfig(**r["config"]["accuracy_guard"])
+        right.plot([t["step"] for t in traj], [t["metric"] for t in traj], ":", color="tab:orange", lw=1)
+        right.axhline(gcfg.allowed(traj[0]["metric"]), color="tab:red", ls="--", lw=0.8)
+        right.set_ylabel(f"{gcfg.metric} on the guard set (dotted); allowed bound (dashed)", fontsize=8)
+        ax.set_title(f"max_drop {gcfg.max_drop}{' (relative)' if gcfg.relative else ''}: ends at "
                      f"{r['guard_final']['sparsity']:.1%}", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
