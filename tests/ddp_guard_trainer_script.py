@@ -56,6 +56,9 @@ def main(out_dir: str) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: gloo's threads have aborted it on a loaded machine
 
 
 if __name__ == "__main__":
