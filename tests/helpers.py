@@ -104,3 +104,13 @@ def run_torchrun(script, *args, timeout: int = 170):
                           env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def digest(tensors) -> str:
+    """A short hash of the bytes of ``tensors`` (compare masks / weights across processes or runs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

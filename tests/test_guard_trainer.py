@@ -62,7 +62,8 @@ def test_guarded_run_ends_at_a_measured_sparsity(full_run):
     _, trainer, callbacks = full_run
     (report,) = callbacks.guard.report()
     traj = report["trajectory"]
-    assert traj[0]["decision"] == "baseline" and traj[0]["sparsity"] == 0.0 and traj[0]["step"] == 0
+    # baseline "before_pruning" (default): after step 1, the last dense step (first masks at step 2)
+    assert traj[0]["decision"] == "baseline" and traj[0]["sparsity"] == 0.0 and traj[0]["step"] == 1
     decisions = [r["decision"] for r in traj]
     assert "hold" in decisions and "rollback" in decisions, traj
     final = report["final"]
@@ -82,11 +83,12 @@ def test_no_eval_dataset_is_an_error_at_train_begin(tmp_path):
     assert trainer.state.global_step == 0
 
 
-def test_metric_never_returned_is_an_error_listing_the_keys(tmp_path):
-    trainer, _ = build(tmp_path, {"metric": "eval_accuracy"}, compute_metrics=None)
+@pytest.mark.parametrize("when, step", [("train_begin", 0), ("before_pruning", 1)])
+def test_metric_never_returned_is_an_error_listing_the_keys(tmp_path, when, step):
+    trainer, callbacks = build(tmp_path, {"metric": "eval_accuracy", "baseline": when}, compute_metrics=None)
     with pytest.raises(ValueError, match=r"eval_accuracy.*eval_loss"):
         trainer.train()
-    assert trainer.state.global_step == 0
+    assert trainer.state.global_step == step and callbacks.pruner.mask_updates == 0  # before any weight is pruned
 
 
 def test_resume_reproduces_the_guarded_run(full_run):
@@ -100,3 +102,11 @@ def test_resume_reproduces_the_guarded_run(full_run):
     assert [r["decision"] for r in a["trajectory"]] == [r["decision"] for r in b["trajectory"]]
     assert b["final"]["sparsity"] == pytest.approx(a["final"]["sparsity"])
     assert b["final"] == a["final"]
+
+
+@pytest.mark.parametrize("when, step", [("train_begin", 0), ("before_pruning", 1)])
+def test_baseline_timing(tmp_path, when, step):
+    trainer, callbacks = build(tmp_path, {**GUARD, "baseline": when}, max_steps=14)
+    trainer.train()
+    (report,) = callbacks.guard.report()
+    assert report["trajectory"][0] == {"step": step, "sparsity": 0.0, "metric": 1.0, "decision": "baseline"}

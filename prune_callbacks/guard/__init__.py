@@ -3,7 +3,9 @@ baseline; hold, then roll back to the last good sparsity when it does not (issue
 
 * :mod:`.config`: `AccuracyGuardConfig` (``PruningConfig(accuracy_guard={...})``);
 * :mod:`.controller`: `AccuracyGuard`, a pure-torch ``control``-phase step component;
-* adapters feed it metrics: :mod:`prune_callbacks.integrations.trainer.guard` (HF Trainer).
+* adapters feed it metrics: :mod:`prune_callbacks.integrations.trainer.guard` (HF Trainer: its own
+  ``eval_dataset`` / ``compute_metrics``) and :mod:`prune_callbacks.integrations.accelerate_guard`
+  (``AcceleratePruningHook.register(..., evaluate=fn)``).
 """
 
 from .config import AccuracyGuardConfig

@@ -28,6 +28,10 @@ class AccuracyGuardConfig(BaseModel):
                                 "(1: roll back at the first failure; 2: hold once for recovery, then roll back).")
     mode: Optional[Literal["max", "min"]] = Field(
         None, description="max: higher is better; min: lower is better; None: 'min' for loss/perplexity-like names.")
+    baseline: Literal["before_pruning", "train_begin"] = Field(
+        "before_pruning", description="When the dense baseline is measured: before_pruning (after the last optimizer "
+        "step before the first mask update: the dense model fine-tuned as far as the run got; a fresh classifier "
+        "head is no longer at chance) or train_begin (before any step; the same when pruning starts at step 1).")
     min_increment: float = Field(0.005, gt=0.0, lt=1.0,
                                  description="Stop raising when the increment after rollbacks falls below this.")
 

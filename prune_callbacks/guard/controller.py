@@ -270,6 +270,39 @@ class AccuracyGuard(StepComponent):
         self._pre = None
 
 
+def metric_value(metrics: Any, config: AccuracyGuardConfig, hint: str = "") -> float:
+    """The guarded metric out of what an evaluation returned (a mapping of metrics, or one number)."""
+    if isinstance(metrics, (int, float)) and not isinstance(metrics, bool):
+        return float(metrics)
+    key = config.metric
+    if not isinstance(metrics, dict) or key not in metrics:
+        got = ", ".join(sorted(map(str, metrics))) if isinstance(metrics, dict) else f"a {type(metrics).__name__}"
+        raise ValueError(f"accuracy_guard.metric={key!r} is not among the evaluation's metrics; it returned: "
+                         f"{got}{f' ({hint})' if hint else ''}")
+    return float(metrics[key])
+
+
+def baseline_step(pruner: Any, config: AccuracyGuardConfig) -> int:
+    """The pruner step after which the baseline is measured: 0 (before any step) for ``train_begin``, else the
+    last step before the first mask update (``Pruner.first_update_step() - 1``)."""
+    first = pruner.first_update_step()
+    return 0 if config.baseline == "train_begin" or first is None else max(0, first - 1)
+
+
+def baseline_due(pruner: Any, guards: list[AccuracyGuard]) -> list[AccuracyGuard]:
+    """The guards whose baseline is to be measured now (none measured yet, and this is their step, still dense)."""
+    if pruner.finalized or pruner.mask_updates > 0:
+        return []
+    return [g for g in guards if g.baseline is None and pruner.step == baseline_step(pruner, g.config)]
+
+
+def evaluation_due(pruner: Any, guards: list[AccuracyGuard]) -> bool:
+    """Whether the guards want an evaluation after this optimizer step (every ``every`` steps once masks exist)."""
+    if not guards or pruner.finalized or pruner.mask_updates == 0:
+        return False
+    return any(pruner.step % g.config.every == 0 for g in guards)
+
+
 def add_guards(pruner: Any) -> list[AccuracyGuard]:
     """An `AccuracyGuard` for each pruning group whose config has ``accuracy_guard`` (added to the pruner)."""
     guards = []

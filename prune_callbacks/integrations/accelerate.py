@@ -66,6 +66,9 @@ num_epochs=n)`` with the *prepared* loader and the hook counts it
 optimizer steps happen than ``total_steps``, the hook warns once, with the
 numbers (the schedule had ended early).
 
+Accuracy guard (``PruningConfig(accuracy_guard=...)``): pass ``register(..., evaluate=fn)``;
+baseline, evaluations and the final check are run by :mod:`.accelerate_guard`.
+
 Trackers: when the user has trackers (``Accelerator(log_with=...)`` and
 ``init_trackers``), the figures of :mod:`prune_callbacks.figures` (the same
 keys the Trainer callbacks log: ``sparsity/global``, ``sparsity/scheduled``,
@@ -85,6 +88,7 @@ from .. import figures as F
 from ..config import PruningConfig
 from ..pruner import Pruner, _torch_optimizer
 from .configs import ConfigLike, as_list, make_configs
+from .accelerate_guard import STATE_KEY, GuardWiring
 from .accelerate_support import _sharded_parameters, check_accelerator_supported, count_optimizer_steps
 
 __all__ = ["AcceleratePruningHook", "check_accelerator_supported", "count_optimizer_steps"]
@@ -126,16 +130,6 @@ class AcceleratePruningHook:
     ):
         self.config = make_configs(config, overrides)
         self.configs = as_list(self.config)
-        guarded = [i for i, c in enumerate(self.configs) if getattr(c, "accuracy_guard", None) is not None]
-        if guarded:
-            from ..config import PruningConfigError
-
-            raise PruningConfigError(
-                f"accuracy_guard (config {', '.join(map(str, guarded))}) is not supported by the Accelerate hook yet: "
-                "it needs an evaluation loop; use the Trainer callbacks, or drive "
-                "prune_callbacks.guard.add_guards(pruner) yourself",
-                [("accuracy_guard", "not supported by AcceleratePruningHook")],
-            )
         if total_steps is not None:
             self._resolve(total_steps)  # fail early, before prepare() work is wasted on a bad schedule
         if log_every is not None and (isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0):
@@ -148,6 +142,7 @@ class AcceleratePruningHook:
         self._log_handle = None
         self._last_logged = -1
         self._warned_overrun = False
+        self._guard = None  # GuardWiring when a config has accuracy_guard
 
     def _resolve(self, total_steps: int) -> None:
         for config in self.configs:
@@ -156,18 +151,25 @@ class AcceleratePruningHook:
 
     # ------------------------------------------------------------ wiring
     def register(self, accelerator: Any, model: nn.Module, optimizer: Any, *, total_steps: Optional[int] = None,
-                 train_dataloader: Any = None, num_epochs: int = 1) -> Pruner:
+                 train_dataloader: Any = None, num_epochs: int = 1, evaluate: Any = None) -> Pruner:
         """Start pruning ``model`` on every real step of ``optimizer``; returns the core `Pruner`.
 
         ``model`` and ``optimizer`` are those returned by ``accelerator.prepare``.
         ``train_dataloader`` (the prepared one) and ``num_epochs``: when no
         ``total_steps`` is given, count it from them and the accelerator's
         gradient accumulation (`count_optimizer_steps`).
+        ``evaluate``: with ``accuracy_guard`` (and only then), a function of no argument returning the
+        metrics (a mapping, or one number), called on every process; see
+        :mod:`prune_callbacks.integrations.accelerate_guard` for when it runs.
         Also registers this hook for ``accelerator.save_state``/``load_state``.
         Raises ``NotImplementedError`` for sharded setups (FSDP, DeepSpeed, TP).
         """
         if self.pruner is not None:
             raise RuntimeError("this AcceleratePruningHook is already registered; create one hook per model")
+        guarded = any(getattr(c, "accuracy_guard", None) is not None for c in self.configs)
+        if guarded != (evaluate is not None):
+            raise ValueError("accuracy_guard needs register(..., evaluate=fn) (fn() returns the metrics)" if guarded else
+                             "register(..., evaluate=...) is only used with accuracy_guard, which no config sets")
         check_accelerator_supported(accelerator)
         sharded = _sharded_parameters(model)
         if sharded:
@@ -190,6 +192,8 @@ class AcceleratePruningHook:
             self.total_steps = count_optimizer_steps(len(train_dataloader), accumulation, num_epochs)
         pruner = Pruner(model, self.config, total_steps=self.total_steps)
         pruner.attach(optimizer)
+        if guarded:
+            self._guard = GuardWiring(pruner, optimizer, evaluate)
         self.accelerator = accelerator
         self.pruner = pruner
         # Registered after the pruner's own hooks, so it runs after masks are updated.
@@ -229,6 +233,8 @@ class AcceleratePruningHook:
                 "epochs), or register(..., train_dataloader=loader, num_epochs=n)) and pass that as total_steps",
                 stacklevel=2,
             )
+        if self._guard is not None:
+            self._guard.after_step()
         if not self.log_every or pruner.step == self._last_logged or pruner.step % self.log_every:
             return
         self._log()
@@ -236,6 +242,8 @@ class AcceleratePruningHook:
     def log_values(self) -> dict:
         """The figures sent to trackers (:mod:`prune_callbacks.figures`), each key with ``log_prefix`` first."""
         values = F.sparsity_figures(self._require_pruner().report())
+        if self._guard is not None:
+            values.update(self._guard.figures())
         return {f"{self.log_prefix}{k}": v for k, v in values.items()}
 
     def _log(self) -> None:
@@ -246,8 +254,11 @@ class AcceleratePruningHook:
 
     # ------------------------------------------------------------ results
     def report(self) -> dict:
-        """`Pruner.report()`: global and per-target sparsity, step, counters."""
-        return self._require_pruner().report()
+        """`Pruner.report()`: global and per-target sparsity, step, counters (+ ``accuracy_guard``: trajectories)."""
+        report = self._require_pruner().report()
+        if self._guard is not None:
+            report["accuracy_guard"] = self._guard.report()
+        return report
 
     def finalize(self, *, save_sparse_to: Optional[str] = None, tokenizer: Any = None, slim: bool = False) -> dict:
         """Make the masks permanent (pruned weights are +0.0), stop pruning, log and return the final report.
@@ -282,10 +293,12 @@ class AcceleratePruningHook:
             if self._log_handle is not None:
                 self._log_handle.remove()
                 self._log_handle = None
+            if self._guard is not None:
+                self._guard.final_check()  # at the final sparsity; rolls back to the last good masks if it fails
             pruner.finalize()
             reached = F.mask_sparsity_of(pruner.report())
             final = max(float(getattr(c, "final_sparsity", 0.0)) for c in self.configs)
-            if len(self.configs) == 1 and reached < final:
+            if len(self.configs) == 1 and reached < final and self._guard is None:  # the guard lowers it on purpose
                 end = getattr(getattr(pruner, "steps", None), "end_step", "?")
                 warnings.warn(
                     f"pruning finalized at sparsity {reached:.4f}, below final_sparsity={final} after {pruner.step} "
@@ -295,13 +308,21 @@ class AcceleratePruningHook:
                 )
             if pruner.step != self._last_logged:
                 self._log()
-        return pruner.report()
+        return self.report()
 
     # ------------------------------------------------------------ checkpointing (accelerator.save_state)
     def state_dict(self) -> dict:
-        """`Pruner.state_dict()`: tensors, ints, floats, strings, lists, dicts, bools (weights_only-safe)."""
-        return self._require_pruner().state_dict()
+        """`Pruner.state_dict()` (+ the guards' under ``accuracy_guard``): tensors, numbers, strings, lists, dicts,
+        bools, None (weights_only-safe)."""
+        state = self._require_pruner().state_dict()
+        if self._guard is not None:
+            state[STATE_KEY] = self._guard.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        guard_state = state.pop(STATE_KEY, None)
         self._require_pruner().load_state_dict(state)
+        if self._guard is not None:
+            self._guard.load_state_dict(guard_state)
         self._last_logged = self.pruner.step

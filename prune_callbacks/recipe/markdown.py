@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
+from .guard_artifacts import guard_markdown
 from .summary import dense_label, dense_step, format_metric, slim_line
 from .tables import human_bytes, human_count, markdown_table
 
@@ -70,6 +71,7 @@ def render_markdown(report: Mapping, plot_name: Optional[str] = "sparsity.png") 
         for e in report["evaluations"]:
             lines.append(f"| {e['step']} | {format_metric(metric, e.get(metric))} | {format_metric('loss', e.get('loss'))} |")
         lines.append("")
+    lines += guard_markdown(report)
     table = {"per_tensor": report["per_target"]}
     lines += ["## Per-layer sparsity (pruned layers)", "", markdown_table(table), "",
               "## Loading", "", "```python",

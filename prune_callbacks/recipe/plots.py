@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+from .guard_artifacts import plot_trajectory
 from .summary import dense_step
 
 _LAYER = re.compile(r"^(.*?)\.?(\d+)\.(.+)$")
@@ -36,6 +37,8 @@ def plot_report(report: Mapping, path: "str | Path") -> Path:
 
     ax.plot(history["step"], history["target"], "--", color="tab:gray", label="target (schedule)")
     ax.plot(history["step"], history["achieved"], "-", color="tab:blue", label="achieved (pruned layers)")
+    for guard in report.get("accuracy_guard") or []:
+        plot_trajectory(ax, guard["trajectory"])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("sparsity of the pruned layers")
     ax.set_ylim(0, 1)

@@ -67,6 +67,11 @@ def run_summary(report: Mapping) -> str:
     ]
     if report.get("slim"):
         lines.append(f"  slim         {slim_line(report['slim'])}")
+    for guard in report.get("accuracy_guard") or []:
+        final = guard.get("final") or {}
+        if final:
+            lines.append(f"  guard        ended at {final['sparsity']:.1%} sparsity, {guard['metric']} {final['metric']:.4f} "
+                         f"(dense {guard['baseline']:.4f}; {'within' if final['met'] else 'NOT within'} the allowed drop)")
     return "\n".join(lines)
 
 

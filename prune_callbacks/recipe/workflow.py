@@ -209,6 +209,8 @@ def _train_and_save(recipe: Recipe, recipe_path: Optional[str], pre, run_dir, st
         from ..distillation.report import distillation_summary
 
         report["distillation"] = distillation_summary(recipe.distillation, log_history, callbacks)
+    if callbacks.guard is not None:  # the guard's trajectory and answer (issue 15)
+        report["accuracy_guard"] = callbacks.guard.report()
     artifacts.write_all(report, staging, plot=recipe.output.plot)
     run_dir.publish()
     from .summary import run_summary

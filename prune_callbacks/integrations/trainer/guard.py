@@ -1,11 +1,13 @@
 """`AccuracyGuardCallback`: feeds the Trainer's own evaluations to the accuracy guard (``PruningConfig.accuracy_guard``).
 
 * ``on_train_begin`` (after the engine built the pruner): adds one
-  `~prune_callbacks.guard.controller.AccuracyGuard` per guarded group and measures the
-  dense baseline with ``trainer.evaluate()`` (the Trainer's ``eval_dataset`` and
-  ``compute_metrics``) before any step. No ``eval_dataset``, or a metric name that the
-  evaluation does not return (the keys it returns are listed), is an error here, before
-  any training step.
+  `~prune_callbacks.guard.controller.AccuracyGuard` per guarded group. The dense baseline
+  is measured with ``trainer.evaluate()`` (the Trainer's ``eval_dataset`` and
+  ``compute_metrics``) at ``accuracy_guard.baseline``: ``before_pruning`` (default) at the
+  end of the last optimizer step before the first mask update, ``train_begin`` here, before
+  any step. No ``eval_dataset`` is an error here; a metric name that the evaluation does not
+  return (the keys it returns are listed) is an error at that first evaluation, before any
+  weight is pruned.
 * every ``every`` optimizer steps once masks exist: ``control.should_evaluate = True``, so
   the Trainer runs its normal evaluation; ``on_evaluate`` hands the metric to the guard
   (evaluations the user scheduled count too).
@@ -26,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ...guard.controller import AccuracyGuard, add_guards
+from ...guard.controller import AccuracyGuard, add_guards, baseline_due, evaluation_due, metric_value
 from . import checkpoint as ckpt
 from .callbacks import _TrainerPruningCallback
 from .logs import add_figures
@@ -56,11 +58,7 @@ class AccuracyGuardCallback(_TrainerPruningCallback):
             self._quiet = False
 
     def _value(self, metrics: dict, guard: AccuracyGuard) -> float:
-        key = guard.config.metric
-        if key not in metrics:
-            raise ValueError(f"accuracy_guard.metric={key!r} is not among the evaluation's metrics; it returned: "
-                             f"{', '.join(sorted(metrics))} (give compute_metrics, or pick one of these)")
-        return float(metrics[key])
+        return metric_value(metrics, guard.config, "give compute_metrics, or pick one of these")
 
     def on_train_begin(self, args, state, control, **kwargs):
         pruner = self.engine.pruner
@@ -76,18 +74,25 @@ class AccuracyGuardCallback(_TrainerPruningCallback):
         self.guards = add_guards(pruner)
         if state.global_step > 0 and self.engine.resumed_from is not None:
             self._load(Path(self.engine.resumed_from).parent / GUARD_FILE)
+        self._measure_baselines(control)
+
+    def _measure_baselines(self, control) -> None:
+        pruner = self.engine.pruner
+        due = baseline_due(pruner, self.guards)
+        if not due:
             return
-        flags = control.should_log, control.should_evaluate
+        flags = control.should_log, control.should_evaluate  # Trainer.evaluate clears them: keep this step's
         metrics = self._evaluate()
         control.should_log, control.should_evaluate = flags
-        for g in self.guards:
-            g.set_baseline(self._value(metrics, g), state.global_step)
+        for g in due:
+            g.set_baseline(self._value(metrics, g), pruner.step)
 
     def on_step_end(self, args, state, control, **kwargs):
         pruner = self.engine.pruner
-        if pruner is None or pruner.mask_updates == 0:
+        if pruner is None:
             return
-        if any(pruner.step % g.config.every == 0 for g in self.guards):
+        self._measure_baselines(control)
+        if evaluation_due(pruner, self.guards):
             control.should_evaluate = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
