@@ -1,8 +1,9 @@
 """From the measurements to a recipe: the strategy and per-layer caps, with the reasoning as comments.
 
-Strategies the engine offers on this branch: unstructured (global saliency threshold with per-layer
-caps) and N:M (fixed 1 - N/M sparsity). Heads, FFN neurons, blocks and low-rank are recommended in
-ANALYSIS.md's text only (no structured strategy to put in the recipe yet).
+The suggestion is unstructured (global saliency threshold with per-layer caps) at the analysed budget.
+The engine also has N:M and structured granularities (FFN neurons, heads, blocks), but no measurement yet
+shows which analysis figures should switch the recipe to them (BENCHMARKS.md, "Redundancy analysis"), so
+heads, FFN neurons, blocks and low-rank are recommended in ANALYSIS.md's text only.
 """
 
 from __future__ import annotations
