@@ -41,6 +41,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..config_errors import PruningConfigError
 from ..schedule import Schedule
 from ..steps.base import StepComponent
 from .config import AccuracyGuardConfig
@@ -277,8 +278,9 @@ def metric_value(metrics: Any, config: AccuracyGuardConfig, hint: str = "") -> f
     key = config.metric
     if not isinstance(metrics, dict) or key not in metrics:
         got = ", ".join(sorted(map(str, metrics))) if isinstance(metrics, dict) else f"a {type(metrics).__name__}"
-        raise ValueError(f"accuracy_guard.metric={key!r} is not among the evaluation's metrics; it returned: "
-                         f"{got}{f' ({hint})' if hint else ''}")
+        message = (f"accuracy_guard.metric={key!r} is not among the evaluation's metrics; it returned: "
+                   f"{got}{f' ({hint})' if hint else ''}")
+        raise PruningConfigError(message, [("accuracy_guard.metric", message)])  # a setting to fix, not a crash
     return float(metrics[key])
 
 
