@@ -422,6 +422,24 @@ def test_finalize_warns_when_the_schedule_did_not_finish():
         hook.register(acc, model, opt)
 
 
+@pytest.mark.parametrize("final", [0.7, 0.95])
+def test_finalize_does_not_warn_when_the_schedule_finished(final):
+    # the measured sparsity of a finished schedule can come out as 0.6999999999999998 for 0.7 (float sums): that
+    # is not "the run was shorter than total_steps"; the warning is for a run stopped before the schedule's end
+    import warnings
+
+    acc, model, opt, sched = _setup()
+    hook = AcceleratePruningHook(PruningConfig(final_sparsity=final, start_step=1, end_step=3, update_every=1),
+                                 total_steps=4)
+    hook.register(acc, model, opt)
+    for ids in random_batches(4):
+        _train_step(acc, model, opt, sched, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hook.finalize()
+
+
+
 def test_finalize_can_write_the_compressed_checkpoint(tmp_path):
     from helpers import tiny_llama_lm
 
