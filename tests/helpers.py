@@ -114,3 +114,11 @@ def digest(tensors) -> str:
     for t in tensors:
         h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def reset_accelerate_state() -> None:
+    """Accelerate's state is a process-wide singleton: forget it (before and after each Accelerate test)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -7,11 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TinyLM, lm_loss, random_batches
+from helpers import TinyLM, lm_loss, random_batches, reset_accelerate_state
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.tracking import GeneralTracker  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
@@ -26,17 +25,9 @@ from prune_callbacks.schedule import is_update_step, target_sparsity  # noqa: E4
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """Accelerator state is a process-wide singleton: start and leave every test clean."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def _reset():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def _setup(accum=1, seed=0, lr=1e-2, scaler=None, fused=False, **acc_kwargs):
@@ -150,7 +141,7 @@ CFG = dict(final_sparsity=0.5, start_step=1, end_step=6, update_every=1, salienc
 
 def _run_scaled(scaler, steps, accum=2, inf_at=None, fused=False):
     """``steps`` optimizer steps of ``accum`` micro-batches; an inf gradient on optimizer step ``inf_at`` (1-based)."""
-    _reset()
+    reset_accelerate_state()
     acc, model, opt, sched = _setup(accum=accum, scaler=scaler, fused=fused)
     hook = AcceleratePruningHook(PruningConfig(**CFG), total_steps=max(steps, 8))
     pruner = hook.register(acc, model, opt)
@@ -211,7 +202,7 @@ def test_grad_scaler_path_gives_the_saliency_unscaled_gradients(fused):
 
 def test_non_finite_step_without_scaler_is_skipped_by_the_pruner():
     # bf16 has no scaler: the optimizer steps, the pruner refuses to count or score it.
-    _reset()
+    reset_accelerate_state()
     acc, model, opt, sched = _setup(accum=2)
     hook = AcceleratePruningHook(PruningConfig(**CFG), total_steps=6)
     pruner = hook.register(acc, model, opt)
@@ -231,7 +222,7 @@ RESUME_CFG = dict(final_sparsity=0.6, start_step=1, end_step=9, update_every=2, 
 
 
 def _resume_run(project_dir, batches, seed=0):
-    _reset()
+    reset_accelerate_state()
     acc, model, opt, sched = _setup(accum=2, seed=seed, project_dir=str(project_dir))
     hook = AcceleratePruningHook(PruningConfig(**RESUME_CFG), total_steps=len(batches) // 2)
     hook.register(acc, model, opt)

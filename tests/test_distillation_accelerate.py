@@ -7,8 +7,7 @@ accelerate = pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
 from accelerate import Accelerator  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-from helpers import tiny_bert_classifier, toy_classification_rows  # noqa: E402
+from helpers import reset_accelerate_state, tiny_bert_classifier, toy_classification_rows  # noqa: E402
 
 from prune_callbacks import PruningConfig  # noqa: E402
 from prune_callbacks.distillation import DistillationConfigError  # noqa: E402
@@ -18,11 +17,9 @@ from prune_callbacks.integrations.accelerate_distillation import AccelerateDisti
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def batches(n=8, size=4):
@@ -73,8 +70,7 @@ def test_save_state_load_state_restores_the_teacher_bitwise(tmp_path):
     loop(acc, model, opt, batches(4))
     acc.save_state(str(tmp_path / "state"))
     teacher = {k: v.clone() for k, v in distill.distiller.teacher.state_dict().items()}
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     acc2, model2, opt2, pruning2, distill2 = setup()
     assert distill2.distiller.teacher is None
     acc2.load_state(str(tmp_path / "state"))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TinyLM, lm_loss, random_batches
+from helpers import TinyLM, lm_loss, random_batches, reset_accelerate_state
 
 pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 from prune_callbacks import PruningConfig, figures  # noqa: E402
 from prune_callbacks.integrations.accelerate import AcceleratePruningHook  # noqa: E402
@@ -20,11 +19,9 @@ GUARD = {"metric": "eval_acc", "max_drop": 0.01, "every": 5, "patience": 3}
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def config(**guard):
@@ -39,8 +36,7 @@ def synthetic_accuracy(hook):
 
 def run(tmp_path, *, stop_at=None, resume=False, cfg=None, metrics=synthetic_accuracy):
     """Train STEPS optimizer steps; ``stop_at``: save_state there and stop; ``resume``: load_state first."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     acc = Accelerator(cpu=True, project_dir=str(tmp_path))
     torch.manual_seed(0)
     model = TinyLM()
