@@ -28,7 +28,10 @@ from benchmarks import common  # noqa: E402
 # name -> [(granularity, final_sparsity)]; a "+kd" suffix adds distillation from the dense model
 VARIANTS = {"dense": [], "ffn50": [("ffn_neurons", 0.5)], "ffn75": [("ffn_neurons", 0.75)],
             "blocks1": [("blocks", 1 / 6)], "blocks2": [("blocks", 2 / 6)],
-            "ffn50+blocks2": [("ffn_neurons", 0.5), ("blocks", 2 / 6)]}
+            "ffn50+blocks2": [("ffn_neurons", 0.5), ("blocks", 2 / 6)],
+            # what `prune-callbacks analyze --set pruning.final_sparsity=0.3333 recipes/quickstart.yaml` suggests
+            # (BENCHMARKS.md, "Redundancy analysis"): the same parameter budget as ffn50 and blocks2
+            "ffn30+blocks1": [("ffn_neurons", 0.3001), ("blocks", 1 / 6)]}
 KD = {"hardness": 1.0, "temperature": 2.0}
 
 

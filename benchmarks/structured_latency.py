@@ -31,7 +31,7 @@ from prune_callbacks.structured import mask_model, slim, unit_map  # noqa: E402
 VARIANTS = {  # name: (fraction of FFN neurons removed, blocks removed)
     "dense": (0.0, 0), "ffn50": (0.5, 0), "ffn75": (0.75, 0),
     "blocks1": (0.0, 1), "blocks2": (0.0, 2), "blocks3": (0.0, 3),
-    "ffn50+blocks2": (0.5, 2),
+    "ffn50+blocks2": (0.5, 2), "ffn30+blocks1": (0.3001, 1),
 }
 
 

@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--eval-rows", type=_positive_int, default=200, help="held-out rows for the metrics")
     analyze.add_argument("--batch-size", type=_positive_int, default=32, help="rows per forward/backward pass")
     analyze.add_argument("--no-fit-head", action="store_true", help="do not fit a classification head first")
+    analyze.add_argument("--goal", choices=("auto", "size", "speed"), default="auto",
+                         help="what suggested.yaml optimises: auto (structured when it costs nothing measurable), "
+                              "size (least one-shot damage), speed (the best structured strategy)")
 
     report = sub.add_parser("report", help="print the sparsity of a saved model, weights file or checkpoint")
     report.add_argument("path", help="model directory, weights file, sparse checkpoint or Trainer checkpoint-N/")
@@ -118,7 +121,8 @@ def _analyze(args) -> int:
     from .analysis.recipe_run import run_analysis
 
     out = run_analysis(args.recipe, args.output_dir, args.sets, calibration_rows=args.calibration_rows,
-                       eval_rows=args.eval_rows, batch_size=args.batch_size, do_fit_head=not args.no_fit_head)
+                       eval_rows=args.eval_rows, batch_size=args.batch_size, do_fit_head=not args.no_fit_head,
+                       goal=args.goal)
     print(f"wrote {out}/analysis.json, ANALYSIS.md, suggested.yaml and plots")
     return EXIT_OK
 

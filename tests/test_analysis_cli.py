@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from prune_callbacks.cli import main
@@ -48,3 +49,37 @@ def test_llama_heads_with_grouped_kv(tmp_path):
     assert all(len(v) == heads for v in a["head_importance"].values()) and a["head_importance"]
     assert len(a["head_names"]) == heads * model.config.num_hidden_layers
     assert a["baseline"] > 1.0
+
+
+def test_goal_speed_writes_a_structured_slim_recipe_that_validates(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, tmp_path / "run"))
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(recipe), "--output-dir", str(out), "--calibration-rows", "8", "--eval-rows", "8",
+                 "--goal", "speed"]) == 0
+    a = json.loads((out / "analysis.json").read_text())
+    assert a["goal"] == "speed" and any(r["kind"] == "unstructured" for r in a["strategies"])
+    assert (out / "strategies.png").stat().st_size > 0
+    data = yaml.safe_load((out / "suggested.yaml").read_text())
+    sections = data["pruning"] if isinstance(data["pruning"], list) else [data["pruning"]]
+    assert {s["granularity"] for s in sections} <= {"ffn_neurons", "blocks"}
+    assert data["output"]["slim"] is True and "save_sparse" not in data["output"]
+    assert "Strategies at the same parameter budget" in (out / "ANALYSIS.md").read_text()
+    assert main(["validate", str(out / "suggested.yaml")]) == 0
+
+
+def test_unknown_goal_is_refused(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, tmp_path / "run"))
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(recipe), "--output-dir", str(tmp_path / "a"), "--goal", "fast"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_suggestion_keeps_the_set_overrides_it_was_analysed_with(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, tmp_path / "run"))
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(recipe), "--output-dir", str(out), "--calibration-rows", "8", "--eval-rows", "8",
+                 "--goal", "size", "--set", "pruning.final_sparsity=0.3", "--set", "training.learning_rate=0.002"]) == 0
+    data = yaml.safe_load((out / "suggested.yaml").read_text())
+    assert data["training"]["learning_rate"] == 0.002
+    assert json.loads((out / "analysis.json").read_text())["budget"] == 0.3

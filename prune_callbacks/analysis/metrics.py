@@ -12,6 +12,19 @@ METRICS = ("accuracy", "f1", "perplexity", "loss")
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "perplexity": False, "loss": False}
 
 
+def standard_error(p: float, rows: int) -> float:
+    """Standard error of a proportion (accuracy) ``p`` measured on ``rows`` rows."""
+    return math.sqrt(max(p * (1 - p), 1e-12) / max(1, rows))
+
+
+def noise(metric: str, baseline: float, rows: int) -> float:
+    """How far a metric can move by sampling noise alone: two standard errors of an accuracy / f1 on
+    ``rows`` held-out rows; 2% of the baseline for perplexity and loss (no closed form)."""
+    if metric in ("accuracy", "f1"):
+        return 2 * standard_error(baseline, rows)
+    return 0.02 * abs(baseline)
+
+
 def _outputs(model, batch):
     out = model(**batch)
     return out

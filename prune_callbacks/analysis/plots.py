@@ -73,4 +73,22 @@ def write_plots(a: dict, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "block_influence.png", dpi=100)
     written.append("block_influence.png")
+
+    rows = [r for r in a.get("strategies") or [] if r.get("applicable")]
+    if rows:
+        fig = _fig((8, 0.5 * len(rows) + 1.8))
+        ax = fig.subplots()
+        colours = ["tab:gray" if r["kind"] in ("unstructured", "N:M") else "tab:blue" for r in rows]
+        ax.barh(range(len(rows)), [r["metric"] for r in rows], color=colours)
+        ax.set_yticks(range(len(rows)), [f"{r['name']} ({r['removed']:.0%})" for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(a["baseline"], color="tab:green", ls="--", label="dense")
+        if a.get("chance") is not None:
+            ax.axvline(a["chance"], color="tab:red", ls=":", label="majority class")
+        ax.set_xlabel(f"{a['metric']} one-shot (blue: structured, a smaller dense model)")
+        ax.set_title(f"strategies removing {a['budget']:.0%} of the targeted weights")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "strategies.png", dpi=100)
+        written.append("strategies.png")
     return written

@@ -10,7 +10,7 @@ it off.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from .errors import AnalysisError
 from .probe import MeanPooled, fit_head, trained_pooling
@@ -28,18 +28,20 @@ def _batches(dataset, collator, rows: int, batch_size: int) -> list[dict]:
 
 
 def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), calibration_rows: int = 256,
-                 eval_rows: int = 200, batch_size: int = 32, do_fit_head: bool = True) -> Path:
+                 eval_rows: int = 200, batch_size: int = 32, do_fit_head: bool = True, goal: str = "auto") -> Path:
     from transformers import set_seed
 
     from ..recipe.data import load_data, prepare
-    from ..recipe.loading import load_recipe, read_yaml
+    from ..recipe.loading import apply_overrides, load_recipe, parse_set, read_yaml
     from ..recipe.models import load_model
     from ..recipe.workflow import quiet_transformers
     from .plots import write_plots
     from .report import write_json, write_markdown
     from .run import analyze
-    from .suggest import suggested_recipe_yaml
+    from .suggest import GOALS, suggested_recipe_yaml
 
+    if goal not in GOALS:
+        raise AnalysisError(f"goal={goal!r} is unknown; allowed: {', '.join(GOALS)}")
     recipe = load_recipe(recipe_path, sets)
     seed = int(recipe.training.get("seed", 42))
     set_seed(seed)
@@ -63,6 +65,7 @@ def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), ca
     metric = recipe.metrics[0]
     result = analyze(model, calib, held, metric=metric, include=config.include, exclude=config.exclude,
                      budget=config.final_sparsity)
+    result["goal"] = goal
     result["head_fitted"] = fitted
     result["probe"] = probe
     out = Path(output_dir)
@@ -76,7 +79,8 @@ def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), ca
                     "measuring, so the metrics mean something. Saliency and the metrics are measured through that "
                     "pooling.\n")
     write_plots(result, out)
-    raw, _ = read_yaml(recipe_path)
+    raw, lines = read_yaml(recipe_path)
+    apply_overrides(raw, [parse_set(item) for item in sets], lines)  # the recipe as analysed, --set included
     (out / "suggested.yaml").write_text(suggested_recipe_yaml(raw, result), encoding="utf-8")
     load_recipe(out / "suggested.yaml")  # the suggestion must validate; RecipeError otherwise
     return out

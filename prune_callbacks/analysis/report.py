@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
+from .metrics import noise, standard_error
 from .suggest import suggest_pruning
 
 
 def write_json(a: dict, path: Path) -> None:
     path.write_text(json.dumps(a, indent=1), encoding="utf-8")
-
-
-def _se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 1e-12) / max(1, n))
 
 
 def markdown(a: dict) -> str:
@@ -24,7 +20,7 @@ def markdown(a: dict) -> str:
               f"{len(a['targets'])} targeted weight matrices; budget quoted at {budget:.0%} sparsity; "
               f"{a['seconds']:.0f} s.", ""]
     if "baseline" in a:
-        extra = (f" (± {_se(a['baseline'], a['eval_rows']):.3f} standard error)" if metric in ("accuracy", "f1") else "")
+        extra = (f" (± {standard_error(a['baseline'], a['eval_rows']):.3f} standard error)" if metric in ("accuracy", "f1") else "")
         lines += [f"**Baseline** {metric} on {a['eval_rows']} held-out rows: {a['baseline']:.4f}{extra}.", ""]
     # blocks
     lines += ["## Blocks", "", f"| block | 1 - cos(in, out) | {metric} skipped |", "| --- | --- | --- |"]
@@ -32,7 +28,7 @@ def markdown(a: dict) -> str:
         lines.append(f"| {b['name']} | {b['influence']:.4f} | {b.get('metric_skipped', float('nan')):.4f} |")
     cands = []
     if "baseline" in a and any("metric_skipped" in b for b in a["blocks"]):
-        tol = 2 * _se(a["baseline"], a["eval_rows"]) if metric in ("accuracy", "f1") else 0.02 * a["baseline"]
+        tol = noise(metric, a["baseline"], a["eval_rows"])
         sign = 1 if a["higher_is_better"] else -1
         cands = [b["name"] for b in a["blocks"] if sign * (a["baseline"] - b["metric_skipped"]) <= tol]
         if "chance" in a and a["baseline"] - a["chance"] <= tol:
@@ -93,8 +89,22 @@ def markdown(a: dict) -> str:
                          f"{d['near_duplicate_rows']} near-duplicate rows ({d['near_duplicate_rows_across_layers']} "
                          "across layers)")
     # what to do
+    strategies = [r for r in a.get("strategies") or []]
+    if strategies:
+        lines += ["", f"## Strategies at the same parameter budget ({budget:.0%} of the targeted weights, one-shot)", "",
+                  "Each strategy's masks chosen once from the calibration saliency by the engine's own selection, "
+                  f"applied, {metric} measured on the held-out slice, weights restored. No fine-tuning: this ranks "
+                  "the strategies, it does not predict their accuracy after training.", "",
+                  f"| strategy | weights removed | {metric} one-shot | what it buys |", "| --- | --- | --- | --- |"]
+        for r in strategies:
+            if r.get("applicable"):
+                lines.append(f"| {r['name']} | {r['removed']:.1%} | {r['metric']:.4f} | {r['buys']} |")
+            else:
+                lines.append(f"| {r['name']} | — | not applicable | {r['why']} |")
     pruning, reasons = suggest_pruning(a)
-    lines += ["", "## What to do", "", "suggested.yaml: " + ", ".join(f"{k}={v}" for k, v in pruning.items()), ""]
+    sections = pruning if isinstance(pruning, list) else [pruning]
+    lines += ["", "## What to do", "", "suggested.yaml: " + "; ".join(
+        ", ".join(f"{k}={v}" for k, v in p.items()) for p in sections), ""]
     lines += [f"- {r}" for r in reasons]
     if cands:
         lines.append(f"- blocks {', '.join(cands)}: candidates for removal (structured; by hand in this version)")

@@ -19,6 +19,7 @@ from .errors import AnalysisError
 from .metrics import HIGHER_IS_BETTER, evaluate
 from .saliency_mass import bottom_overlap, mass_tables, removable_fraction
 from .spectra import low_rank_candidates, spectra
+from .strategies import candidates, probe
 from .units import HeadOutputs, duplicate_heads, duplicate_weights, head_importance, neuron_importance
 
 
@@ -56,13 +57,15 @@ def _log(progress, text):
 def analyze(model: nn.Module, batches: Iterable[dict], eval_batches: Optional[Iterable[dict]] = None, *,
             metric: str = "accuracy", include: Optional[Sequence[str]] = None, exclude: Sequence[str] = (),
             budget: float = 0.5, loss_fn: Optional[Callable] = None, skip_blocks: bool = True,
-            head_threshold: float = 0.95, weight_threshold: float = 0.95, progress: bool = True) -> dict:
+            head_threshold: float = 0.95, weight_threshold: float = 0.95, strategies: bool = True,
+            progress: bool = True) -> dict:
     """Measure where ``model`` is redundant; returns a JSON-ready dict (see ANALYSIS.md's sections).
 
     ``batches``: calibration batches (dicts for ``model(**batch)``, with labels) for saliency, head
     outputs and block influence; ``eval_batches``: held-out batches for the baseline metric and the
     metric with each block skipped (left out: no metric figures). ``budget`` (the sparsity you aim for)
-    sets the fraction at which saliency figures are quoted.
+    sets the fraction at which saliency figures are quoted and the parameter budget at which every
+    strategy is probed one-shot (:mod:`.strategies`; ``strategies=False`` skips that, needs eval_batches).
     """
     started = time.time()
     batches = _check_batches(batches, "calibration")
@@ -97,6 +100,10 @@ def analyze(model: nn.Module, batches: Iterable[dict], eval_batches: Optional[It
         result["low_rank_candidates"] = low_rank_candidates(result["spectra"])
         # ---- saliency, head outputs, block influence: one forward/backward per calibration batch
         halves = [{t.name: torch.zeros_like(t.param, dtype=torch.float32) for t in targets} for _ in range(2)]
+        # the other parameters structured units span (biases, in-block tensors): for the strategy probe
+        target_ids = {id(t.param) for t in targets}
+        extra = {id(p): (p, torch.zeros_like(p, dtype=torch.float32)) for name, p in model.named_parameters()
+                 if id(p) not in target_ids and p.requires_grad and any(name.startswith(f"{b.name}.") for b in mm.blocks)}
         blocks = [(b.name, b.module) for b in mm.blocks]
         heads = HeadOutputs(mm, modules)
         influence = BlockInfluence(blocks)
@@ -116,6 +123,9 @@ def analyze(model: nn.Module, batches: Iterable[dict], eval_batches: Optional[It
                 for t in targets:
                     if t.param.grad is not None:
                         halves[i % 2][t.name] += (t.param.detach() * t.param.grad).abs().float()
+                for p, acc in extra.values():
+                    if p.grad is not None:
+                        acc += (p.detach() * p.grad).abs().float()
         scores = {n: (halves[0][n] + halves[1][n]) / len(batches) for n in halves[0]}
         kinds = {n: group_name(n) for n in scores}
         result["saliency_mass"] = mass_tables(scores, kinds)
@@ -148,6 +158,17 @@ def analyze(model: nn.Module, batches: Iterable[dict], eval_batches: Optional[It
                 with skipped(module):
                     result["blocks"][i]["metric_skipped"] = evaluate(model, eval_batches, metric)
         result["higher_is_better"] = HIGHER_IS_BETTER[metric]
+        # ---- strategies at the same parameter budget, one-shot
+        if eval_batches is not None and strategies:
+            by_id = {id(t.param): scores[t.name] for t in targets}
+            by_id.update({i: acc / len(batches) for i, (_, acc) in extra.items()})
+            counts = {t.name: t.param.numel() for t in targets}
+            rows = []
+            for cand in candidates(model, budget, counts):
+                _log(progress, f"strategy {len(rows) + 1}: {cand['name']} one-shot")
+                rows.append(probe(model, cand, by_id, targets, lambda: evaluate(model, eval_batches, metric),
+                                  include, exclude))
+            result["strategies"] = rows
     finally:
         for p in model.parameters():
             p.grad = grads.get(id(p))

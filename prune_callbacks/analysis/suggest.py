@@ -1,24 +1,47 @@
-"""From the measurements to a recipe: the strategy and per-layer caps, with the reasoning as comments.
+"""From the measurements to a recipe: the strategy, its budgets, and the reasoning as comments.
 
-The suggestion is unstructured (global saliency threshold with per-layer caps) at the analysed budget.
-The engine also has N:M and structured granularities (FFN neurons, heads, blocks), but no measurement yet
-shows which analysis figures should switch the recipe to them (BENCHMARKS.md, "Redundancy analysis"), so
-heads, FFN neurons, blocks and low-rank are recommended in ANALYSIS.md's text only.
+**Strategy** (:func:`choose_strategy`), from the one-shot probe of every strategy at the analysed
+parameter budget (:mod:`.strategies`) and the user's ``goal``:
+
+* a *pool*: ``size``: every strategy; ``speed``: the *structured* ones (FFN neurons, heads, blocks, and
+  their combinations: a smaller dense model; unstructured only if none can remove the budget); ``auto``
+  (default): the structured ones when the best of them is within the metric's noise of the best of all
+  (speed for no measurable loss), else every strategy;
+* from the pool, the **finest-grained** strategy whose one-shot damage is within noise of the pool's
+  least damaged one (`COARSENESS`: unstructured, N:M, width units, heads + FFN, blocks + FFN, blocks).
+  One-shot damage cannot separate strategies within its noise, and fine-tuning recovers more of a finer
+  strategy's damage: on MiniLM/RT at a third of the weights the probe put 1 block + 30% FFN (0.650) above
+  FFN 50% (0.635), both within noise, but after fine-tuning FFN 50% was 2.75 points better (76.75 vs 74.0)
+  and 2 blocks 10.5 points worse; this rule was adopted after that measurement (BENCHMARKS.md).
+
+When every candidate is at chance level one-shot, the probe cannot rank them: ``auto``/``size`` keep
+unstructured (the most flexible), ``speed`` the finest-grained structured one, and the comments say so.
+
+**Budgets**: unstructured gets a global Taylor threshold with per-layer caps from the calibration
+saliency (:func:`unstructured_budgets`); structured strategies get the unit fractions that remove the
+budget, and ``output.slim: true``.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import yaml
 
+from .metrics import noise
+from .strategies import STRUCTURED, is_structured
 
-def suggest_pruning(analysis: dict) -> tuple[dict, list[str]]:
-    """``(pruning section, reasons)`` for the budget the analysis was run at."""
+GOALS = ("auto", "size", "speed")
+_KEEP = ("start_step", "end_step", "update_every", "schedule", "include", "exclude")
+
+
+def unstructured_budgets(analysis: dict) -> tuple[dict, list[str]]:
+    """``(pruning section, reasons)``: global taylor at the budget, caps from the saliency figures."""
     budget = float(analysis["budget"])
     removable = analysis["removable_at_1pct_mass"]
     implied = analysis["global_threshold_sparsity"]
-    reasons = [f"budget: final_sparsity {budget:.2f}, as in the recipe analysed (same parameter budget)"]
+    reasons = []
     pruning: dict = {"final_sparsity": round(budget, 4), "saliency": "taylor", "scope": "global"}
     hi_layer = max(implied, key=implied.get)
     lo_layer = min(implied, key=implied.get)
@@ -42,14 +65,125 @@ def suggest_pruning(analysis: dict) -> tuple[dict, list[str]]:
     return pruning, reasons
 
 
+def _damage(analysis: dict, row: dict) -> float:
+    sign = 1.0 if analysis["higher_is_better"] else -1.0
+    return sign * (analysis["baseline"] - row["metric"])
+
+
+#: coarser last: fine-tuning recovers more of a finer strategy's damage (BENCHMARKS.md, "Redundancy analysis")
+COARSENESS = {"unstructured": 0, "N:M": 1, "ffn_neurons": 2, "attention_heads": 2, "attention_heads+ffn_neurons": 3,
+              "blocks+ffn_neurons": 4, "blocks": 5}
+
+
+def _finest_near_best(analysis: dict, pool: list[dict], tol: float) -> tuple[dict, dict, list[dict]]:
+    """``(chosen, best, near)``: the finest-grained row within ``tol`` of the pool's least damaged one."""
+    order = {id(r): i for i, r in enumerate(pool)}
+    best = min(pool, key=lambda r: (_damage(analysis, r), order[id(r)]))
+    near = [r for r in pool if _damage(analysis, r) <= _damage(analysis, best) + tol]
+    chosen = min(near, key=lambda r: (COARSENESS.get(r["kind"], 9), _damage(analysis, r), order[id(r)]))
+    return chosen, best, near
+
+
+def choose_strategy(analysis: dict, goal: str = "auto") -> tuple[Optional[dict], list[str]]:
+    """``(chosen probe row or None for unstructured-by-default, reasons)``; see the module docstring."""
+    if goal not in GOALS:
+        raise ValueError(f"goal={goal!r} is unknown; allowed: {', '.join(GOALS)}")
+    probed = analysis.get("strategies") or []
+    rows = [r for r in probed if r.get("applicable")]
+    if not rows or "baseline" not in analysis:
+        why = ("no strategy could be probed (" + "; ".join(f"{r['name']}: {r['why']}" for r in probed) + ")"
+               if probed else "no strategy probe (no held-out data)")
+        return None, [f"{why}: unstructured, the engine's default"]
+    metric, base = analysis["metric"], analysis["baseline"]
+    tol = noise(metric, base, analysis.get("eval_rows", 0))
+    listing = ", ".join(f"{r['name']} {r['metric']:.4g}" for r in rows)
+    reasons = [f"one-shot probe, every strategy removing {analysis['budget']:.0%} of the targeted weights, "
+               f"{metric} on the held-out slice (dense {base:.4g}, noise ±{tol:.3g}): {listing}"]
+    structured = [r for r in rows if is_structured(r["kind"])]
+    chance = analysis.get("chance")
+    if chance is not None and all(r["metric"] <= chance + tol for r in rows):
+        blind = (f"every strategy is at chance level ({chance:.3f}) one-shot at this budget: the probe cannot "
+                 "rank them (fine-tuning decides)")
+        if goal == "speed" and structured:
+            chosen = min(structured, key=lambda r: COARSENESS.get(r["kind"], 9))
+            reasons.append(f"{blind}; goal speed: {chosen['name']}, the finest-grained structured one")
+            return chosen, reasons
+        reasons.append(f"{blind}; goal {goal}: unstructured, the most flexible strategy")
+        return _named(rows, "unstructured"), reasons
+    if goal == "speed" and not structured:
+        reasons.append("goal speed, but no structured strategy can remove this budget on this model: unstructured")
+        return _named(rows, "unstructured"), reasons
+    _, best, _ = _finest_near_best(analysis, rows, tol)
+    if goal == "speed":
+        pool, why = structured, "goal speed: among the structured strategies"
+    elif goal == "auto" and structured and min(_damage(analysis, r) for r in structured) <= _damage(analysis, best) + tol:
+        pool, why = structured, (f"goal auto: a structured strategy is within noise of the best of all ({best['name']}) "
+                                 "and gives a smaller, faster dense model, so among the structured ones")
+    else:
+        pool, why = rows, f"goal {goal}: among all strategies"
+        if goal == "auto" and structured:
+            why += " (every structured one is beyond noise of the best)"
+    chosen, pool_best, near = _finest_near_best(analysis, pool, tol)
+    others = [r["name"] for r in near if r is not chosen]
+    reasons.append(f"{why}, {chosen['name']}: the finest-grained within noise of the least damaged ({pool_best['name']})"
+                   + (f"; also within noise: {', '.join(others)} (one-shot cannot separate them; fine-tuning recovers "
+                      "more of a finer strategy's damage)" if others else ""))
+    return chosen, reasons
+
+
+def _named(rows, kind):
+    return next((r for r in rows if r["kind"] == kind), None)
+
+
+def suggest_pruning(analysis: dict) -> tuple[object, list[str]]:
+    """``(pruning section: one dict or a list, reasons)`` for the analysed budget and ``analysis['goal']``."""
+    budget = float(analysis["budget"])
+    reasons = [f"budget: {budget:.2f} of the targeted weights, as the analysed recipe's final_sparsity "
+               "(same parameter budget)"]
+    chosen, why = choose_strategy(analysis, analysis.get("goal", "auto"))
+    reasons += why
+    if chosen is None or chosen["kind"] == "unstructured":
+        pruning, more = unstructured_budgets(analysis)
+        return pruning, reasons + more
+    configs = [dict(c) for c in chosen["configs"]]
+    if chosen["kind"] == "N:M":
+        reasons.append(f"{configs[0]['granularity']}: N kept in every M consecutive weights; final sparsity follows")
+    else:
+        for c in configs:
+            unit = "blocks removed" if c["granularity"] == "blocks" else f"{c['granularity']} removed in every block"
+            reasons.append(f"{c['granularity']} final_sparsity {c['final_sparsity']}: the fraction of {unit}")
+        kept = chosen.get("kept_per_block") or {}
+        if "blocks" in kept:
+            gone = [b for b, k in kept["blocks"].items() if k == 0]
+            reasons.append(f"blocks the probe removed (lowest saliency): {', '.join(gone)}; training re-chooses them")
+        reasons.append("output.slim: true cuts the removed units out; the result is a plain, smaller model")
+    return (configs[0] if len(configs) == 1 else configs), reasons
+
+
 def suggested_recipe_yaml(recipe_data: dict, analysis: dict) -> str:
     """The analysed recipe with its pruning section replaced, reasoning in comments (it validates)."""
     pruning, reasons = suggest_pruning(analysis)
     data = copy.deepcopy(recipe_data)
     old = data.get("pruning") if isinstance(data.get("pruning"), dict) else {}
-    keep = {k: v for k, v in (old or {}).items() if k in ("start_step", "end_step", "update_every", "schedule")}
-    data["pruning"] = {**keep, **pruning}
+    keep = {k: v for k, v in (old or {}).items() if k in _KEEP}
+    if isinstance(pruning, list):
+        data["pruning"] = [{**keep, **c} for c in pruning]
+    else:
+        data["pruning"] = {**keep, **pruning}
+    if any(is_structured_config(c) for c in (pruning if isinstance(pruning, list) else [pruning])):
+        output = dict(data.get("output") or {})
+        output.pop("save_sparse", None)  # a slim model is dense: no sparse/ folder
+        output["slim"] = True
+        data["output"] = output
+    chosen = ("; ".join(", ".join(f"{k} {v}" for k, v in c.items()) for c in pruning)
+              if isinstance(pruning, list) else ", ".join(f"{k} {v}" for k, v in pruning.items()))
+    if isinstance(data.get("description"), str):
+        data["description"] = f"Suggested by prune-callbacks analyze ({chosen}) for: {data['description']}"
     header = ["# Suggested by `prune-callbacks analyze` from measurements of the dense model.", "#"]
     header += [f"# - {r}" for r in reasons]
-    header += ["# Structured options (heads, FFN neurons, blocks, low-rank) are discussed in ANALYSIS.md.", ""]
+    header += ["# ANALYSIS.md has the figures behind each line (and low-rank candidates, not yet a strategy).", ""]
     return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def is_structured_config(config: dict) -> bool:
+    return config.get("granularity") in STRUCTURED

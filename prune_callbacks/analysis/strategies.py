@@ -1,0 +1,180 @@
+"""Strategies at the same parameter budget, probed one-shot: which way of removing the same number of
+weights hurts the dense model least.
+
+For a budget ``b`` (the fraction of the targeted weights to remove: the analysed recipe's
+``final_sparsity``) the candidates are every strategy the engine has that can remove ``b`` of the
+weights on this model:
+
+* ``unstructured`` (global Taylor threshold): storage only, no speed-up without sparse kernels;
+* ``N:M`` (when some N:4 or N:8 pattern removes ``b`` within 0.02): sparse tensor cores on GPUs;
+* ``ffn_neurons`` at the neuron fraction that removes ``b`` of the weights (at most 90%);
+* ``attention_heads`` likewise, on architectures whose config can describe fewer heads (Llama);
+* ``blocks``: ``round(b * n_blocks)`` whole blocks;
+* ``blocks + ffn_neurons``: 1 or 2 blocks and the neuron fraction of the other blocks that makes up
+  the rest of ``b``;
+
+the structured ones give a smaller dense model (faster everywhere). Each candidate is built with the
+engine's own `Pruner` (the same configs, the same granularity code that selects units while
+training), its masks selected once from the calibration saliency (mean ``|theta * grad|`` of every
+spanned tensor), applied, the held-out metric measured, and the weights restored bit for bit. That
+one-shot damage is a proxy: fine-tuning recovers part of it, more for fine-grained strategies, so it
+ranks the strategies against each other rather than predicting their final accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..pruner import Pruner
+from ..structured.masking import is_skipped, skip_block
+from ..structured.units import StructuredUnitsError, block_layout, unit_map
+
+STRUCTURED = ("ffn_neurons", "attention_heads", "blocks")
+_PROBE_STEPS = 100  # any run length: the probe selects masks once, at the final sparsity, and never steps
+MAX_WIDTH = 0.9  # a width fraction above this leaves too little of each block to recover
+_WHAT_IT_BUYS = {
+    "unstructured": "storage (sparse checkpoint); no speed-up without sparse kernels",
+    "N:M": "GPU sparse tensor cores (2:4); measured slower than dense on BERT-sized models",
+    "structured": "a smaller dense model: less memory and faster on any CPU or GPU",
+}
+
+
+BUDGET_TOLERANCE = 0.03  # a candidate must remove the budget to within this fraction of the targeted weights
+
+
+def _weights(groups, targeted: set[str]) -> list[int]:
+    """Per block, the targeted weight elements the groups' units span."""
+    return [sum(s.param.numel() for s in g.spans if s.param_name == "weight" and s.param.dim() == 2
+                and s.module in targeted) for g in groups]
+
+
+def _width(kind: str, fraction: float, n_units: int) -> Optional[float]:
+    """The realisable unit fraction nearest ``fraction`` (uniform per block, 1 .. n-1 units), or None."""
+    k = round(fraction * n_units)
+    return k / n_units if 1 <= k <= n_units - 1 and k / n_units <= MAX_WIDTH else None
+
+
+def _config(kind: str, fraction: float) -> dict:
+    return {"granularity": kind, "final_sparsity": round(fraction, 4), "saliency": "taylor"}
+
+
+def candidates(model: nn.Module, budget: float, targeted: Mapping[str, int], *, heads_ok: Optional[bool] = None
+               ) -> list[dict]:
+    """The candidate strategies removing ``budget`` of the targeted weights: ``[{name, kind, configs}]``.
+
+    ``targeted``: target name -> number of weights. ``configs``: partial `PruningConfig` dicts (the caller
+    adds include/exclude). Width fractions are solved from the weight counts of the units' spans and
+    rounded to whole units; a candidate that cannot land within `BUDGET_TOLERANCE` of the budget is left out.
+    """
+    total = sum(targeted.values())
+    out = [{"name": "unstructured", "kind": "unstructured",
+            "configs": [{"final_sparsity": budget, "saliency": "taylor", "scope": "global"}]}]
+    for m in (4, 8):
+        n = round((1 - budget) * m)
+        if 0 < n < m and abs((1 - n / m) - budget) <= BUDGET_TOLERANCE:
+            out.append({"name": f"{n}:{m}", "kind": "N:M", "configs": [{"granularity": f"{n}:{m}", "saliency": "taylor"}]})
+            break
+    try:
+        layout = block_layout(model)
+    except StructuredUnitsError:
+        return out
+    names = set(targeted)
+    n_blocks = len(layout.blocks)
+    ffn_groups = unit_map(model, "ffn_neurons")
+    ffn = sum(_weights(ffn_groups, names)) / total  # share of the targeted weights in FFN neurons
+    n_ffn = ffn_groups[0].n_units
+    block = sum(_weights(unit_map(model, "blocks"), names)) / total / n_blocks  # share in one block
+    if heads_ok is None:
+        heads_ok = _heads_supported(model)
+    heads = 0.0
+    if heads_ok:
+        head_groups = unit_map(model, "attention_heads")
+        heads, n_heads = sum(_weights(head_groups, names)) / total, head_groups[0].n_units
+
+    def fits(expected: float) -> bool:
+        return abs(expected - budget) <= BUDGET_TOLERANCE
+
+    f = _width("ffn_neurons", budget / ffn, n_ffn) if ffn else None
+    if f is not None and fits(f * ffn):
+        out.append({"name": f"ffn_neurons {f:.0%}", "kind": "ffn_neurons", "configs": [_config("ffn_neurons", f)]})
+    if heads:
+        h = _width("attention_heads", budget / heads, n_heads)
+        if h is not None and fits(h * heads):
+            out.append({"name": f"attention_heads {h:.0%}", "kind": "attention_heads",
+                        "configs": [_config("attention_heads", h)]})
+        h = 1 / n_heads  # one KV group (or head) per block, the rest from FFN neurons
+        f = _width("ffn_neurons", (budget - h * heads) / ffn, n_ffn) if ffn and n_heads > 1 else None
+        if f is not None and fits(h * heads + f * ffn):
+            out.append({"name": f"attention_heads {h:.0%} + ffn_neurons {f:.0%}", "kind": "attention_heads+ffn_neurons",
+                        "configs": [_config("ffn_neurons", f), _config("attention_heads", h)]})
+    k = round(budget / block) if block else 0
+    if 0 < k < n_blocks and fits(k * block):
+        out.append({"name": f"blocks {k}/{n_blocks}", "kind": "blocks", "configs": [_config("blocks", k / n_blocks)]})
+    for k in (1, 2):  # a removed block takes its neurons along; the fraction applies to the blocks that remain
+        if k >= n_blocks - 1 or not ffn:
+            continue
+        f = _width("ffn_neurons", (budget - k * block) / (ffn * (n_blocks - k) / n_blocks), n_ffn)
+        if f is not None and f >= 0.05 and fits(k * block + f * ffn * (n_blocks - k) / n_blocks):
+            out.append({"name": f"blocks {k}/{n_blocks} + ffn_neurons {f:.0%}", "kind": "blocks+ffn_neurons",
+                        "configs": [_config("ffn_neurons", f), _config("blocks", k / n_blocks)]})
+    return out
+
+
+def _heads_supported(model: nn.Module) -> bool:
+    try:
+        Pruner(model, {"granularity": "attention_heads", "final_sparsity": 0.5}, total_steps=_PROBE_STEPS)
+    except (StructuredUnitsError, ValueError):
+        return False
+    return True
+
+
+def buys(kind: str) -> str:
+    return _WHAT_IT_BUYS["unstructured" if kind == "unstructured" else "N:M" if kind == "N:M" else "structured"]
+
+
+def is_structured(kind: str) -> bool:
+    return kind not in ("unstructured", "N:M")
+
+
+@torch.no_grad()
+def probe(model: nn.Module, candidate: dict, scores: Mapping[int, torch.Tensor], targets: Sequence,
+          measure: Callable[[], float], include=None, exclude=()) -> dict:
+    """Apply ``candidate``'s masks one-shot (from ``scores``: ``id(param)`` -> mean |theta * grad|), measure,
+    restore. Returns the row: removed fraction of the targeted weights, the metric, units kept per block."""
+    configs = [{**c, "include": include, "exclude": list(exclude)} for c in candidate["configs"]]
+    try:
+        pruner = Pruner(model, configs, total_steps=_PROBE_STEPS)
+    except (StructuredUnitsError, ValueError) as exc:
+        return {"name": candidate["name"], "kind": candidate["kind"], "applicable": False, "why": str(exc)}
+    layout = block_layout(model, known_only=False) if any(g.granularity.name == "blocks" for g in pruner.groups) else None
+    touched = {id(p): p for g in pruner.groups for p in g.granularity.params}
+    saved = {i: p.detach().clone() for i, p in touched.items()}
+    skipped_before = {n for n in layout.blocks if is_skipped(layout.modules[n])} if layout else set()
+    before = sum(int(t.param.numel() - torch.count_nonzero(t.param)) for t in targets)
+    try:
+        for g in pruner.groups:
+            gran = g.granularity
+            picked = [scores[id(p)] if id(p) in scores else torch.zeros(p.shape, device=p.device) for p in gran.params]
+            gran.set_masks(gran.select(picked, g.config.final_sparsity))
+            gran.apply()
+        after = sum(int(t.param.numel() - torch.count_nonzero(t.param)) for t in targets)
+        value = measure()
+        kept = {}
+        for g in pruner.groups:
+            rep = g.granularity.report()
+            if "kept_per_block" in rep:
+                kept[rep["units"]] = rep["kept_per_block"]
+    finally:
+        for i, p in touched.items():
+            p.data.copy_(saved[i])
+        if layout:
+            for name in layout.blocks:
+                if name not in skipped_before:
+                    skip_block(layout.modules[name], skip=False)
+    total = sum(t.param.numel() for t in targets)
+    return {"name": candidate["name"], "kind": candidate["kind"], "applicable": True,
+            "configs": candidate["configs"], "removed": (after - before) / total, "metric": value,
+            "kept_per_block": kept, "buys": buys(candidate["kind"])}
