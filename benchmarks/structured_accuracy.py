@@ -31,7 +31,12 @@ VARIANTS = {"dense": [], "ffn50": [("ffn_neurons", 0.5)], "ffn75": [("ffn_neuron
             "ffn50+blocks2": [("ffn_neurons", 0.5), ("blocks", 2 / 6)],
             # what `prune-callbacks analyze --set pruning.final_sparsity=0.3333 recipes/quickstart.yaml` suggests
             # (BENCHMARKS.md, "Redundancy analysis"): the same parameter budget as ffn50 and blocks2
-            "ffn30+blocks1": [("ffn_neurons", 0.3001), ("blocks", 1 / 6)]}
+            "ffn30+blocks1": [("ffn_neurons", 0.3001), ("blocks", 1 / 6)],
+            # the candidates `analyze ... --set pruning.final_sparsity=0.5` probes (half the targeted weights,
+            # = ffn75): the independent check of its choice rule
+            "blocks3": [("blocks", 3 / 6)],
+            "ffn60+blocks1": [("ffn_neurons", 0.6003), ("blocks", 1 / 6)],
+            "ffn38+blocks2": [("ffn_neurons", 0.375), ("blocks", 2 / 6)]}
 KD = {"hardness": 1.0, "temperature": 2.0}
 
 
@@ -109,7 +114,7 @@ def merge(files: list[Path], out: Path) -> dict:
     return merged
 
 
-def plot(results: dict, latency: dict, png: Path) -> None:
+def plot(results: dict, latency: dict, png: Path, latency_name: str = "structured_latency.json") -> None:
     """Accuracy retention vs batch-32 speedup (from the latency results), with / without distillation."""
     import matplotlib
 
@@ -129,7 +134,7 @@ def plot(results: dict, latency: dict, png: Path) -> None:
         x, y = speed[base], r["test_accuracy"] / dense
         ax.scatter(x, y, color="#3b7dd8" if kd else "k", marker="o" if kd else "s", zorder=3)
         ax.annotate(r["variant"], (x, y), fontsize=8, xytext=(4, -10 if kd else 4), textcoords="offset points")
-    ax.set_xlabel("CPU inference speedup, batch 32 x 128 tokens, 1 thread (structured_latency.json)")
+    ax.set_xlabel(f"CPU inference speedup, batch 32 x 128 tokens, 1 thread ({latency_name})")
     ax.set_ylabel("test accuracy / dense")
     ax.set_title(f"MiniLM / Rotten Tomatoes, {results['rows'][0]['steps']} steps: black no distillation, "
                  "blue distilled from the dense model", fontsize=8)
@@ -160,7 +165,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.merge:
         merged = merge(args.merge, args.out)
-        plot(merged, json.loads(args.latency.read_text()), args.out.with_suffix(".png"))
+        plot(merged, json.loads(args.latency.read_text()), args.out.with_suffix(".png"), args.latency.name)
         return merged
     common.set_threads(args.threads)
     results = {"benchmark": "structured_accuracy", "hardware": common.hardware_info(), "threads": args.threads,

@@ -32,6 +32,8 @@ VARIANTS = {  # name: (fraction of FFN neurons removed, blocks removed)
     "dense": (0.0, 0), "ffn50": (0.5, 0), "ffn75": (0.75, 0),
     "blocks1": (0.0, 1), "blocks2": (0.0, 2), "blocks3": (0.0, 3),
     "ffn50+blocks2": (0.5, 2), "ffn30+blocks1": (0.3001, 1),
+    # the half-of-the-targeted-weights candidates of `analyze` (BENCHMARKS.md, "Redundancy analysis")
+    "ffn60+blocks1": (0.6003, 1), "ffn38+blocks2": (0.375, 2),
 }
 
 

@@ -79,7 +79,11 @@ def write_plots(a: dict, out: Path) -> list[str]:
         fig = _fig((8, 0.5 * len(rows) + 1.8))
         ax = fig.subplots()
         colours = ["tab:gray" if r["kind"] in ("unstructured", "N:M") else "tab:blue" for r in rows]
-        ax.barh(range(len(rows)), [r["metric"] for r in rows], color=colours)
+        values = [r["metric"] for r in rows]
+        ax.barh(range(len(rows)), values, color=colours)
+        if not a.get("higher_is_better", True) and max(values) > 10 * max(min(values), 1e-12):
+            ax.set_xscale("log")  # perplexities of heavily damaged strategies span orders of magnitude
+            ax.set_xlim(left=min(min(values), a["baseline"]) * 0.8)
         ax.set_yticks(range(len(rows)), [f"{r['name']} ({r['removed']:.0%})" for r in rows], fontsize=8)
         ax.invert_yaxis()
         ax.axvline(a["baseline"], color="tab:green", ls="--", label="dense")

@@ -107,9 +107,11 @@ def markdown(a: dict) -> str:
         ", ".join(f"{k}={v}" for k, v in p.items()) for p in sections), ""]
     lines += [f"- {r}" for r in reasons]
     if cands:
-        lines.append(f"- blocks {', '.join(cands)}: candidates for removal (structured; by hand in this version)")
+        lines.append(f"- blocks {', '.join(cands)}: candidates for removal, each measured alone ("
+                     "`granularity: blocks` chooses which blocks by saliency during training, not from this list)")
     if dh:
-        lines.append("- duplicate heads: keep one of each pair (head pruning, structured; not in this version)")
+        lines.append("- duplicate heads: keep one of each pair (`granularity: attention_heads`, Llama-family only, "
+                     "ranks KV groups by saliency, not by similarity; no strategy merges duplicates yet)")
     if lr:
         lines.append("- low-rank: factorise the candidates above once a low-rank strategy exists")
     return "\n".join(lines) + "\n"
