@@ -133,6 +133,44 @@ def test_set_values_are_yaml_and_validated_like_the_file(tmp_path):
         load_recipe(path, ["task.x=1"])
 
 
+YES_NO_FILE = """\
+task: sequence-classification
+model: {source: builtin, name: minilm}
+data: {source: builtin, name: rotten_tomatoes}
+training:
+  max_steps: 100
+  save_strategy: no
+  report_to: none
+pruning:
+  exclude: [on, off]
+output:
+  save_sparse: no
+  overwrite: yes
+"""
+YES_NO_SET = ["training.save_strategy=no", "training.report_to=none", "pruning.exclude=[on, off]",
+              "output.save_sparse=no", "output.overwrite=yes"]
+
+
+@pytest.mark.parametrize("where", ["file", "--set"])
+def test_yes_no_on_off_are_words_where_a_string_is_expected_and_booleans_where_a_bool_is(tmp_path, where):
+    """YAML 1.1 would read ``no`` as False and hand TrainingArguments ``save_strategy=False``."""
+    if where == "file":
+        recipe = load_recipe(write(tmp_path, YES_NO_FILE))
+    else:
+        recipe = load_recipe(write(tmp_path, BASE), YES_NO_SET)
+    assert recipe.training["save_strategy"] == "no" and recipe.training["report_to"] == "none"
+    assert recipe.output.save_sparse is False and recipe.output.overwrite is True
+    assert recipe.pruning.exclude == ["on", "off"]
+    again = load_recipe(write(tmp_path, recipe_to_yaml(recipe), "again.yaml"))  # the resolved copy keeps the words
+    assert again.training["save_strategy"] == "no" and again.pruning.exclude == ["on", "off"]
+
+
+@pytest.mark.parametrize("raw, value", [("True", True), ("FALSE", False), ("false", False), ("no", "no"),
+                                         ("Off", "Off"), ("y", "y"), ("'true'", "true")])
+def test_set_reads_only_true_and_false_as_booleans(raw, value):
+    assert parse_set(f"a.b={raw}") == ("a.b", value)
+
+
 def test_default_output_dir_is_named_after_the_file(tmp_path):
     assert load_recipe(write(tmp_path, BASE, "my-run.yaml")).output.dir == str(Path("runs") / "my-run")
 

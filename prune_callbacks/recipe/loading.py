@@ -4,13 +4,15 @@ Every problem is reported as ``file:line: yaml.path: message`` with the bad
 value and what is allowed; all problems are collected before anything heavy
 (model, data) is loaded. YAML is read with ``yaml.safe_load`` semantics only:
 nothing in a recipe is ever evaluated. Duplicate keys are an error (PyYAML
-would silently keep the last one).
+would silently keep the last one), and only ``true`` / ``false`` are booleans
+(``save_strategy: no`` stays the word ``"no"``).
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -54,8 +56,13 @@ class RecipeError(ValueError):
         return self.source
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``SafeLoader`` that refuses duplicate mapping keys."""
+class _RecipeLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses duplicate mapping keys and reads booleans as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where ``no`` / ``yes`` / ``on`` / ``off`` are booleans: ``save_strategy: no``
+    would reach TrainingArguments as ``False``. Here only ``true`` / ``false`` (any case) are booleans; a bool
+    field still accepts ``yes`` / ``no`` (pydantic converts the string), a string field gets the word.
+    """
 
     def construct_mapping(self, node, deep=False):
         seen = {}
@@ -67,6 +74,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RecipeLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|false)$", re.IGNORECASE), list("tTfF"))
+
+
+def load_yaml_text(text: str) -> Any:
+    """The one YAML reading rule for recipes and ``--set`` values (safe, unique keys, YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _line_map(node, prefix: str = "", out: Optional[dict] = None) -> dict:
@@ -94,8 +113,8 @@ def read_yaml(path: "str | os.PathLike") -> tuple[dict, dict]:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError([("", f"cannot read the recipe: {exc}")], source=str(path)) from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-        lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
+        data = load_yaml_text(text)
+        lines = _line_map(yaml.compose(text, Loader=_RecipeLoader))
     except yaml.YAMLError as exc:
         where, message = yaml_problem(exc, str(path))
         raise RecipeError([("", message)], source=where) from None
@@ -143,14 +162,14 @@ def yaml_problem(exc: "yaml.YAMLError", source: str) -> tuple[str, str]:
 
 
 def parse_set(item: str) -> tuple[str, Any]:
-    """``"a.b=value"`` -> ``("a.b", yaml.safe_load("value"))``."""
+    """``"a.b=value"`` -> ``("a.b", value read as in a recipe file)``."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise RecipeError([("", f"--set {item!r}: expected dotted.key=value, e.g. pruning.final_sparsity=0.8")],
                           source="--set")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml_text(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         problem = (getattr(exc, "problem", None) or str(exc)).strip()
         raise RecipeError([(key, f"value {raw!r} is not valid YAML: {problem}; quote it, e.g. --set '{key}=\"...\"'")],
