@@ -25,18 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
 
-# name -> [(granularity, final_sparsity)]; a "+kd" suffix adds distillation from the dense model
-VARIANTS = {"dense": [], "ffn50": [("ffn_neurons", 0.5)], "ffn75": [("ffn_neurons", 0.75)],
-            "blocks1": [("blocks", 1 / 6)], "blocks2": [("blocks", 2 / 6)],
-            "ffn50+blocks2": [("ffn_neurons", 0.5), ("blocks", 2 / 6)],
-            # what `prune-callbacks analyze --set pruning.final_sparsity=0.3333 recipes/quickstart.yaml` suggests
-            # (BENCHMARKS.md, "Redundancy analysis"): the same parameter budget as ffn50 and blocks2
-            "ffn30+blocks1": [("ffn_neurons", 0.3001), ("blocks", 1 / 6)],
-            # the candidates `analyze ... --set pruning.final_sparsity=0.5` probes (half the targeted weights,
-            # = ffn75): the independent check of its choice rule
-            "blocks3": [("blocks", 3 / 6)],
-            "ffn60+blocks1": [("ffn_neurons", 0.6003), ("blocks", 1 / 6)],
-            "ffn38+blocks2": [("ffn_neurons", 0.375), ("blocks", 2 / 6)]}
+from benchmarks.structured_latency import VARIANTS as SHAPES  # noqa: E402 - one table of the MiniLM variants
+
+MINILM_BLOCKS = 6
+# name -> [(granularity, final_sparsity)], from the latency benchmark's (FFN fraction, blocks removed) so that
+# the plot's speed-ups and these accuracies describe the same variants; a "+kd" suffix adds distillation
+VARIANTS = {name: ([("ffn_neurons", ffn)] if ffn else []) + ([("blocks", blocks / MINILM_BLOCKS)] if blocks else [])
+            for name, (ffn, blocks) in SHAPES.items()}
 KD = {"hardness": 1.0, "temperature": 2.0}
 
 
@@ -114,7 +109,7 @@ def merge(files: list[Path], out: Path) -> dict:
     return merged
 
 
-def plot(results: dict, latency: dict, png: Path, latency_name: str = "structured_latency.json") -> None:
+def plot(results: dict, latency: dict, png: Path, latency_name: str) -> None:
     """Accuracy retention vs batch-32 speedup (from the latency results), with / without distillation."""
     import matplotlib
 
