@@ -156,7 +156,7 @@ def _user_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(errors meaning 'fix the recipe / command line', errors meaning 'fix the environment or files')."""
     from .assets import AssetNotInstalledError
     from .config import PruningConfigError
-    from .recipe.loading import RecipeError
+    from .recipe.errors import RecipeError
     from .recipe.weights import WeightsError
     from .state_compat import PruningStateError
 

@@ -215,7 +215,8 @@ def test_recipe_path(tmp_path):
 ])
 def test_recipe_file_is_read_like_validate_reads_it(tmp_path, text, problem):
     """One YAML reader: make_callbacks refuses what `prune-callbacks validate` refuses, with its messages."""
-    from prune_callbacks.recipe.loading import RecipeError, read_yaml
+    from prune_callbacks.recipe.errors import RecipeError
+    from prune_callbacks.recipe.yaml_reading import read_yaml
 
     path = tmp_path / "r.yaml"
     path.write_text(text)

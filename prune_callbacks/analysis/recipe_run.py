@@ -32,7 +32,8 @@ def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), ca
     from transformers import set_seed
 
     from ..recipe.data import load_data, prepare
-    from ..recipe.loading import apply_overrides, load_recipe, parse_set, read_yaml
+    from ..recipe.loading import apply_overrides, load_recipe, parse_set
+    from ..recipe.yaml_reading import read_yaml
     from ..recipe.models import load_model
     from ..recipe.workflow import quiet_transformers
     from .plots import write_plots

@@ -2,7 +2,7 @@
 
 One reader for both adapters (`make_callbacks`, `AcceleratePruningHook`).
 
-A YAML file is read by :func:`prune_callbacks.recipe.loading.read_yaml`, the
+A YAML file is read by :func:`prune_callbacks.recipe.yaml_reading.read_yaml`, the
 reader ``prune-callbacks validate`` uses (safe loading, duplicate keys refused,
 line numbers), and its problems are reported the same way
 (``file:line: pruning.field: message``). The file is a recipe (its ``pruning:``
@@ -37,7 +37,8 @@ def _from_recipe_error(exc) -> ConfigFileError:
 
 def config_from_file(path: Union[str, os.PathLike]) -> Configs:
     """The `PruningConfig` (or list of them) of a YAML file; `ConfigFileError` naming every problem."""
-    from ..recipe.loading import RecipeError, read_yaml
+    from ..recipe.errors import RecipeError
+    from ..recipe.yaml_reading import read_yaml
 
     source = str(path)
     try:

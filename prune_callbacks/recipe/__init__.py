@@ -5,7 +5,8 @@ loaded); `run_recipe` (in :mod:`.workflow`) runs it. The ``prune-callbacks``
 command line (:mod:`prune_callbacks.cli`) is a thin layer over both.
 """
 
-from .loading import RecipeError, load_recipe, recipe_to_yaml, validate_data
+from .errors import RecipeError
+from .loading import load_recipe, recipe_to_yaml, validate_data
 from .schema import Recipe
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_to_yaml", "validate_data", "run_recipe"]

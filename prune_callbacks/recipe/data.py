@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .loading import RecipeError
+from .errors import RecipeError
 from .schema import Recipe
 
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .loading import RecipeError
+from .errors import RecipeError
 from .schema import Recipe
 
 logger = logging.getLogger("prune_callbacks.recipe")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .loading import RecipeError
+from .errors import RecipeError
 from .schema import Recipe
 
 

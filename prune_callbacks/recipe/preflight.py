@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .lifecycle import OutputPlan, plan_output
-from .loading import RecipeError
+from .errors import RecipeError
 from .schema import Recipe
 
 

@@ -74,7 +74,7 @@ def slim_problems(recipe) -> list[tuple[str, str]]:
 def check_pruner(pruner) -> None:
     """Refuse, before training, width units whose scope leaves blocks out (slim would refuse after training)."""
     from ..granularity.structured import Blocks, StructuredUnits
-    from .loading import RecipeError
+    from .errors import RecipeError
 
     for i, group in enumerate(pruner.groups):
         g = group.granularity
@@ -90,7 +90,7 @@ def check_pruner(pruner) -> None:
 def slim_model(model, pruner, measure) -> tuple[object, dict]:
     """``(measure(), slim summary)``: the figures taken on the masked model, then the model slimmed in place."""
     from ..structured import StructuredUnitsError, slim_pruned
-    from .loading import RecipeError
+    from .errors import RecipeError
 
     before = measure()
     try:

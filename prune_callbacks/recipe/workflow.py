@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .loading import RecipeError, recipe_to_yaml
+from .errors import RecipeError
+from .loading import recipe_to_yaml
 from .schema import Recipe
 
 RESOLVED_NAME = "recipe.resolved.yaml"
