@@ -424,7 +424,7 @@ def outcome(granularity: str, path: str, tmp_path_factory, interrupt: bool = Fal
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _quiet_and_clean():
+def _offline_and_clean():
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
