@@ -30,7 +30,6 @@ Every model is a tiny Llama built from a config (4 blocks, 4 query heads in 2 KV
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
