@@ -38,7 +38,7 @@ from .report import build_report
 from .steps.base import PHASES, StepComponent
 from .steps.l1 import L1Component
 from .steps.pruning import PruningGroup
-from .targets import _preview, check_not_sharded, find_targets, unwrap_model  # _preview: the one "a, b, ..." list
+from .targets import _preview, check_not_sharded, drop_frozen, find_targets, frozen, unwrap_model  # _preview: the one "a, b, ..." list
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Pruner:
         l1 = []
         for c in self.configs:
             if isinstance(c, L1Config):
-                targets = find_targets(self.model, c.include, c.exclude)
+                targets = drop_frozen(find_targets(self.model, c.include, c.exclude), "L1")
                 check_not_sharded(targets)
                 l1.append(L1Component(targets, c.l1_lambda, c.resolve_ramp, total_steps))
         for g in self.groups:
@@ -157,6 +157,13 @@ class Pruner:
             raise RuntimeError("this Pruner was finalized; create a new one to prune again")
         self.detach()
         inner = _torch_optimizer(optimizer)
+        now_frozen = [t.param_name for g in self.groups if g.saliency.needs_gradients for t in frozen(g.targets)]
+        if now_frozen:
+            raise ValueError(
+                f"{len(now_frozen)} targeted weights were frozen (requires_grad=False) after this Pruner was built: "
+                f"{_preview(now_frozen, 5)}; no gradient can score them, so they would be pruned first. Freeze "
+                "weights before building the Pruner (frozen weights are then not targets)"
+            )
         in_optimizer = {id(p) for group in inner.param_groups for p in group["params"]}
         missing = [t.param_name for t in self.targets if id(t.param) not in in_optimizer]
         if missing:
