@@ -26,12 +26,15 @@ steps: not on gradient-accumulation micro-steps, and not on steps a
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from .config import L1Config, PruningConfig, PruningConfigError, make_configs
+from .config_errors import BLOCKS_WITHOUT_SLIM
 from .optimizer_unwrap import torch_optimizer as _torch_optimizer  # also imported from here by the Accelerate hooks
 from .pruner_state import STATE_VERSION, load_pruner_state, pruner_state_dict  # noqa: F401 (STATE_VERSION: re-exported)
 from .report import build_report
@@ -281,20 +284,74 @@ class Pruner:
                             scheduled_sparsity=self.scheduled_sparsity(), extra=extra)
 
     @torch.no_grad()
-    def finalize(self) -> None:
+    def finalize(self, *, slim: Optional[bool] = None) -> None:
         """Make the masks permanent: pruned weights are +0.0, the pruner detaches and frees its buffers.
 
         Parameters stay the same objects (an optimizer over them stays valid) and
         state-dict keys are unchanged. Calling it again does nothing. The pruner no
         longer acts afterwards: training on would change pruned weights, and
         `report` then measures that.
+
+        Nothing silently wrong (each as ``warnings.warn`` and a WARNING log line):
+
+        * the masks are below a group's ``final_sparsity``: the message says why (optimizer steps
+          skipped for non-finite gradients, a run stopped before ``end_step``, no mask update);
+          a guarded group's target is an upper bound, so it is named only for skipped steps or a
+          shortened run. Rounding to whole units (blocks, neurons) is announced when the Pruner
+          is built and logged here at INFO, not warned;
+        * removed blocks (``granularity='blocks'``) are only skipped by a forward hook, which a
+          saved model does not keep (`~prune_callbacks.config_errors.BLOCKS_WITHOUT_SLIM`).
+          ``slim``: None (unknown) warns; True (the caller slims next, as ``slim_pruned`` does)
+          is quiet; False (the model is saved as it is) refuses with `PruningConfigError` before
+          anything is made permanent.
         """
         if self.finalized:
             return
+        unslimmed = [g.config.granularity for g in self.groups if g.granularity.needs_slim_to_save()]
+        if unslimmed and slim is False:
+            raise PruningConfigError(BLOCKS_WITHOUT_SLIM, [("granularity", BLOCKS_WITHOUT_SLIM)])
+        shortfall = self._shortfall()
         self.detach()
         for component in self.components:
             component.finalize()
         self.finalized = True
+        for message in shortfall + ([BLOCKS_WITHOUT_SLIM] if unslimmed and slim is None else []):
+            logger.warning("prune_callbacks: %s", message)
+            warnings.warn(message, stacklevel=2)
+        self._log_rounding()
+
+    def _shortfall(self) -> list[str]:
+        """Why a group's masks end below its ``final_sparsity`` (empty when every schedule got there)."""
+        messages = []
+        for i, g in enumerate(self.groups):
+            final, reached, end = g.schedule.final, g.mask_sparsity, g.schedule.end
+            if reached >= final or math.isclose(reached, final, abs_tol=1e-9):
+                continue
+            stopped = self.step < end
+            if g.config.accuracy_guard is not None and not (stopped or self.skipped_steps):
+                continue  # the guard lowered the target on purpose; it reports its own verdict
+            reasons = []
+            if self.skipped_steps:
+                reasons.append(
+                    f"{self.skipped_steps} of {self.step + self.skipped_steps} optimizer steps were skipped for "
+                    "non-finite gradients (a NaN/inf weight or gradient, or fp16 weights under AdamW overflowing), "
+                    "and skipped steps do not advance the schedule")
+            if stopped:
+                reasons.append(f"the run stopped at optimizer step {self.step} before end_step={end}")
+            if g.mask_updates == 0:
+                reasons.append("no mask update ran")
+            where = f"config {i} ({g.config.granularity}): " if len(self.groups) > 1 else ""
+            messages.append(f"{where}pruning finalized at sparsity {reached:.4f}, below final_sparsity={final:g}: "
+                            f"{'; '.join(reasons) or 'the schedule did not reach its end'}")
+        return messages
+
+    def _log_rounding(self) -> None:
+        for g in self.groups:
+            numel = sum(n for _, n, _ in g.granularity.counts())
+            pruned = sum(c for _, _, c in g.granularity.counts())
+            if numel and g.mask_sparsity and pruned / numel < g.mask_sparsity - 1e-6:
+                logger.info("prune_callbacks: %s pruned %.4f of its weights for final_sparsity=%g: rounded to whole "
+                            "units", g.config.granularity, pruned / numel, g.mask_sparsity)
 
     # ------------------------------------------------------------ state (layout: :mod:`.pruner_state`)
     def state_dict(self) -> dict:

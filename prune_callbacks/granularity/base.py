@@ -97,6 +97,10 @@ class Granularity:
         for param, pruned in zip(self.params, self.masks):
             param.masked_fill_(pruned, 0.0)
 
+    def needs_slim_to_save(self) -> bool:
+        """Whether the model, saved as it is, would compute something else than the masked one (removed blocks)."""
+        return False
+
     def report(self) -> dict:
         """Granularity-specific figures for `Pruner.report` (structured units: units kept per layer)."""
         return {}

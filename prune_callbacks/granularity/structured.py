@@ -210,6 +210,10 @@ class Blocks(StructuredUnits):
         for g, pruned in zip(self.groups, self.masks):
             skip_block(self._blocks[g.block], bool(pruned.any()))
 
+    def needs_slim_to_save(self) -> bool:
+        """Removed blocks are skipped by a forward hook, which a saved model does not keep (``BLOCKS_WITHOUT_SLIM``)."""
+        return any(bool(m.any()) for m in self.masks)
+
     def keep(self) -> list[bool]:
         pruned = {g.layer: bool(m.any()) for g, m in zip(self.groups, self.masks)}
         return [not pruned.get(i, False) for i in range(self.n_blocks)]
