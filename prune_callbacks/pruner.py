@@ -301,9 +301,11 @@ class Pruner:
           is built and logged here at INFO, not warned;
         * removed blocks (``granularity='blocks'``) are only skipped by a forward hook, which a
           saved model does not keep (`~prune_callbacks.config_errors.BLOCKS_WITHOUT_SLIM`).
-          ``slim``: None (unknown) warns; True (the caller slims next, as ``slim_pruned`` does)
-          is quiet; False (the model is saved as it is) refuses with `PruningConfigError` before
-          anything is made permanent.
+          ``slim``: True (the caller slims next, as ``slim_pruned`` does) is quiet; False (the
+          model is saved as it is) refuses with `PruningConfigError` before anything is made
+          permanent; None (unknown: the Trainer callbacks finalize before they slim) warns when the
+          model's ``state_dict`` is taken (``save_pretrained``, ``save_sparse``) while removed blocks
+          are still in it, i.e. exactly when an unslimmed model is saved.
         """
         if self.finalized:
             return
@@ -315,10 +317,19 @@ class Pruner:
         for component in self.components:
             component.finalize()
         self.finalized = True
-        for message in shortfall + ([BLOCKS_WITHOUT_SLIM] if unslimmed and slim is None else []):
+        for message in shortfall:
             logger.warning("prune_callbacks: %s", message)
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(message, stacklevel=3)
         self._log_rounding()
+        if unslimmed and slim is None:  # slimmed next, or saved as it is: the save says which
+            logger.info("prune_callbacks: removed blocks are skipped by forward hooks; slim the model before saving")
+            self.model.register_state_dict_post_hook(lambda *args: self._warn_unslimmed_save())
+
+    def _warn_unslimmed_save(self) -> None:
+        """State-dict hook of a finalized model with removed, unslimmed blocks: saving it loses the skip hooks."""
+        if any(g.granularity.needs_slim_to_save() for g in self.groups):
+            logger.warning("prune_callbacks: %s", BLOCKS_WITHOUT_SLIM)
+            warnings.warn(BLOCKS_WITHOUT_SLIM, stacklevel=2)
 
     def _shortfall(self) -> list[str]:
         """Why a group's masks end below its ``final_sparsity`` (empty when every schedule got there)."""

@@ -232,14 +232,24 @@ def test_a_request_that_rounds_to_zero_units_is_refused(kind, value, smallest):
     assert f"final_sparsity={value}" in text and "0 " in text and smallest in text, text
 
 
-def test_blocks_finalized_without_slim_warn_that_the_saved_model_differs(caplog):
+def test_blocks_finalized_without_slim_warn_when_the_unslimmed_model_is_saved(caplog, tmp_path):
     from prune_callbacks.config_errors import BLOCKS_WITHOUT_SLIM
 
     pruner = _train_bert(bert(4), PruningConfig(granularity="blocks", final_sparsity=0.5, start_step=1, end_step=4,
                                                  update_every=1))
     messages, logged = _finalize_warnings(pruner, caplog)
-    assert BLOCKS_WITHOUT_SLIM in " ".join(messages) and any(BLOCKS_WITHOUT_SLIM in m for m in logged)
+    assert not messages and not logged  # the caller may still slim (the Trainer callbacks finalize first)
+    with caplog.at_level(logging.WARNING, logger="prune_callbacks"), \
+            pytest.warns(UserWarning, match="saved model would not compute what was measured"):
+        pruner.model.save_pretrained(tmp_path / "unslimmed")
+    assert any(BLOCKS_WITHOUT_SLIM in r.getMessage() for r in caplog.records)
     assert "slim" in BLOCKS_WITHOUT_SLIM
+    from prune_callbacks.structured import slim_pruned
+
+    slim_pruned(pruner.model, pruner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # slimmed: the saved model is the measured one
+        pruner.model.save_pretrained(tmp_path / "slim")
 
 
 def test_blocks_finalized_for_saving_unslimmed_are_refused_with_the_fix():

@@ -67,6 +67,11 @@ class Granularity:
     def check_targets(self) -> None:
         """Raise ``ValueError`` listing every target this granularity cannot prune."""
 
+    def describe_target(self, sparsity: float) -> Optional[str]:
+        """What ``final_sparsity`` becomes in whole units (``"5 of 6 blocks"``), logged when the Pruner is built;
+        raises `~prune_callbacks.config_errors.PruningConfigError` when it rounds to 0 units. None: exact."""
+        return None
+
     @property
     def mask_names(self) -> list[str]:
         """State-dict keys of ``masks`` (target names for weight-shaped masks)."""

@@ -9,6 +9,7 @@ schedule's (:mod:`prune_callbacks.schedule`).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
@@ -20,6 +21,9 @@ from ..registry import GRANULARITIES, SALIENCIES
 from ..saliency import all_finite, gradient_products, make_saliency
 from ..targets import check_not_sharded, drop_frozen, find_targets
 from .base import StepComponent
+
+
+logger = logging.getLogger(__name__)
 
 
 class NoInformationError(RuntimeError):
@@ -38,6 +42,9 @@ class PruningGroup(StepComponent):
         check_not_sharded(self.targets)
         granularity, args = GRANULARITIES.resolve(config.granularity)
         self.granularity = granularity(config, self.targets, model, *args)
+        rounding = self.granularity.describe_target(config.final_sparsity)  # raises when it rounds to 0 units
+        if rounding:
+            logger.info("prune_callbacks: granularity=%r: %s", config.granularity, rounding)
         self.saliency = make_saliency(
             config.saliency, self.granularity.params, beta=config.beta, uncertainty_beta=config.uncertainty_beta
         )
