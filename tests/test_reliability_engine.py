@@ -329,3 +329,30 @@ def test_checkpoints_written_before_checksums_load_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a current file reads without a warning
         assert all(torch.equal(read_sparse_file(path)[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("reader", ["load_sparse", "densify", "report"])
+def test_every_reader_verifies_the_checksums(tmp_path, reader):
+    from prune_callbacks.sparse_io import SparseCheckpointError, densify, load_sparse, save_sparse
+    from prune_callbacks.sparse_io.format import WEIGHTS_NAME
+
+    model = bert(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p[torch.rand(p.shape) < 0.9] = 0.0
+    save_sparse(model, tmp_path / "sparse")
+    path = tmp_path / "sparse" / WEIGHTS_NAME
+    start, end = _payload_range(path, "bert.encoder.layer.0.output.dense.weight.__values__")
+    _flip(path, (start + end) // 2)
+    error = SparseCheckpointError
+    if reader == "load_sparse":
+        call = lambda: load_sparse(tmp_path / "sparse")  # noqa: E731
+    elif reader == "densify":
+        call = lambda: densify(tmp_path / "sparse", tmp_path / "dense")  # noqa: E731
+    else:
+        from prune_callbacks.recipe.weights import WeightsError, load_weights
+
+        call, error = (lambda: load_weights(tmp_path / "sparse")), WeightsError  # noqa: E731
+    with pytest.raises(error, match=r"bert\.encoder\.layer\.0\.output\.dense\.weight\.__values__.*checksum"):
+        call()
