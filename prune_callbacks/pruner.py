@@ -210,6 +210,13 @@ class Pruner:
         """The optimizer step (1-based) after which the first masks are computed (None: no pruning group)."""
         return min((g.schedule.first_update_step() for g in self.groups), default=None)
 
+    def last_dense_step(self) -> Optional[int]:
+        """The optimizer step after which the model is last dense: one before `first_update_step` (0: before any
+        step), None when nothing is ever pruned. The one source of "the step before the first mask update"
+        (dense baselines, a ``"before_pruning"`` teacher snapshot)."""
+        first = self.first_update_step()
+        return None if first is None else max(0, first - 1)
+
     # ------------------------------------------------------------ per step
     @torch.no_grad()
     def before_optimizer_step(self, grad_scale: Optional[float] = None) -> None:

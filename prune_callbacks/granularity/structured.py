@@ -40,6 +40,7 @@ import torch
 
 from ..config_errors import PruningConfigError
 from ..registry import register_granularity
+from ..report import zero_count
 from ..structured.masking import skip_block, zero_units
 from ..structured.units import StructuredUnitsError, block_layout, is_transposed, unit_map
 from ..targets import Target
@@ -151,7 +152,8 @@ class StructuredUnits(Granularity):
         self.apply()
 
     def keep(self) -> list[torch.Tensor]:
-        """``True`` = kept, one bool tensor per block of the model (blocks out of scope keep everything)."""
+        """``True`` = **kept** (slim's convention: the complement of ``masks``, where ``True`` = pruned), one bool
+        tensor per block of the model (blocks out of scope keep everything)."""
         by_block = {g.layer: ~m.cpu() for g, m in zip(self.groups, self.masks)}
         full = {g.layer: g.n_units for g in unit_map(self.model, self.kind)}
         return [by_block.get(i, torch.ones(full[i], dtype=torch.bool)) for i in range(self.n_blocks)]
@@ -166,7 +168,7 @@ class StructuredUnits(Granularity):
                     continue
                 numel = s.param.numel()
                 if measured:
-                    rows.append((s.module, numel, numel - int(torch.count_nonzero(s.param))))
+                    rows.append((s.module, numel, zero_count(s.param)))
                 elif s.dim is None:
                     rows.append((s.module, numel, numel if n_pruned else 0))
                 else:
@@ -258,6 +260,7 @@ class Blocks(StructuredUnits):
         return any(id(b) in present for b in removed)
 
     def keep(self) -> list[bool]:
+        """``True`` = **kept** block (slim's convention; ``masks`` say pruned)."""
         pruned = {g.layer: bool(m.any()) for g, m in zip(self.groups, self.masks)}
         return [not pruned.get(i, False) for i in range(self.n_blocks)]
 

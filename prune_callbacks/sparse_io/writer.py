@@ -60,7 +60,7 @@ def _compress(tensor: torch.Tensor, min_saving: float):
     if not tensor.is_floating_point() or itemsize not in BIT_VIEWS or tensor.numel() == 0:
         return None
     flat = tensor.reshape(-1)
-    mask = flat.view(BIT_VIEWS[itemsize]) != 0
+    mask = flat.view(BIT_VIEWS[itemsize]) != 0  # bit patterns, not values: -0.0 is stored (report.zero_count)
     nnz = int(mask.sum())
     budget = (1.0 - min_saving) * flat.numel() * itemsize
     if nnz * itemsize >= budget:  # cannot pay whatever the index costs
