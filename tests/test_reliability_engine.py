@@ -356,3 +356,66 @@ def test_every_reader_verifies_the_checksums(tmp_path, reader):
         call, error = (lambda: load_weights(tmp_path / "sparse")), WeightsError  # noqa: E731
     with pytest.raises(error, match=r"bert\.encoder\.layer\.0\.output\.dense\.weight\.__values__.*checksum"):
         call()
+
+
+# ------------------------------------------------------------------ 7. one source for each fact (behaviour-neutral)
+def test_one_zero_counter_counts_negative_zero_and_the_sparse_file_keeps_its_bits(tmp_path):
+    from prune_callbacks.report import sparsity_of_tensors, zero_count
+    from prune_callbacks.sparse_io.reader import read_sparse_file
+    from prune_callbacks.sparse_io.writer import write_sparse_file
+
+    t = torch.tensor([[0.0, -0.0, 1.0, 0.0]] * 4)
+    assert zero_count(t) == 12
+    assert sparsity_of_tensors({"w": t})["per_tensor"]["w"]["sparsity"] == 0.75
+    write_sparse_file({"w": t}, tmp_path / "f.safetensors")
+    back = read_sparse_file(tmp_path / "f.safetensors")["w"]
+    assert torch.equal(back.view(torch.int32), t.view(torch.int32))  # -0.0 kept bitwise (storage rule)
+
+
+@pytest.mark.parametrize("kind", ["cubic", "linear", "oneshot"])
+def test_target_sparsity_is_the_schedule_classes_value(kind):
+    from prune_callbacks.registry import SCHEDULES
+    from prune_callbacks.schedule import target_sparsity
+
+    for start, end in [(3, 24), (0, 10), (5, 5)]:
+        schedule = SCHEDULES.get(kind)(initial=0.1, final=0.8, start=start, end=end, every=3)
+        for step in range(0, 30):
+            assert target_sparsity(step, initial=0.1, final=0.8, start=start, end=end, kind=kind) == schedule.value(step)
+
+
+@pytest.mark.parametrize("start,expected", [(0, 1), (1, 0), (4, 3)])  # start 0: first update at every=2
+def test_last_dense_step_is_the_step_before_the_first_update_for_guard_and_teacher(start, expected):
+    from prune_callbacks.distillation.teacher import snapshot_step
+    from prune_callbacks.guard.controller import baseline_step
+
+    pruner = Pruner(TinyLM(), PruningConfig(final_sparsity=0.5, start_step=start, end_step=12, update_every=2))
+    assert pruner.last_dense_step() == expected == snapshot_step(pruner)
+    assert baseline_step(pruner, AccuracyGuardConfig()) == expected
+    assert baseline_step(pruner, AccuracyGuardConfig(baseline="train_begin")) == 0
+
+
+def test_one_atomic_state_writer_leaves_no_partial_file(tmp_path):
+    from prune_callbacks.state_io import STATE_FILE, load_state_file, save_state_file, write_atomic
+
+    pruner = Pruner(TinyLM(), PruningConfig(**CFG))
+    path = save_state_file(pruner.state_dict(), tmp_path / STATE_FILE)
+    good = path.read_bytes()
+
+    def fail(tmp):
+        open(tmp, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(path, fail)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]
+    assert load_state_file(path)["step"] == 0
+
+
+def test_distill_keys_come_from_the_figures_schema():
+    from prune_callbacks import figures
+    from prune_callbacks.distillation import report
+
+    assert report.KEYS is figures.DISTILL_KEYS
+    assert [figures.distill_key(k) for k in ("kd_loss", "task_loss", "hidden_loss")] == list(figures.DISTILL_KEYS)
+    with pytest.raises(KeyError):
+        figures.distill_key("kd")
