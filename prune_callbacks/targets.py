@@ -186,7 +186,7 @@ def drop_frozen(targets: list[Target], what: str = "pruning") -> list[Target]:
             f"nothing to act on: {_preview(names)}. Unfreeze the weights to prune, or select trainable ones with "
             "include=[...]"
         )
-    logger.info("prune_callbacks: %d frozen weights (requires_grad=False) are not %s targets: %s",
+    logger.warning("prune_callbacks: %d frozen weights (requires_grad=False) are not %s targets: %s",
                 len(out), what, _preview(names, 12))
     return [t for t in targets if t.param.requires_grad]
 
