@@ -70,4 +70,4 @@ def dtype_name(dtype: torch.dtype) -> str:
 def payload_digest(tensor: torch.Tensor) -> str:
     """sha256 hex digest of a tensor's bytes as stored (row-major, its own dtype)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
+    return hashlib.sha256(flat.view(torch.uint8).numpy() if flat.numel() else b"").hexdigest()  # no copy
