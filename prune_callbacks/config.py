@@ -22,15 +22,15 @@ from typing import Any, Literal, Optional, Union
 from pydantic import ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from .config_errors import (  # noqa: F401 (re-exported: `from prune_callbacks.config import PruningConfigError` etc.)
-    PruningConfigError, _allowed_keys, _RaisesConfigError, _Validated, format_validation_error, list_allowed_keys,
-    validation_problems,
+    FiniteFloat, PruningConfigError, _allowed_keys, _RaisesConfigError, _Validated, check_finite,
+    format_validation_error, list_allowed_keys, validation_problems,
 )
 from .guard.config import AccuracyGuardConfig
 from .registry import GRANULARITIES, SALIENCIES, SCHEDULES
 from . import resolution
 from .resolution import MIN_MASK_UPDATES, ResolvedSchedule, absolute_step  # noqa: F401 (re-exported)
 
-Step = Union[StrictInt, float]
+Step = Union[StrictInt, float]  # the float part is checked finite in `PruningConfig._step`
 
 SCOPES = ("global", "per_layer")
 
@@ -47,8 +47,8 @@ class PruningConfig(_Validated):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
-    final_sparsity: float = Field(0.9, description="Fraction of targeted weights that are zero at the end, in [0, 1).")
-    initial_sparsity: float = Field(0.0, description="Sparsity applied at start_step, in [0, final_sparsity].")
+    final_sparsity: FiniteFloat = Field(0.9, description="Fraction of targeted weights that are zero at the end, in [0, 1).")
+    initial_sparsity: FiniteFloat = Field(0.0, description="Sparsity applied at start_step, in [0, final_sparsity].")
     start_step: Step = Field(0.1, description="First optimizer step of the schedule (int) or fraction of the run (float).")
     end_step: Step = Field(0.7, description="Step at which final_sparsity is reached (int) or fraction of the run (float).")
     update_every: StrictInt = Field(
@@ -60,19 +60,19 @@ class PruningConfig(_Validated):
         "unstructured", description="How masks are shaped: 'unstructured', 'N:M' (e.g. '2:4'), or a registered one.")
 
     saliency: str = Field("taylor", description="A registered saliency: taylor, platon, magnitude, movement, or your own.")
-    beta: float = Field(0.85, description="EMA factor of the taylor score and of platon's importance.")
-    uncertainty_beta: float = Field(0.95, description="EMA factor of platon's uncertainty term.")
+    beta: FiniteFloat = Field(0.85, description="EMA factor of the taylor score and of platon's importance.")
+    uncertainty_beta: FiniteFloat = Field(0.95, description="EMA factor of platon's uncertainty term.")
 
     scope: Literal["global", "per_layer"] = Field("global", description="unstructured: one global threshold or the same fraction per layer.")
-    min_layer_sparsity: float = Field(0.0, description="global scope: no target is pruned below this (capped by the current target).")
-    max_layer_sparsity: float = Field(1.0, description="global scope: no target is pruned above this.")
+    min_layer_sparsity: FiniteFloat = Field(0.0, description="global scope: no target is pruned below this (capped by the current target).")
+    max_layer_sparsity: FiniteFloat = Field(1.0, description="global scope: no target is pruned above this.")
 
     include: Optional[list[str]] = Field(
         None, description="Regexes (re.search) over module names; None = every Linear inside the repeated blocks."
     )
     exclude: list[str] = Field(default_factory=list, description="Regexes over module names removed from the targets.")
 
-    l1_lambda: float = Field(0.0, description="Strength of the proximal L1 step on targeted weights (0 = off).")
+    l1_lambda: FiniteFloat = Field(0.0, description="Strength of the proximal L1 step on targeted weights (0 = off).")
     l1_ramp_steps: Step = Field(0, description="L1 strength grows linearly from 0 over this many steps (or fraction).")
 
     sync_masks: bool = Field(True, description="Under torch.distributed, broadcast masks from rank 0 at every update.")
@@ -130,6 +130,7 @@ class PruningConfig(_Validated):
     def _step(cls, v: Step, info) -> Step:
         if isinstance(v, bool):
             raise ValueError(f"{info.field_name}={v!r} is invalid: give an int step or a float fraction in [0, 1]")
+        check_finite(info.field_name, v)
         if isinstance(v, int):
             if v < 0:
                 raise ValueError(f"{info.field_name}={v!r} is invalid: an absolute step must be >= 0")
@@ -252,7 +253,7 @@ class L1Config(_Validated):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    l1_lambda: float = Field(..., description="Strength of the proximal L1 step (> 0).")
+    l1_lambda: FiniteFloat = Field(..., description="Strength of the proximal L1 step (> 0).")
     l1_ramp_steps: Step = Field(0, description="Strength grows linearly from 0 over this many steps (or fraction).")
     include: Optional[list[str]] = Field(None, description="Regexes over module names; None = the default targets.")
     exclude: list[str] = Field(default_factory=list, description="Regexes over module names removed from the targets.")

@@ -4,14 +4,41 @@ Configs built on `_Validated` (`~prune_callbacks.config.PruningConfig`, `~prune_
 raise `PruningConfigError` on construction and on assignment; `format_validation_error` /
 `validation_problems` turn a ``ValidationError`` (also a recipe's or a distillation config's) into
 ``path: message (got value)`` lines, naming the allowed keys for an unknown one.
+
+`FiniteFloat` is the one float type of every config model (pruning, L1, guard, distillation,
+recipe): NaN and +-inf are refused, naming the field and the value, before any range check.
+`BLOCKS_WITHOUT_SLIM` is the one statement of the "blocks need slimming to be saved" rule (used by
+`Pruner.finalize` and by the recipe's validation).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+import math
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+
+
+def check_finite(field: str, value: Any) -> Any:
+    """Raise ``ValueError`` naming ``field`` and ``value`` when a float is NaN or +-inf (ints pass)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{field}={value!r} is invalid: must be a finite number")
+    return value
+
+
+#: a float field that refuses NaN and +-inf (``max_drop: .nan``, ``l1_lambda: .inf``) before any range check;
+#: `format_validation_error` words the error as `check_finite` does (field, value, "must be a finite number")
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+#: blocks removed by masks are skipped by a forward hook while training; a saved, unslimmed model has no hook
+BLOCKS_WITHOUT_SLIM = (
+    "granularity='blocks' removes blocks by skipping them with a forward hook while training, but a saved model "
+    "keeps no hook: its zeroed blocks still run (a zeroed post-LayerNorm block such as BERT's is not an identity), "
+    "so the saved model would not compute what was measured. Slim the model before saving "
+    "(prune_callbacks.structured.slim_pruned(model, pruner); make_callbacks(..., slim=True); "
+    "hook.finalize(slim=True); recipe output.slim: true)"
+)
 
 
 class PruningConfigError(ValueError):
@@ -76,6 +103,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
             allowed = _allowed_keys(exc.title)
             if allowed:
                 message += f"; allowed keys: {', '.join(allowed)}"
+        elif err["type"] == "finite_number":
+            message = f"{path.rsplit('.', 1)[-1]}={err.get('input')!r} is invalid: must be a finite number"
         elif err["type"] == "literal_error":
             message = f"{message} (got {err.get('input')!r})"
         elif err["type"] in ("int_type", "float_type", "bool_type", "string_type", "list_type", "float_parsing"):

@@ -17,7 +17,13 @@ Trainer's reporters add their own ``train/`` prefix):
 ``guard/sparsity``             accuracy guard: sparsity of its latest decision (guarded runs only)
 ``guard/metric``               accuracy guard: the metric that decision was taken on
 ``guard/decision``             accuracy guard: the decision, as ``GUARD_DECISION_CODES``
+``distill/kd_loss``            distillation: mean KD term since the last log (distilled runs only)
+``distill/task_loss``          distillation: mean task loss since the last log
+``distill/hidden_loss``        distillation: mean hidden-state term (``hidden_weight`` > 0)
 =============================  ==============================================================
+
+The ``distill/*`` keys are logged by the distillation adapters (`DISTILL_KEYS`); `is_figure_key`
+covers the pruning figures (`PREFIXES`).
 
 The three sparsities come from `Pruner.report()` (``global_sparsity``,
 ``scheduled_sparsity``, ``mask_sparsity``); nothing here counts them again.
@@ -41,7 +47,20 @@ GUARD_DECISION = "guard/decision"
 #: ``guard/decision`` is logged as a number (reporters take scalars)
 GUARD_DECISION_CODES = {"baseline": -1, "continue": 0, "hold": 1, "rollback": 2, "stop": 3, "final": 4}
 
-#: Every key of this schema starts with one of these.
+DISTILL_PREFIX = "distill/"
+#: the distillation figures, in logging order (`distill_key` of the Distiller's term names)
+DISTILL_KEYS = ("distill/kd_loss", "distill/task_loss", "distill/hidden_loss")
+
+
+def distill_key(term: str) -> str:
+    """``kd_loss`` -> ``distill/kd_loss`` (one of `DISTILL_KEYS`)."""
+    key = DISTILL_PREFIX + term
+    if key not in DISTILL_KEYS:
+        raise KeyError(f"{key!r} is not a distillation figure of the log-key schema ({', '.join(DISTILL_KEYS)})")
+    return key
+
+
+#: Every pruning key of this schema starts with one of these.
 PREFIXES = ("sparsity/", "pruning/", "l1/", "guard/")
 
 

@@ -26,19 +26,22 @@ steps: not on gradient-accumulation micro-steps, and not on steps a
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from .config import L1Config, PruningConfig, PruningConfigError, make_configs
+from .config_errors import BLOCKS_WITHOUT_SLIM
 from .optimizer_unwrap import torch_optimizer as _torch_optimizer  # also imported from here by the Accelerate hooks
 from .pruner_state import STATE_VERSION, load_pruner_state, pruner_state_dict  # noqa: F401 (STATE_VERSION: re-exported)
 from .report import build_report
 from .steps.base import PHASES, StepComponent
 from .steps.l1 import L1Component
 from .steps.pruning import PruningGroup
-from .targets import _preview, check_not_sharded, find_targets, unwrap_model  # _preview: the one "a, b, ..." list
+from .targets import _preview, check_not_sharded, drop_frozen, find_targets, frozen, unwrap_model  # _preview: the one "a, b, ..." list
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class Pruner:
         l1 = []
         for c in self.configs:
             if isinstance(c, L1Config):
-                targets = find_targets(self.model, c.include, c.exclude)
+                targets = drop_frozen(find_targets(self.model, c.include, c.exclude), "L1")
                 check_not_sharded(targets)
                 l1.append(L1Component(targets, c.l1_lambda, c.resolve_ramp, total_steps))
         for g in self.groups:
@@ -157,6 +160,13 @@ class Pruner:
             raise RuntimeError("this Pruner was finalized; create a new one to prune again")
         self.detach()
         inner = _torch_optimizer(optimizer)
+        now_frozen = [t.param_name for g in self.groups if g.saliency.needs_gradients for t in frozen(g.targets)]
+        if now_frozen:
+            raise ValueError(
+                f"{len(now_frozen)} targeted weights were frozen (requires_grad=False) after this Pruner was built: "
+                f"{_preview(now_frozen, 5)}; no gradient can score them, so they would be pruned first. Freeze "
+                "weights before building the Pruner (frozen weights are then not targets)"
+            )
         in_optimizer = {id(p) for group in inner.param_groups for p in group["params"]}
         missing = [t.param_name for t in self.targets if id(t.param) not in in_optimizer]
         if missing:
@@ -199,6 +209,13 @@ class Pruner:
     def first_update_step(self) -> Optional[int]:
         """The optimizer step (1-based) after which the first masks are computed (None: no pruning group)."""
         return min((g.schedule.first_update_step() for g in self.groups), default=None)
+
+    def last_dense_step(self) -> Optional[int]:
+        """The optimizer step after which the model is last dense: one before `first_update_step` (0: before any
+        step), None when nothing is ever pruned. The one source of "the step before the first mask update"
+        (dense baselines, a ``"before_pruning"`` teacher snapshot)."""
+        first = self.first_update_step()
+        return None if first is None else max(0, first - 1)
 
     # ------------------------------------------------------------ per step
     @torch.no_grad()
@@ -274,20 +291,85 @@ class Pruner:
                             scheduled_sparsity=self.scheduled_sparsity(), extra=extra)
 
     @torch.no_grad()
-    def finalize(self) -> None:
+    def finalize(self, *, slim: Optional[bool] = None) -> None:
         """Make the masks permanent: pruned weights are +0.0, the pruner detaches and frees its buffers.
 
         Parameters stay the same objects (an optimizer over them stays valid) and
         state-dict keys are unchanged. Calling it again does nothing. The pruner no
         longer acts afterwards: training on would change pruned weights, and
         `report` then measures that.
+
+        Nothing silently wrong (each as ``warnings.warn`` and a WARNING log line):
+
+        * the masks are below a group's ``final_sparsity``: the message says why (optimizer steps
+          skipped for non-finite gradients, a run stopped before ``end_step``, no mask update);
+          a guarded group's target is an upper bound, so it is named only for skipped steps or a
+          shortened run. Rounding to whole units (blocks, neurons) is announced when the Pruner
+          is built and logged here at INFO, not warned;
+        * removed blocks (``granularity='blocks'``) are only skipped by a forward hook, which a
+          saved model does not keep (`~prune_callbacks.config_errors.BLOCKS_WITHOUT_SLIM`).
+          ``slim``: True (the caller slims next, as ``slim_pruned`` does) is quiet; False (the
+          model is saved as it is) refuses with `PruningConfigError` before anything is made
+          permanent; None (unknown: the Trainer callbacks finalize before they slim) warns when the
+          model's ``state_dict`` is taken (``save_pretrained``, ``save_sparse``) while removed blocks
+          are still in it, i.e. exactly when an unslimmed model is saved.
         """
         if self.finalized:
             return
+        unslimmed = [g.config.granularity for g in self.groups if g.granularity.needs_slim_to_save()]
+        if unslimmed and slim is False:
+            raise PruningConfigError(BLOCKS_WITHOUT_SLIM, [("granularity", BLOCKS_WITHOUT_SLIM)])
+        shortfall = self._shortfall()
         self.detach()
         for component in self.components:
             component.finalize()
         self.finalized = True
+        for message in shortfall:
+            logger.warning("prune_callbacks: %s", message)
+            warnings.warn(message, stacklevel=3)
+        self._log_rounding()
+        if unslimmed and slim is None:  # slimmed next, or saved as it is: the save says which
+            logger.info("prune_callbacks: removed blocks are skipped by forward hooks; slim the model before saving")
+            self.model.register_state_dict_post_hook(lambda *args: self._warn_unslimmed_save())
+
+    def _warn_unslimmed_save(self) -> None:
+        """State-dict hook of a finalized model with removed, unslimmed blocks: saving it loses the skip hooks."""
+        if any(g.granularity.needs_slim_to_save() for g in self.groups):
+            logger.warning("prune_callbacks: %s", BLOCKS_WITHOUT_SLIM)
+            warnings.warn(BLOCKS_WITHOUT_SLIM, stacklevel=2)
+
+    def _shortfall(self) -> list[str]:
+        """Why a group's masks end below its ``final_sparsity`` (empty when every schedule got there)."""
+        messages = []
+        for i, g in enumerate(self.groups):
+            final, reached, end = g.schedule.final, g.mask_sparsity, g.schedule.end
+            if reached >= final or math.isclose(reached, final, abs_tol=1e-9):
+                continue
+            stopped = self.step < end
+            if g.config.accuracy_guard is not None and not (stopped or self.skipped_steps):
+                continue  # the guard lowered the target on purpose; it reports its own verdict
+            reasons = []
+            if self.skipped_steps:
+                reasons.append(
+                    f"{self.skipped_steps} of {self.step + self.skipped_steps} optimizer steps were skipped for "
+                    "non-finite gradients (a NaN/inf weight or gradient, or fp16 weights under AdamW overflowing), "
+                    "and skipped steps do not advance the schedule")
+            if stopped:
+                reasons.append(f"the run stopped at optimizer step {self.step} before end_step={end}")
+            if g.mask_updates == 0:
+                reasons.append("no mask update ran")
+            where = f"config {i} ({g.config.granularity}): " if len(self.groups) > 1 else ""
+            messages.append(f"{where}pruning finalized at sparsity {reached:.4f}, below final_sparsity={final:g}: "
+                            f"{'; '.join(reasons) or 'the schedule did not reach its end'}")
+        return messages
+
+    def _log_rounding(self) -> None:
+        for g in self.groups:
+            numel = sum(n for _, n, _ in g.granularity.counts())
+            pruned = sum(c for _, _, c in g.granularity.counts())
+            if numel and g.mask_sparsity and pruned / numel < g.mask_sparsity - 1e-6:
+                logger.info("prune_callbacks: %s pruned %.4f of its weights for final_sparsity=%g: rounded to whole "
+                            "units", g.config.granularity, pruned / numel, g.mask_sparsity)
 
     # ------------------------------------------------------------ state (layout: :mod:`.pruner_state`)
     def state_dict(self) -> dict:

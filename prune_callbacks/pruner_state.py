@@ -83,6 +83,7 @@ def load_pruner_state(pruner: "Pruner", state: dict) -> None:
         g.mask_updates = int(saved["mask_updates"])
         g.schedule.load_state_dict(saved.get("schedule") or {})
         g.folded = 0
+        g.received_grad = [True] * len(g.params)  # the saved buffers carry the history (see PruningGroup)
     pruner.step = int(state["step"])
     pruner.skipped_steps = int(state["skipped_steps"])
     for component in pruner.l1:

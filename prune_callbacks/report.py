@@ -1,4 +1,11 @@
-"""Sparsity reports: from a running pruner's masks, or from any model / state dict."""
+"""Sparsity reports: from a running pruner's masks, or from any model / state dict.
+
+`zero_count` is the one zero counter of every sparsity figure (reports, measured counts after
+finalize, L1's zero fraction): an element is zero when it *equals* zero, so ``-0.0`` counts. The
+compressed checkpoint (:mod:`prune_callbacks.sparse_io.format`) stores by *bit pattern* instead,
+on purpose, so that ``-0.0`` and NaN payloads survive a round trip bitwise; the two agree on every
+pruned weight, since the pruner writes ``+0.0``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,11 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 _INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def zero_count(tensor: torch.Tensor) -> int:
+    """Elements equal to zero (``+0.0`` and ``-0.0`` alike): the one zero counter (see the module docstring)."""
+    return tensor.numel() - int(torch.count_nonzero(tensor))
 
 
 def group_name(name: str) -> str:
@@ -71,7 +83,7 @@ def sparsity_of_tensors(tensors: Mapping[str, torch.Tensor], min_dims: int = 2) 
         if not tensor.is_floating_point():
             continue
         n = tensor.numel()
-        z = n - int(torch.count_nonzero(tensor))
+        z = zero_count(tensor)
         all_params += n
         all_zeros += z
         if tensor.dim() >= min_dims:

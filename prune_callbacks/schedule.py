@@ -23,17 +23,10 @@ from .registry import register_schedule
 
 
 def target_sparsity(step: int, *, initial: float, final: float, start: int, end: int, kind: str = "cubic") -> float:
-    """Sparsity the built-in schedule ``kind`` asks for after ``step`` optimizer steps."""
-    if step < start:
-        return 0.0
-    if kind == "oneshot" or step >= end or end == start:
-        return final
-    progress = (step - start) / (end - start)
-    if kind == "cubic":
-        return final + (initial - final) * (1.0 - progress) ** 3
-    if kind == "linear":
-        return initial + (final - initial) * progress
-    raise ValueError(f"schedule={kind!r} is unknown; valid: cubic, linear, oneshot")
+    """Sparsity the built-in schedule ``kind`` asks for after ``step`` optimizer steps (`Schedule.value`)."""
+    if kind not in _BUILT_INS:
+        raise ValueError(f"schedule={kind!r} is unknown; valid: cubic, linear, oneshot")
+    return _BUILT_INS[kind](initial=initial, final=final, start=start, end=end, every=1).value(step)
 
 
 def is_update_step(step: int, *, start: int, end: int, every: int, kind: str = "cubic") -> bool:
@@ -66,7 +59,9 @@ class Schedule:
     """A group's sparsity schedule over absolute optimizer steps.
 
     Subclasses implement :meth:`progress` (0 at ``start``, 1 at ``end``; how far
-    the run is from ``initial`` to ``final``), or override :meth:`value` whole.
+    the run is from ``initial`` to ``final``), or :meth:`between` (the value inside the
+    window), or override :meth:`value` whole. :meth:`value` is the one place of the window's
+    bounds: 0 before ``start``, ``final`` from ``end`` on.
     ``every`` is the update interval; :meth:`is_update_step` follows the
     built-in grid (``start + k * every`` and ``end``).
     """
@@ -85,7 +80,11 @@ class Schedule:
             return 0.0
         if step >= self.end or self.end == self.start:
             return self.final
-        return self.initial + (self.final - self.initial) * self.progress((step - self.start) / (self.end - self.start))
+        return self.between((step - self.start) / (self.end - self.start))
+
+    def between(self, fraction: float) -> float:
+        """The value at ``fraction`` of the window (``0 <= fraction < 1``)."""
+        return self.initial + (self.final - self.initial) * self.progress(fraction)
 
     def is_update_step(self, step: int) -> bool:
         return is_update_step(step, start=self.start, end=self.end, every=self.every, kind=self.grid)
@@ -116,16 +115,16 @@ class Cubic(Schedule):
 
     name = "cubic"
 
-    def value(self, step: int) -> float:
-        return target_sparsity(step, initial=self.initial, final=self.final, start=self.start, end=self.end, kind="cubic")
+    def between(self, fraction: float) -> float:
+        return self.final + (self.initial - self.final) * (1.0 - fraction) ** 3
 
 
 @register_schedule("linear")
 class Linear(Schedule):
     name = "linear"
 
-    def value(self, step: int) -> float:
-        return target_sparsity(step, initial=self.initial, final=self.final, start=self.start, end=self.end, kind="linear")
+    def progress(self, fraction: float) -> float:
+        return fraction
 
 
 @register_schedule("oneshot")
@@ -135,5 +134,8 @@ class OneShot(Schedule):
     name = "oneshot"
     grid = "oneshot"
 
-    def value(self, step: int) -> float:
-        return target_sparsity(step, initial=self.initial, final=self.final, start=self.start, end=self.end, kind="oneshot")
+    def between(self, fraction: float) -> float:
+        return self.final
+
+
+_BUILT_INS = {"cubic": Cubic, "linear": Linear, "oneshot": OneShot}

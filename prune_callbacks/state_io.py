@@ -3,6 +3,11 @@
 Tensors (masks as bool, saliency buffers as float32) go in the tensor section
 under ``masks/<target>`` and ``saliency/<buffer>/<target>``; counters and the
 config go in the string metadata as JSON. No pickle: loading cannot run code.
+
+`write_atomic` / `save_tensors_atomic` are the one writer of the state files (the pruner's here, the
+accuracy guard's ``guard_state.safetensors``, a distillation teacher's snapshot): a temporary name
+beside the target, fsync'd, then renamed over it, so a crash or a full disk never leaves a
+half-written state where a good one was. `STATE_FILE` is the one name of the pruner's.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -18,20 +23,38 @@ STATE_FILE = "pruning_state.safetensors"
 _META_KEY = "prune_callbacks.state"
 
 
-def save_state_file(state: dict, path: Union[str, os.PathLike]) -> Path:
-    """Write ``Pruner.state_dict()`` to ``path`` atomically (temporary name, then rename)."""
+def write_atomic(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
+    """Call ``write(temporary path)``, fsync that file, then rename it to ``path``; the temporary file is
+    removed if anything fails. Returns ``path``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_tensors_atomic(tensors: dict, path: Union[str, os.PathLike], metadata: Optional[dict] = None) -> Path:
+    """``safetensors.torch.save_file`` through `write_atomic`."""
     from safetensors.torch import save_file
 
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_state_file(state: dict, path: Union[str, os.PathLike]) -> Path:
+    """Write ``Pruner.state_dict()`` to ``path`` atomically (`save_tensors_atomic`)."""
     path = Path(path)
     tensors = {f"masks/{n}": m.contiguous().cpu() for n, m in state["masks"].items()}
     for buffer, per_target in state["saliency"].items():
         tensors.update({f"saliency/{buffer}/{n}": t.contiguous().cpu() for n, t in per_target.items()})
     meta = {k: v for k, v in state.items() if k not in ("masks", "saliency")}
     meta["saliency_buffers"] = sorted(state["saliency"])
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    return save_tensors_atomic(tensors, path, metadata={_META_KEY: json.dumps(meta)})
 
 
 def load_state_file(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> dict:

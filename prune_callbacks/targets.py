@@ -9,11 +9,17 @@ embeddings) is never pruned: zeroing it would zero the embedding too.
 
 ``include`` / ``exclude`` are regular expressions matched with ``re.search``
 against module names.
+
+Frozen weights (``requires_grad=False`` when the `Pruner` is built) are not
+targets: they never receive a gradient, so every gradient saliency would score
+them zero and prune them first. `drop_frozen` removes them with one log line
+naming them, and refuses when nothing trainable is left.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -24,6 +30,8 @@ from torch import nn
 from .peft_support import refuse_adapter_models
 
 _BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,28 @@ def _no_match_message(field: str, pattern: str, names: list[str]) -> str:
 
 def _preview(names: list[str], n: int = 6) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "") if names else "(none)"
+
+
+def frozen(targets: Iterable[Target]) -> list[Target]:
+    """The targets whose weight is frozen (``requires_grad=False``): they never receive a gradient."""
+    return [t for t in targets if not t.param.requires_grad]
+
+
+def drop_frozen(targets: list[Target], what: str = "pruning") -> list[Target]:
+    """``targets`` without the frozen ones, logged in one line; ``ValueError`` if none is left."""
+    out = frozen(targets)
+    if not out:
+        return targets
+    names = [t.param_name for t in out]
+    if len(out) == len(targets):
+        raise ValueError(
+            f"every selected weight has requires_grad=False (frozen), so no gradient can score it and {what} has "
+            f"nothing to act on: {_preview(names)}. Unfreeze the weights to prune, or select trainable ones with "
+            "include=[...]"
+        )
+    logger.warning("prune_callbacks: %d frozen weights (requires_grad=False) are not %s targets: %s",
+                len(out), what, _preview(names, 12))
+    return [t for t in targets if t.param.requires_grad]
 
 
 def target_numel(targets: Iterable[Target]) -> int:

@@ -56,6 +56,9 @@ def test_merged_model_prunes_like_a_plain_model():
     assert adapter_layers(merged) == []
     plain = [t.name for t in find_targets(tiny_llama_lm())]
     assert [t.name for t in find_targets(merged)] == plain and len(plain) == 14
+    with pytest.raises(ValueError, match="requires_grad=False"):  # peft froze the base weights: nothing to score
+        Pruner(merged, CFG)
+    merged.requires_grad_(True)
     Pruner(merged, CFG)  # constructs
 
 

@@ -285,12 +285,14 @@ def test_pattern_matching_nothing_lists_close_names():
         Pruner(TinyLM(), PruningConfig(**CFG, exclude=["mlp"]))
 
 
-def test_frozen_target_is_reported_at_attach():
+def test_frozen_target_is_not_a_target_and_a_target_outside_the_optimizer_is_reported_at_attach():
     model = TinyLM()
     model.layers[0].up.weight.requires_grad_(False)
-    pruner = Pruner(model, PruningConfig(**CFG))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    with pytest.raises(ValueError, match="layers.0.up.weight"):
+    pruner = Pruner(model, PruningConfig(**CFG))  # frozen: excluded (tests/test_reliability_engine.py)
+    assert "layers.0.up" not in [t.name for t in pruner.targets]
+    pruner.attach(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if p.requires_grad and n != "layers.1.up.weight"])
+    with pytest.raises(ValueError, match="layers.1.up.weight"):
         pruner.attach(opt)
 
 

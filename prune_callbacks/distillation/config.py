@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..config import PruningConfigError, format_validation_error
+from ..config_errors import FiniteFloat
 
 SNAPSHOTS = ("train_begin", "before_pruning")
 TEACHER_DTYPES = ("bf16", "fp16")
@@ -53,10 +54,10 @@ class DistillationConfig(BaseModel):
         description='When a "self" teacher is copied: "train_begin" (the model as loaded) or "before_pruning" '
         "(after the optimizer steps before the first mask update, so a new head is trained first).",
     )
-    temperature: float = Field(2.0, description="Softmax temperature of the KL term (> 0); the term is scaled by T^2.")
-    hardness: float = Field(0.5, description="Weight of the KD term against the task loss, in [0, 1] (1 = KD only; "
+    temperature: FiniteFloat = Field(2.0, description="Softmax temperature of the KL term (> 0); the term is scaled by T^2.")
+    hardness: FiniteFloat = Field(0.5, description="Weight of the KD term against the task loss, in [0, 1] (1 = KD only; "
                             "use 1.0 with a fully fine-tuned dense teacher).")
-    hidden_weight: float = Field(
+    hidden_weight: FiniteFloat = Field(
         0.0, description="Weight of the per-block normalised hidden-state MSE (0 = off); needs equal depth and width."
     )
     teacher_dtype: Optional[Literal["bf16", "fp16"]] = Field(

@@ -34,6 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..figures import distill_key
 from ..targets import unwrap_model
 from . import teacher as teacher_lib
 from .config import DistillationConfig
@@ -181,7 +182,7 @@ class Distiller:
         forward passes since the last call (this process). Empty when none ran."""
         if not self._count:
             return {}
-        out = {f"distill/{k}": float(v) / self._count for k, v in self._sums.items()}
+        out = {distill_key(k): float(v) / self._count for k, v in self._sums.items()}
         if reset:
             self._reset_figures()
         return out

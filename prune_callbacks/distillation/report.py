@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from ..figures import DISTILL_KEYS as KEYS  # the one log-key schema (figures.py)
 from .config import DistillationConfig
-
-KEYS = ("distill/kd_loss", "distill/task_loss", "distill/hidden_loss")
 
 
 def distillation_summary(config: DistillationConfig, log_history: list, callbacks: Any = None) -> dict:

@@ -18,19 +18,28 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..state_io import write_atomic
 from ..targets import unwrap_model
 from .config import DistillationConfig, DistillationConfigError
 
 
 def snapshot_step(pruning: Any) -> int:
     """The step a ``"before_pruning"`` snapshot is taken after: one before the first optimizer step whose
-    hook computes masks (`Pruner.first_update_step`, one source; ``pruning`` is a `Pruner` or anything with
-    that method, e.g. the Trainer engine). An error when nothing is ever pruned."""
-    step = pruning.first_update_step()
+    hook computes masks (`Pruner.last_dense_step`, one source; ``pruning`` is a `Pruner` or anything with
+    ``first_update_step``, e.g. the Trainer engine). An error when nothing is ever pruned."""
+    step = _last_dense_step(pruning)
     if step is None:
         raise DistillationConfigError("snapshot='before_pruning': the pruning config never updates masks "
                                       "(no pruning group, L1 only); use snapshot='train_begin'")
-    return step - 1
+    return step
+
+
+def _last_dense_step(pruning: Any) -> Optional[int]:
+    if hasattr(pruning, "last_dense_step"):
+        return pruning.last_dense_step()
+    from ..pruner import Pruner
+
+    return Pruner.last_dense_step(pruning)  # duck-typed: only first_update_step is read
 
 
 TEACHER_FILE = "distillation_teacher.safetensors"
@@ -146,9 +155,7 @@ def save_teacher(teacher: nn.Module, path: Union[str, os.PathLike], *, meta: Opt
     from safetensors.torch import save_model
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(teacher, str(tmp), metadata={_META_KEY: json.dumps(meta or {})})
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_model(teacher, tmp, metadata={_META_KEY: json.dumps(meta or {})}))
     return path
 
 

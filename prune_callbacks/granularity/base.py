@@ -17,7 +17,10 @@ Implementations:
   several tensors: ``params`` are every tensor a unit spans, ``masks`` are one
   bool per unit, ``apply`` zeroes every spanned slice.
 
-Conventions: masks are bool tensors, ``True`` = pruned; selection is monotone
+Conventions: masks are bool tensors, ``True`` = pruned (`MASKS_MEAN`); the one place
+that speaks of *kept* units is the structured ``keep()`` that feeds slimming
+(:func:`prune_callbacks.structured.slim.slim` takes ``True`` = kept, ``keep = ~pruned``);
+selection is monotone
 (a pruned position stays pruned) and exact in count; ``counts()`` reports, per
 target, how many *weights* are pruned, which is what the one sparsity report
 (:func:`prune_callbacks.report.build_report`) is built from.
@@ -29,7 +32,12 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
+from ..report import zero_count
 from ..targets import Target
+
+
+#: what ``True`` means in every granularity's ``masks`` (``keep()`` for slimming is their complement)
+MASKS_MEAN = "pruned"
 
 
 class Granularity:
@@ -67,6 +75,11 @@ class Granularity:
     def check_targets(self) -> None:
         """Raise ``ValueError`` listing every target this granularity cannot prune."""
 
+    def describe_target(self, sparsity: float) -> Optional[str]:
+        """What ``final_sparsity`` becomes in whole units (``"5 of 6 blocks"``), logged when the Pruner is built;
+        raises `~prune_callbacks.config_errors.PruningConfigError` when it rounds to 0 units. None: exact."""
+        return None
+
     @property
     def mask_names(self) -> list[str]:
         """State-dict keys of ``masks`` (target names for weight-shaped masks)."""
@@ -97,6 +110,10 @@ class Granularity:
         for param, pruned in zip(self.params, self.masks):
             param.masked_fill_(pruned, 0.0)
 
+    def needs_slim_to_save(self) -> bool:
+        """Whether the model, saved as it is, would compute something else than the masked one (removed blocks)."""
+        return False
+
     def report(self) -> dict:
         """Granularity-specific figures for `Pruner.report` (structured units: units kept per layer)."""
         return {}
@@ -104,5 +121,5 @@ class Granularity:
     def counts(self, measured: bool = False) -> list[tuple[str, int, int]]:
         """Per target ``(name, numel, pruned weights)``; ``measured`` counts exact zeros in the weights instead."""
         if measured:
-            return [(t.name, t.numel, t.numel - int(torch.count_nonzero(t.param))) for t in self.targets]
+            return [(t.name, t.numel, zero_count(t.param)) for t in self.targets]
         return [(t.name, m.numel(), int(torch.count_nonzero(m))) for t, m in zip(self.targets, self.masks)]

@@ -38,7 +38,9 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
+from ..config_errors import PruningConfigError
 from ..registry import register_granularity
+from ..report import zero_count
 from ..structured.masking import skip_block, zero_units
 from ..structured.units import StructuredUnitsError, block_layout, is_transposed, unit_map
 from ..targets import Target
@@ -107,9 +109,36 @@ class StructuredUnits(Granularity):
         per_group = self.unit_scores(scores)
         masks = []
         for g, score, old in zip(self.groups, per_group, self.masks):
-            k = min(max(round(sparsity * g.n_units), int(old.sum())), g.n_units - 1)
+            k = max(units_removed(sparsity, g.n_units), int(old.sum()))  # old <= n - 1: the same cap
             masks.append(_lowest(score, old, k))
         return masks
+
+    #: what one unit is called in messages, and over what the count runs
+    unit_words: ClassVar[tuple[str, str]] = ("units", " per block")
+
+    def _unit_counts(self) -> list[int]:
+        return sorted({g.n_units for g in self.groups})
+
+    def describe_target(self, sparsity: float) -> Optional[str]:
+        if sparsity <= 0:
+            return None
+        plural, over = self.unit_words
+        parts = []
+        for n in self._unit_counts():
+            k = units_removed(sparsity, n)
+            if k == 0 and n == 1:
+                raise PruningConfigError(
+                    f"final_sparsity={sparsity!r}: granularity={self.config.granularity!r} has 1 {plural[:-1]}"
+                    f"{over} in scope and keeps at least one, so nothing can be removed; widen include/exclude",
+                    [("final_sparsity", f"1 {plural[:-1]} in scope")])
+            if k == 0:
+                raise PruningConfigError(
+                    f"final_sparsity={sparsity!r} rounds to 0 of {n} {plural}{over} (round(final_sparsity * {n})), "
+                    f"so granularity={self.config.granularity!r} would remove nothing; the smallest value that "
+                    f"removes one is 1/{n} = {1 / n:.4g} (anything above {0.5 / n:.4g} rounds to 1)",
+                    [("final_sparsity", f"rounds to 0 of {n} {plural}")])
+            parts.append(f"{k} of {n} {plural}{over}")
+        return f"final_sparsity {sparsity:g} -> {', '.join(parts)}"
 
     # ------------------------------------------------------------ masks
     @torch.no_grad()
@@ -123,7 +152,8 @@ class StructuredUnits(Granularity):
         self.apply()
 
     def keep(self) -> list[torch.Tensor]:
-        """``True`` = kept, one bool tensor per block of the model (blocks out of scope keep everything)."""
+        """``True`` = **kept** (slim's convention: the complement of ``masks``, where ``True`` = pruned), one bool
+        tensor per block of the model (blocks out of scope keep everything)."""
         by_block = {g.layer: ~m.cpu() for g, m in zip(self.groups, self.masks)}
         full = {g.layer: g.n_units for g in unit_map(self.model, self.kind)}
         return [by_block.get(i, torch.ones(full[i], dtype=torch.bool)) for i in range(self.n_blocks)]
@@ -138,7 +168,7 @@ class StructuredUnits(Granularity):
                     continue
                 numel = s.param.numel()
                 if measured:
-                    rows.append((s.module, numel, numel - int(torch.count_nonzero(s.param))))
+                    rows.append((s.module, numel, zero_count(s.param)))
                 elif s.dim is None:
                     rows.append((s.module, numel, numel if n_pruned else 0))
                 else:
@@ -151,6 +181,11 @@ class StructuredUnits(Granularity):
             "units_per_block": [g.n_units for g in self.groups],
             "kept_per_block": {g.block: int((~m).sum()) for g, m in zip(self.groups, self.masks)},
         }
+
+
+def units_removed(sparsity: float, n: int) -> int:
+    """Units removed out of ``n`` at ``sparsity``: ``round(sparsity * n)``, at most ``n - 1`` (the one rounding rule)."""
+    return min(round(sparsity * n), n - 1)
 
 
 def _lowest(score: torch.Tensor, old: torch.Tensor, k: int) -> torch.Tensor:
@@ -169,6 +204,7 @@ class FFNNeurons(StructuredUnits):
 
     name = "ffn_neurons"
     kind = "ffn_neurons"
+    unit_words = ("FFN neurons", " per block")
 
 
 @register_granularity("attention_heads")
@@ -177,6 +213,7 @@ class AttentionHeads(StructuredUnits):
 
     name = "attention_heads"
     kind = "attention_heads"
+    unit_words = ("KV groups", " per block")
 
 
 @register_granularity("blocks")
@@ -185,6 +222,10 @@ class Blocks(StructuredUnits):
 
     name = "blocks"
     kind = "blocks"
+    unit_words = ("blocks", "")
+
+    def _unit_counts(self) -> list[int]:
+        return [len(self.groups)]
 
     @classmethod
     def final_sparsity_hint(cls, value, *args: str) -> Optional[str]:
@@ -199,8 +240,7 @@ class Blocks(StructuredUnits):
     def select(self, scores, sparsity):
         per_block = torch.cat([s.cpu() for s in self.unit_scores(scores)])
         old = torch.cat([m.cpu() for m in self.masks])
-        n = len(self.groups)
-        k = min(max(round(sparsity * n), int(old.sum())), n - 1)
+        k = max(units_removed(sparsity, len(self.groups)), int(old.sum()))
         chosen = _lowest(per_block, old, k)
         return [chosen[i : i + 1].to(m.device) for i, m in enumerate(self.masks)]
 
@@ -210,7 +250,17 @@ class Blocks(StructuredUnits):
         for g, pruned in zip(self.groups, self.masks):
             skip_block(self._blocks[g.block], bool(pruned.any()))
 
+    def needs_slim_to_save(self) -> bool:
+        """Removed blocks still in the model: they are skipped by a forward hook, which a saved model does not
+        keep (``BLOCKS_WITHOUT_SLIM``); after slimming they are gone."""
+        removed = [self._blocks[g.block] for g, m in zip(self.groups, self.masks) if bool(m.any())]
+        if not removed:
+            return False
+        present = {id(m) for m in self.model.modules()}
+        return any(id(b) in present for b in removed)
+
     def keep(self) -> list[bool]:
+        """``True`` = **kept** block (slim's convention; ``masks`` say pruned)."""
         pruned = {g.layer: bool(m.any()) for g, m in zip(self.groups, self.masks)}
         return [not pruned.get(i, False) for i in range(self.n_blocks)]
 

@@ -6,6 +6,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from ..config_errors import FiniteFloat
+
 #: metric names containing one of these are minimised when ``mode`` is left to None
 _MINIMISED = ("loss", "perplexity", "ppl", "error", "wer", "cer")
 
@@ -21,7 +23,7 @@ class AccuracyGuardConfig(BaseModel):
 
     metric: str = Field("eval_accuracy", min_length=1,
                         description="Key of the evaluation metrics to guard (as Trainer.evaluate returns it).")
-    max_drop: float = Field(0.01, description="Allowed drop from the dense baseline (>= 0), absolute or relative.")
+    max_drop: FiniteFloat = Field(0.01, description="Allowed drop from the dense baseline (>= 0), absolute or relative.")
     relative: bool = Field(False, description="max_drop is a fraction of the baseline instead of absolute units.")
     every: StrictInt = Field(50, ge=1, description="Evaluate every this many optimizer steps while pruning (>= 1).")
     patience: StrictInt = Field(2, ge=1, description="Consecutive failing evaluations at one sparsity before rolling back "
@@ -32,7 +34,7 @@ class AccuracyGuardConfig(BaseModel):
         "before_pruning", description="When the dense baseline is measured: before_pruning (after the last optimizer "
         "step before the first mask update: the dense model fine-tuned as far as the run got; a fresh classifier "
         "head is no longer at chance) or train_begin (before any step; the same when pruning starts at step 1).")
-    min_increment: float = Field(0.005, gt=0.0, lt=1.0,
+    min_increment: FiniteFloat = Field(0.005, gt=0.0, lt=1.0,
                                  description="Stop raising when the increment after rollbacks falls below this.")
 
     @field_validator("max_drop")

@@ -286,9 +286,9 @@ def metric_value(metrics: Any, config: AccuracyGuardConfig, hint: str = "") -> f
 
 def baseline_step(pruner: Any, config: AccuracyGuardConfig) -> int:
     """The pruner step after which the baseline is measured: 0 (before any step) for ``train_begin``, else the
-    last step before the first mask update (``Pruner.first_update_step() - 1``)."""
-    first = pruner.first_update_step()
-    return 0 if config.baseline == "train_begin" or first is None else max(0, first - 1)
+    last step before the first mask update (`Pruner.last_dense_step`)."""
+    last_dense = None if config.baseline == "train_begin" else pruner.last_dense_step()
+    return 0 if last_dense is None else last_dense
 
 
 def baseline_due(pruner: Any, guards: list[AccuracyGuard]) -> list[AccuracyGuard]:

@@ -1,27 +1,34 @@
 """Read and validate ``model.sparse.safetensors`` (layout: :mod:`.format`).
 
 Everything read from the file is treated as untrusted: each inconsistency
-raises :class:`.SparseCheckpointError` naming the file and the problem.
+raises :class:`.SparseCheckpointError` naming the file and the problem, and every
+stored tensor's bytes are checked against the sha256 digest written with it
+(`read_sparse_file` is the one reader: ``load_sparse``, ``densify``,
+``read_sparse_state_dict`` and ``report`` go through it). A file without digests
+(written before they existed) is read with a warning.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from .errors import SparseCheckpointError
-from .format import FORMAT_NAME, FORMAT_VERSION, MASK_SUFFIX, METADATA_KEY, VALUES_SUFFIX, dtype_name
+from .format import (
+    CHECKSUM_KEY, FORMAT_NAME, FORMAT_VERSION, MASK_SUFFIX, METADATA_KEY, VALUES_SUFFIX, dtype_name, payload_digest,
+)
 from .index import ENCODINGS, decode_index
 
 __all__ = ["read_sparse_file", "has_sparse_header"]
 
 
-def _parse_header(path: Path, metadata: dict[str, str] | None) -> dict[str, dict]:
-    """Validate the metadata document; return its ``tensors`` table."""
+def _parse_header(path: Path, metadata: dict[str, str] | None) -> tuple[dict[str, dict], dict | None]:
+    """Validate the metadata document; return its ``tensors`` table and its checksums (None: an older file)."""
     if not metadata or METADATA_KEY not in metadata:
         raise SparseCheckpointError(
             path, f"metadata missing: no {METADATA_KEY!r} entry, not a {FORMAT_NAME} checkpoint"
@@ -44,7 +51,30 @@ def _parse_header(path: Path, metadata: dict[str, str] | None) -> dict[str, dict
         raise SparseCheckpointError(path, "metadata 'tensors' table is missing or not an object")
     for name, entry in table.items():
         _check_entry(path, name, entry)
-    return table
+    checksums = header.get(CHECKSUM_KEY)
+    if checksums is not None and not (isinstance(checksums, dict)
+                                      and all(isinstance(v, str) for v in checksums.values())):
+        raise SparseCheckpointError(path, f"metadata {CHECKSUM_KEY!r} table is not an object of hex digests")
+    return table, checksums
+
+
+def _verify(path: Path, raw: dict[str, torch.Tensor], checksums: dict | None) -> None:
+    """Every stored tensor's bytes against its digest (`.format.payload_digest`)."""
+    if checksums is None:
+        warnings.warn(f"{path}: written without checksums (an older prune_callbacks); no checksums to verify, so "
+                      "corrupted payload bytes cannot be detected. Re-save it to add them", stacklevel=3)
+        return
+    for key in sorted(raw):
+        expected = checksums.get(key)
+        if expected is None:
+            raise SparseCheckpointError(path, f"tensor {key!r} has no checksum in the metadata (file altered)")
+        if payload_digest(raw[key]) != expected:
+            raise SparseCheckpointError(
+                path, f"tensor {key!r}: checksum mismatch, its stored bytes are corrupted (sha256 differs from the "
+                "one written); restore the file from a good copy")
+    extra = sorted(set(checksums) - set(raw))
+    if extra:
+        raise SparseCheckpointError(path, f"metadata has checksums for tensors not in the file: {extra[:5]}")
 
 
 def _check_entry(path: Path, name: str, entry) -> None:
@@ -133,7 +163,7 @@ def read_sparse_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: no such sparse checkpoint file")
     try:
         with safe_open(os.fspath(path), framework="pt") as fh:
-            table = _parse_header(path, fh.metadata())
+            table, checksums = _parse_header(path, fh.metadata())
             keys = set(fh.keys())
             _check_keys(path, keys, table)
             raw = {key: fh.get_tensor(key) for key in keys}
@@ -143,6 +173,7 @@ def read_sparse_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise SparseCheckpointError(
             path, f"not a readable safetensors file (corrupt or truncated): {type(exc).__name__}: {exc}"
         ) from exc
+    _verify(path, raw, checksums)
     state_dict: dict[str, torch.Tensor] = {}
     for key in sorted(keys):
         if key.endswith(VALUES_SUFFIX):

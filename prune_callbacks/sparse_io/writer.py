@@ -12,12 +12,14 @@ from safetensors.torch import save_file
 
 from .format import (
     BIT_VIEWS,
+    CHECKSUM_KEY,
     FORMAT_NAME,
     FORMAT_VERSION,
     MASK_SUFFIX,
     METADATA_KEY,
     VALUES_SUFFIX,
     dtype_name,
+    payload_digest,
 )
 from .index import encode_index
 
@@ -58,7 +60,7 @@ def _compress(tensor: torch.Tensor, min_saving: float):
     if not tensor.is_floating_point() or itemsize not in BIT_VIEWS or tensor.numel() == 0:
         return None
     flat = tensor.reshape(-1)
-    mask = flat.view(BIT_VIEWS[itemsize]) != 0
+    mask = flat.view(BIT_VIEWS[itemsize]) != 0  # bit patterns, not values: -0.0 is stored (report.zero_count)
     nnz = int(mask.sum())
     budget = (1.0 - min_saving) * flat.numel() * itemsize
     if nnz * itemsize >= budget:  # cannot pay whatever the index costs
@@ -104,7 +106,8 @@ def write_sparse_file(
         }
         comp_dense += nbytes
         comp_stored += index.numel() + values.numel() * values.element_size()
-    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tensors": entries}
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tensors": entries,
+              CHECKSUM_KEY: {key: payload_digest(t) for key, t in tensors.items()}}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(header, sort_keys=True)}
     save_file(tensors, os.fspath(path), metadata=metadata)
     with open(path, "rb+") as fh:

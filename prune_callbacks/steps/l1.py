@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..regularization import apply_l1_proximal
+from ..report import zero_count
 from ..schedule import l1_strength
 from ..targets import Target
 from .base import StepComponent
@@ -41,6 +42,6 @@ class L1Component(StepComponent):
 
     @torch.no_grad()
     def report(self) -> dict:
-        zeros = sum(p.numel() - int(torch.count_nonzero(p)) for p in self.params)
+        zeros = sum(zero_count(p) for p in self.params)
         total = sum(p.numel() for p in self.params)
         return {"strength": float(self.strength()), "zero_fraction": zeros / total if total else 0.0}

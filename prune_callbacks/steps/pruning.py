@@ -9,6 +9,7 @@ schedule's (:mod:`prune_callbacks.schedule`).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
@@ -16,10 +17,13 @@ from torch import nn
 
 from ..config import PruningConfig
 from ..distributed import broadcast_masks
-from ..registry import GRANULARITIES
+from ..registry import GRANULARITIES, SALIENCIES
 from ..saliency import all_finite, gradient_products, make_saliency
-from ..targets import check_not_sharded, find_targets
+from ..targets import check_not_sharded, drop_frozen, find_targets
 from .base import StepComponent
+
+
+logger = logging.getLogger(__name__)
 
 
 class NoInformationError(RuntimeError):
@@ -33,9 +37,14 @@ class PruningGroup(StepComponent):
     def __init__(self, model: nn.Module, config: PruningConfig, total_steps: Optional[int] = None):
         self.config = config
         self.targets = find_targets(model, config.include, config.exclude)
+        if SALIENCIES.get(config.saliency).needs_gradients:  # frozen weights would score zero: not targets
+            self.targets = drop_frozen(self.targets)
         check_not_sharded(self.targets)
         granularity, args = GRANULARITIES.resolve(config.granularity)
         self.granularity = granularity(config, self.targets, model, *args)
+        rounding = self.granularity.describe_target(config.final_sparsity)  # raises when it rounds to 0 units
+        if rounding:
+            logger.info("prune_callbacks: granularity=%r: %s", config.granularity, rounding)
         self.saliency = make_saliency(
             config.saliency, self.granularity.params, beta=config.beta, uncertainty_beta=config.uncertainty_beta
         )
@@ -46,6 +55,8 @@ class PruningGroup(StepComponent):
         self.folded = 0  # gradients folded into the saliency since the last mask update
         self._prods: Optional[list[torch.Tensor]] = None
         self._work: Optional[list[torch.Tensor]] = None  # reused theta*grad buffers (see saliency.py)
+        #: per tracked tensor: whether a gradient (not None) ever reached it; see `_check_gradients_seen`
+        self.received_grad = [False] * len(self.params)
 
     def resolve(self, total_steps: Optional[int]) -> None:
         self.steps = self.config.resolve(total_steps)
@@ -64,6 +75,10 @@ class PruningGroup(StepComponent):
 
     # ------------------------------------------------------------ around the step
     def prepare(self, grad_scale: Optional[float]) -> bool:
+        seen = self.received_grad
+        for i, p in enumerate(self.params):
+            if not seen[i] and p.grad is not None:
+                seen[i] = True
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if not self.saliency.needs_gradients:
             return all_finite(grads)
@@ -102,6 +117,7 @@ class PruningGroup(StepComponent):
                 "call pruner.before_optimizer_step() after backward() and before optimizer.step() (or use "
                 "pruner.attach(optimizer)); a oneshot schedule needs start_step >= 1 with gradients before it"
             )
+        self._check_gradients_seen(sparsity)
         scores = self.saliency.scores(self.params)
         self._check_informative(scores, sparsity)
         masks = self.granularity.select(scores, sparsity)
@@ -112,6 +128,29 @@ class PruningGroup(StepComponent):
         self.mask_updates += 1
         self.folded = 0
         self.apply()
+
+    def _check_gradients_seen(self, sparsity: float) -> None:
+        """Refuse a mask update while some tracked tensors (not all) never received a gradient.
+
+        Decision (issue 29): a weight that requires grad but whose ``.grad`` stayed None (a layer the forward
+        never calls, a branch not taken so far) has no saliency information, and scoring it zero would prune
+        it first. It is not guessed at: the update stops with the names and the fixes. (When *no* tensor got a
+        gradient, `_check_informative` explains the hand-driven-loop mistakes instead.) Frozen weights are
+        excluded when the Pruner is built (`~prune_callbacks.targets.drop_frozen`). After a resume, every
+        tensor counts as seen: the saved saliency buffers carry the history.
+        """
+        if not self.saliency.needs_gradients or sparsity <= self.mask_sparsity or all(self.received_grad) \
+                or not any(self.received_grad):
+            return
+        names = {id(p): n for n, p in self.granularity.model.named_parameters()} if self.granularity.model is not None else {}
+        missing = [names.get(id(p), f"tensor {i}") for i, (p, seen) in enumerate(zip(self.params, self.received_grad))
+                   if not seen]
+        raise NoInformationError(
+            f"mask update to sparsity {sparsity:.4f}: {len(missing)} targeted weights never received a gradient "
+            f"(their .grad stayed None), so the {self.config.saliency!r} saliency would rank them zero and prune them "
+            f"first: {', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}. If the forward never uses them, "
+            "exclude them (exclude=[...]) or freeze them (requires_grad_(False)) before building the Pruner"
+        )
 
     def _check_informative(self, scores, sparsity: float) -> None:
         """Refuse scores that are all equal over the weights still unpruned (zero saliency, say)."""

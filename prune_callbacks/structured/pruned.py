@@ -49,5 +49,5 @@ def slim_pruned(model: nn.Module, pruner) -> dict:
             "slim needs a pruner with a structured granularity ('ffn_neurons', 'attention_heads' or 'blocks'); "
             f"this one has {', '.join(repr(g.config.granularity) for g in pruner.groups) or 'no pruning group'}"
         )
-    pruner.finalize()
+    pruner.finalize(slim=True)
     return slim(model, keep)

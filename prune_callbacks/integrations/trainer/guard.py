@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 from ...guard.controller import AccuracyGuard, add_guards, baseline_due, evaluation_due, metric_value
+from ...state_io import save_tensors_atomic
 from . import checkpoint as ckpt
 from .callbacks import _TrainerPruningCallback
 from .logs import add_figures
@@ -114,8 +114,6 @@ class AccuracyGuardCallback(_TrainerPruningCallback):
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save or not self.guards:
             return
-        from safetensors.torch import save_file
-
         folder = Path(ckpt.checkpoint_dir(args, state))
         folder.mkdir(parents=True, exist_ok=True)
         tensors, meta = {}, []
@@ -123,9 +121,7 @@ class AccuracyGuardCallback(_TrainerPruningCallback):
             sd = g.state_dict()
             meta.append(sd["json"])
             tensors.update({f"{i}/{k}": v.contiguous().cpu() for k, v in sd["tensors"].items()})
-        tmp = folder / (GUARD_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
-        os.replace(tmp, folder / GUARD_FILE)
+        save_tensors_atomic(tensors, folder / GUARD_FILE, metadata={_META_KEY: json.dumps(meta)})
 
     def _load(self, path: Path) -> None:
         from safetensors import safe_open
