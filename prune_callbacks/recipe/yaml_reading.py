@@ -2,7 +2,7 @@
 
 Safe loading only (nothing is ever evaluated), duplicate keys refused (PyYAML would silently keep the
 last one), booleans as in YAML 1.2 (only ``true`` / ``false``: ``save_strategy: no`` stays the word
-``"no"``), a line map (yaml path -> line of its key) for located errors, and syntax errors in words
+``"no"``) and numbers without YAML 1.1's base 60 (``2:4`` stays the string ``"2:4"``), a line map (yaml path -> line of its key) for located errors, and syntax errors in words
 with ``file:line:column`` and a caret.
 """
 
@@ -24,6 +24,7 @@ class _RecipeLoader(yaml.SafeLoader):
     PyYAML follows YAML 1.1, where ``no`` / ``yes`` / ``on`` / ``off`` are booleans: ``save_strategy: no``
     would reach TrainingArguments as ``False``. Here only ``true`` / ``false`` (any case) are booleans; a bool
     field still accepts ``yes`` / ``no`` (pydantic converts the string), a string field gets the word.
+    YAML 1.1's base-60 numbers are not read either: ``granularity: 2:4`` is the string ``"2:4"`` (not 124).
     """
 
     def construct_mapping(self, node, deep=False):
@@ -38,11 +39,21 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_BOOL = "tag:yaml.org,2002:bool"
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _RecipeLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|false)$", re.IGNORECASE), list("tTfF"))
+# YAML 1.1's numbers without its base-60 forms: ``2:4`` (an N:M granularity) and ``1:30`` stay strings, as in
+# YAML 1.2, instead of becoming the integers 124 and 90. Everything else reads as PyYAML reads it.
+_RecipeLoader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+
+                    |[-+]?0[0-7_]+
+                    |[-+]?(?:0|[1-9][0-9_]*)
+                    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+_RecipeLoader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+                    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
 
 
 def _load(text: str) -> tuple[Any, Optional[yaml.Node]]:
