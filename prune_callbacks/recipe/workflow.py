@@ -64,6 +64,12 @@ def make_compute_metrics(recipe: Recipe, num_labels: Optional[int]):
     return compute
 
 
+def evaluation_keys(recipe: Recipe) -> list[str]:
+    """The metric keys ``trainer.evaluate()`` returns in a recipe run (besides its timing figures): the loss, and
+    for classification one key per metric of ``make_compute_metrics`` (each metric module returns its own name)."""
+    return ["eval_loss", *(f"eval_{name}" for name in recipe.metrics if recipe.task == "sequence-classification")]
+
+
 def final_evaluation(trainer, log_history: list[dict]) -> dict:
     """Metrics of the pruned model: the evaluation Trainer ran at the last step if there was one (the
     weights are the same: finalizing only re-applies the masks), else a fresh ``evaluate()``."""
