@@ -1,4 +1,5 @@
-"""The one error type of the recipe layer: every problem as ``(yaml path, message)``, located in the file."""
+"""The error types of the recipe layer: `RecipeError` (every problem as ``(yaml path, message)``, located in
+the file) and `FinalSaveError` (the trained run could not be saved; the message says what was kept)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,7 @@ class RecipeError(ValueError):
                 return origin if isinstance(origin, str) else f"{self.source}:{origin}"
             parts.pop()
         return self.source
+
+
+class FinalSaveError(RuntimeError):
+    """The final save of a finished run failed (a full disk, a read-only folder); the message says what is kept."""
