@@ -109,6 +109,8 @@ def slim_model(model, pruner, measure) -> tuple[object, dict]:
     from ..structured import StructuredUnitsError, slim_pruned
     from .errors import RecipeError
 
+    from ..integrations.slim_log import log_slim
+
     before = measure()
     try:
         summary = slim_pruned(model, pruner)
@@ -116,5 +118,6 @@ def slim_model(model, pruner, measure) -> tuple[object, dict]:
         raise RecipeError([("output.slim", f"the pruned model cannot be slimmed: {exc}; nothing was saved "
                                            "(the Trainer checkpoints are kept)")],
                           source="output") from None
+    log_slim(summary)
     return before, {**summary, "note": "report sparsity figures describe the pruned model before its units were "
                                        "cut out; the saved model is the slim one (params_after parameters)"}
