@@ -331,3 +331,25 @@ def test_slimming_logs_what_was_cut(tmp_path, capsys, caplog):
     assert code == 0, err
     text = caplog.text
     assert "slim" in text and "parameters" in text and "intermediate_size 37 ->" in text
+
+
+# ------------------------------------------------------------------ issue 24: layering and problems as data
+def test_adapter_config_files_do_not_import_the_recipe_layer(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "p.yaml").write_text("pruning:\n  final_sparsity: 0.5\n  granularity: 2:4\n")
+    code = ("import sys; from prune_callbacks.integrations.configs import config_from_file; "
+            f"c = config_from_file({str(tmp_path / 'p.yaml')!r}); assert c.granularity == '2:4', c; "
+            "print(sorted(m for m in sys.modules if m.startswith('prune_callbacks.recipe')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_schedule_problems_reach_the_recipe_as_data(tmp_path):
+    recipe = tiny_recipe(tmp_path, tmp_path / "out", pruning={"start_step": 1, "end_step": 9})
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    assert [path for path, _ in info.value.problems] == ["pruning.end_step"]
+    assert "training.max_steps=4" in info.value.problems[0][1]
