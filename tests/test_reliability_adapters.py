@@ -296,6 +296,18 @@ def test_guard_verdict_is_a_warning_when_not_met(tmp_path, capsys, caplog):
     assert "eval_loss" in message and "dense" in message
 
 
+def test_guard_verdict_not_met_is_a_python_warning_too(caplog):
+    from prune_callbacks.guard.config import AccuracyGuardConfig
+    from prune_callbacks.integrations.guard_verdict import AccuracyGuardWarning, tell_verdict
+
+    config = AccuracyGuardConfig(metric="eval_accuracy", max_drop=0.01)
+    with pytest.warns(AccuracyGuardWarning, match="eval_accuracy 0.7000 at 50.0% sparsity, dense 0.8000.*NOT met"):
+        tell_verdict(config, {"metric": 0.7, "sparsity": 0.5, "baseline": 0.8, "met": False})
+    with caplog.at_level(logging.WARNING, logger="prune_callbacks"):
+        tell_verdict(config, {"metric": 0.795, "sparsity": 0.5, "baseline": 0.8, "met": True})
+    assert "eval_accuracy 0.7950 at 50.0% sparsity, dense 0.8000, allowed drop 0.01: met" in caplog.text
+
+
 def test_model_card_does_not_list_pruning_figures_as_evaluation_results(tmp_path):
     import torch
     from transformers import Trainer, TrainingArguments

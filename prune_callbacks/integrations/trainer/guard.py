@@ -28,11 +28,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Optional
 
 from ...guard.controller import AccuracyGuard, add_guards, baseline_due, evaluation_due, metric_value
+from ..guard_verdict import tell_verdict
 from . import checkpoint as ckpt
 from .callbacks import _TrainerPruningCallback
 from .logs import add_figures
@@ -159,23 +159,9 @@ class AccuracyGuardCallback(_TrainerPruningCallback):
         for g in self.guards:
             final = g.final_check(lambda: self._value(self._evaluate(), g), pruner.step)
             figures.update(g.figures())
-            # the answer the user asked for reaches them whatever their logging setup: a warning either way
-            # (INFO is dropped by most training scripts), and a Python warning when the criterion is not met
-            logger.warning("prune_callbacks: %s", verdict(g.config, final))
-            if not final["met"]:
-                warnings.warn(f"prune_callbacks: {verdict(g.config, final)}", AccuracyGuardWarning, stacklevel=2)
-        if figures and state.is_world_process_zero:
+            if state.is_world_process_zero:
+                tell_verdict(g.config, final)  # a warning whatever the logging setup (INFO is usually dropped)
+        if figures:
             # the final figures into log_history (saved in trainer_state.json by the next save_state / checkpoint)
             state.log_history.append({**figures, "step": state.global_step})
 
-
-class AccuracyGuardWarning(UserWarning):
-    """The accuracy guard's criterion was not met at the end of the run."""
-
-
-def verdict(config, final: dict) -> str:
-    """``accuracy guard: eval_accuracy 0.81 at 50.0% sparsity, dense 0.84, allowed drop 0.05: met``."""
-    return (f"accuracy guard: {config.metric} {final['metric']:.4f} at {final['sparsity']:.1%} sparsity, dense "
-            f"{final['baseline']:.4f}, allowed drop {config.max_drop}: "
-            + ("met" if final["met"] else "NOT met (also after rolling back to the last sparsity that met it, "
-                                          "where there was one)"))
