@@ -188,6 +188,23 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, capsys, monkeypatch):
     assert not (out / ".staging").exists() and (out / ".incomplete-run").is_file()
 
 
+def test_sigterm_from_outside_exits_143_with_one_message(tmp_path):
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    out = tmp_path / "out"
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, out))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(tests / "lifecycle_kill_script.py"), "sigterm:4", str(path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "terminated (SIGTERM)" in proc.stderr and "checkpoint-2" in proc.stderr and "--resume" in proc.stderr
+    assert main(["finetune", str(path), "--resume"]) == 0
+
+
 def test_ctrl_c_without_checkpoints_says_nothing_is_kept(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, out, training={"save_strategy": "no"}))
