@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..state_io import STATE_FILE
 from .errors import FinalSaveError, RecipeError
 from .schema import Recipe
 
@@ -57,7 +58,6 @@ MARKER = ".incomplete-run"
 MANIFEST = ".prune-callbacks-run.json"
 STAGING = ".staging"
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "pruning_state.safetensors"
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # what finetune (or save_pretrained / a tokenizer's save_pretrained) may write at the top of <out>,

@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..state_io import STATE_FILE
 from .lifecycle import OutputPlan, plan_output
 from .errors import RecipeError
-from .schema import Recipe
+from .schema import METRICS, Recipe
 
 
 @dataclass
@@ -106,11 +107,9 @@ def check_guard_metrics(recipe: Recipe) -> None:
         guard = getattr(config, "accuracy_guard", None)
         if guard is None or guard.metric in keys:
             continue
-        hint = ""
-        if recipe.task == "sequence-classification":
-            missing = [m for m in ("accuracy", "f1") if m not in recipe.metrics]
-            if f"eval_{guard.metric.removeprefix('eval_')}" in [f"eval_{m}" for m in missing]:
-                hint = f" (add {guard.metric.removeprefix('eval_')} to evaluation.metrics to have it measured)"
+        name = guard.metric.removeprefix("eval_")
+        hint = (f" (or add {name} to evaluation.metrics to have it measured)"
+                if recipe.task == "sequence-classification" and name in METRICS[recipe.task] else "")
         path = f"pruning.{i}.accuracy_guard.metric" if many else "pruning.accuracy_guard.metric"
         problems.append((path, f"accuracy_guard.metric={guard.metric!r} is not among the metrics this run's "
                                f"evaluation returns; allowed: {', '.join(keys)}{hint}"))
@@ -122,7 +121,7 @@ def check_resume_state(checkpoint) -> None:
     """The pruning state a resumed run starts from must read back (a damaged file is named, with the remedy)."""
     from ..integrations.trainer.checkpoint import read_state
 
-    read_state(checkpoint / "pruning_state.safetensors")
+    read_state(checkpoint / STATE_FILE)
 
 
 def check_teacher(recipe: Recipe, model) -> None:
