@@ -6,7 +6,9 @@
 
 Exit status: 0 on success, 2 for an invalid recipe or command line, 1 for
 other problems the user can fix (missing asset package, unreadable weights,
-missing files), 130 when interrupted (Ctrl-C). Those print one message to stderr, without a
+missing files, a full disk at the final save), 130 when interrupted (Ctrl-C), 143 when stopped by
+SIGTERM (handled as Ctrl-C: cleaned up, the message says what is kept and whether --resume can
+continue). Those print one message to stderr, without a
 traceback; anything else is a bug and keeps its traceback. What a failed or interrupted
 ``finetune`` leaves in its output directory, and how the next run treats it, is described in
 :mod:`prune_callbacks.recipe.lifecycle`.
@@ -15,11 +17,15 @@ traceback; anything else is a bug and keeps its traceback. What a failed or inte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as a shell reports them
 
 
 def _positive_int(text: str) -> int:
@@ -80,12 +86,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how schedulers stop a job), raised where the program is, so it is cleaned up as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a run trains, SIGTERM raises `Terminated` (the previous handler is restored afterwards)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _finetune(args) -> int:
     from .recipe.loading import load_recipe
     from .recipe.workflow import run_recipe
 
     recipe = load_recipe(args.recipe, _resume_sets(args), output_dir=args.output_dir, max_steps=args.max_steps)
-    result = run_recipe(recipe, recipe_path=args.recipe)
+    with _sigterm_as_interrupt():
+        result = run_recipe(recipe, recipe_path=args.recipe)
     if result.summary:  # empty on the other ranks of a multi-process launch
         print(result.summary)
     return EXIT_OK
@@ -156,12 +184,12 @@ def _user_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(errors meaning 'fix the recipe / command line', errors meaning 'fix the environment or files')."""
     from .assets import AssetNotInstalledError
     from .config import PruningConfigError
-    from .recipe.errors import RecipeError
+    from .recipe.errors import FinalSaveError, RecipeError
     from .recipe.weights import WeightsError
     from .state_compat import PruningStateError
 
     # OSError: missing / unreadable files, a full disk, a read-only output directory
-    environment: tuple[type, ...] = (AssetNotInstalledError, WeightsError, PruningStateError, OSError)
+    environment: tuple[type, ...] = (AssetNotInstalledError, WeightsError, PruningStateError, FinalSaveError, OSError)
     try:
         from .sparse_io import SparseCheckpointError
 
@@ -187,11 +215,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except environment_errors as exc:
         print(f"prune-callbacks {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        hint = (" (the checkpoints written so far are kept: run the same command with --resume to continue)"
-                if args.command == "finetune" else "")
-        print(f"prune-callbacks {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during finetune
+        terminated = isinstance(exc, Terminated)
+        left = getattr(exc, "left", None)  # what the run directory holds now (finetune, once it started writing)
+        if left is None and args.command == "finetune":
+            left = "nothing was written"
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"prune-callbacks {args.command}: {what}" + (f": {left}" if left else ""), file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

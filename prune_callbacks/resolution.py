@@ -50,18 +50,20 @@ def resolve_steps(config: "PruningConfig", total_steps: Optional[int]) -> Resolv
     start, end = absolute_step(config.start_step, total_steps), absolute_step(config.end_step, total_steps)
     problems = []
     if config.schedule != "oneshot" and end < start:
-        problems.append(f"end_step resolves to {end}, before start_step {start}")
+        problems.append(("end_step", f"end_step resolves to {end}, before start_step {start}"))
     if total_steps is not None:
         if end > total_steps and config.schedule != "oneshot":
-            problems.append(
+            problems.append((
+                "end_step",
                 f"end_step={config.end_step!r} resolves to step {end}, beyond the run's {total_steps} optimizer "
                 f"steps: final_sparsity={config.final_sparsity} would never be reached (use end_step <= {total_steps} "
                 "or a fraction such as 0.7)"
-            )
+            ))
         if start > total_steps:
-            problems.append(f"start_step={config.start_step!r} resolves to step {start}, beyond the run's {total_steps} steps")
+            problems.append(("start_step", f"start_step={config.start_step!r} resolves to step {start}, beyond the run's "
+                                           f"{total_steps} steps"))
     if problems:
-        raise PruningConfigError("; ".join(problems))
+        raise PruningConfigError("; ".join(m for _, m in problems), problems)  # the problems as data too
     every = config.update_every
     window = end - start
     if "update_every" not in config.model_fields_set and config.schedule != "oneshot" and window < MIN_MASK_UPDATES * every:

@@ -6,7 +6,9 @@ test_lifecycle.py; nothing can clean up after SIGKILL, so what is left is what a
 MODE: ``train:K``       killed inside optimizer step K (after the checkpoints before it were saved);
       ``checkpoint:K``  killed while checkpoint-K is written (weights there, trainer_state.json not yet);
       ``final-save``    killed while the final sparse checkpoint is written (its large temporary file is
-                        complete, not yet moved into place).
+                        complete, not yet moved into place);
+      ``sigterm:K``     sent SIGTERM inside optimizer step K, as a scheduler stops a job (the CLI cleans up
+                        and exits 143).
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ def main() -> None:
     mode, argv = sys.argv[1], sys.argv[2:]
     import transformers
 
-    if mode.startswith("train:"):
+    if mode.startswith("sigterm:"):
+        step = int(mode.split(":")[1])
+        original = transformers.Trainer.training_step
+
+        def training_step(self, *args, **kwargs):
+            if self.state.global_step + 1 >= step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, *args, **kwargs)
+
+        transformers.Trainer.training_step = training_step
+    elif mode.startswith("train:"):
         step = int(mode.split(":")[1])
         original = transformers.Trainer.training_step
 

@@ -278,7 +278,11 @@ class AcceleratePruningHook:
         if slim:
             from ..structured import slim_pruned
 
+            from .slim_log import log_slim
+
             report["slim"] = slim_pruned(self.pruner.model, self.pruner)
+            if self.accelerator.is_main_process:
+                log_slim(report["slim"])
         if save_sparse_to is not None:
             if self.accelerator.is_main_process:
                 from ..sparse_io import save_sparse

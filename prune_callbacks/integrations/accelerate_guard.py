@@ -47,6 +47,7 @@ import torch
 
 from ..guard.controller import AccuracyGuard, add_guards, baseline_due, evaluation_due, metric_value
 from ..pruner import Pruner, _torch_optimizer
+from .guard_verdict import tell_verdict
 
 STATE_KEY = "accuracy_guard"
 _HINT = "return a mapping with this key from the evaluate function given to register()"
@@ -98,8 +99,18 @@ class GuardWiring:
         if self.pruner.finalized:
             return [g.final for g in self.guards]
         self._handle.remove()
-        return [g.final_check(lambda g=g: metric_value(self._evaluate(), g.config, _HINT), self.pruner.step)
-                for g in self.guards]
+        finals = [g.final_check(lambda g=g: metric_value(self._evaluate(), g.config, _HINT), self.pruner.step)
+                  for g in self.guards]
+        if self._is_main():
+            for g, final in zip(self.guards, finals):
+                tell_verdict(g.config, final)  # a warning whatever the logging setup (INFO is usually dropped)
+        return finals
+
+    @staticmethod
+    def _is_main() -> bool:
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
     # ------------------------------------------------------------ results and state
     def figures(self) -> dict:

@@ -2,7 +2,7 @@
 
 One reader for both adapters (`make_callbacks`, `AcceleratePruningHook`).
 
-A YAML file is read by :func:`prune_callbacks.recipe.yaml_reading.read_yaml`, the
+A YAML file is read by :func:`prune_callbacks.integrations.yaml_files.read_yaml`, the
 reader ``prune-callbacks validate`` uses (safe loading, duplicate keys refused,
 line numbers), and its problems are reported the same way
 (``file:line: pruning.field: message``). The file is a recipe (its ``pruning:``
@@ -31,26 +31,25 @@ class ConfigFileError(PruningConfigError):
         self.problems = list(problems)
 
 
-def _from_recipe_error(exc) -> ConfigFileError:
+def _from_located(exc) -> ConfigFileError:
     return ConfigFileError(str(exc), exc.problems)
 
 
 def config_from_file(path: Union[str, os.PathLike]) -> Configs:
     """The `PruningConfig` (or list of them) of a YAML file; `ConfigFileError` naming every problem."""
-    from ..recipe.errors import RecipeError
-    from ..recipe.yaml_reading import read_yaml
+    from .yaml_files import LocatedProblems, read_yaml
 
     source = str(path)
     try:
         data, lines = read_yaml(path)
-    except RecipeError as exc:
-        raise _from_recipe_error(exc) from None
+    except LocatedProblems as exc:
+        raise _from_located(exc) from None
     prefix = "pruning" if "pruning" in data else ""
     section = data["pruning"] if prefix else data
     items = section if isinstance(section, list) else [section]
     if not items or not all(isinstance(item, dict) for item in items):
         where = prefix or "<root>"
-        raise _from_recipe_error(RecipeError(
+        raise _from_located(LocatedProblems(
             [(prefix, f"{where} must be a mapping of PruningConfig fields or a list of such mappings "
                       f"(got {type(section).__name__})")], source=source, lines=lines))
     configs, problems = [], []
@@ -62,7 +61,7 @@ def config_from_file(path: Union[str, os.PathLike]) -> Configs:
             for field, message in exc.problems or [("", str(exc))]:
                 problems.append((".".join(p for p in (base, field) if p), message))
     if problems:
-        raise _from_recipe_error(RecipeError(problems, source=source, lines=lines))
+        raise _from_located(LocatedProblems(problems, source=source, lines=lines))
     return configs if isinstance(section, list) else configs[0]
 
 

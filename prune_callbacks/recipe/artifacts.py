@@ -44,9 +44,9 @@ def _target_sparsity(pruner) -> dict:
     report = pruner.report() if pruner is not None else {"per_target": {}, "prunable_params": 0, "pruned_params": 0}
     per_target = {n: {"numel": r["numel"], "nonzero": r["nonzero"], "sparsity": r["sparsity"]}
                   for n, r in report["per_target"].items()}
-    total, zeros = report["prunable_params"], report["pruned_params"]
-    return {"per_target": per_target, "target_params": total, "target_params_pruned": zeros,
-            "target_sparsity": zeros / total if total else 0.0}
+    # report.json's name for the pruner's global_sparsity (the same figure, not a second count)
+    return {"per_target": per_target, "target_params": report["prunable_params"],
+            "target_params_pruned": report["pruned_params"], "target_sparsity": report.get("global_sparsity", 0.0)}
 
 
 def _final_sparsity(recipe: Recipe) -> float:

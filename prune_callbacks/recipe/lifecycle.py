@@ -11,9 +11,11 @@ A ``finetune`` run into ``<out>``:
 3. **Finishes** by writing ``<out>/.prune-callbacks-run.json`` (the names this run wrote) and
    removing the marker.
 
-When a run fails (a recipe problem found after the model loaded, a torch error, Ctrl-C) it
+When a run fails (a recipe problem found after the model loaded, a torch error, Ctrl-C, SIGTERM) it
 removes its staging folder and an empty ``checkpoints/``; with no checkpoint left, it removes the
-marker too, so the directory is as the run found it. A killed run (SIGKILL, power loss) cannot
+marker too, so the directory is as the run found it; the message says which (`RunDirectory.what_is_left`).
+When the final save fails (a full disk), the staging folder is kept with what was written, beside
+the checkpoints and the marker (`RunDirectory.save_failed`). A killed run (SIGKILL, power loss) cannot
 clean up: the next run recognises the marker and treats the directory as *an unfinished run's
 leftovers*:
 
@@ -34,6 +36,7 @@ afterwards holds only this run's artefacts; files that no run wrote are left alo
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -45,7 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import RecipeError
+from ..state_io import STATE_FILE
+from .errors import FinalSaveError, RecipeError
 from .schema import Recipe
 
 logger = logging.getLogger("prune_callbacks.recipe")
@@ -54,7 +58,6 @@ MARKER = ".incomplete-run"
 MANIFEST = ".prune-callbacks-run.json"
 STAGING = ".staging"
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "pruning_state.safetensors"
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # what finetune (or save_pretrained / a tokenizer's save_pretrained) may write at the top of <out>,
@@ -223,6 +226,15 @@ def changed_keys(before: Optional[dict], after: dict, prefix: str = "") -> list[
     return out
 
 
+def _save_errors() -> tuple[type, ...]:
+    """What a failed write raises: ``OSError`` (ENOSPC, EROFS, ...) and safetensors' own error type."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors comes with transformers
+        return (OSError,)
+    return (OSError, SafetensorError)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -307,8 +319,9 @@ class RunDirectory:
         (self.out / MARKER).unlink()
         return self.published
 
-    def abort(self) -> None:
-        """After a failure: remove what cannot be reused; keep checkpoints (and the marker) for --resume."""
+    def abort(self) -> str:
+        """After a failure: remove what cannot be reused; keep checkpoints (and the marker) for --resume.
+        Returns what is left, in words (`what_is_left`)."""
         _remove(self.staging)
         self._clean_temporaries()
         if self.checkpoints.is_dir() and not any(self.checkpoints.iterdir()):
@@ -317,3 +330,32 @@ class RunDirectory:
             _remove(self.out / MARKER)
             if self.out.is_dir() and not any(self.out.iterdir()) and self.plan.state == "new":
                 self.out.rmdir()
+        return self.what_is_left()
+
+    def what_is_left(self) -> str:
+        """What a stopped run leaves and what the next run can do with it (one sentence, true of the directory)."""
+        complete = [c for c in list_checkpoints(self.out) if is_complete_checkpoint(c)]
+        if complete:
+            return (f"the checkpoints in {self.checkpoints} are kept (newest {complete[-1].name}): run the same command "
+                    "with --resume to continue from it")
+        where = (f"{self.out} was removed (the run had created it)" if not self.out.exists()
+                 else f"{self.out} is left as the run found it")
+        return f"no checkpoint had been written, so there is nothing to resume: {where}"
+
+    @contextlib.contextmanager
+    def final_save(self):
+        """``with run_dir.final_save() as staging:`` write the final artefacts; an ``OSError`` or
+        ``SafetensorError`` (a full disk) becomes a `FinalSaveError` saying what is kept (`save_failed`)."""
+        staging = self.stage()
+        try:
+            yield staging
+        except _save_errors() as exc:
+            raise FinalSaveError(self.save_failed(exc)) from None
+
+    def save_failed(self, exc: BaseException) -> str:
+        """After the final save failed (a full disk): keep the staging folder and the checkpoints; say where."""
+        written = sorted(p.name for p in self.staging.iterdir()) if self.staging.is_dir() else []
+        kept = (f"; the files written before it are kept in {self.staging} ({', '.join(written)}; the next run "
+                "removes them)" if written else "")
+        self._clean_temporaries()
+        return f"the final save into {self.staging} failed: {exc}{kept}; {self.what_is_left()}"

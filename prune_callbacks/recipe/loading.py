@@ -75,9 +75,14 @@ def validate_data(data: dict, source: str = "recipe", lines: Optional[dict] = No
             for i, config in enumerate(recipe.pruning_configs):
                 try:
                     config.resolve(max_steps)
-                except PruningConfigError as exc:
+                except PruningConfigError as exc:  # its problems as data: (field, message)
                     loc = ["pruning", str(i)] if many else ["pruning"]
-                    problems.extend(_section_problems(loc, f"{exc} (training.max_steps={max_steps})"))
+                    if exc.problems:
+                        problems.extend((".".join([*loc, *str(field).split(".")]) if field not in ("", "<root>")
+                                         else ".".join(loc), f"{message} (training.max_steps={max_steps})")
+                                        for field, message in exc.problems)
+                    else:
+                        problems.extend(_section_problems(loc, f"{exc} (training.max_steps={max_steps})"))
     if problems:
         raise RecipeError(problems, source=source, lines=lines)
     return recipe.model_copy(update={"training": training})

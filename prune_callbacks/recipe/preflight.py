@@ -1,11 +1,14 @@
 """Every check that can run before training, in one place: ``validate`` and ``finetune`` call the same one.
 
-``check_recipe(recipe)`` (``validate``): the output directory (`lifecycle.plan_output`), and the
-data when it is on this machine (local files, built-in assets): splits, columns, labels.
+``check_recipe(recipe)`` (``validate``): the output directory (`lifecycle.plan_output`), the
+pruning state a resumed run reads (`check_resume_state`), the accuracy guard's metric against the
+keys the evaluation returns (`check_guard_metrics`), and the data when it is on this machine
+(local files, built-in assets): splits, columns, labels.
 ``check_recipe(recipe, load_model=True)`` (``validate --load``, and ``finetune`` before it trains):
 also opens hub data, loads the model and tokenizer, checks ``data.max_length`` against the model
 and builds the Pruner(s) on the model, which checks ``include`` / ``exclude`` and the targets (and,
-with ``output.slim``, that the structured widths can be cut uniformly).
+with ``output.slim``, that the structured widths can be cut uniformly); a distillation teacher given
+as a folder is checked against the student from its ``config.json`` (`check_teacher`).
 ``finetune`` then trains on exactly what was checked (the returned `Preflight` holds it), so it
 cannot reject what ``validate --load`` accepted; ``validate`` without ``--load`` checks everything
 but what needs the model (and hub data, which needs the network).
@@ -16,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..state_io import STATE_FILE
 from .lifecycle import OutputPlan, plan_output
 from .errors import RecipeError
-from .schema import Recipe
+from .schema import METRICS, Recipe
 
 
 @dataclass
@@ -52,6 +56,9 @@ def check_recipe(recipe: Recipe, *, load_model: bool = False) -> Preflight:
 def _check(recipe: Recipe, load_model: bool) -> Preflight:
     pre = Preflight(recipe, plan_output(recipe, needs_pruning_state=True))
     check_callbacks(recipe)
+    check_guard_metrics(recipe)
+    if pre.plan.resume_from is not None:
+        check_resume_state(pre.plan.resume_from)
     if load_model or recipe.data.source != "hub":
         from .data import load_data
         from .workflow import quiet_transformers
@@ -88,6 +95,67 @@ def check_callbacks(recipe: Recipe) -> None:
                           source="pruning") from None
 
 
+def check_guard_metrics(recipe: Recipe) -> None:
+    """Every ``accuracy_guard.metric`` is a key the run's evaluation returns (else it would fail only at the
+    guard's first evaluation, after the dense phase)."""
+    from .workflow import evaluation_keys
+
+    keys = evaluation_keys(recipe)
+    many = isinstance(recipe.pruning, list)
+    problems = []
+    for i, config in enumerate(recipe.pruning_configs):
+        guard = getattr(config, "accuracy_guard", None)
+        if guard is None or guard.metric in keys:
+            continue
+        name = guard.metric.removeprefix("eval_")
+        hint = (f" (or add {name} to evaluation.metrics to have it measured)"
+                if recipe.task == "sequence-classification" and name in METRICS[recipe.task] else "")
+        path = f"pruning.{i}.accuracy_guard.metric" if many else "pruning.accuracy_guard.metric"
+        problems.append((path, f"accuracy_guard.metric={guard.metric!r} is not among the metrics this run's "
+                               f"evaluation returns; allowed: {', '.join(keys)}{hint}"))
+    if problems:
+        raise RecipeError(problems, source="pruning")
+
+
+def check_resume_state(checkpoint) -> None:
+    """The pruning state a resumed run starts from must read back (a damaged file is named, with the remedy)."""
+    from ..integrations.trainer.checkpoint import read_state
+
+    read_state(checkpoint / STATE_FILE)
+
+
+def check_teacher(recipe: Recipe, model) -> None:
+    """A teacher folder fits the student: same architecture, and what distillation compares (vocabulary, labels;
+    depth and width with hidden_weight), read from its config.json without loading its weights."""
+    config = recipe.distillation
+    if config is None or config.self_teacher or not isinstance(config.teacher, str):
+        return
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from ..distillation.teacher import check_compatible
+
+    def problem(message: str) -> RecipeError:
+        return RecipeError([("distillation.teacher", message)], source="distillation")
+
+    try:
+        teacher = AutoConfig.from_pretrained(config.teacher)
+    except Exception as exc:  # noqa: BLE001 - any unreadable config is a setting to fix
+        raise problem(f"teacher={config.teacher!r} has no readable model config.json: {exc}") from None
+    student = getattr(model, "config", None)
+    s_type, t_type = getattr(student, "model_type", None), getattr(teacher, "model_type", None)
+    if s_type and t_type and s_type != t_type:
+        raise problem(f"teacher={config.teacher!r} is a {t_type!r} model (its config.json), the student "
+                      f"{recipe.model.name!r} is a {s_type!r} model; allowed: a teacher of the student's architecture "
+                      f"({type(model).__name__} loads it), or teacher: self")
+    try:
+        check_compatible(model, SimpleNamespace(config=teacher), hidden=config.hidden_weight > 0,
+                         name=repr(config.teacher))
+    except ValueError as exc:  # DistillationConfigError
+        raise problem(str(exc)) from None
+
+
 def check_model(recipe: Recipe, model, tokenizer) -> None:
     """What needs the loaded model: the sequence length it accepts, and the pruning targets."""
     from .models import max_positions
@@ -97,6 +165,7 @@ def check_model(recipe: Recipe, model, tokenizer) -> None:
         raise RecipeError([("data.max_length", f"max_length={recipe.data.max_length} is longer than the model accepts; "
                                                f"allowed: <= {limit}")], source="data")
     check_targets(recipe, model)
+    check_teacher(recipe, model)
 
 
 EPOCH_RUN_STAND_IN = 10**6

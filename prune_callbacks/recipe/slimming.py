@@ -7,6 +7,8 @@ Rules:
   `prune_callbacks.granularity.structured.StructuredUnits`); otherwise ``validate`` reports
   ``output.slim`` (`slim_problems`, called by ``schema.cross_check``). Unstructured configs may run
   beside a structured one: their zeros stay zeros in the slim model.
+* **Blocks need slim.** ``granularity: blocks`` with ``output.slim: false`` is refused
+  (`BLOCKS_NEED_SLIM`): a zeroed block is not an identity, so only the slim model is the measured one.
 * **Uniform width.** ``validate --load`` / ``finetune`` build the Pruner before training; a width
   kind whose ``include`` / ``exclude`` leave blocks out of scope (they would keep every unit, so
   one config field cannot describe the widths) is refused there, not after training
@@ -51,11 +53,26 @@ def is_structured(config) -> bool:
     return _is_structured(getattr(config, "granularity", ""), StructuredUnits)
 
 
+#: why ``granularity: blocks`` needs ``output.slim: true`` (the one wording; the engine refuses the same case itself)
+BLOCKS_NEED_SLIM = ("granularity 'blocks' needs output.slim: true: training skips a pruned block with a hook, but a "
+                    "saved block whose weights are zero is not an identity (its LayerNorm, biases and residual path "
+                    "still act), so the saved model would compute something other than the measured one; allowed: "
+                    "output.slim: true (the pruned blocks are cut out of the saved model), or another granularity")
+
+
+def uses_blocks(config) -> bool:
+    from ..granularity.structured import Blocks
+
+    return _is_structured(getattr(config, "granularity", ""), Blocks)
+
+
 def slim_problems(recipe) -> list[tuple[str, str]]:
-    """``(yaml path, message)`` for ``output.slim`` / ``output.save_sparse`` (empty when slim is off)."""
+    """``(yaml path, message)`` for ``output.slim`` / ``output.save_sparse``, and for ``blocks`` without slim."""
     out = recipe.output
     if not out.slim:
-        return []
+        configs = recipe.pruning_configs
+        return [(("pruning" if len(configs) == 1 else f"pruning.{i}") + ".granularity", BLOCKS_NEED_SLIM)
+                for i, config in enumerate(configs) if uses_blocks(config)]
     problems = []
     configs = recipe.pruning_configs
     if not any(is_structured(c) for c in configs):
@@ -92,6 +109,8 @@ def slim_model(model, pruner, measure) -> tuple[object, dict]:
     from ..structured import StructuredUnitsError, slim_pruned
     from .errors import RecipeError
 
+    from ..integrations.slim_log import log_slim
+
     before = measure()
     try:
         summary = slim_pruned(model, pruner)
@@ -99,5 +118,6 @@ def slim_model(model, pruner, measure) -> tuple[object, dict]:
         raise RecipeError([("output.slim", f"the pruned model cannot be slimmed: {exc}; nothing was saved "
                                            "(the Trainer checkpoints are kept)")],
                           source="output") from None
+    log_slim(summary)
     return before, {**summary, "note": "report sparsity figures describe the pruned model before its units were "
                                        "cut out; the saved model is the slim one (params_after parameters)"}

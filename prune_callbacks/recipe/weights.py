@@ -7,6 +7,9 @@
 * a sparse checkpoint written by :mod:`prune_callbacks.sparse_io`;
 * a Trainer ``checkpoint-N/`` directory, whose ``pruning_state.safetensors``
   (step, mask sparsity, target) is read too.
+
+A damaged file is an error naming it and what is wrong (``config.json`` or ``trainer_state.json``
+that is not a JSON object included): a report never describes a folder that would not load.
 """
 
 from __future__ import annotations
@@ -155,11 +158,25 @@ def load_weights(path: "str | os.PathLike") -> LoadedWeights:
     loaded.pruning_state = state
     trainer_state = path / "trainer_state.json"
     if trainer_state.is_file():
-        try:
-            loaded.extra["global_step"] = json.loads(trainer_state.read_text()).get("global_step")
-        except (OSError, ValueError):
-            pass
+        loaded.extra["global_step"] = _json_object(trainer_state).get("global_step")
+    if (path / "config.json").is_file():
+        _json_object(path / "config.json")
     return loaded
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file beside the weights that must be a JSON object; WeightsError naming the file and the damage."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise WeightsError(f"{path} is damaged: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{path} is damaged: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                           "the folder's weights may be fine, but it does not load as a model or checkpoint") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} is damaged: not valid JSON for this file (a {type(data).__name__}, expected an "
+                           "object)")
+    return data
 
 
 def pruning_state_summary(state: Optional[dict]) -> Optional[dict]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import RecipeError
+from .errors import FinalSaveError, RecipeError
 from .loading import recipe_to_yaml
 from .schema import Recipe
 
@@ -62,6 +62,12 @@ def make_compute_metrics(recipe: Recipe, num_labels: Optional[int]):
         return out
 
     return compute
+
+
+def evaluation_keys(recipe: Recipe) -> list[str]:
+    """The metric keys ``trainer.evaluate()`` returns in a recipe run (besides its timing figures): the loss, and
+    for classification one key per metric of ``make_compute_metrics`` (each metric module returns its own name)."""
+    return ["eval_loss", *(f"eval_{name}" for name in recipe.metrics if recipe.task == "sequence-classification")]
 
 
 def final_evaluation(trainer, log_history: list[dict]) -> dict:
@@ -132,7 +138,13 @@ def run_recipe(recipe: Recipe, recipe_path: Optional[str] = None) -> RunResult:
         run_dir.begin(recipe.model_dump(mode="json"))
     try:
         return _train_and_save(recipe, recipe_path, pre, run_dir, started, rank0)
-    except BaseException:  # Ctrl-C and torch errors included: leave nothing that blocks the next run
+    except FinalSaveError:  # staging and checkpoints are kept, and the message says where
+        raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM (the CLI turns it into one): say what is left
+        if rank0:
+            exc.left = run_dir.abort()
+        raise
+    except BaseException:  # torch errors included: leave nothing that blocks the next run
         if rank0:
             run_dir.abort()
         raise
@@ -183,37 +195,37 @@ def _train_and_save(recipe: Recipe, recipe_path: Optional[str], pre, run_dir, st
 
     if not trainer.is_world_process_zero() or not rank0:  # multi-process launch: rank 0 writes everything
         return RunResult(out, {}, "")
-    staging = run_dir.stage()
-    (staging / RESOLVED_NAME).write_text(recipe_to_yaml(recipe), encoding="utf-8")
-    model.save_pretrained(staging)
-    if recipe.output.save_tokenizer:
-        tokenizer.save_pretrained(staging)
-    sparse_info = None
-    if recipe.output.save_sparse and slim_summary is None:  # a slim model is dense: nothing to compress
-        from ..sparse_io import save_sparse
+    with run_dir.final_save() as staging:  # a full disk: FinalSaveError saying what is kept
+        (staging / RESOLVED_NAME).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        model.save_pretrained(staging)
+        if recipe.output.save_tokenizer:
+            tokenizer.save_pretrained(staging)
+        sparse_info = None
+        if recipe.output.save_sparse and slim_summary is None:  # a slim model is dense: nothing to compress
+            from ..sparse_io import save_sparse
 
-        sparse_info = save_sparse(model, staging / "sparse",
-                                  tokenizer=tokenizer if recipe.output.save_tokenizer else None)
-    saved = time.time()
+            sparse_info = save_sparse(model, staging / "sparse",
+                                      tokenizer=tokenizer if recipe.output.save_tokenizer else None)
+        saved = time.time()
 
-    report = artifacts.build_report(
-        recipe=recipe, recipe_path=recipe_path, out=out, model=model, pruner=pruner, log_history=log_history,
-        global_step=trainer.state.global_step,
-        train_output=train_output, pruned_metrics=pruned_metrics, recorder=recorder, data=data,
-        sparse_info=sparse_info, timing={"load_s": loaded - started, "train_s": trained - loaded,
-                                         "save_s": saved - trained, "total_s": time.time() - started},
-        written=staging, measured=measured, slim=slim_summary,
-    )
-    if resume_from:
-        report["training"]["resumed_from"] = resume_from
-    if recipe.distillation is not None:  # distill/* figures of the run (issue 12)
-        from ..distillation.report import distillation_summary
+        report = artifacts.build_report(
+            recipe=recipe, recipe_path=recipe_path, out=out, model=model, pruner=pruner, log_history=log_history,
+            global_step=trainer.state.global_step,
+            train_output=train_output, pruned_metrics=pruned_metrics, recorder=recorder, data=data,
+            sparse_info=sparse_info, timing={"load_s": loaded - started, "train_s": trained - loaded,
+                                             "save_s": saved - trained, "total_s": time.time() - started},
+            written=staging, measured=measured, slim=slim_summary,
+        )
+        if resume_from:
+            report["training"]["resumed_from"] = resume_from
+        if recipe.distillation is not None:  # distill/* figures of the run (issue 12)
+            from ..distillation.report import distillation_summary
 
-        report["distillation"] = distillation_summary(recipe.distillation, log_history, callbacks)
-    if callbacks.guard is not None:  # the guard's trajectory and answer (issue 15)
-        report["accuracy_guard"] = callbacks.guard.report()
-    artifacts.write_all(report, staging, plot=recipe.output.plot)
-    run_dir.publish()
-    from .summary import run_summary
+            report["distillation"] = distillation_summary(recipe.distillation, log_history, callbacks)
+        if callbacks.guard is not None:  # the guard's trajectory and answer (issue 15)
+            report["accuracy_guard"] = callbacks.guard.report()
+        artifacts.write_all(report, staging, plot=recipe.output.plot)
+        run_dir.publish()
+        from .summary import run_summary
 
-    return RunResult(out, report, run_summary(report))
+        return RunResult(out, report, run_summary(report))

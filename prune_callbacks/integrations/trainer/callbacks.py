@@ -220,9 +220,9 @@ class PermanentMaskCallback(_TrainerPruningCallback):
             if self.slim:
                 from ...structured import slim_pruned
 
-                summary = slim_pruned(model, engine.pruner)
-                logger.info("prune_callbacks: slimmed the model from %s to %s parameters (%s)",
-                            summary["params_before"], summary["params_after"], summary["config"])
+                from ..slim_log import log_slim
+
+                log_slim(slim_pruned(model, engine.pruner))
         if self.save_sparse_to is not None and args.should_save:
             from ...sparse_io import save_sparse
 

@@ -88,6 +88,21 @@ def save_state(pruner: Any, args: Any, state: Any) -> Optional[str]:
     return str(save_state_file(payload, os.path.join(folder, STATE_FILE)))
 
 
+def read_state(path: "str | os.PathLike", device="cpu") -> dict:
+    """`load_state_file`, with a damaged file named and the remedy given (`PruningStateError`)."""
+    from ...state_compat import PruningStateError
+
+    try:
+        return load_state_file(path, device=device)
+    except (ValueError, KeyError, TypeError) as exc:  # truncated / not a pruning state / damaged metadata
+        folder = os.path.dirname(os.path.abspath(path))
+        detail = str(exc).removeprefix(f"{path} ").removeprefix("is ")
+        raise PruningStateError(
+            f"{path} is damaged ({detail}); the run cannot resume from {os.path.basename(folder)}. Delete the folder "
+            f"{folder} to resume from the checkpoint before it (`prune-callbacks report {folder}` shows the same "
+            "problem)") from None
+
+
 def find_state(candidates, global_step: int, device) -> tuple[Optional[str], Optional[dict], list[str]]:
     """The first candidate (folder or state file) holding a state written at ``global_step``."""
     tried = []
@@ -96,7 +111,7 @@ def find_state(candidates, global_step: int, device) -> tuple[Optional[str], Opt
         if not os.path.isfile(path):
             tried.append(f"{path} (missing)")
             continue
-        saved = load_state_file(path, device=device)
+        saved = read_state(path, device=device)
         step = saved.get("global_step")
         if step is not None and int(step) != global_step:
             tried.append(f"{path} (written at step {step})")

@@ -180,7 +180,16 @@ class TrainerPruningEngine:
             self._check_compatible(pruner, saved, state, path)
             pruner.load_state_dict(saved)
             self.resumed_from = path
-            logger.info("prune_callbacks: resumed pruning state from %s (step %s)", path, pruner.step)
+            recorded = (record or {}).get("state_file")
+            outside = not os.path.abspath(path).startswith(os.path.abspath(args.output_dir) + os.sep)
+            if path == recorded and path not in (self.resume_from, getattr(args, "resume_from_checkpoint", None)) \
+                    and outside:
+                logger.warning("prune_callbacks: resumed pruning state from %s (step %s), the file recorded in the "
+                               "checkpoint's trainer_state.json by the run that wrote it, outside this run's output_dir "
+                               "%s; pass resume_from=<checkpoint folder or state file> to make_callbacks to read "
+                               "another one", path, pruner.step, args.output_dir)
+            else:
+                logger.info("prune_callbacks: resumed pruning state from %s (step %s)", path, pruner.step)
             return
         hint = ("Pass resume_from=<the checkpoint folder, or its pruning_state.safetensors> to make_callbacks / "
                 "GradualPruningCallback if the file was moved, or start the run from scratch")

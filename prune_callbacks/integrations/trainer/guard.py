@@ -8,9 +8,12 @@
   any step. No ``eval_dataset`` is an error here; a metric name that the evaluation does not
   return (the keys it returns are listed) is an error at that first evaluation, before any
   weight is pruned.
-* every ``every`` optimizer steps once masks exist: ``control.should_evaluate = True``, so
-  the Trainer runs its normal evaluation; ``on_evaluate`` hands the metric to the guard
-  (evaluations the user scheduled count too).
+* every ``every`` optimizer steps once masks exist: the guard's own ``trainer.evaluate()``
+  (the Trainer's ``eval_dataset`` and ``compute_metrics``, logged as usual) unless the user's
+  schedule evaluates at that step anyway; ``on_evaluate`` hands the user's evaluations to the
+  guard too. The guard's own evaluations are not the training loop's, so they never enter
+  best-model tracking: ``metric_for_best_model`` / ``load_best_model_at_end`` select among the
+  evaluations the user scheduled, as without the guard.
 * ``on_train_end`` (before `PermanentMaskCallback` finalizes): `AccuracyGuard.final_check`
   evaluates at the final sparsity and rolls back to the last good masks if it fails, so
   the reported answer is measured where the run ends.
@@ -29,6 +32,7 @@ from typing import Optional
 
 from ...guard.controller import AccuracyGuard, add_guards, baseline_due, evaluation_due, metric_value
 from ...state_io import save_tensors_atomic
+from ..guard_verdict import tell_verdict
 from . import checkpoint as ckpt
 from .callbacks import _TrainerPruningCallback
 from .logs import add_figures
@@ -92,8 +96,15 @@ class AccuracyGuardCallback(_TrainerPruningCallback):
         if pruner is None:
             return
         self._measure_baselines(control)
-        if evaluation_due(pruner, self.guards):
-            control.should_evaluate = True
+        if evaluation_due(pruner, self.guards) and not control.should_evaluate:
+            # an evaluation of the guard's own, not the Trainer's: Trainer.evaluate() is not the training loop's
+            # evaluation, so it does not enter best-model tracking (metric_for_best_model / load_best_model_at_end)
+            # nor step a ReduceLROnPlateau scheduler; a step the user's schedule evaluates anyway is fed by on_evaluate
+            flags = control.should_log, control.should_save
+            metrics = self._evaluate()
+            control.should_log, control.should_save = flags
+            for g in self.guards:
+                g.report_metric(self._value(metrics, g), pruner.step)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         pruner = self.engine.pruner
@@ -140,8 +151,13 @@ class AccuracyGuardCallback(_TrainerPruningCallback):
         pruner = self.engine.pruner
         if pruner is None or pruner.finalized or not self.guards:
             return
+        figures = {}
         for g in self.guards:
             final = g.final_check(lambda: self._value(self._evaluate(), g), pruner.step)
-            logger.info("prune_callbacks: accuracy guard ends at sparsity %.4f, %s=%.4f (dense %.4f, %s)",
-                        final["sparsity"], g.config.metric, final["metric"], final["baseline"],
-                        "within max_drop" if final["met"] else "NOT within max_drop")
+            figures.update(g.figures())
+            if state.is_world_process_zero:
+                tell_verdict(g.config, final)  # a warning whatever the logging setup (INFO is usually dropped)
+        if figures:
+            # the final figures into log_history (saved in trainer_state.json by the next save_state / checkpoint)
+            state.log_history.append({**figures, "step": state.global_step})
+

@@ -13,7 +13,10 @@ printer, ...), then user callbacks. So:
   hyper-parameter-search objective stay free of ``sparsity/*``;
 * every figure also goes into the ``log_history`` entry just appended
   (:func:`place_in_log_history`, the one workaround: transformers has no API to
-  add to an entry);
+  add to an entry) -- or, when that entry holds an evaluation's metrics, into an
+  entry of its own at the same step, so that the model card
+  (``Trainer.create_model_card``) never lists ``sparsity/*`` or ``pruning/*`` as
+  results on the evaluation set;
 * `put_before_reporters` moves our callbacks right after ``DefaultFlowCallback``
   with the Trainer's own ``pop_callback`` / ``add_callback``, so reporters run
   after them (``callbacks.bind(trainer)`` does it).
@@ -45,6 +48,12 @@ def place_in_log_history(state: Any, figures: dict) -> bool:
     entry = state.log_history[-1]
     if entry.get("step") != state.global_step:
         return False
+    if is_returned_metrics(entry) and any(isinstance(k, str) and k.startswith("eval_") for k in entry):
+        # an evaluation's entry: the model card (transformers.modelcard.parse_log_history) reads every key of an
+        # entry with ``eval_loss`` as a result on the evaluation set, so the figures go into an entry of their
+        # own right after it (same step), never among the metrics
+        state.log_history.append({**figures, "step": state.global_step})
+        return True
     entry.update(figures)
     return True
 
