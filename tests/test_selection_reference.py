@@ -1,6 +1,7 @@
 """The radix selection is bitwise today's flat selection: masks equal to a verbatim copy of the selection as it
 was before (commit f992eed: one flat float32 copy of all scores, ``kthvalue`` / ``topk``) over a table of cases
-with ties, caps, NaN, infinities, already-pruned weights, empty targets, several chunks and digit widths."""
+with ties, caps, NaN, infinities, already-pruned weights, empty targets, several chunks, batches of
+groups and a full or overflowing candidate stash."""
 
 from __future__ import annotations
 
@@ -195,8 +196,10 @@ def _global_count(scores, pruned, sparsity, low, high):
 
 @pytest.fixture(params=["one_chunk", "chunks_of_96"])
 def chunking(request, monkeypatch):
+    """One chunk per tensor; or chunks of 96 with a stash of 300 candidates (some cases overflow it)."""
     if request.param == "chunks_of_96":
         monkeypatch.setattr(radix, "CHUNK_CPU", 96)
+        monkeypatch.setattr(radix, "STASH_MAX", 300)
     return request.param
 
 
@@ -214,9 +217,11 @@ def test_global_and_per_layer_masks_match_the_flat_selection(kind, layout, chunk
             _equal([new], [mask], [score], [old], k)
 
 
-@pytest.mark.parametrize("cells", [1 << 12, 1 << 8])  # force 11-, 8- and 4-bit digits
-def test_narrow_digits_match(cells, monkeypatch):
-    monkeypatch.setattr(radix, "_HISTOGRAM_CELLS", cells)
+@pytest.mark.parametrize("per_batch, stash", [(3, 0), (1, 1 << 22), (16, 0)])
+def test_batches_and_stash_overflow_match(per_batch, stash, monkeypatch):
+    monkeypatch.setattr(radix, "GROUPS_PER_BATCH", per_batch)
+    monkeypatch.setattr(radix, "STASH_MAX", stash)
+    monkeypatch.setattr(radix, "CHUNK_CPU", 16)
     for kind in ("uniform", "ties_pruned", "special"):
         scores, pruned = _make(kind, SHAPES["many"], 1)
         _equal(selection.per_layer_masks(scores, pruned, 0.45), per_layer_masks(scores, pruned, 0.45))
