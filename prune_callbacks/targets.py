@@ -54,11 +54,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D`` stores its weight as ``[in, out]`` (the one place that recognises it)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def _is_linear_like(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
     weight = getattr(module, "weight", None)
-    return type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
+    return is_transposed(module) and isinstance(weight, nn.Parameter) and weight.dim() == 2
 
 
 def _storage_key(param: torch.Tensor) -> tuple:
@@ -128,7 +133,7 @@ def find_targets(
             f"(e.g. the embeddings): {', '.join(explicitly_tied)}. Add an exclude pattern for them."
         )
     modules = dict(model.named_modules())
-    targets = [Target(name, modules[name].weight, type(modules[name]).__name__ == "Conv1D")
+    targets = [Target(name, modules[name].weight, is_transposed(modules[name]))
                for name in chosen if f"{name}.weight" not in tied]
     if not targets and before_exclude and not chosen:
         raise ValueError(

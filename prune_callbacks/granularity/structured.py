@@ -19,8 +19,12 @@ are one bool per unit (``[n_units]`` per block, ``True`` = pruned).
   when every weight they span is a target; a block is in scope for ``blocks`` when
   any of its weights is. Blocks out of scope keep all their units (slimming then
   refuses, since the width is no longer uniform, unless those blocks are removed).
-* ``attention_heads`` needs a Llama-family config (its own ``head_dim``); BERT/GPT-2
-  are refused when the `Pruner` is built (the architecture is unknown at config time).
+* ``attention_heads`` needs a config with a head size of its own (``head_dim``, T5
+  ``d_kv``); BERT/GPT-2/OPT/DistilBERT/ViT are refused when the `Pruner` is built (the
+  architecture is unknown at config time). Which tensors a unit spans is read from the
+  family table (:mod:`prune_callbacks.structured.families`), or from ``config.units``
+  for the user's own model (:mod:`prune_callbacks.structured.description`), validated
+  here, before training.
 
 Combine kinds with several configs (``Pruner(model, [ffn_config, blocks_config])``):
 each group selects on its own; a removed block takes its neurons and heads with it
@@ -40,8 +44,8 @@ import torch
 
 from ..registry import register_granularity
 from ..structured.masking import skip_block, zero_units
-from ..structured.units import StructuredUnitsError, block_layout, is_transposed, unit_map
-from ..targets import Target
+from ..structured.units import StructuredUnitsError, block_layout, unit_map
+from ..targets import Target, is_transposed
 from .base import Granularity
 
 
@@ -51,17 +55,20 @@ class StructuredUnits(Granularity):
     name = "structured"
     kind: ClassVar[str] = ""
     elementwise = False
+    config_fields = frozenset({"units"})
 
     def __init__(self, config, targets, model=None, *args: str):
         if model is None:
             raise ValueError(f"granularity={self.kind!r} needs the model (to find its units)")
         self.config = config
         self.model = model
+        units = getattr(config, "units", None)
+        self.family = units.to_family() if units is not None else None
         targeted = {t.name for t in targets}
-        layout = block_layout(model)
+        layout = block_layout(model, family=self.family)
         self._blocks = {g: layout.modules[g] for g in layout.blocks}
         self.n_blocks = len(layout.blocks)
-        groups = unit_map(model, self.kind)
+        groups = unit_map(model, self.kind, layout=layout)
         if self.kind == "blocks":
             in_scope = [g for g in groups if any(s.module in targeted for s in g.spans if s.param_name == "weight")]
         else:
@@ -123,10 +130,10 @@ class StructuredUnits(Granularity):
         self.apply()
 
     def keep(self) -> list[torch.Tensor]:
-        """``True`` = kept, one bool tensor per block of the model (blocks out of scope keep everything)."""
-        by_block = {g.layer: ~m.cpu() for g, m in zip(self.groups, self.masks)}
-        full = {g.layer: g.n_units for g in unit_map(self.model, self.kind)}
-        return [by_block.get(i, torch.ones(full[i], dtype=torch.bool)) for i in range(self.n_blocks)]
+        """``True`` = kept, one bool tensor per unit group of the model (groups out of scope keep everything)."""
+        mine = {g.mask_name: ~m.cpu() for g, m in zip(self.groups, self.masks)}
+        return [mine.get(g.mask_name, torch.ones(g.n_units, dtype=torch.bool))
+                for g in unit_map(self.model, self.kind, family=self.family)]
 
     # ------------------------------------------------------------ reporting
     def counts(self, measured: bool = False):
