@@ -69,27 +69,32 @@ class StructuredUnits(Granularity):
         self._blocks = {g: layout.modules[g] for g in layout.blocks}
         self.n_blocks = len(layout.blocks)
         groups = unit_map(model, self.kind, layout=layout)
+        modules = layout.modules
+
+        def projections(g):  # the Linear / Conv1D weights a unit spans (what include/exclude select)
+            return [s.module for s in g.spans if s.param_name == "weight" and _is_projection(modules[s.module])]
+
         if self.kind == "blocks":
-            in_scope = [g for g in groups if any(s.module in targeted for s in g.spans if s.param_name == "weight")]
+            in_scope = [g for g in groups if any(m in targeted for m in projections(g))]
         else:
-            in_scope = [g for g in groups if all(s.module in targeted for s in g.spans if s.param_name == "weight")]
+            in_scope = [g for g in groups if all(m in targeted for m in projections(g))]
         if not in_scope:
-            needed = sorted({s.module for s in groups[0].spans if s.param_name == "weight"})
+            needed = sorted(set(projections(groups[0])))
             raise StructuredUnitsError(
                 f"granularity={self.kind!r}: no block is in scope; include/exclude must select every weight a unit "
                 f"spans (in block 0: {', '.join(needed)})"
             )
         self.groups = in_scope
         seen, params, weights = set(), [], []
-        modules = layout.modules
         for g in self.groups:
             for s in g.spans:
                 if id(s.param) not in seen:
                     seen.add(id(s.param))
                     params.append(s.param)
-                    if s.param_name == "weight" and s.param.dim() == 2:
+                    if s.param_name == "weight" and _is_projection(modules[s.module]):
                         weights.append(Target(s.module, s.param, is_transposed(modules[s.module])))
         self.targets = weights
+        self._projections = {t.name for t in weights}
         self.params = params
         self._index = {id(p): i for i, p in enumerate(params)}
         self.masks = [torch.zeros(g.n_units, dtype=torch.bool, device=g.spans[0].param.device) for g in self.groups]
@@ -141,7 +146,7 @@ class StructuredUnits(Granularity):
         for g, pruned in zip(self.groups, self.masks):
             n_pruned = int(pruned.sum())
             for s in g.spans:
-                if s.param_name != "weight" or s.param.dim() != 2:
+                if s.param_name != "weight" or s.module not in self._projections:
                     continue
                 numel = s.param.numel()
                 if measured:
@@ -158,6 +163,10 @@ class StructuredUnits(Granularity):
             "units_per_block": [g.n_units for g in self.groups],
             "kept_per_block": {g.block: int((~m).sum()) for g, m in zip(self.groups, self.masks)},
         }
+
+
+def _is_projection(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or is_transposed(module)
 
 
 def _lowest(score: torch.Tensor, old: torch.Tensor, k: int) -> torch.Tensor:

@@ -16,7 +16,10 @@ A `Family` says, declaratively, where a model keeps its structured units:
   ``head_norms`` the norms of the attention module that go with the heads (OLMo-2's
   ``q_norm``/``k_norm`` normalise the whole projection: they span the heads; Qwen3's
   normalise one head and span nothing), ``head_tables`` per-head columns of an embedding
-  (T5's ``relative_attention_bias``);
+  (T5's ``relative_attention_bias``); ``tied_heads``: attentions whose head ``i`` is one
+  unit across the whole stack (T5's self-attention: block 0 computes the relative
+  position bias of every head once and every block of the stack adds column ``i`` to
+  its head ``i``, so the same heads must go in every block);
 * **config fields** rewritten when units are cut (``ffn_field``, ``heads_field``,
   ``kv_field``, ``head_size_field``, ``layers_fields`` per stack, ``per_layer_fields``);
   ``heads_refusal`` says why a config cannot describe fewer heads (head size derived as
@@ -66,6 +69,7 @@ class Family:
     head_extras: tuple[str, ...] = ()
     head_norms: tuple[tuple[str, str], ...] = ()  # (name in the attention module, "q" or "kv")
     head_tables: tuple[str, ...] = ()
+    tied_heads: tuple[str, ...] = ()  # attentions (relative to a block) whose heads are one unit across a stack
     hidden_field: Optional[str] = "hidden_size"
     heads_field: Optional[str] = "num_attention_heads"
     kv_field: Optional[str] = None
@@ -100,11 +104,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("deberta-v2", (r"(.+\.)?encoder\.layer",), **_BERT_FFN,
            q=r"attention\.self\.query_proj", k=r"attention\.self\.key_proj", v=r"attention\.self\.value_proj",
            o=r"attention\.output\.dense", head_extras=("pos_key_proj", "pos_query_proj"),
-           head_size_field="attention_head_size"),
-    Family("vit", (r"(.+\.)?encoder\.layer",), **_BERT_FFN,
-           q=r"attention\.attention\.query", k=r"attention\.attention\.key", v=r"attention\.attention\.value",
-           o=r"attention\.output\.dense",
-           heads_refusal="ViT attention " + _DERIVED.format(hidden="hidden_size", heads="num_attention_heads")),
+           head_size_field="attention_head_size",
+           heads_refusal="DeBERTa-v2's attention output projection is built hidden_size x hidden_size (not heads x "
+                         "head size), so a config cannot describe fewer heads"),
+    # ViT (transformers 5: q_proj/k_proj/v_proj/o_proj, mlp.fc1/fc2; head size read as config.head_dim)
+    Family("vit", (r"(.+\.)?layers",), (r"mlp\.fc1",), r"mlp\.fc2", "intermediate_size",
+           q=r"attention\.q_proj", k=r"attention\.k_proj", v=r"attention\.v_proj", o=r"attention\.o_proj",
+           head_size_field="head_dim"),
     Family("distilbert", (r"(.+\.)?transformer\.layer",), (r"ffn\.lin1",), r"ffn\.lin2", "hidden_dim",
            q=r"attention\.q_lin", k=r"attention\.k_lin", v=r"attention\.v_lin", o=r"attention\.out_lin",
            hidden_field="dim", heads_field="n_heads", layers_fields=(("", "n_layers"),),
@@ -129,7 +135,7 @@ FAMILIES: tuple[Family, ...] = (
            (r"layer\.\d+\.DenseReluDense\.wi(_\d)?",), r"layer\.\d+\.DenseReluDense\.wo", "d_ff",
            q=r"layer\.\d+\.(SelfAttention|EncDecAttention)\.q", k=r"layer\.\d+\.(SelfAttention|EncDecAttention)\.k",
            v=r"layer\.\d+\.(SelfAttention|EncDecAttention)\.v", o=r"layer\.\d+\.(SelfAttention|EncDecAttention)\.o",
-           head_tables=("relative_attention_bias",), hidden_field="d_model", heads_field="num_heads",
+           head_tables=("relative_attention_bias",), tied_heads=(r"layer\.0\.SelfAttention",), hidden_field="d_model", heads_field="num_heads",
            head_size_field="d_kv", layers_fields=((r"decoder", "num_decoder_layers"), ("", "num_layers")),
            per_layer_fields=(),
            stack_owned=(("layer.0.SelfAttention.relative_attention_bias", "has_relative_attention_bias"),)),

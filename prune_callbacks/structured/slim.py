@@ -145,8 +145,9 @@ def _plan(model, keep, family):
                                        f"({len(groups)}: {', '.join(g.mask_name for g in groups[:3])}, ...)")
         masks = [_as_bools(m, g.n_units, f"keep[{kind!r}][{i}] ({g.mask_name})")
                  for i, (m, g) in enumerate(zip(masks, groups))]
-        counts = {(f"block {g.layer}" if g.part is None else f"block {g.layer} {g.part}"): int(m.sum())
-                  for g, m in zip(groups, masks) if blocks_kept[g.layer]}
+        counts = {(f"block {g.layer}" if g.part is None else f"{g.block if g.tied else f'block {g.layer}'} {g.part}"):
+                  int(m.sum())
+                  for g, m in zip(groups, masks) if blocks_kept[g.layer] or g.tied}
         fields = layout.family
         field_desc = (f"FFN width ({fields.ffn_field})" if kind == "ffn_neurons"
                       else f"head count ({fields.kv_field or fields.heads_field})")
@@ -158,7 +159,7 @@ def _plan(model, keep, family):
 
 def _cut(layout, groups, masks, blocks_kept) -> None:
     for group, kept in zip(groups, masks):
-        if not blocks_kept[group.layer]:
+        if not blocks_kept[group.layer] and not group.tied:
             continue
         units = kept.nonzero().reshape(-1)
         touched = {}
@@ -217,8 +218,8 @@ def slim(model: nn.Module, keep: Mapping[str, Optional[Sequence]], family: Optio
         set_config(fam.kv_field, width)
         set_config(fam.head_size_field, head_size)  # written out: a config that derived it would now derive wrong
         for group in groups:
-            if blocks_kept[group.layer]:
-                _set_attrs(layout.modules[group.module], width * rep, width, head_size)
+            for module in group.modules:
+                _set_attrs(layout.modules[module], width * rep, width, head_size)
 
     kept_blocks = [i for i in range(len(layout.blocks)) if blocks_kept[i]]
     if len(kept_blocks) < len(layout.blocks):

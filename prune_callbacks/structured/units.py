@@ -111,6 +111,8 @@ class UnitGroup:
     spans: list[Span]
     part: Optional[str] = None  # the attention module (relative to the block) where a block has several
     module: Optional[str] = None  # heads: the attention module whose head-count attributes change
+    modules: tuple[str, ...] = ()  # tied heads: every attention module of the stack the group spans
+    tied: bool = False  # one unit spans every block of a stack (see `Family.tied_heads`)
 
     @property
     def mask_name(self) -> str:
@@ -310,7 +312,7 @@ def _head_groups(layout: BlockLayout, describe_only: bool = False) -> list[UnitG
     rep = heads // kv
     q_seg, kv_seg = (Segment(0, rep * d, rep),), (Segment(0, d),)
     what = f"{heads} heads, {kv} KV heads, head size {d}"
-    groups = []
+    groups, tied = [], {}
     for layer, block in enumerate(layout.blocks):
         attentions = layout.attentions(block)
         for ins, out in attentions:
@@ -342,8 +344,21 @@ def _head_groups(layout: BlockLayout, describe_only: bool = False) -> list[UnitG
                 if isinstance(weight, torch.Tensor):
                     spans.append(Span(f"{attn}.{table}", "weight", weight, 1, (Segment(0, rep, rep),)))
             _check_spans(spans, kv, what)
-            part = attn[len(block) + 1:] if len(attentions) > 1 else None
-            groups.append(UnitGroup("attention_heads", layer, block, kv, spans, part=part, module=attn))
+            rel = attn[len(block) + 1:]
+            if any(re.fullmatch(p, rel) for p in family.tied_heads):
+                stack = layout.stack_of(block)
+                key = (stack, rel)
+                if key in tied:
+                    tied[key].spans.extend(spans)
+                    tied[key].modules += (attn,)
+                    continue
+                tied[key] = UnitGroup("attention_heads", layer, stack, kv, spans, part=rel, module=attn,
+                                      modules=(attn,), tied=True)
+                groups.append(tied[key])
+                continue
+            part = rel if len(attentions) > 1 else None
+            groups.append(UnitGroup("attention_heads", layer, block, kv, spans, part=part, module=attn,
+                                    modules=(attn,)))
     return groups
 
 
