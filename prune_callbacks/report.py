@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, Optional, Sequence
 
 import torch
 
-_INDEX = re.compile(r"\.\d+(?=\.|$)")
-
-
-def group_name(name: str) -> str:
-    """``encoder.layer.3.attention.self.query`` -> ``encoder.layer.*.attention.self.query``."""
-    return _INDEX.sub(".*", name)
+from .targets import group_name  # noqa: F401 (re-exported: the one parser of block indices is in targets)
 
 
 def build_report(

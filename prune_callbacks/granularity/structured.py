@@ -45,7 +45,7 @@ import torch
 from ..registry import register_granularity
 from ..structured.masking import skip_block, zero_units
 from ..structured.units import StructuredUnitsError, block_layout, unit_map
-from ..targets import Target, is_transposed
+from ..targets import Target, is_linear_like, is_transposed
 from .base import Granularity
 
 
@@ -72,7 +72,7 @@ class StructuredUnits(Granularity):
         modules = layout.modules
 
         def projections(g):  # the Linear / Conv1D weights a unit spans (what include/exclude select)
-            return [s.module for s in g.spans if s.param_name == "weight" and _is_projection(modules[s.module])]
+            return [s.module for s in g.spans if s.param_name == "weight" and is_linear_like(modules[s.module])]
 
         if self.kind == "blocks":
             in_scope = [g for g in groups if any(m in targeted for m in projections(g))]
@@ -91,7 +91,7 @@ class StructuredUnits(Granularity):
                 if id(s.param) not in seen:
                     seen.add(id(s.param))
                     params.append(s.param)
-                    if s.param_name == "weight" and _is_projection(modules[s.module]):
+                    if s.param_name == "weight" and is_linear_like(modules[s.module]):
                         weights.append(Target(s.module, s.param, is_transposed(modules[s.module])))
         self.targets = weights
         self._projections = {t.name for t in weights}
@@ -163,10 +163,6 @@ class StructuredUnits(Granularity):
             "units_per_block": [g.n_units for g in self.groups],
             "kept_per_block": {g.block: int((~m).sum()) for g, m in zip(self.groups, self.masks)},
         }
-
-
-def _is_projection(module) -> bool:
-    return isinstance(module, torch.nn.Linear) or is_transposed(module)
 
 
 def _lowest(score: torch.Tensor, old: torch.Tensor, k: int) -> torch.Tensor:
