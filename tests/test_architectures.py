@@ -183,3 +183,17 @@ def test_custom_description_is_validated_by_the_config(units, message):
 def test_units_do_not_apply_to_unstructured():
     with pytest.raises(ValueError, match="units=.*does not apply to granularity='unstructured'"):
         PruningConfig(units=UNITS)
+
+
+def test_the_published_matrix_claims_what_the_table_says():
+    """docs/support-matrix.md is generated from CASES (regenerate it after changing the table)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "support-matrix.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Architecture")}
+    assert set(rows) == {c.name for c in CASES}
+    for case in CASES:
+        claimed = dict(zip(COLUMNS, rows[case.name]))
+        assert {k for k, v in claimed.items() if v == "refused"} == set(case.refuse), case.name
+        assert all(v == "yes" for k, v in claimed.items() if k not in case.refuse), case.name

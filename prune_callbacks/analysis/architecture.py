@@ -38,8 +38,8 @@ class ModelMap:
     ffn: list[UnitGroup] = field(default_factory=list)  # one per block
 
     def attention_name(self, group: UnitGroup) -> str:
-        """The name analysis gives one attention: its block, or ``block.part`` where a block has several."""
-        return group.block if group.part is None else f"{group.block}.{group.part}"
+        """The name analysis gives one attention (`UnitGroup.label`)."""
+        return group.label
 
 
 def map_model(model: nn.Module) -> ModelMap:

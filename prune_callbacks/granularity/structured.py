@@ -161,7 +161,7 @@ class StructuredUnits(Granularity):
         return {
             "units": self.kind,
             "units_per_block": [g.n_units for g in self.groups],
-            "kept_per_block": {g.block: int((~m).sum()) for g, m in zip(self.groups, self.masks)},
+            "kept_per_block": {g.label: int((~m).sum()) for g, m in zip(self.groups, self.masks)},
         }
 
 

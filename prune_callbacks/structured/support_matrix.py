@@ -221,6 +221,12 @@ def render(results: dict) -> str:
     if reasons:
         lines += ["", "Refused (the message structured pruning gives):", ""]
         lines += [f"- {', '.join(names)}: {why}" for why, names in reasons.items()]
+    lines += ["", "OLMo-2's `q_norm` / `k_norm` normalise the whole projection: cutting heads cuts their weights too and "
+              "scales them by sqrt(old width / new width), so the root-mean-square over the fewer remaining entries "
+              "gives the masked model's values, exact up to the norm's eps (the cell allows 1e-3 between the masked "
+              "and the slimmed model; the reload is exact). T5: heads of the self-attention are one unit across "
+              "each block list (block 0's relative position bias is shared by every block); removing block 0 hands "
+              "that bias to the new first block."]
     lines += ["", "Your own architecture: describe its units with `PruningConfig(units=...)` "
               "(`prune_callbacks/structured/description.py`); a model without a `from_pretrained` config is slimmed "
               "in place, save its `state_dict`.", ""]

@@ -118,6 +118,14 @@ class UnitGroup:
     def mask_name(self) -> str:
         return f"{self.block}:{self.kind}" if self.part is None else f"{self.block}:{self.kind}:{self.part}"
 
+    @property
+    def label(self) -> str:
+        """Where the units are, for reports: the block, ``block.attention`` where a block has several attentions,
+        ``stack.*.attention`` for heads tied across a stack."""
+        if self.part is None:
+            return self.block
+        return f"{self.block}.*.{self.part}" if self.tied else f"{self.block}.{self.part}"
+
 
 @dataclass
 class BlockLayout:
