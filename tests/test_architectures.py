@@ -197,3 +197,16 @@ def test_the_published_matrix_claims_what_the_table_says():
         claimed = dict(zip(COLUMNS, rows[case.name]))
         assert {k for k, v in claimed.items() if v == "refused"} == set(case.refuse), case.name
         assert all(v == "yes" for k, v in claimed.items() if k not in case.refuse), case.name
+
+
+def test_custom_description_rewrites_the_config_fields_it_names():
+    from types import SimpleNamespace
+
+    model = TinyLM()
+    model.config = SimpleNamespace(d_ff=64, n_heads=4, head_size=8, n_layers=3)
+    units = {k: v for k, v in UNITS.items() if k not in ("num_heads", "head_dim")}
+    units["config_fields"] = {"ffn": "d_ff", "heads": "n_heads", "head_dim": "head_size", "layers": "n_layers"}
+    pruner = _train_custom(model, ["ffn_neurons", "attention_heads", "blocks"], units=units)
+    summary = slim_pruned(model, pruner)
+    assert summary["config"] == {"d_ff": [64, 32], "n_heads": [4, 2], "n_layers": [3, 2]}
+    assert vars(model.config) == {"d_ff": 32, "n_heads": 2, "head_size": 8, "n_layers": 2}
