@@ -12,7 +12,9 @@ transformers = pytest.importorskip("transformers")
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
 from prune_callbacks.structured import StructuredUnitsError, mask_model, slim, slim_pruned, unit_map  # noqa: E402
 from prune_callbacks.structured.families import FAMILIES  # noqa: E402
-from prune_callbacks.structured.support_matrix import CASES, COLUMNS, RELOAD_ATOL, batch, build, check, logits  # noqa: E402
+from prune_callbacks.structured.support_matrix import (  # noqa: E402
+    CASES, COLUMNS, RELOAD_ATOL, batch, build, check, logits,
+)
 from prune_callbacks.structured.units import block_layout  # noqa: E402
 
 CELLS = [(case, column) for case in CASES for column in COLUMNS]
@@ -210,3 +212,17 @@ def test_custom_description_rewrites_the_config_fields_it_names():
     summary = slim_pruned(model, pruner)
     assert summary["config"] == {"d_ff": [64, 32], "n_heads": [4, 2], "n_layers": [3, 2]}
     assert vars(model.config) == {"d_ff": 32, "n_heads": 2, "head_size": 8, "n_layers": 2}
+
+
+@pytest.mark.parametrize("name,kwargs,keep_blocks,message", [
+    ("GPT-2", {"scale_attn_by_inverse_layer_idx": True}, [True, False, True],
+     "cannot remove blocks of a gpt2 model with scale_attn_by_inverse_layer_idx=True: its attention scale depends"),
+    ("T5", {}, [False, False, False, True, True, True], "removes every block of encoder.block; keep at least one"),
+])
+def test_block_removal_refusals_name_the_reason(name, kwargs, keep_blocks, message):
+    case = next(c for c in CASES if c.name == name)
+    model = getattr(transformers, case.model)(getattr(transformers, case.config)(**{**case.kwargs, **kwargs}))
+    shapes = [p.shape for p in model.parameters()]
+    with pytest.raises(StructuredUnitsError, match=message):
+        slim(model, {"blocks": keep_blocks})
+    assert [p.shape for p in model.parameters()] == shapes

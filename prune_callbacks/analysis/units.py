@@ -103,7 +103,8 @@ class HeadOutputs:
             w = self.modules[out].weight.detach().double()
             for head in range(h):
                 part = x[:, head * d:(head + 1) * d]
-                wo = w[head * d:(head + 1) * d, :] if _transposed(self.modules[out]) else w[:, head * d:(head + 1) * d].T
+                transposed = _transposed(self.modules[out])
+                wo = w[head * d:(head + 1) * d, :] if transposed else w[:, head * d:(head + 1) * d].T
                 rows.append((part @ wo).flatten())
         stacked = torch.stack(rows)
         g = stacked @ stacked.T

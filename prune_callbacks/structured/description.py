@@ -38,7 +38,8 @@ class UnitDescription(BaseModel):
     blocks: list[str] = Field(..., min_length=1, description="Regexes fullmatching the module name of each block list.")
     ffn_in: list[str] = Field(..., min_length=1, description="FFN input projections (relative to a block).")
     ffn_out: str = Field(..., description="FFN output projection (relative to a block).")
-    ffn_parts: Literal[1, 2] = Field(1, description="2: one fused gate|up input projection (neuron i = rows i and I+i).")
+    ffn_parts: Literal[1, 2] = Field(
+        1, description="2: one fused gate|up input projection (neuron i = rows i and I+i).")
     q: Optional[str] = None
     k: Optional[str] = None
     v: Optional[str] = None

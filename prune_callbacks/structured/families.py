@@ -75,7 +75,8 @@ class Family:
     kv_field: Optional[str] = None
     head_size_field: Optional[str] = None
     heads_refusal: Optional[str] = None
-    layers_fields: tuple[tuple[str, str], ...] = (("", "num_hidden_layers"),)  # (regex searched in the stack name, field)
+    # (regex searched in the block list's name, its layer-count field)
+    layers_fields: tuple[tuple[str, str], ...] = (("", "num_hidden_layers"),)
     per_layer_fields: tuple[str, ...] = PER_LAYER_FIELDS
     stack_owned: tuple[tuple[str, str], ...] = ()  # (module relative to a block, flag set on its new parent)
     block_refusals: tuple[tuple[str, str], ...] = ()  # (truthy config flag, why blocks cannot be removed)
@@ -117,7 +118,8 @@ FAMILIES: tuple[Family, ...] = (
            heads_refusal="DistilBERT attention " + _DERIVED.format(hidden="dim", heads="n_heads")),
     Family("gpt2", (r"(.+\.)?h",), (r"mlp\.c_fc",), r"mlp\.c_proj", "n_inner", qkv=r"attn\.c_attn", o=r"attn\.c_proj",
            hidden_field="n_embd", heads_field="n_head", layers_fields=(("", "n_layer"),),
-           heads_refusal="GPT-2 attention fuses q/k/v in c_attn and " + _DERIVED.format(hidden="n_embd", heads="n_head"),
+           heads_refusal="GPT-2 attention fuses q/k/v in c_attn and "
+                         + _DERIVED.format(hidden="n_embd", heads="n_head"),
            block_refusals=(("scale_attn_by_inverse_layer_idx",
                             "its attention scale depends on the layer index, which changes when blocks are removed"),)),
     Family("opt", (r"(.+\.)?decoder\.layers",), (r"fc1",), r"fc2", "ffn_dim",
@@ -135,7 +137,8 @@ FAMILIES: tuple[Family, ...] = (
            (r"layer\.\d+\.DenseReluDense\.wi(_\d)?",), r"layer\.\d+\.DenseReluDense\.wo", "d_ff",
            q=r"layer\.\d+\.(SelfAttention|EncDecAttention)\.q", k=r"layer\.\d+\.(SelfAttention|EncDecAttention)\.k",
            v=r"layer\.\d+\.(SelfAttention|EncDecAttention)\.v", o=r"layer\.\d+\.(SelfAttention|EncDecAttention)\.o",
-           head_tables=("relative_attention_bias",), tied_heads=(r"layer\.0\.SelfAttention",), hidden_field="d_model", heads_field="num_heads",
+           head_tables=("relative_attention_bias",), tied_heads=(r"layer\.0\.SelfAttention",), hidden_field="d_model",
+           heads_field="num_heads",
            head_size_field="d_kv", layers_fields=((r"decoder", "num_decoder_layers"), ("", "num_layers")),
            per_layer_fields=(),
            stack_owned=(("layer.0.SelfAttention.relative_attention_bias", "has_relative_attention_bias"),)),

@@ -129,11 +129,13 @@ def _plan(model, keep, family):
         torch.ones(n_layers, dtype=torch.bool)
     for stack, blocks in layout.stacks:
         if not any(bool(blocks_kept[layout.blocks.index(b)]) for b in blocks):
-            raise StructuredUnitsError(f"keep['blocks'] removes every block of {stack or 'the model'}; keep at least one")
+            raise StructuredUnitsError(
+                f"keep['blocks'] removes every block of {stack or 'the model'}; keep at least one")
     if not bool(blocks_kept.all()):
         for flag, why in layout.family.block_refusals:
             if getattr(layout.config, flag, False):
-                raise StructuredUnitsError(f"cannot remove blocks of a {layout.family.name} model with {flag}=True: {why}")
+                raise StructuredUnitsError(
+                    f"cannot remove blocks of a {layout.family.name} model with {flag}=True: {why}")
     widths = {}
     for kind in WIDTH_KINDS:
         if keep.get(kind) is None:

@@ -221,7 +221,8 @@ def render(results: dict) -> str:
     if reasons:
         lines += ["", "Refused (the message structured pruning gives):", ""]
         lines += [f"- {', '.join(names)}: {why}" for why, names in reasons.items()]
-    lines += ["", "OLMo-2's `q_norm` / `k_norm` normalise the whole projection: cutting heads cuts their weights too and "
+    lines += ["", "OLMo-2's `q_norm` / `k_norm` normalise the whole projection: cutting heads cuts their weights too "
+              "and "
               "scales them by sqrt(old width / new width), so the root-mean-square over the fewer remaining entries "
               "gives the masked model's values, exact up to the norm's eps (the cell allows 1e-3 between the masked "
               "and the slimmed model; the reload is exact). T5: heads of the self-attention are one unit across "

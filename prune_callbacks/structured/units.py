@@ -263,17 +263,15 @@ def _cfg(config, name: Optional[str]) -> int:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def head_geometry(config, family: Optional[Family] = None) -> tuple[int, int, int]:
-    """``(heads, kv heads, head size)`` from ``config`` read through ``family``'s fields (head size derived as
-    hidden / heads where the config has none); zeros where the config does not say."""
-    fields = family or Family("", (), (), "", None, hidden_field=None, heads_field=None)
-    heads = _cfg(config, fields.heads_field) or _cfg(config, "num_attention_heads") or _cfg(config, "n_head")
-    hidden = _cfg(config, fields.hidden_field) or _cfg(config, "hidden_size") or _cfg(config, "n_embd")
-    size = _cfg(config, fields.head_size_field) or _cfg(config, "head_dim") or (hidden // heads if heads else 0)
-    kv = _cfg(config, fields.kv_field) or _cfg(config, "num_key_value_heads") or heads
-    if not heads and fields.geometry:
-        return fields.geometry
-    return heads, kv, size
+def head_geometry(config, family: Family) -> tuple[int, int, int]:
+    """``(heads, kv heads, head size)`` read from ``config`` through ``family``'s fields (head size derived as
+    hidden / heads where the config has none; the description's own numbers where there is no config)."""
+    heads = _cfg(config, family.heads_field)
+    if not heads and family.geometry:
+        return family.geometry
+    hidden = _cfg(config, family.hidden_field)
+    size = _cfg(config, family.head_size_field) or (hidden // heads if heads else 0)
+    return heads, _cfg(config, family.kv_field) or heads, size
 
 
 def _ffn_groups(layout: BlockLayout) -> list[UnitGroup]:
