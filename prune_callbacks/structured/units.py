@@ -192,17 +192,20 @@ def _module_lists(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
 
 
 def _stacks(family: Family, modules: dict[str, nn.Module]) -> list[tuple[str, list[str]]]:
-    """The block lists of ``family`` in ``modules``: every block has the family's FFN and attention modules."""
-    found = []
+    """The block lists of ``family`` in ``modules``: every block has the family's FFN and attention modules.
+    One list per pattern of ``family.stacks`` (the longest where several fit, e.g. a vision tower's)."""
+    found: dict[str, tuple[str, list[str]]] = {}
     for name, module in _module_lists(modules).items():
-        if not any(re.fullmatch(p, name) for p in family.stacks):
+        pattern = next((p for p in family.stacks if re.fullmatch(p, name)), None)
+        if pattern is None:
             continue
         blocks = [f"{name}.{i}" if name else str(i) for i in range(len(module))]
         probe = BlockLayout(family, [(name, blocks)], modules, None)
         if all(probe.matches(b, family.ffn_out) and all(probe.matches(b, p) for p in family.ffn_in)
                and (family.o is None or probe.attentions(b)) for b in blocks):
-            found.append((name, blocks))
-    return found
+            if pattern not in found or len(blocks) > len(found[pattern][1]):
+                found[pattern] = (name, blocks)
+    return [found[p] for p in family.stacks if p in found]
 
 
 def _largest_module_list(modules: dict[str, nn.Module]) -> Optional[str]:
