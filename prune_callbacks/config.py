@@ -26,6 +26,7 @@ from .config_errors import (  # noqa: F401 (re-exported: `from prune_callbacks.c
     format_validation_error, list_allowed_keys, validation_problems,
 )
 from .guard.config import AccuracyGuardConfig
+from .structured.description import UnitDescription
 from .registry import GRANULARITIES, SALIENCIES, SCHEDULES
 from . import resolution
 from .resolution import MIN_MASK_UPDATES, ResolvedSchedule, absolute_step  # noqa: F401 (re-exported)
@@ -58,6 +59,10 @@ class PruningConfig(_Validated):
 
     granularity: str = Field(
         "unstructured", description="How masks are shaped: 'unstructured', 'N:M' (e.g. '2:4'), or a registered one.")
+
+    units: Optional[UnitDescription] = Field(
+        None, description="Structured granularities on your own architecture: where its blocks, FFN neurons and heads "
+        "are (module-name regexes; prune_callbacks.structured.description). None = the built-in family table.")
 
     saliency: str = Field("taylor", description="A registered saliency: taylor, platon, magnitude, movement, or your own.")
     beta: FiniteFloat = Field(0.85, description="EMA factor of the taylor score and of platon's importance.")

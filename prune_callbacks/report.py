@@ -9,22 +9,16 @@ pruned weight, since the pruner writes ``+0.0``.
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, Optional, Sequence
 
 import torch
 
-_INDEX = re.compile(r"\.\d+(?=\.|$)")
+from .targets import group_name  # noqa: F401 (re-exported: the one parser of block indices is in targets)
 
 
 def zero_count(tensor: torch.Tensor) -> int:
     """Elements equal to zero (``+0.0`` and ``-0.0`` alike): the one zero counter (see the module docstring)."""
     return tensor.numel() - int(torch.count_nonzero(tensor))
-
-
-def group_name(name: str) -> str:
-    """``encoder.layer.3.attention.self.query`` -> ``encoder.layer.*.attention.self.query``."""
-    return _INDEX.sub(".*", name)
 
 
 def build_report(

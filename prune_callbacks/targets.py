@@ -29,7 +29,23 @@ from torch import nn
 
 from .peft_support import refuse_adapter_models
 
-_BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
+#: a numeric path component (``encoder.layer.3.attention``: ``3``): the one parser of block indices in names
+BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?=\.|$)")
+
+
+def block_index(name: str) -> Optional[tuple[str, int, str]]:
+    """``(prefix, index, rest)`` of the first numeric component followed by more of the name
+    (``encoder.layer.3.attention.self.query`` -> ``("encoder.layer", 3, "attention.self.query")``); None if none."""
+    for match in BLOCK_INDEX.finditer(name):
+        if match.end() < len(name):
+            return name[:match.start()], int(match.group(1)), name[match.end() + 1:]
+    return None
+
+
+def group_name(name: str) -> str:
+    """``encoder.layer.3.attention.self.query`` -> ``encoder.layer.*.attention.self.query`` (every numeric
+    component after the first character; a leading one, e.g. ``nn.Sequential``'s ``0``, stays)."""
+    return BLOCK_INDEX.sub(lambda m: ".*" if m.start() > 0 else m.group(0), name)
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +78,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _is_linear_like(module: nn.Module) -> bool:
+def is_transposed(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D`` stores its weight as ``[in, out]`` (the one place that recognises it)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a GPT-2 ``Conv1D`` with a 2-D weight: what can be a target."""
     if isinstance(module, nn.Linear):
         return True
     weight = getattr(module, "weight", None)
-    return type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
+    return is_transposed(module) and isinstance(weight, nn.Parameter) and weight.dim() == 2
 
 
 def _storage_key(param: torch.Tensor) -> tuple:
@@ -103,7 +125,7 @@ def find_targets(
     """Select the weights to prune, raising ``ValueError`` for patterns that match nothing."""
     model = unwrap_model(model)
     refuse_adapter_models(model)  # PEFT-wrapped models: see peft_support.py
-    linear_names = [name for name, module in model.named_modules() if name and _is_linear_like(module)]
+    linear_names = [name for name, module in model.named_modules() if name and is_linear_like(module)]
     all_names = [name for name, _ in model.named_modules() if name]
     include = list(include) if include is not None else None
     exclude = list(exclude)
@@ -112,7 +134,7 @@ def find_targets(
         raise TypeError(f"expected a torch.nn.Module (the model to prune), got {type(model).__name__}: {model!r:.80}")
     problems = []
     if include is None:
-        chosen = [name for name in linear_names if _BLOCK_INDEX.search(name)]
+        chosen = [name for name in linear_names if BLOCK_INDEX.search(name)]
     else:
         chosen = []
         for pattern in include:
@@ -136,7 +158,7 @@ def find_targets(
             f"(e.g. the embeddings): {', '.join(explicitly_tied)}. Add an exclude pattern for them."
         )
     modules = dict(model.named_modules())
-    targets = [Target(name, modules[name].weight, type(modules[name]).__name__ == "Conv1D")
+    targets = [Target(name, modules[name].weight, is_transposed(modules[name]))
                for name in chosen if f"{name}.weight" not in tied]
     if not targets and before_exclude and not chosen:
         raise ValueError(

@@ -30,9 +30,9 @@ from torch import nn
 
 from ..pruner import Pruner
 from ..structured.masking import is_skipped, skip_block
-from ..structured.units import StructuredUnitsError, block_layout, unit_map
+from ..structured.units import KINDS, StructuredUnitsError, block_layout, unit_map
 
-STRUCTURED = ("ffn_neurons", "attention_heads", "blocks")
+STRUCTURED = KINDS  # the structured unit kinds: one list, in structured.units
 _PROBE_STEPS = 100  # any run length: the probe selects masks once, at the final sparsity, and never steps
 MAX_WIDTH = 0.9  # a width fraction above this leaves too little of each block to recover
 _WHAT_IT_BUYS = {

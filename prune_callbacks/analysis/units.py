@@ -10,64 +10,43 @@ import torch
 from torch import nn
 
 from ..report import group_name
-from .architecture import ModelMap, is_conv1d
-
-
-def _slice_sum(score: torch.Tensor, conv1d: bool, along_out: bool, start: int, stop: int) -> float:
-    """Sum of a weight's scores over output units [start, stop) (along_out) or input units."""
-    # nn.Linear weight: (out, in); Conv1D: (in, out)
-    dim = (1 if conv1d else 0) if along_out else (0 if conv1d else 1)
-    return float(score.narrow(dim, start, stop - start).sum())
+from ..targets import is_transposed as _transposed
+from .architecture import ModelMap
 
 
 def head_importance(mm: ModelMap, modules: Mapping[str, nn.Module], scores: Mapping[str, torch.Tensor]) -> dict:
-    """``{block name: [importance of head 0, 1, ...]}`` from q/k/v rows and output-projection columns."""
-    h, kv, d = mm.num_heads, mm.num_kv_heads or mm.num_heads, mm.head_dim
+    """``{attention name: [importance of query head 0, 1, ...]}``: the saliency summed over the slices of the
+    tensors one head spans (`unit_map`'s KV groups, split per query head; a K/V head's score is shared by the
+    query heads that read it)."""
     out = {}
-    if not (h and d):
-        return out
-    for b in mm.blocks:
-        if b.attn_out is None:
-            continue
-        values = [0.0] * h
-        for head in range(h):
-            kv_head = head // max(1, h // kv)
-            share = kv / h  # a kv head's score is shared by the query heads that read it
-            for i, name in enumerate(b.attn_in):
-                if name not in scores:
-                    continue
-                conv = is_conv1d(modules[name])
-                if len(b.attn_in) == 1:  # fused qkv: q | k | v blocks of h*d outputs
-                    for part in range(3):
-                        values[head] += _slice_sum(scores[name], conv, True, part * h * d + head * d,
-                                                   part * h * d + (head + 1) * d)
-                elif i == 0:
-                    values[head] += _slice_sum(scores[name], conv, True, head * d, (head + 1) * d)
+    rep = mm.num_heads // max(1, mm.num_kv_heads)
+    for group in mm.heads:
+        values = torch.zeros(group.n_units, rep, dtype=torch.float64)
+        for span in group.spans:
+            if span.param_name != "weight" or span.module not in scores:
+                continue
+            for seg, view in span.segment_views(scores[span.module].double(), group.n_units):
+                per = view.sum(-1)  # [kv, size]
+                if seg.heads > 1:
+                    values += per.reshape(group.n_units, seg.heads, -1).sum(-1)
                 else:
-                    values[head] += share * _slice_sum(scores[name], conv, True, kv_head * d, (kv_head + 1) * d)
-            if b.attn_out in scores:
-                values[head] += _slice_sum(scores[b.attn_out], is_conv1d(modules[b.attn_out]), False,
-                                           head * d, (head + 1) * d)
-        out[b.name] = values
+                    values += per.sum(-1, keepdim=True) / rep
+        out[mm.attention_name(group)] = [float(v) for v in values.reshape(-1)]
     return out
 
 
 def neuron_importance(mm: ModelMap, modules: Mapping[str, nn.Module], scores: Mapping[str, torch.Tensor]) -> dict:
-    """``{block name: tensor of per-neuron importance}`` (input-projection rows + output-projection columns)."""
+    """``{block name: tensor of per-neuron importance}``: the saliency summed over the slices of the tensors one
+    FFN neuron spans (`unit_map`: input-projection rows, both halves of a fused one, output-projection columns)."""
     out = {}
-    for b in mm.blocks:
-        if b.ffn_out is None:
-            continue
+    for group in mm.ffn:
         total = None
-        for name in b.ffn_in:
-            if name in scores:
-                s = scores[name].sum(0 if is_conv1d(modules[name]) else 1)
+        for span in group.spans:
+            if span.param_name == "weight" and span.module in scores:
+                s = span.unit_view(scores[span.module], group.n_units).sum(1)
                 total = s if total is None else total + s
-        if b.ffn_out in scores:
-            s = scores[b.ffn_out].sum(1 if is_conv1d(modules[b.ffn_out]) else 0)
-            total = s if total is None else total + s
         if total is not None:
-            out[b.name] = total
+            out[group.block] = total
     return out
 
 
@@ -77,8 +56,12 @@ class HeadOutputs:
 
     def __init__(self, mm: ModelMap, modules: Mapping[str, nn.Module], max_tokens: int = 256):
         self.mm, self.modules, self.max_tokens = mm, modules, max_tokens
-        self.layers = [b for b in mm.blocks if b.attn_out is not None] if mm.num_heads and mm.head_dim else []
-        self.names = [f"{b.name}.head{h}" for b in self.layers for h in range(mm.num_heads)]
+        # (attention name, output projection): the o span of each head group
+        self.layers = [(mm.attention_name(g), next(s.module for s in g.spans if s.param_name == "weight"
+                                                   and s.dim == (0 if _transposed(modules[s.module]) else 1)
+                                                   and s.param.dim() == 2))
+                       for g in mm.heads] if mm.num_heads and mm.head_dim else []
+        self.names = [f"{name}.head{h}" for name, _ in self.layers for h in range(mm.num_heads)]
         self.gram: Optional[torch.Tensor] = None
         self.tokens = 0
         self._current: dict[str, torch.Tensor] = {}
@@ -86,8 +69,8 @@ class HeadOutputs:
         self.token_index: Optional[torch.Tensor] = None
 
     def __enter__(self):
-        for b in self.layers:
-            self._handles.append(self.modules[b.attn_out].register_forward_pre_hook(self._hook(b.attn_out)))
+        for _, out in self.layers:
+            self._handles.append(self.modules[out].register_forward_pre_hook(self._hook(out)))
         return self
 
     def __exit__(self, *exc):
@@ -113,14 +96,15 @@ class HeadOutputs:
             return
         h, d = self.mm.num_heads, self.mm.head_dim
         rows = []
-        for b in self.layers:
-            x = self._current[b.attn_out]
+        for _, out in self.layers:
+            x = self._current[out]
             index = self.token_index.to(x.device) if self.token_index is not None else None
             x = (x if index is None else x[index]).double()
-            w = self.modules[b.attn_out].weight.detach().double()
+            w = self.modules[out].weight.detach().double()
             for head in range(h):
                 part = x[:, head * d:(head + 1) * d]
-                wo = w[head * d:(head + 1) * d, :] if is_conv1d(self.modules[b.attn_out]) else w[:, head * d:(head + 1) * d].T
+                transposed = _transposed(self.modules[out])
+                wo = w[head * d:(head + 1) * d, :] if transposed else w[:, head * d:(head + 1) * d].T
                 rows.append((part @ wo).flatten())
         stacked = torch.stack(rows)
         g = stacked @ stacked.T

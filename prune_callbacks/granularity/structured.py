@@ -19,8 +19,12 @@ are one bool per unit (``[n_units]`` per block, ``True`` = pruned).
   when every weight they span is a target; a block is in scope for ``blocks`` when
   any of its weights is. Blocks out of scope keep all their units (slimming then
   refuses, since the width is no longer uniform, unless those blocks are removed).
-* ``attention_heads`` needs a Llama-family config (its own ``head_dim``); BERT/GPT-2
-  are refused when the `Pruner` is built (the architecture is unknown at config time).
+* ``attention_heads`` needs a config with a head size of its own (``head_dim``, T5
+  ``d_kv``); BERT/GPT-2/OPT/DistilBERT/ViT are refused when the `Pruner` is built (the
+  architecture is unknown at config time). Which tensors a unit spans is read from the
+  family table (:mod:`prune_callbacks.structured.families`), or from ``config.units``
+  for the user's own model (:mod:`prune_callbacks.structured.description`), validated
+  here, before training.
 
 Combine kinds with several configs (``Pruner(model, [ffn_config, blocks_config])``):
 each group selects on its own; a removed block takes its neurons and heads with it
@@ -42,8 +46,8 @@ from ..config_errors import PruningConfigError
 from ..registry import register_granularity
 from ..report import zero_count
 from ..structured.masking import skip_block, zero_units
-from ..structured.units import StructuredUnitsError, block_layout, is_transposed, unit_map
-from ..targets import Target
+from ..structured.units import StructuredUnitsError, block_layout, unit_map
+from ..targets import Target, is_linear_like, is_transposed
 from .base import Granularity
 
 
@@ -53,38 +57,46 @@ class StructuredUnits(Granularity):
     name = "structured"
     kind: ClassVar[str] = ""
     elementwise = False
+    config_fields = frozenset({"units"})
 
     def __init__(self, config, targets, model=None, *args: str):
         if model is None:
             raise ValueError(f"granularity={self.kind!r} needs the model (to find its units)")
         self.config = config
         self.model = model
+        units = getattr(config, "units", None)
+        self.family = units.to_family() if units is not None else None
         targeted = {t.name for t in targets}
-        layout = block_layout(model)
+        layout = block_layout(model, family=self.family)
         self._blocks = {g: layout.modules[g] for g in layout.blocks}
         self.n_blocks = len(layout.blocks)
-        groups = unit_map(model, self.kind)
+        groups = unit_map(model, self.kind, layout=layout)
+        modules = layout.modules
+
+        def projections(g):  # the Linear / Conv1D weights a unit spans (what include/exclude select)
+            return [s.module for s in g.spans if s.param_name == "weight" and is_linear_like(modules[s.module])]
+
         if self.kind == "blocks":
-            in_scope = [g for g in groups if any(s.module in targeted for s in g.spans if s.param_name == "weight")]
+            in_scope = [g for g in groups if any(m in targeted for m in projections(g))]
         else:
-            in_scope = [g for g in groups if all(s.module in targeted for s in g.spans if s.param_name == "weight")]
+            in_scope = [g for g in groups if all(m in targeted for m in projections(g))]
         if not in_scope:
-            needed = sorted({s.module for s in groups[0].spans if s.param_name == "weight"})
+            needed = sorted(set(projections(groups[0])))
             raise StructuredUnitsError(
                 f"granularity={self.kind!r}: no block is in scope; include/exclude must select every weight a unit "
                 f"spans (in block 0: {', '.join(needed)})"
             )
         self.groups = in_scope
         seen, params, weights = set(), [], []
-        modules = layout.modules
         for g in self.groups:
             for s in g.spans:
                 if id(s.param) not in seen:
                     seen.add(id(s.param))
                     params.append(s.param)
-                    if s.param_name == "weight" and s.param.dim() == 2:
+                    if s.param_name == "weight" and is_linear_like(modules[s.module]):
                         weights.append(Target(s.module, s.param, is_transposed(modules[s.module])))
         self.targets = weights
+        self._projections = {t.name for t in weights}
         self.params = params
         self._index = {id(p): i for i, p in enumerate(params)}
         self.masks = [torch.zeros(g.n_units, dtype=torch.bool, device=g.spans[0].param.device) for g in self.groups]
@@ -153,10 +165,10 @@ class StructuredUnits(Granularity):
 
     def keep(self) -> list[torch.Tensor]:
         """``True`` = **kept** (slim's convention: the complement of ``masks``, where ``True`` = pruned), one bool
-        tensor per block of the model (blocks out of scope keep everything)."""
-        by_block = {g.layer: ~m.cpu() for g, m in zip(self.groups, self.masks)}
-        full = {g.layer: g.n_units for g in unit_map(self.model, self.kind)}
-        return [by_block.get(i, torch.ones(full[i], dtype=torch.bool)) for i in range(self.n_blocks)]
+        tensor per unit group of the model (groups out of scope keep everything)."""
+        mine = {g.mask_name: ~m.cpu() for g, m in zip(self.groups, self.masks)}
+        return [mine.get(g.mask_name, torch.ones(g.n_units, dtype=torch.bool))
+                for g in unit_map(self.model, self.kind, family=self.family)]
 
     # ------------------------------------------------------------ reporting
     def counts(self, measured: bool = False):
@@ -164,7 +176,7 @@ class StructuredUnits(Granularity):
         for g, pruned in zip(self.groups, self.masks):
             n_pruned = int(pruned.sum())
             for s in g.spans:
-                if s.param_name != "weight" or s.param.dim() != 2:
+                if s.param_name != "weight" or s.module not in self._projections:
                     continue
                 numel = s.param.numel()
                 if measured:
@@ -179,7 +191,7 @@ class StructuredUnits(Granularity):
         return {
             "units": self.kind,
             "units_per_block": [g.n_units for g in self.groups],
-            "kept_per_block": {g.block: int((~m).sum()) for g, m in zip(self.groups, self.masks)},
+            "kept_per_block": {g.label: int((~m).sum()) for g, m in zip(self.groups, self.masks)},
         }
 
 

@@ -3,22 +3,20 @@ per-layer sparsity of the pruned layers as a layer x kind heatmap."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Mapping
 
+from ..targets import block_index
 from .guard_artifacts import plot_trajectory
 from .summary import dense_step
-
-_LAYER = re.compile(r"^(.*?)\.?(\d+)\.(.+)$")
 
 
 def layer_grid(per_target: Mapping[str, Mapping]) -> tuple[list[str], list[int], list[list[float]]]:
     """(kinds, layer indices, sparsity[kind][layer]); NaN where a kind has no tensor in a layer."""
     cells: dict[tuple[str, int], float] = {}
     for name, row in per_target.items():
-        match = _LAYER.match(name)
-        kind, layer = (match.group(3), int(match.group(2))) if match else (name, 0)
+        parsed = block_index(name)
+        kind, layer = (parsed[2], parsed[1]) if parsed else (name, 0)
         cells[(kind, layer)] = float(row["sparsity"])
     kinds = list(dict.fromkeys(k for k, _ in cells))
     layers = sorted({i for _, i in cells})

@@ -19,7 +19,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .units import UnitGroup, block_layout, unit_map
+from .families import Family
+from .units import WIDTH_KINDS, UnitGroup, block_layout, unit_map
 
 _HOOK_ATTR = "_prune_callbacks_skip_hook"
 
@@ -59,15 +60,15 @@ def is_skipped(block: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def mask_model(model: nn.Module, keep: Mapping[str, Optional[Sequence]]) -> None:
+def mask_model(model: nn.Module, keep: Mapping[str, Optional[Sequence]], family: Optional[Family] = None) -> None:
     """Mask (zero / skip) what ``keep`` removes, without changing any shape."""
-    for kind in ("ffn_neurons", "attention_heads"):
+    layout = block_layout(model, family=family)
+    for kind in WIDTH_KINDS:
         if keep.get(kind) is not None:
-            for group, kept in zip(unit_map(model, kind), keep[kind]):
+            for group, kept in zip(unit_map(model, kind, layout=layout), keep[kind]):
                 zero_units(group, ~torch.as_tensor(kept, dtype=torch.bool))
     if keep.get("blocks") is not None:
-        layout = block_layout(model)
-        for group, kept in zip(unit_map(model, "blocks"), keep["blocks"]):
+        for group, kept in zip(unit_map(model, "blocks", layout=layout), keep["blocks"]):
             if not bool(kept):
                 zero_units(group, torch.ones(1, dtype=torch.bool))
                 skip_block(layout.modules[group.block])

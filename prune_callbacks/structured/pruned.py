@@ -36,6 +36,17 @@ def structured_keep(pruner) -> dict:
     return keep
 
 
+def structured_family(pruner):
+    """The user's own unit description the pruner's structured groups were built with (None: the family table)."""
+    from ..granularity.structured import StructuredUnits
+
+    families = {g.granularity.family for g in pruner.groups if isinstance(g.granularity, StructuredUnits)}
+    if len(families) > 1:
+        raise StructuredUnitsError("the structured pruning groups were given different unit descriptions (units=...); "
+                                   "give every group the same one")
+    return next(iter(families), None)
+
+
 @torch.no_grad()
 def slim_pruned(model: nn.Module, pruner) -> dict:
     """Finalize ``pruner`` (masks permanent, detached) and `slim` ``model`` by its structured masks.
@@ -49,5 +60,6 @@ def slim_pruned(model: nn.Module, pruner) -> dict:
             "slim needs a pruner with a structured granularity ('ffn_neurons', 'attention_heads' or 'blocks'); "
             f"this one has {', '.join(repr(g.config.granularity) for g in pruner.groups) or 'no pruning group'}"
         )
+    family = structured_family(pruner)
     pruner.finalize(slim=True)
-    return slim(model, keep)
+    return slim(model, keep, family=family)
