@@ -51,6 +51,7 @@ class StructuredUnits(Granularity):
     name = "structured"
     kind: ClassVar[str] = ""
     elementwise = False
+    weight_access = "units"
 
     def __init__(self, config, targets, model=None, *args: str):
         if model is None:
@@ -127,6 +128,12 @@ class StructuredUnits(Granularity):
         by_block = {g.layer: ~m.cpu() for g, m in zip(self.groups, self.masks)}
         full = {g.layer: g.n_units for g in unit_map(self.model, self.kind)}
         return [by_block.get(i, torch.ones(full[i], dtype=torch.bool)) for i in range(self.n_blocks)]
+
+    def exporter(self):
+        """Cut the removed units out (:func:`prune_callbacks.structured.pruned.slim_granularities`)."""
+        from ..structured.pruned import slim_granularities
+
+        return slim_granularities
 
     # ------------------------------------------------------------ reporting
     def counts(self, measured: bool = False):

@@ -37,7 +37,7 @@ class PruningGroup(StepComponent):
         granularity, args = GRANULARITIES.resolve(config.granularity)
         self.granularity = granularity(config, self.targets, model, *args)
         self.saliency = make_saliency(
-            config.saliency, self.granularity.params, beta=config.beta, uncertainty_beta=config.uncertainty_beta
+            self.granularity.own_saliency or config.saliency, self.granularity.params, beta=config.beta, uncertainty_beta=config.uncertainty_beta
         )
         self.schedule = None
         self.resolve(total_steps)
@@ -46,6 +46,7 @@ class PruningGroup(StepComponent):
         self.folded = 0  # gradients folded into the saliency since the last mask update
         self._prods: Optional[list[torch.Tensor]] = None
         self._work: Optional[list[torch.Tensor]] = None  # reused theta*grad buffers (see saliency.py)
+        self._grads: Optional[tuple] = None  # this step's gradients, handed to the granularity at commit
 
     def resolve(self, total_steps: Optional[int]) -> None:
         self.steps = self.config.resolve(total_steps)
@@ -65,6 +66,7 @@ class PruningGroup(StepComponent):
     # ------------------------------------------------------------ around the step
     def prepare(self, grad_scale: Optional[float]) -> bool:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self._grads = (grads, grad_scale)  # for the granularity's own statistics, at commit
         if not self.saliency.needs_gradients:
             return all_finite(grads)
         if self._work is None:
@@ -74,6 +76,9 @@ class PruningGroup(StepComponent):
         return finite
 
     def commit(self) -> None:
+        if self._grads is not None:
+            self.granularity.observe(*self._grads)
+            self._grads = None
         if self._prods is not None:
             self.saliency.update(self.params, self._prods)
             self.folded += 1
@@ -81,6 +86,7 @@ class PruningGroup(StepComponent):
 
     def discard(self) -> None:
         self._prods = None
+        self._grads = None
 
     def after_step(self, step: int, optimizer: Any) -> None:
         if self.schedule.is_update_step(step):

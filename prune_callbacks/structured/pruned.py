@@ -18,15 +18,19 @@ from .slim import slim
 from .units import StructuredUnitsError
 
 
+def _slimmed(pruner) -> list:
+    """``pruner``'s granularities whose export is slimming (they name `slim_granularities` as exporter)."""
+    return [g.granularity for g in pruner.groups if g.granularity.exporter() is slim_granularities]
+
+
 def structured_keep(pruner) -> dict:
     """The ``keep`` (see :func:`.slim.slim`) described by ``pruner``'s structured groups (kinds ANDed)."""
-    from ..granularity.structured import StructuredUnits
+    return _keep_of(_slimmed(pruner))
 
+
+def _keep_of(granularities) -> dict:
     keep: dict = {}
-    for group in pruner.groups:
-        granularity = group.granularity
-        if not isinstance(granularity, StructuredUnits):
-            continue
+    for granularity in granularities:
         mine = granularity.keep()
         if granularity.kind in keep:
             old = keep[granularity.kind]
@@ -51,3 +55,9 @@ def slim_pruned(model: nn.Module, pruner) -> dict:
         )
     pruner.finalize()
     return slim(model, keep)
+
+
+@torch.no_grad()
+def slim_granularities(model: nn.Module, granularities) -> dict:
+    """The structured exporter (`Granularity.exporter`): `slim` ``model`` by these finalized groups' keep."""
+    return slim(model, _keep_of(granularities))
