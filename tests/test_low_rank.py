@@ -261,3 +261,47 @@ def test_no_gradient_before_the_first_update_is_an_error():
     pruner = Pruner(model, CFG, total_steps=16)
     with pytest.raises(RuntimeError, match="before any gradient reached it"):
         pruner.update_masks(0.5)
+
+
+def _spectrum(m, n, rank_95):
+    return {"shape": [m, n], "rank_95": rank_95, "break_even_rank": m * n / (m + n)}
+
+
+@pytest.mark.parametrize("ranks, pays", [
+    ([10, 10, 10, 10], True),   # 10 <= (1 - 0.5) * 96: every matrix low-rank enough
+    ([10, 90, 90, 90], False),  # a quarter: the rest is only just below break-even
+    ([10, 10, 10, 90], True),   # three quarters
+])
+def test_suggestion_proposes_low_rank_only_where_the_spectra_show_it_pays(ranks, pays):
+    from prune_callbacks.analysis.suggest import choose_strategy, low_rank_pays, suggest_pruning
+
+    spectra = {f"layers.{i}.q": _spectrum(192, 192, r) for i, r in enumerate(ranks)}
+    rows = [{"name": "unstructured", "kind": "unstructured", "metric": 0.70, "applicable": True, "removed": 0.5,
+             "configs": [{"final_sparsity": 0.5, "saliency": "taylor", "scope": "global"}]},
+            {"name": "low_rank", "kind": "low_rank", "metric": 0.80, "applicable": True, "removed": 0.5,
+             "configs": [{"granularity": "low_rank", "final_sparsity": 0.5,
+                          "granularity_settings": {"importance": "none"}}]}]
+    a = {"metric": "accuracy", "baseline": 0.82, "eval_rows": 400, "higher_is_better": True, "budget": 0.5,
+         "strategies": rows, "spectra": spectra, "goal": "auto"}
+    assert low_rank_pays(a)[0] is pays
+    chosen, reasons = choose_strategy(a, "auto")
+    assert chosen["kind"] == ("low_rank" if pays else "unstructured"), reasons
+    assert any(("low_rank considered" if pays else "low_rank left out") in r for r in reasons)
+    if pays:
+        pruning, why = suggest_pruning(a)
+        assert pruning == {"granularity": "low_rank", "final_sparsity": 0.5}  # trains with the Fisher default
+        assert any("Fisher-weighted" in r for r in why)
+
+
+def test_probe_measures_low_rank_on_the_budget_and_restores_the_weights():
+    from helpers import tiny_llama_lm
+    from prune_callbacks.analysis import analyze
+
+    model = tiny_llama_lm(seed=0, num_hidden_layers=2, intermediate_size=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": ids, "labels": ids} for ids in (torch.randint(0, 97, (2, 12), generator=g) for _ in range(2))]
+    a = analyze(model, batches, batches, metric="perplexity", budget=0.5, progress=False)
+    row = next(r for r in a["strategies"] if r["kind"] == "low_rank")
+    assert row["applicable"] and 0.5 <= row["removed"] < 0.52
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
