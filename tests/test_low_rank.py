@@ -305,3 +305,21 @@ def test_probe_measures_low_rank_on_the_budget_and_restores_the_weights():
     row = next(r for r in a["strategies"] if r["kind"] == "low_rank")
     assert row["applicable"] and 0.5 <= row["removed"] < 0.52
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_trainer_checkpoint_resume_is_exact(tmp_path):
+    """Through the Trainer callbacks: the checkpoint's pruning state holds the bases, resume is bitwise."""
+    from test_trainer_checkpoints import StopAt, build
+
+    from prune_callbacks.integrations.trainer import make_callbacks
+
+    cfg = dict(granularity="low_rank", final_sparsity=0.5, start_step=1, end_step=6, update_every=2)
+    full = build(tmp_path / "full", make_callbacks(**cfg))
+    full.train()
+    build(tmp_path / "cut", [*make_callbacks(**cfg), StopAt(4)]).train()
+    saved = load_state_file(tmp_path / "cut" / "checkpoint-4" / "pruning_state.safetensors")
+    assert any(k.endswith("/basis") for k in saved["granularity"])
+    resumed = build(tmp_path / "cut", make_callbacks(**cfg))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-4"))
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
