@@ -323,3 +323,25 @@ def test_trainer_checkpoint_resume_is_exact(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-4"))
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_export_dispatches_on_the_granularity_structured_and_low_rank_in_one_call():
+    model = tiny_bert_classifier()
+    configs = [{"granularity": "ffn_neurons", "final_sparsity": 0.5,
+                "include": [r"intermediate\.dense", r"layer\.\d+\.output\.dense"]},
+               {"granularity": "low_rank", "final_sparsity": 0.5, "include": [r"attention\.self"],
+                "granularity_settings": {"importance": "none"}}]
+    pruner = Pruner(model, configs, total_steps=10)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+    pruner.before_optimizer_step()
+    pruner.update_masks(0.5)
+    model.eval()
+    masked = model(input_ids=ids).logits
+    summary = export_pruned(model, pruner)
+    assert set(summary) == {"slim_granularities", "factorize_granularities"}
+    assert model.config.intermediate_size == 37 - round(0.5 * 37)  # the structured exporter cut the neurons
+    assert set(summary["factorize_granularities"]["ranks"]) == {
+        f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "key", "value")}
+    assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in summary["factorize_granularities"]["ranks"])
+    torch.testing.assert_close(model(input_ids=ids).logits, masked, rtol=1e-4, atol=1e-5)
