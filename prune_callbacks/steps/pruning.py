@@ -36,8 +36,9 @@ class PruningGroup(StepComponent):
         check_not_sharded(self.targets)
         granularity, args = GRANULARITIES.resolve(config.granularity)
         self.granularity = granularity(config, self.targets, model, *args)
-        self.saliency = make_saliency(
-            self.granularity.own_saliency or config.saliency, self.granularity.params, beta=config.beta, uncertainty_beta=config.uncertainty_beta
+        self.saliency = make_saliency(  # a granularity may score with its own (low_rank: magnitude, no buffers)
+            self.granularity.own_saliency or config.saliency, self.granularity.params, beta=config.beta,
+            uncertainty_beta=config.uncertainty_beta,
         )
         self.schedule = None
         self.resolve(total_steps)
