@@ -11,7 +11,9 @@ both factors counted: ``r*(m+n)`` against ``m*n``), with the same batches, optim
 * ``dense``: the fine-tune alone (reference);
 * ``svd_after``: the fine-tuned dense model truncated one-shot by plain SVD, ranks allocated by the same global rule;
 * ``fwsvd_after``: the same with Fisher weights from ``--calib`` extra gradient passes (no optimizer step) over
-  training batches after the fine-tune.
+  training batches after the fine-tune;
+* ``*_relative*``: ranks allocated on each layer's share of its own (weighted) energy (``allocation: relative``);
+  ``*_late``: the rank schedule from 30% to 70% of the run instead of 10% to 60%.
 
 Each variant is exported (two thin Linears per target), its test accuracy measured on the whole test split, its
 parameters and the bytes of its ``save_low_rank`` file recorded. The projection's cost is timed against a
@@ -38,8 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 
 DURING = {"low_rank": {"importance": "fisher"}, "low_rank_at_updates": {"importance": "fisher", "projection": "at_updates"},
-          "low_rank_plain": {"importance": "none"}}
-AFTER = {"svd_after": "none", "fwsvd_after": "fisher"}
+          "low_rank_plain": {"importance": "none"}, "low_rank_relative": {"importance": "fisher", "allocation": "relative"},
+          "low_rank_late": {"importance": "fisher"}, "low_rank_relative_late": {"importance": "fisher",
+                                                                                "allocation": "relative"}}
+WINDOW = {"low_rank_late": (0.3, 0.7), "low_rank_relative_late": (0.3, 0.7)}  # default (0.1, 0.6)
+AFTER = {"svd_after": {"importance": "none"}, "fwsvd_after": {"importance": "fisher"},
+         "fwsvd_relative_after": {"importance": "fisher", "allocation": "relative"},
+         "svd_relative_after": {"importance": "none", "allocation": "relative"}}
 
 
 def _setup(args):
@@ -99,13 +106,15 @@ def run_during(name, args, data, template) -> dict:
     model = copy.deepcopy(template)
     optimizer = common.make_optimizer(model, lr=args.lr)
     scheduler = common.linear_warmup_decay(optimizer, steps=args.steps, warmup=args.steps // 10)
-    pruner = Pruner(model, dict(granularity="low_rank", final_sparsity=args.sparsity, start_step=0.1, end_step=0.6,
+    start, end = WINDOW.get(name, (0.1, 0.6))
+    pruner = Pruner(model, dict(granularity="low_rank", final_sparsity=args.sparsity, start_step=start, end_step=end,
                                 granularity_settings=DURING[name]), total_steps=args.steps).attach(optimizer)
     batches = common.train_batches(data["train"], steps=args.steps, batch_size=16, seed=0)
     wall = common.train(model, batches, optimizer, scheduler)
     test = common.eval_batches(data["test"])
     timing = {"step_s_median": _median_step_s(model, batches)} if name == "low_rank" else {}
-    row = _export_and_measure(name, model, pruner, test, {"train_wall_s": round(wall, 1), **timing})
+    row = _export_and_measure(name, model, pruner, test, {"train_wall_s": round(wall, 1), "window": [start, end],
+                                                          "settings": DURING[name], **timing})
     if timing:  # the projection at the final ranks, against a training step of the unfactorised model
         row["projection_s_median"] = _median_projection_s(pruner.groups[0].granularity)
     return row
@@ -127,9 +136,9 @@ def run_after(name, args, data, dense) -> dict:
     from prune_callbacks import Pruner
 
     model = copy.deepcopy(dense)
-    importance = AFTER[name]
+    importance = AFTER[name]["importance"]
     pruner = Pruner(model, dict(granularity="low_rank", final_sparsity=args.sparsity,
-                                granularity_settings={"importance": importance}), total_steps=args.steps)
+                                granularity_settings=AFTER[name]), total_steps=args.steps)
     if importance == "fisher":  # squared gradients from --calib extra batches, no optimizer step
         model.train()
         for batch in common.train_batches(data["train"], steps=args.calib, batch_size=16, seed=1):

@@ -240,7 +240,7 @@ def test_measured_counts_see_a_weight_trained_off_its_subspace():
 
 @pytest.mark.parametrize("cfg, match", [
     ({"granularity": "unstructured", "granularity_settings": {"importance": "none"}}, "does not apply"),
-    ({**CFG, "granularity_settings": {"rank": 3}}, r"granularity_settings\.rank.*unknown.*importance, projection"),
+    ({**CFG, "granularity_settings": {"rank": 3}}, r"granularity_settings\.rank.*unknown.*importance, allocation, projection"),
     ({**CFG, "granularity_settings": {"importance": "hessian"}}, r"granularity_settings\.importance='hessian'.*fisher"),
     ({**CFG, "saliency": "platon"}, r"saliency='platon' does not apply to granularity='low_rank'"),
     ({**CFG, "scope": "per_layer"}, r"scope='per_layer' does not apply to granularity='low_rank'"),

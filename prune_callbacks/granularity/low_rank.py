@@ -76,6 +76,9 @@ class LowRankSettings(BaseModel):
     importance: Literal["fisher", "none"] = Field(
         "fisher", description="Row weights of the SVD: 'fisher' (FWSVD: EMA of squared gradients per row), 'none' "
         "(plain truncated SVD).")
+    allocation: Literal["loss", "relative"] = Field(
+        "loss", description="Ranks across layers: 'loss' (one threshold on the weighted truncation loss per parameter "
+        "saved), 'relative' (on each layer's share of its own weighted energy lost per parameter saved).")
     projection: Literal["every_step", "at_updates"] = Field(
         "every_step", description="Project the weight onto its rank-r subspace after every optimizer step, or only "
         "at mask updates (and at finalize).")
@@ -192,7 +195,8 @@ class LowRank(Granularity):
             losses, owner = [], []
             for i, ((energy, _), t) in enumerate(zip(spectra, self.targets)):
                 k = torch.arange(old[i] - 1, 0, -1)  # removable directions, smallest first (rank >= 1)
-                losses.append(energy[k].cpu() / sum(t.param.shape))
+                scale = float(energy.sum()) if self.settings.allocation == "relative" else 1.0
+                losses.append(energy[k].cpu() / (sum(t.param.shape) * max(scale, 1e-30)))
                 owner.append(torch.full((k.numel(),), i, dtype=torch.long))
             order = torch.argsort(torch.cat(losses), stable=True)
             for i in torch.cat(owner)[order].tolist():
