@@ -25,7 +25,11 @@ differs from layer to layer; the Fisher puts every direction of every layer on o
 loss, so one global threshold is meaningful. (Squared gradients rather than the engine's Taylor
 ``|theta * grad|``: truncation *changes* weights by small amounts, which the Fisher prices;
 Taylor prices setting a weight to zero.) ``granularity_settings={"importance": "none"}`` uses
-``I = 1`` (plain truncated SVD, for comparison).
+``I = 1`` (plain truncated SVD, for comparison). One difference from the paper: Hsu et al. sum the
+Fisher over the rows of ``W`` in ``Y = X W``, i.e. per *input* feature; here it is summed per *output*
+unit of the ``[m, n]`` torch weight, which makes the truncation the right projection below (the
+input-feature grouping would give the left projection ``U_r U_r^T W``); which grouping is better was
+not measured.
 
 **Allocation across layers.** One global threshold on the loss per parameter saved,
 ``sigma_k^2 / (m + n)``: directions are removed cheapest first, across all targets, until the
