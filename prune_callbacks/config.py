@@ -59,6 +59,9 @@ class PruningConfig(_Validated):
 
     granularity: str = Field(
         "unstructured", description="How masks are shaped: 'unstructured', 'N:M' (e.g. '2:4'), or a registered one.")
+    granularity_settings: dict[str, Any] = Field(
+        default_factory=dict, description="The granularity's own settings (its `Settings`; e.g. low_rank: "
+        "importance, projection); an error for a granularity without them.")
 
     units: Optional[UnitDescription] = Field(
         None, description="Structured granularities on your own architecture: where its blocks, FFN neurons and heads "
@@ -223,6 +226,7 @@ class PruningConfig(_Validated):
         ]
         granularity, args = GRANULARITIES.resolve(self.granularity)
         problems += granularity.check_config(self, *args)
+        problems += granularity.settings_problems(self.granularity_settings, self.granularity)
         owned = set().union(*(g.config_fields for g in GRANULARITIES.classes()))
         problems += [
             f"{f}={getattr(self, f)!r} does not apply to granularity={self.granularity!r}; remove it"

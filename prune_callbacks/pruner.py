@@ -88,20 +88,23 @@ class Pruner:
         self.components.sort(key=lambda c: PHASES.index(c.phase))  # stable: list order within a phase
 
     def _check_overlap(self) -> None:
-        owner: dict[int, tuple[int, str]] = {}
-        clashes = []
+        """Two groups targeting the same weight: refused unless `Granularity.may_share` allows the pair."""
+        owners: dict[int, list[int]] = {}
+        clashes, why = [], {}
         for i, group in enumerate(self.groups):
-            if not group.granularity.elementwise:
-                continue
             for t in group.targets:
-                if id(t.param) in owner:
-                    clashes.append(f"{t.param_name} (configs {owner[id(t.param)][0]} and {i})")
-                owner.setdefault(id(t.param), (i, t.name))
+                for j in owners.get(id(t.param), []):
+                    reason = group.granularity.may_share(self.groups[j].granularity, group.granularity)
+                    if reason:
+                        clashes.append(f"{t.param_name} (configs {j} and {i})")
+                        why.setdefault(reason, (self.groups[j].config.granularity, group.config.granularity))
+                owners.setdefault(id(t.param), []).append(i)
         if clashes:
-            raise PruningConfigError(
-                "two element-wise configs target the same weights, so each would undo the other's masks: "
-                f"{_preview(clashes, 6)}. Split them with include/exclude"
-            )
+            reasons = "; ".join(f"{a!r} and {b!r}: {r}" for r, (a, b) in why.items())
+            lead = ("two element-wise configs target the same weights, so each would undo the other's masks"
+                    if all(g.granularity.weight_access == "elements" for g in self.groups) else
+                    f"two configs target the same weights ({reasons})")
+            raise PruningConfigError(f"{lead}: {_preview(clashes, 6)}. Split them with include/exclude")
 
     # ------------------------------------------------------------ one-group views (the common case)
     @property

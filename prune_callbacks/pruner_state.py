@@ -9,6 +9,7 @@ back; :mod:`.state_compat` decides whether a saved one can be resumed by a given
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from .steps.pruning import PruningGroup
 
 STATE_VERSION = 1
+_OTHER_GROUP = re.compile(r"group\d+/")
 
 
 def group_key(index: int, name: str) -> str:
@@ -31,10 +33,18 @@ def buffer_names(group: "PruningGroup") -> list[str]:
     return [str(j) for j in range(len(group.params))]
 
 
+def _group_entries(entries: dict, index: int) -> dict:
+    """The entries of group ``index`` in a `group_key`-keyed dict, with the group prefix removed."""
+    if index == 0:
+        return {k: v for k, v in entries.items() if not _OTHER_GROUP.match(k)}
+    prefix = group_key(index, "")
+    return {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
+
+
 def pruner_state_dict(pruner: "Pruner") -> dict:
     """Masks, saliency buffers, schedules and counters of ``pruner`` (tensors cloned)."""
     first = pruner.groups[0] if pruner.groups else None
-    masks, saliency = {}, {}
+    masks, saliency, granularity = {}, {}, {}
     groups = []
     for i, g in enumerate(pruner.groups):
         names = g.granularity.mask_names
@@ -42,6 +52,7 @@ def pruner_state_dict(pruner: "Pruner") -> dict:
         keys = buffer_names(g)
         for b, bufs in g.saliency.state_dict().items():
             saliency.setdefault(b, {}).update({group_key(i, n): t.clone() for n, t in zip(keys, bufs)})
+        granularity.update({group_key(i, n): t.clone() for n, t in g.granularity.state_dict().items()})
         groups.append({"config": g.config.model_dump(mode="json"), "mask_sparsity": g.mask_sparsity,
                        "mask_updates": g.mask_updates, "schedule": g.schedule.state_dict()})
     return {
@@ -56,6 +67,7 @@ def pruner_state_dict(pruner: "Pruner") -> dict:
         "groups": groups,
         "masks": masks,
         "saliency": saliency,
+        "granularity": granularity,  # what a granularity keeps besides masks (`Granularity.state_dict`)
     }
 
 
@@ -79,6 +91,7 @@ def load_pruner_state(pruner: "Pruner", state: dict) -> None:
             g.saliency.load_state_dict(
                 {b: [state["saliency"][b][group_key(i, n)] for n in keys] for b in g.saliency.buffer_names}
             )
+        g.granularity.load_state_dict(_group_entries(state.get("granularity") or {}, i))
         g.mask_sparsity = float(saved["mask_sparsity"])
         g.mask_updates = int(saved["mask_updates"])
         g.schedule.load_state_dict(saved.get("schedule") or {})

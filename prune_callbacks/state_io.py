@@ -1,7 +1,8 @@
 """Pruning state on disk: one safetensors file beside a checkpoint's weights.
 
-Tensors (masks as bool, saliency buffers as float32) go in the tensor section
-under ``masks/<target>`` and ``saliency/<buffer>/<target>``; counters and the
+Tensors (masks as bool, saliency buffers as float32, a granularity's own state) go in
+the tensor section under ``masks/<target>``, ``saliency/<buffer>/<target>`` and
+``granularity/<name>``; counters and the
 config go in the string metadata as JSON. No pickle: loading cannot run code.
 
 `write_atomic` / `save_tensors_atomic` are the one writer of the state files (the pruner's here, the
@@ -52,7 +53,8 @@ def save_state_file(state: dict, path: Union[str, os.PathLike]) -> Path:
     tensors = {f"masks/{n}": m.contiguous().cpu() for n, m in state["masks"].items()}
     for buffer, per_target in state["saliency"].items():
         tensors.update({f"saliency/{buffer}/{n}": t.contiguous().cpu() for n, t in per_target.items()})
-    meta = {k: v for k, v in state.items() if k not in ("masks", "saliency")}
+    tensors.update({f"granularity/{n}": t.contiguous().cpu() for n, t in (state.get("granularity") or {}).items()})
+    meta = {k: v for k, v in state.items() if k not in ("masks", "saliency", "granularity")}
     meta["saliency_buffers"] = sorted(state["saliency"])
     return save_tensors_atomic(tensors, path, metadata={_META_KEY: json.dumps(meta)})
 
@@ -75,6 +77,7 @@ def load_state_file(path: Union[str, os.PathLike], device: Union[str, torch.devi
     state = json.loads(raw_meta)
     buffers = state.pop("saliency_buffers")
     state["masks"] = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("masks/")}
+    state["granularity"] = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("granularity/")}
     state["saliency"] = {
         b: {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"saliency/{b}/")} for b in buffers
     }

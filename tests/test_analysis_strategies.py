@@ -42,9 +42,9 @@ def _llama():
 
 
 @pytest.mark.parametrize("arch,budget,kinds", [
-    ("bert", 0.5, {"unstructured", "N:M", "ffn_neurons", "blocks", "blocks+ffn_neurons"}),
-    ("bert", 0.3, {"unstructured", "ffn_neurons", "blocks+ffn_neurons"}),  # 1 of 4 blocks is 0.24: off budget
-    ("llama", 0.5, {"unstructured", "N:M", "ffn_neurons", "attention_heads+ffn_neurons", "blocks",
+    ("bert", 0.5, {"unstructured", "low_rank", "N:M", "ffn_neurons", "blocks", "blocks+ffn_neurons"}),
+    ("bert", 0.3, {"unstructured", "low_rank", "ffn_neurons", "blocks+ffn_neurons"}),  # 1 of 4 blocks is 0.24: off budget
+    ("llama", 0.5, {"unstructured", "low_rank", "N:M", "ffn_neurons", "attention_heads+ffn_neurons", "blocks",
                     "blocks+ffn_neurons"}),
 ])
 def test_every_candidate_removes_the_budget(arch, budget, kinds):

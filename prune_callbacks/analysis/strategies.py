@@ -13,7 +13,13 @@ weights on this model:
 * ``blocks + ffn_neurons``: 1 or 2 blocks and the neuron fraction of the other blocks that makes up
   the rest of ``b``;
 
-the structured ones give a smaller dense model (faster everywhere). Each candidate is built with the
+* ``low_rank``: every targeted Linear factorised to the ranks one global rule allocates (when the
+  budget is reachable at rank 1 and every target is an ``nn.Linear``). The probe keeps mean
+  ``|theta * grad|``, not the squared gradients FWSVD weighs rows by, so low rank is probed with
+  plain truncated SVD ranks (``importance: none``): a pessimistic proxy for the Fisher-weighted
+  ranks training uses;
+
+the structured ones give a smaller dense model (faster everywhere), low rank two thin Linears per target. Each candidate is built with the
 engine's own `Pruner` (the same configs, the same granularity code that selects units while
 training), its masks selected once from the calibration saliency (mean ``|theta * grad|`` of every
 spanned tensor), applied, the held-out metric measured, and the weights restored bit for bit. That
@@ -39,6 +45,7 @@ _WHAT_IT_BUYS = {
     "unstructured": "storage (sparse checkpoint); no speed-up without sparse kernels",
     "N:M": "GPU sparse tensor cores (2:4); measured slower than dense on BERT-sized models",
     "structured": "a smaller dense model: less memory and faster on any CPU or GPU",
+    "low_rank": "two thin Linears per target: fewer multiply-adds on any hardware; a custom loader (or densify)",
 }
 
 
@@ -72,6 +79,9 @@ def candidates(model: nn.Module, budget: float, targeted: Mapping[str, int], *, 
     total = sum(targeted.values())
     out = [{"name": "unstructured", "kind": "unstructured",
             "configs": [{"final_sparsity": budget, "saliency": "taylor", "scope": "global"}]}]
+    low_rank = _low_rank_candidate(model, budget, targeted)
+    if low_rank:
+        out.append(low_rank)
     for m in (4, 8):
         n = round((1 - budget) * m)
         if 0 < n < m and abs((1 - n / m) - budget) <= BUDGET_TOLERANCE:
@@ -123,6 +133,21 @@ def candidates(model: nn.Module, budget: float, targeted: Mapping[str, int], *, 
     return out
 
 
+def _low_rank_candidate(model: nn.Module, budget: float, targeted: Mapping[str, int]) -> Optional[dict]:
+    """Low rank at ``budget`` (plain-SVD ranks one-shot, see the module docstring), or None when a target is not
+    an ``nn.Linear`` or rank 1 everywhere cannot remove the budget."""
+    from ..granularity.low_rank import kept_params
+
+    modules = dict(model.named_modules())
+    if not targeted or not all(isinstance(modules.get(n), nn.Linear) for n in targeted):
+        return None
+    floor = sum(kept_params(*modules[n].weight.shape, 1) for n in targeted)
+    if budget > 1 - floor / sum(targeted.values()):
+        return None
+    return {"name": "low_rank", "kind": "low_rank", "configs": [{"granularity": "low_rank", "final_sparsity": budget,
+                                                                "granularity_settings": {"importance": "none"}}]}
+
+
 def _heads_supported(model: nn.Module) -> bool:
     try:
         Pruner(model, {"granularity": "attention_heads", "final_sparsity": 0.5}, total_steps=_PROBE_STEPS)
@@ -132,11 +157,21 @@ def _heads_supported(model: nn.Module) -> bool:
 
 
 def buys(kind: str) -> str:
-    return _WHAT_IT_BUYS["unstructured" if kind == "unstructured" else "N:M" if kind == "N:M" else "structured"]
+    return _WHAT_IT_BUYS[kind if kind in ("unstructured", "N:M", "low_rank") else "structured"]
 
 
 def is_structured(kind: str) -> bool:
     return kind not in ("unstructured", "N:M")
+
+
+def _removed(pruner, targets) -> int:
+    """Parameters of ``targets`` the pruner's groups remove, from the granularities' own counts (for a factorised
+    weight not its zeros); a weight two groups touch (a removed block and its neurons) counts its larger figure."""
+    per: dict[str, int] = {}
+    for g in pruner.groups:
+        for name, _, pruned in g.granularity.counts():
+            per[name] = max(per.get(name, 0), pruned)
+    return sum(per.get(t.name, 0) for t in targets)
 
 
 @torch.no_grad()
@@ -153,14 +188,13 @@ def probe(model: nn.Module, candidate: dict, scores: Mapping[int, torch.Tensor],
     touched = {id(p): p for g in pruner.groups for p in g.granularity.params}
     saved = {i: p.detach().clone() for i, p in touched.items()}
     skipped_before = {n for n in layout.blocks if is_skipped(layout.modules[n])} if layout else set()
-    before = sum(int(t.param.numel() - torch.count_nonzero(t.param)) for t in targets)
     try:
         for g in pruner.groups:
             gran = g.granularity
             picked = [scores[id(p)] if id(p) in scores else torch.zeros(p.shape, device=p.device) for p in gran.params]
             gran.set_masks(gran.select(picked, g.config.final_sparsity))
             gran.apply()
-        after = sum(int(t.param.numel() - torch.count_nonzero(t.param)) for t in targets)
+        removed = _removed(pruner, targets)
         value = measure()
         kept = {}
         for g in pruner.groups:
@@ -176,5 +210,5 @@ def probe(model: nn.Module, candidate: dict, scores: Mapping[int, torch.Tensor],
                     skip_block(layout.modules[name], skip=False)
     total = sum(t.param.numel() for t in targets)
     return {"name": candidate["name"], "kind": candidate["kind"], "applicable": True,
-            "configs": candidate["configs"], "removed": (after - before) / total, "metric": value,
+            "configs": candidate["configs"], "removed": removed / total, "metric": value,
             "kept_per_block": kept, "buys": buys(candidate["kind"])}

@@ -17,6 +17,13 @@ parameter budget (:mod:`.strategies`) and the user's ``goal``:
 When every candidate is at chance level one-shot, the probe cannot rank them: ``auto``/``size`` keep
 unstructured (the most flexible), ``speed`` the finest-grained structured one, and the comments say so.
 
+**Low rank** is in the pool only where the spectra show it pays (`low_rank_pays`): at least half of
+the targeted weights sit in matrices whose rank holding 95% of their energy is at most the rank that
+removes the budget from them, ``(1 - budget) * mn/(m+n)`` (effective rank well below break-even);
+otherwise it is dropped with that reason. Its suggested config trains with the Fisher-weighted ranks
+(the probe measured plain SVD), and the saved model holds rank-``r`` weights (factorise them with
+:mod:`prune_callbacks.low_rank`).
+
 **Budgets**: unstructured gets a global Taylor threshold with per-layer caps from the calibration
 saliency (:func:`unstructured_budgets`); structured strategies get the unit fractions that remove the
 budget, and ``output.slim: true``.
@@ -71,8 +78,23 @@ def _damage(analysis: dict, row: dict) -> float:
 
 
 #: coarser last: fine-tuning recovers more of a finer strategy's damage (BENCHMARKS.md, "Redundancy analysis")
-COARSENESS = {"unstructured": 0, "N:M": 1, "ffn_neurons": 2, "attention_heads": 2, "attention_heads+ffn_neurons": 3,
-              "blocks+ffn_neurons": 4, "blocks": 5}
+COARSENESS = {"unstructured": 0, "N:M": 1, "ffn_neurons": 2, "attention_heads": 2, "low_rank": 2,
+              "attention_heads+ffn_neurons": 3, "blocks+ffn_neurons": 4, "blocks": 5}
+PAYS_SHARE = 0.5  # low rank is proposed when at least this share of the targeted weights is that low-rank
+
+
+def low_rank_pays(analysis: dict) -> tuple[bool, str]:
+    """``(pays, reason)``: whether the spectra show a factorisation removing the budget keeps 95% of the energy
+    of at least `PAYS_SHARE` of the targeted weights (see the module docstring)."""
+    budget = float(analysis["budget"])
+    spectra = analysis.get("spectra") or {}
+    total = sum(s["shape"][0] * s["shape"][1] for s in spectra.values())
+    low = {n: s for n, s in spectra.items() if s["rank_95"] and s["rank_95"] <= (1 - budget) * s["break_even_rank"]}
+    share = sum(s["shape"][0] * s["shape"][1] for s in low.values()) / total if total else 0.0
+    reason = (f"spectra: {len(low)} of {len(spectra)} matrices ({share:.0%} of the targeted weights) hold 95% of "
+              f"their energy at or below {1 - budget:.0%} of their break-even rank mn/(m+n), the rank that removes "
+              f"{budget:.0%} of their parameters")
+    return share >= PAYS_SHARE, reason
 
 
 def _finest_near_best(analysis: dict, pool: list[dict], tol: float) -> tuple[dict, dict, list[dict]]:
@@ -94,11 +116,21 @@ def choose_strategy(analysis: dict, goal: str = "auto") -> tuple[Optional[dict],
         why = ("no strategy could be probed (" + "; ".join(f"{r['name']}: {r['why']}" for r in probed) + ")"
                if probed else "no strategy probe (no held-out data)")
         return None, [f"{why}: unstructured, the engine's default"]
+    low = [r for r in rows if r["kind"] == "low_rank"]
+    if low:
+        pays, why = low_rank_pays(analysis)
+        if not pays:
+            rows = [r for r in rows if r["kind"] != "low_rank"]
+            note = f"low_rank left out: {why} (under {PAYS_SHARE:.0%}: a factorisation would cut into the energy)"
+        else:
+            note = f"low_rank considered: {why}"
     metric, base = analysis["metric"], analysis["baseline"]
     tol = noise(metric, base, analysis.get("eval_rows", 0))
     listing = ", ".join(f"{r['name']} {r['metric']:.4g}" for r in rows)
     reasons = [f"one-shot probe, every strategy removing {analysis['budget']:.0%} of the targeted weights, "
                f"{metric} on the held-out slice (dense {base:.4g}, noise ±{tol:.3g}): {listing}"]
+    if low:
+        reasons.append(note)
     structured = [r for r in rows if is_structured(r["kind"])]
     chance = analysis.get("chance")
     if chance is not None and all(r["metric"] <= chance + tol for r in rows):
@@ -146,6 +178,12 @@ def suggest_pruning(analysis: dict) -> tuple[object, list[str]]:
         pruning, more = unstructured_budgets(analysis)
         return pruning, reasons + more
     configs = [dict(c) for c in chosen["configs"]]
+    if chosen["kind"] == "low_rank":
+        configs = [{k: v for k, v in c.items() if k != "granularity_settings"} for c in configs]
+        reasons.append("low_rank: training allocates the ranks by Fisher-weighted SVD (the probe measured plain SVD "
+                       "ranks, a pessimistic proxy); the saved weights have those ranks: factorise them with "
+                       "prune_callbacks.low_rank (export_pruned, save_low_rank)")
+        return configs[0], reasons
     if chosen["kind"] == "N:M":
         reasons.append(f"{configs[0]['granularity']}: N kept in every M consecutive weights; final sparsity follows")
     else:
@@ -170,7 +208,12 @@ def suggested_recipe_yaml(recipe_data: dict, analysis: dict) -> str:
         data["pruning"] = [{**keep, **c} for c in pruning]
     else:
         data["pruning"] = {**keep, **pruning}
-    if any(is_structured_config(c) for c in (pruning if isinstance(pruning, list) else [pruning])):
+    listed = pruning if isinstance(pruning, list) else [pruning]
+    if any(c.get("granularity") == "low_rank" for c in listed):
+        output = dict(data.get("output") or {})
+        output.pop("save_sparse", None)  # low-rank weights are dense: no sparse/ folder
+        data["output"] = output
+    if any(is_structured_config(c) for c in listed):
         output = dict(data.get("output") or {})
         output.pop("save_sparse", None)  # a slim model is dense: no sparse/ folder
         output["slim"] = True
@@ -181,7 +224,7 @@ def suggested_recipe_yaml(recipe_data: dict, analysis: dict) -> str:
         data["description"] = f"Suggested by prune-callbacks analyze ({chosen}) for: {data['description']}"
     header = ["# Suggested by `prune-callbacks analyze` from measurements of the dense model.", "#"]
     header += [f"# - {r}" for r in reasons]
-    header += ["# ANALYSIS.md has the figures behind each line (and low-rank candidates, not yet a strategy).", ""]
+    header += ["# ANALYSIS.md has the figures behind each line.", ""]
     return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

@@ -4,5 +4,6 @@ from .base import Granularity
 from .nm import NM
 from .unstructured import Unstructured
 from .structured import AttentionHeads, Blocks, FFNNeurons
+from .low_rank import LowRank
 
-__all__ = ["Granularity", "NM", "Unstructured", "FFNNeurons", "AttentionHeads", "Blocks"]
+__all__ = ["Granularity", "NM", "Unstructured", "FFNNeurons", "AttentionHeads", "Blocks", "LowRank"]

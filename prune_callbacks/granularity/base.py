@@ -17,20 +17,47 @@ Implementations:
   several tensors: ``params`` are every tensor a unit spans, ``masks`` are one
   bool per unit, ``apply`` zeroes every spanned slice.
 
+* ``low_rank`` (:mod:`.low_rank`): the allowed rank of each targeted Linear;
+  ``masks`` are one bool per singular direction, ``apply`` projects the weight
+  onto its kept subspace.
+
 Conventions: masks are bool tensors, ``True`` = pruned (`MASKS_MEAN`); the one place
 that speaks of *kept* units is the structured ``keep()`` that feeds slimming
 (:func:`prune_callbacks.structured.slim.slim` takes ``True`` = kept, ``keep = ~pruned``);
 selection is monotone
 (a pruned position stays pruned) and exact in count; ``counts()`` reports, per
-target, how many *weights* are pruned, which is what the one sparsity report
+target, how many *parameters* are removed (for element-wise masks its zeros, for
+a factorised weight ``m*n - r*(m+n)``), which is what the one sparsity report
 (:func:`prune_callbacks.report.build_report`) is built from.
+
+A granularity owns its whole life, so a new one lands as one module and touches
+no shared code:
+
+* **settings**: ``Settings``, a pydantic model of its own fields, given as
+  ``PruningConfig(granularity_settings={...})``; unknown keys, bad values and
+  settings given to a granularity that has none are config errors naming the
+  field, the value and what is allowed (`settings_problems`);
+* **gradients**: ``observe(grads)`` sees every real step's unscaled gradients
+  (after the saliency, only when they are finite), for statistics of its own;
+  ``own_saliency`` names the per-weight saliency it needs instead of the config's;
+* **state**: ``state_dict()`` / ``load_state_dict()`` (flat ``name -> tensor``)
+  are saved inside the pruner's state, so resume is exact for a granularity
+  that keeps more than masks;
+* **counts**: ``counts()`` (above);
+* **export**: ``exporter()`` returns the function that turns the finalized
+  groups of this kind into their exported form (structured: cut the units out;
+  low rank: two thin Linears); groups with the same exporter are exported
+  together by :func:`prune_callbacks.export.export_pruned`;
+* **overlap**: ``weight_access`` says how ``apply`` constrains a weight;
+  `may_share` is the one rule for two groups targeting the same weight.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
+from pydantic import BaseModel, ValidationError
 
 from ..report import zero_count
 from ..targets import Target
@@ -46,6 +73,13 @@ class Granularity:
     elementwise: ClassVar[bool] = True
     #: PruningConfig fields only this granularity reads; setting them for another one is an error
     config_fields: ClassVar[frozenset] = frozenset()
+    #: its own settings (``PruningConfig.granularity_settings``), a pydantic model; None: it has none
+    Settings: ClassVar[Optional[type[BaseModel]]] = None
+    #: the saliency it scores with whatever the config names (None: the config's ``saliency``)
+    own_saliency: ClassVar[Optional[str]] = None
+    #: how ``apply`` constrains a weight: "elements" (its own positions zeroed), "units" (slices zeroed;
+    #: composes with other zeroing), "subspace" (the whole weight projected); see `may_share`
+    weight_access: ClassVar[str] = "elements"
 
     def __init__(self, config, targets: Sequence[Target], model: Optional[torch.nn.Module] = None, *args: str):
         self.config = config
@@ -71,6 +105,48 @@ class Granularity:
         """Problems with ``config`` for this granularity (each names the field, value and what is allowed)."""
         return []
 
+    @classmethod
+    def settings_problems(cls, settings: dict, granularity: str) -> list[str]:
+        """Problems with ``granularity_settings`` for this granularity (field, value, what is allowed)."""
+        if cls.Settings is None:
+            return [f"granularity_settings={settings!r} does not apply to granularity={granularity!r} (it has no "
+                    "settings); remove it"] if settings else []
+        try:
+            cls.Settings(**settings)
+        except ValidationError as exc:
+            allowed = ", ".join(cls.Settings.model_fields)
+            problems = []
+            for err in exc.errors():
+                field = ".".join(str(p) for p in err["loc"])
+                if err["type"] == "extra_forbidden":
+                    problems.append(f"granularity_settings.{field}={err.get('input')!r} is unknown for "
+                                    f"granularity={granularity!r}; allowed keys: {allowed}")
+                else:
+                    problems.append(f"granularity_settings.{field}={err.get('input')!r} is invalid for "
+                                    f"granularity={granularity!r}: {err['msg'].removeprefix('Value error, ')}")
+            return problems
+        return []
+
+    @classmethod
+    def settings_of(cls, config) -> Optional[BaseModel]:
+        """The parsed `Settings` of ``config`` (None for a granularity without settings)."""
+        return None if cls.Settings is None else cls.Settings(**(getattr(config, "granularity_settings", None) or {}))
+
+    @staticmethod
+    def may_share(a: "Granularity", b: "Granularity") -> Optional[str]:
+        """The one overlap rule: why groups ``a`` and ``b`` may not target the same weight (None: they may).
+
+        Zeroed units compose with any other zeroing (a removed block takes its neurons along); two
+        element-wise selections would each undo the other's masks; a projection onto a subspace fills
+        zeroed positions and zeroing leaves the subspace, so it shares a weight with nothing.
+        """
+        kinds = {a.weight_access, b.weight_access}
+        if "subspace" in kinds:
+            return "a subspace projection (low rank) shares a weight with no other granularity"
+        if kinds == {"elements"}:
+            return "two element-wise selections would each undo the other's masks"
+        return None
+
     # ---------------------------------------------------------- per group
     def check_targets(self) -> None:
         """Raise ``ValueError`` listing every target this granularity cannot prune."""
@@ -84,6 +160,21 @@ class Granularity:
     def mask_names(self) -> list[str]:
         """State-dict keys of ``masks`` (target names for weight-shaped masks)."""
         return [t.name for t in self.targets]
+
+    def observe(self, grads: Sequence[torch.Tensor], grad_scale: Optional[float] = None) -> None:
+        """One real step's gradients of ``params`` (finite; divide by ``grad_scale`` when given). Default: unused."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What this granularity keeps besides its masks (flat ``name -> tensor``), for exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a `state_dict` (called after the masks are restored)."""
+
+    def exporter(self) -> Optional[Callable]:
+        """``fn(model, [granularities]) -> summary`` turning finalized groups of this kind into their exported
+        form (groups with the same function are exported together), or None: the masks are the result."""
+        return None
 
     def select(self, scores: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
         """New masks for ``sparsity``: a superset of ``self.masks`` (already-pruned positions stay pruned)."""

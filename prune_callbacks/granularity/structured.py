@@ -58,6 +58,7 @@ class StructuredUnits(Granularity):
     kind: ClassVar[str] = ""
     elementwise = False
     config_fields = frozenset({"units"})
+    weight_access = "units"
 
     def __init__(self, config, targets, model=None, *args: str):
         if model is None:
@@ -169,6 +170,12 @@ class StructuredUnits(Granularity):
         mine = {g.mask_name: ~m.cpu() for g, m in zip(self.groups, self.masks)}
         return [mine.get(g.mask_name, torch.ones(g.n_units, dtype=torch.bool))
                 for g in unit_map(self.model, self.kind, family=self.family)]
+
+    def exporter(self):
+        """Cut the removed units out (:func:`prune_callbacks.structured.pruned.slim_granularities`)."""
+        from ..structured.pruned import slim_granularities
+
+        return slim_granularities
 
     # ------------------------------------------------------------ reporting
     def counts(self, measured: bool = False):

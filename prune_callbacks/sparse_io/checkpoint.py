@@ -80,26 +80,37 @@ def save_sparse(model, directory, tokenizer=None, *, min_saving: float = 0.0) ->
         raise ValueError(f"min_saving must be in [0, 1), got {min_saving}")
     if not hasattr(model, "config") or not hasattr(model, "state_dict"):
         raise TypeError(f"save_sparse expects a transformers PreTrainedModel, got {type(model).__name__}")
+    state_dict = checkpoint_state_dict(model)
+    info = write_checkpoint_folder(model, directory, WEIGHTS_NAME,
+                                   lambda path: write_sparse_file(state_dict, path, min_saving=min_saving), tokenizer)
+    return dataclasses.replace(info, path=Path(directory) / WEIGHTS_NAME)
+
+
+def write_checkpoint_folder(model, directory, weights_name: str, write_weights, tokenizer=None):
+    """Write a checkpoint folder atomically: ``write_weights(path)`` writes (and fsyncs) the weights file into a
+    staging folder inside ``directory``, the side files (config, generation config, tokenizer) go beside it, then
+    everything is moved into place with ``os.replace``, the weights file last, so a failure while writing leaves
+    an existing checkpoint untouched. Returns what ``write_weights`` returned. Shared with
+    :mod:`prune_callbacks.low_rank.checkpoint`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state_dict = checkpoint_state_dict(model)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=directory))
     try:
-        info = write_sparse_file(state_dict, staging / WEIGHTS_NAME, min_saving=min_saving)
+        info = write_weights(staging / weights_name)
         _save_side_files(model, staging, tokenizer)
         for item in sorted(staging.iterdir()):
-            if item.name == WEIGHTS_NAME:
+            if item.name == weights_name:
                 continue
             target = directory / item.name
             if item.is_dir():
                 shutil.copytree(item, target, dirs_exist_ok=True)
             else:
                 os.replace(item, target)
-        os.replace(staging / WEIGHTS_NAME, directory / WEIGHTS_NAME)
+        os.replace(staging / weights_name, directory / weights_name)
         _fsync_dir(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return dataclasses.replace(info, path=directory / WEIGHTS_NAME)
+    return info
 
 
 def read_sparse_state_dict(path) -> dict[str, torch.Tensor]:
@@ -177,8 +188,15 @@ def densify(src, dst) -> Path:
         raise ValueError(f"densify needs a destination different from its source {src}")
     model = load_sparse(src)
     model.save_pretrained(dst)
+    copy_side_files(src, dst)
+    return dst
+
+
+def copy_side_files(src, dst) -> None:
+    """Copy ``src``'s other files (tokenizer, README, ...) into ``dst``: not weight files, staging folders, or
+    anything ``dst`` already has. Shared with :mod:`prune_callbacks.low_rank.checkpoint`."""
+    src, dst = Path(src), Path(dst)
     for item in sorted(src.iterdir()):
         skip = item.name.endswith(_WEIGHT_FILE_SUFFIXES) or item.name.startswith(_STAGING_PREFIX)
         if item.is_file() and not skip and not (dst / item.name).exists():
             shutil.copy2(item, dst / item.name)
-    return dst

@@ -45,8 +45,9 @@ class PruningGroup(StepComponent):
         rounding = self.granularity.describe_target(config.final_sparsity)  # raises when it rounds to 0 units
         if rounding:
             logger.info("prune_callbacks: granularity=%r: %s", config.granularity, rounding)
-        self.saliency = make_saliency(
-            config.saliency, self.granularity.params, beta=config.beta, uncertainty_beta=config.uncertainty_beta
+        self.saliency = make_saliency(  # a granularity may score with its own (low_rank: magnitude, no buffers)
+            self.granularity.own_saliency or config.saliency, self.granularity.params, beta=config.beta,
+            uncertainty_beta=config.uncertainty_beta,
         )
         self.schedule = None
         self.resolve(total_steps)
@@ -57,6 +58,7 @@ class PruningGroup(StepComponent):
         self._work: Optional[list[torch.Tensor]] = None  # reused theta*grad buffers (see saliency.py)
         #: per tracked tensor: whether a gradient (not None) ever reached it; see `_check_gradients_seen`
         self.received_grad = [False] * len(self.params)
+        self._grads: Optional[tuple] = None  # this step's gradients, handed to the granularity at commit
 
     def resolve(self, total_steps: Optional[int]) -> None:
         self.steps = self.config.resolve(total_steps)
@@ -80,6 +82,7 @@ class PruningGroup(StepComponent):
             if not seen[i] and p.grad is not None:
                 seen[i] = True
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self._grads = (grads, grad_scale)  # for the granularity's own statistics, at commit
         if not self.saliency.needs_gradients:
             return all_finite(grads)
         if self._work is None:
@@ -89,6 +92,9 @@ class PruningGroup(StepComponent):
         return finite
 
     def commit(self) -> None:
+        if self._grads is not None:
+            self.granularity.observe(*self._grads)
+            self._grads = None
         if self._prods is not None:
             self.saliency.update(self.params, self._prods)
             self.folded += 1
@@ -96,6 +102,7 @@ class PruningGroup(StepComponent):
 
     def discard(self) -> None:
         self._prods = None
+        self._grads = None
 
     def after_step(self, step: int, optimizer: Any) -> None:
         if self.schedule.is_update_step(step):

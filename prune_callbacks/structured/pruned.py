@@ -18,15 +18,19 @@ from .slim import slim
 from .units import StructuredUnitsError
 
 
+def _slimmed(pruner) -> list:
+    """``pruner``'s granularities whose export is slimming (they name `slim_granularities` as exporter)."""
+    return [g.granularity for g in pruner.groups if g.granularity.exporter() is slim_granularities]
+
+
 def structured_keep(pruner) -> dict:
     """The ``keep`` (see :func:`.slim.slim`) described by ``pruner``'s structured groups (kinds ANDed)."""
-    from ..granularity.structured import StructuredUnits
+    return _keep_of(_slimmed(pruner))
 
+
+def _keep_of(granularities) -> dict:
     keep: dict = {}
-    for group in pruner.groups:
-        granularity = group.granularity
-        if not isinstance(granularity, StructuredUnits):
-            continue
+    for granularity in granularities:
         mine = granularity.keep()
         if granularity.kind in keep:
             old = keep[granularity.kind]
@@ -38,9 +42,11 @@ def structured_keep(pruner) -> dict:
 
 def structured_family(pruner):
     """The user's own unit description the pruner's structured groups were built with (None: the family table)."""
-    from ..granularity.structured import StructuredUnits
+    return _family_of(_slimmed(pruner))
 
-    families = {g.granularity.family for g in pruner.groups if isinstance(g.granularity, StructuredUnits)}
+
+def _family_of(granularities):
+    families = {g.family for g in granularities}
     if len(families) > 1:
         raise StructuredUnitsError("the structured pruning groups were given different unit descriptions (units=...); "
                                    "give every group the same one")
@@ -63,3 +69,9 @@ def slim_pruned(model: nn.Module, pruner) -> dict:
     family = structured_family(pruner)
     pruner.finalize(slim=True)
     return slim(model, keep, family=family)
+
+
+@torch.no_grad()
+def slim_granularities(model: nn.Module, granularities) -> dict:
+    """The structured exporter (`Granularity.exporter`): `slim` ``model`` by these finalized groups' keep."""
+    return slim(model, _keep_of(granularities), family=_family_of(granularities))

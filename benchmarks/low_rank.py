@@ -1,0 +1,203 @@
+"""MiniLM on Rotten Tomatoes at a parameter budget: low rank during training vs SVD / FWSVD after fine-tuning.
+
+Every variant removes the same fraction ``--sparsity`` of the targeted parameters (every Linear in the 6 blocks,
+both factors counted: ``r*(m+n)`` against ``m*n``), with the same batches, optimizer, schedule, seed and
+``--steps`` optimizer steps:
+
+* ``low_rank``: ``granularity="low_rank"`` during the fine-tune (FWSVD ranks from the run's squared gradients,
+  cubic from 10% to 60% of the run, the weight projected onto its subspace after every step);
+* ``low_rank_at_updates``: the same, projected only at mask updates (cheaper per step);
+* ``low_rank_plain``: during training, plain SVD ranks (``importance: none``);
+* ``dense``: the fine-tune alone (reference);
+* ``svd_after``: the fine-tuned dense model truncated one-shot by plain SVD, ranks allocated by the same global rule;
+* ``fwsvd_after``: the same with Fisher weights from ``--calib`` extra gradient passes (no optimizer step) over
+  training batches after the fine-tune;
+* ``*_relative*``: ranks allocated on each layer's share of its own (weighted) energy (``allocation: relative``);
+  ``*_late``: the rank schedule from 30% to 70% of the run instead of 10% to 60%.
+
+Each variant is exported (two thin Linears per target), its test accuracy measured on the whole test split, its
+parameters and the bytes of its ``save_low_rank`` file recorded. The projection's cost is timed against a
+training step (medians, same process).
+
+    python benchmarks/low_rank.py --threads 1 --steps 100 --out benchmarks/results/low_rank_rt50.json
+    python benchmarks/low_rank.py --smoke --out /tmp/lr.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+
+DURING = {"low_rank": {"importance": "fisher"}, "low_rank_at_updates": {"importance": "fisher", "projection": "at_updates"},
+          "low_rank_plain": {"importance": "none"}, "low_rank_relative": {"importance": "fisher", "allocation": "relative"},
+          "low_rank_late": {"importance": "fisher"}, "low_rank_relative_late": {"importance": "fisher",
+                                                                                "allocation": "relative"}}
+WINDOW = {"low_rank_late": (0.3, 0.7), "low_rank_relative_late": (0.3, 0.7)}  # default (0.1, 0.6)
+AFTER = {"svd_after": {"importance": "none"}, "fwsvd_after": {"importance": "fisher"},
+         "fwsvd_relative_after": {"importance": "fisher", "allocation": "relative"},
+         "svd_relative_after": {"importance": "none", "allocation": "relative"}}
+
+
+def _setup(args):
+    if args.smoke:
+        model = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=2))
+        data = {s: common.synthetic_encoded(64, seed=i) for i, s in enumerate(("train", "validation", "test"))}
+        return model, data
+    model, tok = common.load_minilm(seed=0)
+    return model, common.load_rt_encoded(tok, seed=0, max_train=None, max_eval=args.max_eval, max_len=64)
+
+
+def _export_and_measure(name, model, pruner, test, extra) -> dict:
+    from prune_callbacks.export import export_pruned
+    from prune_callbacks.low_rank import save_low_rank
+
+    report = pruner.report()
+    masked = common.accuracy(model, test)
+    summary = export_pruned(model, pruner)["factorize_granularities"]
+    with tempfile.TemporaryDirectory() as tmp:
+        file_bytes = save_low_rank(model, tmp)["file_bytes"]
+    gran = pruner.groups[0].granularity
+    return {"variant": name, "test_accuracy": common.accuracy(model, test), "projected_test_accuracy": masked,
+            "removed_fraction": report["global_sparsity"], "targeted_params": report["prunable_params"],
+            "params_before": summary["params_before"], "params_after": summary["params_after"],
+            "bytes_before": summary["bytes_before"], "bytes_after": summary["bytes_after"], "file_bytes": file_bytes,
+            "ranks": gran.report()["ranks"], **extra}
+
+
+def _median_step_s(model, batches, reps: int = 5) -> float:
+    """Median seconds of one training step of ``model`` (forward, backward, an SGD step at lr 0: weights unchanged)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    times = []
+    model.train()
+    for batch in batches[:reps]:
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _median_projection_s(granularity, reps: int = 5) -> float:
+    """Median seconds of one projection of every factorised target (after export: the old weights, detached)."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        granularity._project(force=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_during(name, args, data, template) -> dict:
+    from prune_callbacks import Pruner
+
+    common.seed_everything(0)
+    model = copy.deepcopy(template)
+    optimizer = common.make_optimizer(model, lr=args.lr)
+    scheduler = common.linear_warmup_decay(optimizer, steps=args.steps, warmup=args.steps // 10)
+    start, end = WINDOW.get(name, (0.1, 0.6))
+    pruner = Pruner(model, dict(granularity="low_rank", final_sparsity=args.sparsity, start_step=start, end_step=end,
+                                granularity_settings=DURING[name]), total_steps=args.steps).attach(optimizer)
+    batches = common.train_batches(data["train"], steps=args.steps, batch_size=16, seed=0)
+    wall = common.train(model, batches, optimizer, scheduler)
+    test = common.eval_batches(data["test"])
+    timing = {"step_s_median": _median_step_s(model, batches)} if name == "low_rank" else {}
+    row = _export_and_measure(name, model, pruner, test, {"train_wall_s": round(wall, 1), "window": [start, end],
+                                                          "settings": DURING[name], **timing})
+    if timing:  # the projection at the final ranks, against a training step of the unfactorised model
+        row["projection_s_median"] = _median_projection_s(pruner.groups[0].granularity)
+    return row
+
+
+def run_dense(args, data, template):
+    common.seed_everything(0)
+    model = copy.deepcopy(template)
+    optimizer = common.make_optimizer(model, lr=args.lr)
+    scheduler = common.linear_warmup_decay(optimizer, steps=args.steps, warmup=args.steps // 10)
+    batches = common.train_batches(data["train"], steps=args.steps, batch_size=16, seed=0)
+    wall = common.train(model, batches, optimizer, scheduler)
+    test = common.eval_batches(data["test"])
+    return model, {"variant": "dense", "test_accuracy": common.accuracy(model, test), "train_wall_s": round(wall, 1),
+                   "params": sum(p.numel() for p in model.parameters())}
+
+
+def run_after(name, args, data, dense) -> dict:
+    from prune_callbacks import Pruner
+
+    model = copy.deepcopy(dense)
+    importance = AFTER[name]["importance"]
+    pruner = Pruner(model, dict(granularity="low_rank", final_sparsity=args.sparsity,
+                                granularity_settings=AFTER[name]), total_steps=args.steps)
+    if importance == "fisher":  # squared gradients from --calib extra batches, no optimizer step
+        model.train()
+        for batch in common.train_batches(data["train"], steps=args.calib, batch_size=16, seed=1):
+            model(**batch).loss.backward()
+            pruner.before_optimizer_step()
+            model.zero_grad(set_to_none=True)
+    pruner.update_masks(args.sparsity)
+    return _export_and_measure(name, model, pruner, common.eval_batches(data["test"]),
+                               {"calibration_batches": args.calib if importance == "fisher" else 0})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["low_rank", "low_rank_plain", "dense", "svd_after", "fwsvd_after"])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--sparsity", type=float, default=0.5, help="fraction of the targeted parameters removed")
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--calib", type=int, default=16, help="gradient batches for fwsvd_after")
+    ap.add_argument("--max-eval", type=int, default=None, help="cap the test split (default: all of it)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", type=Path, default=common.RESULTS / "low_rank_rt50.json")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.calib = min(args.steps, 12), min(args.calib, 2)
+    common.set_threads(args.threads)
+    result = {"benchmark": "low_rank", "hardware": common.hardware_info(), "steps": args.steps, "lr": args.lr,
+              "sparsity": args.sparsity, "batch_size": 16, "max_len": 64, "schedule": "cubic 0.1 -> 0.6",
+              "smoke": args.smoke, "rows": []}
+    model, data = _setup(args)
+    result["test_examples"] = len(data["test"])
+    dense = None
+    for name in args.variants:
+        started = time.time()
+        if name in DURING:
+            row = run_during(name, args, data, model)
+        elif name == "dense" or name in AFTER:
+            if dense is None:
+                dense, dense_row = run_dense(args, data, model)
+                if "dense" in args.variants:
+                    result["rows"].append(dense_row)
+            if name == "dense":
+                continue
+            row = run_after(name, args, data, dense)
+        else:
+            raise SystemExit(f"unknown variant {name!r}; valid: {', '.join([*DURING, 'dense', *AFTER])}")
+        row["wall_s"] = round(time.time() - started, 1)
+        result["rows"].append(row)
+        print({k: v for k, v in row.items() if k != "ranks"}, flush=True)
+        common.write_json(args.out, result)
+    try:
+        import os
+
+        result["load_average_at_end"] = os.getloadavg()
+    except OSError:
+        pass
+    common.write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
