@@ -38,6 +38,7 @@ from .report import build_report
 from .steps.base import PHASES, StepComponent
 from .steps.l1 import L1Component
 from .steps.pruning import PruningGroup
+from .sharding import layout_of
 from .targets import _preview, check_not_sharded, find_targets, unwrap_model  # _preview: the one "a, b, ..." list
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Pruner:
         self.model = unwrap_model(model)
         self.total_steps = total_steps
         self.groups = [PruningGroup(self.model, c, total_steps) for c in self.configs if isinstance(c, PruningConfig)]
+        self._layout = layout_of([p for g in self.groups for p in g.granularity.sources])  # agreement across ranks
         self._check_overlap()
         l1 = []
         for c in self.configs:
@@ -146,7 +148,7 @@ class Pruner:
         return max((g.mask_updates for g in self.groups), default=0)
 
     def _weighted(self, value) -> float:
-        sizes = [sum(n for _, n, _ in g.granularity.counts()) for g in self.groups]
+        sizes = [g.numel for g in self.groups]
         total = sum(sizes)
         return sum(value(g) * s for g, s in zip(self.groups, sizes)) / total if total else 0.0
 
@@ -207,7 +209,7 @@ class Pruner:
         if self.finalized:
             return
         finite = [c.prepare(grad_scale) for c in self.components]
-        self._skip_pending = not all(finite)
+        self._skip_pending = not self._layout.all_true(all(finite))  # the same on every rank of a sharded model
         for c in self.components:
             c.discard() if self._skip_pending else c.commit()
 
@@ -252,7 +254,7 @@ class Pruner:
         weights (exact zeros), so training on after finalize shows up as lower sparsity,
         and ``finalized`` is True.
         """
-        rows = [row for g in self.groups for row in g.granularity.counts(measured=self.finalized)]
+        rows = [row for g in self.groups for row in g.counts(measured=self.finalized)]  # global (sharded: collective)
         extra = {
             "skipped_steps": self.skipped_steps,
             "mask_updates": self.mask_updates,

@@ -17,6 +17,11 @@ Implementations:
   several tensors: ``params`` are every tensor a unit spans, ``masks`` are one
   bool per unit, ``apply`` zeroes every spanned slice.
 
+Sharding (:mod:`prune_callbacks.sharding`): ``params`` are the tensors the step sees, this
+rank's rows of an FSDP2 parameter (the whole tensor otherwise); masks and saliency buffers are
+sized from them; ``layout`` says where those rows sit in the whole tensor and which reducer
+sums across ranks. ``counts()`` are this rank's; the group sums them.
+
 Conventions: masks are bool tensors, ``True`` = pruned; selection is monotone
 (a pruned position stays pruned) and exact in count; ``counts()`` reports, per
 target, how many *weights* are pruned, which is what the one sparsity report
@@ -29,6 +34,7 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
+from ..sharding import ShardLayout, layout_of, local, local_grad
 from ..targets import Target
 
 
@@ -38,14 +44,43 @@ class Granularity:
     elementwise: ClassVar[bool] = True
     #: PruningConfig fields only this granularity reads; setting them for another one is an error
     config_fields: ClassVar[frozenset] = frozenset()
+    #: whether it can select from FSDP2 row shards (see :mod:`prune_callbacks.sharding`)
+    supports_sharding: ClassVar[bool] = True
 
     def __init__(self, config, targets: Sequence[Target], model: Optional[torch.nn.Module] = None, *args: str):
         self.config = config
         self.targets = list(targets)
         self.model = model
         self.check_targets()
-        self.params: list[torch.Tensor] = [t.param for t in self.targets]
+        self.params = [t.param for t in self.targets]
         self.masks: list[torch.Tensor] = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self.params]
+
+    # ---------------------------------------------------------- the tensors the step sees
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The tracked tensors as this rank holds them (local rows of a sharded parameter), fresh on every
+        access so a parameter whose storage FSDP swapped is never written through a stale view."""
+        return [local(p) for p in self.sources]
+
+    @params.setter
+    def params(self, value: Sequence[torch.Tensor]) -> None:
+        self.sources: list[torch.Tensor] = list(value)  # the parameters themselves (DTensors when sharded)
+        self._layout: Optional[ShardLayout] = None
+
+    @property
+    def layout(self) -> ShardLayout:
+        """Global numels, local offsets and the reducer of ``params`` (:class:`~prune_callbacks.sharding.ShardLayout`)."""
+        if self._layout is None:
+            self._layout = layout_of(self.sources)
+        return self._layout
+
+    def grads(self) -> list[torch.Tensor]:
+        """This step's gradients of ``params`` (local rows; zeros where there is none)."""
+        out = []
+        for source, view in zip(self.sources, self.params):
+            grad = local_grad(source)
+            out.append(grad if grad is not None else torch.zeros_like(view))
+        return out
 
     # ---------------------------------------------------------- config-time facts
     @classmethod
@@ -104,5 +139,5 @@ class Granularity:
     def counts(self, measured: bool = False) -> list[tuple[str, int, int]]:
         """Per target ``(name, numel, pruned weights)``; ``measured`` counts exact zeros in the weights instead."""
         if measured:
-            return [(t.name, t.numel, t.numel - int(torch.count_nonzero(t.param))) for t in self.targets]
+            return [(t.name, p.numel(), p.numel() - int(torch.count_nonzero(p))) for t, p in zip(self.targets, self.params)]
         return [(t.name, m.numel(), int(torch.count_nonzero(m))) for t, m in zip(self.targets, self.masks)]

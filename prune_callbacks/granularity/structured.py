@@ -51,6 +51,7 @@ class StructuredUnits(Granularity):
     name = "structured"
     kind: ClassVar[str] = ""
     elementwise = False
+    supports_sharding = False  # unit scores would need one all-reduce and local-row masks: not built yet
 
     def __init__(self, config, targets, model=None, *args: str):
         if model is None:

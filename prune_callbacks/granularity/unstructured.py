@@ -8,7 +8,7 @@ total exact); ``scope="per_layer"``: every target gets the same fraction.
 from __future__ import annotations
 
 from ..registry import register_granularity
-from ..selection import global_masks, per_layer_masks
+from .._selection_shim import global_masks, per_layer_masks  # TEMPORARY: ..selection once merged
 from .base import Granularity
 
 
@@ -27,6 +27,8 @@ class Unstructured(Granularity):
         return []
 
     def select(self, scores, sparsity):
+        where = {"reducer": self.layout.reducer, "numels": list(self.layout.numels)}  # local shards: global positions
         if self.config.scope == "per_layer":
-            return per_layer_masks(scores, self.masks, sparsity)
-        return global_masks(scores, self.masks, sparsity, self.config.min_layer_sparsity, self.config.max_layer_sparsity)
+            return per_layer_masks(scores, self.masks, sparsity, **where)
+        return global_masks(scores, self.masks, sparsity, self.config.min_layer_sparsity,
+                            self.config.max_layer_sparsity, **where)

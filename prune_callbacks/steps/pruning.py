@@ -18,7 +18,8 @@ from ..config import PruningConfig
 from ..distributed import broadcast_masks
 from ..registry import GRANULARITIES
 from ..saliency import all_finite, gradient_products, make_saliency
-from ..targets import check_not_sharded, find_targets
+from ..sharding import check_shardable
+from ..targets import find_targets
 from .base import StepComponent
 
 
@@ -33,8 +34,9 @@ class PruningGroup(StepComponent):
     def __init__(self, model: nn.Module, config: PruningConfig, total_steps: Optional[int] = None):
         self.config = config
         self.targets = find_targets(model, config.include, config.exclude)
-        check_not_sharded(self.targets)
+        check_shardable([(t.param_name, t.param) for t in self.targets])
         granularity, args = GRANULARITIES.resolve(config.granularity)
+        self._check_sharding(granularity)
         self.granularity = granularity(config, self.targets, model, *args)
         self.saliency = make_saliency(
             config.saliency, self.granularity.params, beta=config.beta, uncertainty_beta=config.uncertainty_beta
@@ -46,6 +48,21 @@ class PruningGroup(StepComponent):
         self.folded = 0  # gradients folded into the saliency since the last mask update
         self._prods: Optional[list[torch.Tensor]] = None
         self._work: Optional[list[torch.Tensor]] = None  # reused theta*grad buffers (see saliency.py)
+        self.numel = sum(n for _, n, _ in self.counts())  # targeted weights over all ranks (fixed)
+
+    def _check_sharding(self, granularity) -> None:
+        """Refuse what is not built for FSDP2 shards yet, naming it (before any buffer is allocated)."""
+        if not any(getattr(t.param, "device_mesh", None) is not None for t in self.targets):
+            return
+        if not granularity.supports_sharding:
+            raise NotImplementedError(
+                f"granularity={self.config.granularity!r} does not support FSDP2-sharded weights yet; "
+                "use 'unstructured' or 'N:M', or prune without sharding"
+            )
+        if self.config.l1_lambda > 0:
+            raise NotImplementedError(
+                f"l1_lambda={self.config.l1_lambda!r} does not support FSDP2-sharded weights yet; set it to 0"
+            )
 
     def resolve(self, total_steps: Optional[int]) -> None:
         self.steps = self.config.resolve(total_steps)
@@ -64,7 +81,7 @@ class PruningGroup(StepComponent):
 
     # ------------------------------------------------------------ around the step
     def prepare(self, grad_scale: Optional[float]) -> bool:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grads = self.granularity.grads()  # local rows when sharded
         if not self.saliency.needs_gradients:
             return all_finite(grads)
         if self._work is None:
@@ -105,7 +122,7 @@ class PruningGroup(StepComponent):
         scores = self.saliency.scores(self.params)
         self._check_informative(scores, sparsity)
         masks = self.granularity.select(scores, sparsity)
-        if self.config.sync_masks:
+        if self.config.sync_masks and not self.granularity.layout.sharded:  # shards differ per rank by design
             broadcast_masks(masks)
         self.granularity.set_masks(masks)
         self.mask_sparsity = sparsity
@@ -122,12 +139,21 @@ class PruningGroup(StepComponent):
             live = score.detach()[~pruned] if pruned.shape == score.shape else score.detach().reshape(-1)
             if live.numel():
                 lo, hi = min(lo, float(live.min())), max(hi, float(live.max()))
+        ranks = self.granularity.layout.gather_values([lo, hi])  # every rank decides alike (one tiny all-reduce)
+        lo, hi = min(r[0] for r in ranks), max(r[1] for r in ranks)
         if lo == hi:
             raise NoInformationError(
                 f"every unpruned weight has the same {self.config.saliency!r} score ({lo:g}), so the mask update "
                 "could only prune by position; the gradients reaching the pruner are zero or missing (frozen "
                 "weights? before_optimizer_step() called after zero_grad()?)"
             )
+
+    # ------------------------------------------------------------ counts
+    def counts(self, measured: bool = False) -> list[tuple[str, int, int]]:
+        """The granularity's ``(name, numel, pruned)`` rows, summed over ranks when sharded (a collective)."""
+        rows = self.granularity.counts(measured=measured)
+        flat = self.granularity.layout.sum_counts([v for _, n, c in rows for v in (n, c)])
+        return [(name, flat[2 * i], flat[2 * i + 1]) for i, (name, _, _) in enumerate(rows)]
 
     # ------------------------------------------------------------ finalize
     def finalize(self) -> None:
