@@ -118,6 +118,7 @@ class ShardLayout:
     offsets: tuple[int, ...]
     reducer: Any
     sharded: bool
+    rows: tuple[int, ...] = ()  # the global index of each tensor's first local row (dim 0)
 
     @property
     def world_size(self) -> int:
@@ -152,10 +153,12 @@ def layout_of(params: Sequence[torch.Tensor]) -> ShardLayout:
     """The `ShardLayout` of ``params`` (call `check_shardable` first)."""
     sharded = [p for p in params if is_sharded(p)]
     if not sharded:
-        return ShardLayout(tuple(p.numel() for p in params), (0,) * len(params), LocalReducer(), False)
+        return ShardLayout(tuple(p.numel() for p in params), (0,) * len(params), LocalReducer(), False,
+                           (0,) * len(params))
     reducer = ProcessGroupReducer(sharded[0].device_mesh.get_group())
-    offsets = tuple(_offset_rows(p) * math.prod(p.shape[1:]) for p in params)
-    return ShardLayout(tuple(p.numel() for p in params), offsets, reducer, True)
+    rows = tuple(_offset_rows(p) if is_sharded(p) else 0 for p in params)
+    offsets = tuple(r * math.prod(p.shape[1:]) for r, p in zip(rows, params))
+    return ShardLayout(tuple(p.numel() for p in params), offsets, reducer, True, rows)
 
 
 def reducer_of(params: Sequence[torch.Tensor]):

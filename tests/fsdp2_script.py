@@ -52,6 +52,8 @@ def config(case):
         return PruningConfig(final_sparsity=0.6, scope="per_layer", **common)
     if case == "nm":
         return PruningConfig(granularity="2:4", **common)
+    if case == "ffn":
+        return PruningConfig(granularity="ffn_neurons", final_sparsity=0.5, **common)
     return PruningConfig(final_sparsity=0.6, min_layer_sparsity=0.3, max_layer_sparsity=0.75, **common)
 
 
@@ -79,6 +81,9 @@ def elementwise_step(model, pruner, opt, gen, step):
 
 def compare(ref, sharded):
     """Per target: whether this rank's mask equals the same rows of the reference mask, bitwise."""
+    if not ref.groups[0].granularity.elementwise:  # unit masks: one bool per unit, the same on every rank
+        return {n: bool(torch.equal(a, b)) for n, a, b in zip(ref.groups[0].granularity.mask_names, ref.pruned,
+                                                                 sharded.pruned)}
     out = {}
     for rt, rm, st, sm, src in zip(ref.targets, ref.pruned, sharded.targets, sharded.pruned,
                                     sharded.groups[0].granularity.sources):
@@ -115,9 +120,11 @@ def run_pair(case, rank, resume_dir=None):
     result["ref"], result["sharded"] = figures(ref.report()), figures(pruner.report())
     result["expected_pruned"] = round(ref.mask_sparsity * ref.report()["prunable_params"])
     result["local_shapes"] = {t.name: list(m.shape) for t, m in zip(pruner.targets, pruner.pruned)}
-    result["masks_local"] = all(tuple(m.shape) == tuple(local(t.param).shape) for t, m in zip(pruner.targets, pruner.pruned))
+    result["masks_local"] = not pruner.groups[0].granularity.elementwise or all(tuple(m.shape) == tuple(local(t.param).shape) for t, m in zip(pruner.targets, pruner.pruned))
     result["saliency_bytes"] = sum(b.numel() * b.element_size() for bufs in pruner.saliency.buffers.values() for b in bufs)
     result["mask_bytes"] = sum(m.numel() for m in pruner.pruned)
+    if case == "ffn":
+        result["kept_per_block"] = pruner.report()["groups"][0]["kept_per_block"]
     if case == "nm":
         kept = torch.cat([(~m).reshape(-1, 4).sum(-1) for m in pruner.pruned])
         result["kept_per_group"] = sorted(set(kept.tolist()))
@@ -136,6 +143,27 @@ def finalize_and_save(model, ref, pruner, out, rank, result):
             torch.equal(full[f"{t.name}.weight"] == 0, m) for t, m in zip(ref.targets, ref.pruned))
         model.save_pretrained(Path(out, "hf"), state_dict=full)
         torch.save({t.name: m for t, m in zip(ref.targets, ref.pruned)}, Path(out, "ref_masks.pt"))
+
+
+def slim_from_full_state(model, pruner, rank, result):
+    """finalize, gather the full state dict, load it into an unsharded copy on rank 0 and slim that."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from prune_callbacks.structured import slim, structured_keep
+
+    pruner.finalize()
+    keep = structured_keep(pruner)  # unit masks are the same on every rank
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        plain = tiny_llama()
+        plain.load_state_dict(full)
+        ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            before = plain(input_ids=ids).logits
+            summary = slim(plain, keep)
+            after = plain(input_ids=ids).logits
+        result["slim"] = {"intermediate": [m.mlp.up_proj.weight.shape[0] for m in plain.model.layers],
+                          "max_logit_diff": float((before - after).abs().max())}
 
 
 def attach_loop(rank):
@@ -224,6 +252,8 @@ def run_case(out, case, rank, extra):
         _, model, ref, pruner, result = run_pair("global" if case == "resume" else case, rank, resume_dir)
         if case == "global":
             finalize_and_save(model, ref, pruner, out, rank, result)
+        if case == "ffn":
+            slim_from_full_state(model, pruner, rank, result)
     result["world_size"] = dist.get_world_size()
     Path(out, f"{case}-rank{rank}.json").write_text(json.dumps(result))
 

@@ -39,7 +39,7 @@ def assert_same_as_reference(ranks, n_updates=4):
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2_2")
     dcp = out / "dcp"
-    return out, launch(out, ["global", "per_layer", "nm", "attach", "resume"], nproc=2, extra=dcp), dcp
+    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume"], nproc=2, extra=dcp), dcp
 
 
 @pytest.mark.slow
@@ -52,6 +52,18 @@ def test_masks_bitwise_equal_to_single_process(two_ranks, case):
         assert r["masks_local"]  # masks sized from the local shard, not the whole weight
         assert r["sharded"]["skipped_steps"] == 1  # the non-finite step, seen by rank 0 only, skipped by all
         assert r["local_shapes"]["model.layers.0.mlp.up_proj"] == [96 // r["world_size"], 32]
+
+
+@pytest.mark.slow
+def test_ffn_neurons_sharded_then_slimmed_from_the_full_state_dict(two_ranks):
+    _, results, _ = two_ranks
+    ranks = results["ffn"]
+    assert_same_as_reference(ranks)  # unit masks equal (unit sums: local rows + one all-reduce)
+    for r in ranks:
+        assert r["kept_per_block"] == {"model.layers.0": 48, "model.layers.1": 48}
+    slimmed = ranks[0]["slim"]
+    assert slimmed["intermediate"] == [48, 48]  # 96 -> 48 neurons, cut from the gathered full state dict
+    assert slimmed["max_logit_diff"] < 1e-4  # the slim model computes what the masked one did
 
 
 @pytest.mark.slow
