@@ -3,79 +3,103 @@
 The pruned count is exact: ``k`` weights are pruned, the lowest-scoring ones,
 ties broken by position so every process and every rerun picks the same
 weights: of ``t`` tied candidates for ``m`` places, evenly spaced positions are
-taken (not the first ``m``, which would empty one early layer). No full sort: the k-th value is found with
-``torch.kthvalue`` on CPU (fastest there) and ``torch.topk`` on accelerators
-(on an H200, kthvalue over 85M scores took 619 ms against 1.7 ms for topk).
-On CPU, above a million scores, a sample first brackets the k-th value so
-``kthvalue`` only sees a few percent of them (exact all the same).
+taken (not the first ``m``, which would empty one early layer). Scores are
+cleaned on the fly (NaN counts as 0, already-pruned weights as ``-inf``, first
+in line) and never copied into one flat buffer: the threshold is found by a
+radix select over the float32 bit patterns, a few passes over the tensors in
+place with one small histogram per pass (:mod:`.selection_radix`). Transient
+memory is a chunk and a histogram; the masks returned are the only full-size
+allocation.
+
+Sharded scores (the reducer contract). Every histogram and count that is summed
+goes through a :class:`Reducer`: :class:`LocalReducer` (the default, one
+process) or :class:`ProcessGroupReducer` (``torch.distributed.all_reduce``).
+With a process-group reducer, each ``scores[i]`` / ``pruned[i]`` is this
+rank's LOCAL part of target ``i``: a contiguous block of its flattened
+elements, blocks in rank order (FSDP2 shards dim 0 into row blocks: rank ``r``
+holds rows ``[r * ceil(R / W), min(R, (r + 1) * ceil(R / W)))``, possibly
+none). ``global_numels[i]`` is the unsharded target's numel (counts, ``k`` and
+caps use it; checked against the local numels summed over ranks). Every rank
+calls with the same targets in the same order and the same settings; each gets
+back the masks of its own blocks, and the masks concatenated in rank order are
+bitwise the masks a single process computes from the unsharded scores (ties
+ordered by target, then rank, then local flat index = the global flat index).
+Collectives per call: one small all-reduce for the counts, one per radix pass
+(a histogram of at most 2**20 int64), one for the tie offsets if ties are
+split, one for the pruned counts; per water-filling round with caps.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
+from .selection_radix import Source, key_to_float, radix_thresholds, select_smallest
 
-_SAMPLED_ABOVE = 1 << 20  # below this many scores an exact kthvalue is already fast
-_SAMPLE_SIZE = 1 << 16
+
+class Reducer(Protocol):
+    """Sums tensors across the processes that hold the shards of the same targets."""
+
+    rank: int
+    world_size: int
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce SUM in place; returns ``tensor``."""
+        ...
+
+
+class LocalReducer:
+    """One process: the sum over one process is the tensor itself."""
+
+    rank = 0
+    world_size = 1
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+class ProcessGroupReducer:
+    """``torch.distributed.all_reduce`` over ``group`` (the default group when None); ranks are group ranks."""
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+
+LOCAL = LocalReducer()
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest value (1-based) of a flat tensor, as a 0-d tensor. Exact on every path."""
-    n = values.numel()
-    if values.device.type != "cpu":
-        if k <= n - k + 1:
-            return torch.topk(values, k, largest=False, sorted=False).values.max()
-        return torch.topk(values, n - k + 1, largest=True, sorted=False).values.min()
-    if n < _SAMPLED_ABOVE:
-        return torch.kthvalue(values, k).values
-    return _bracketed_kth(values, k)
+    """The k-th smallest value (1-based) of a flat tensor, as a 0-d tensor of its dtype.
 
-
-def _bracketed_kth(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact k-th value on CPU in a few linear passes instead of one big kthvalue.
-
-    A fixed-seed sample brackets the answer between two sample quantiles; the
-    values inside the bracket (a few percent) go to ``kthvalue``. If the bracket
-    misses (it is ~8 standard errors wide), fall back to the full ``kthvalue``.
+    Exact for float32 (and narrower) values with ``1 <= k <= numel`` and no NaN; ``-0.0`` and ``0.0`` are equal
+    (either may come back as ``0.0``).
     """
-    n = values.numel()
-    generator = torch.Generator().manual_seed(n)
-    sample = values[torch.randint(n, (_SAMPLE_SIZE,), generator=generator)].sort().values
-    q = k / n
-    margin = 8.0 * math.sqrt(max(q * (1 - q), 1.0 / _SAMPLE_SIZE) / _SAMPLE_SIZE)
-    lo_index = math.floor((q - margin) * _SAMPLE_SIZE)
-    hi_index = math.ceil((q + margin) * _SAMPLE_SIZE)
-    low = sample[lo_index] if lo_index >= 0 else None
-    high = sample[hi_index] if hi_index < _SAMPLE_SIZE else None
-    inside = torch.ones_like(values, dtype=torch.bool) if low is None else values >= low
-    below = n - int(torch.count_nonzero(inside))
-    if high is not None:
-        inside &= values <= high
-    candidates = values[inside]
-    rank = k - below
-    if 1 <= rank <= candidates.numel():
-        return torch.kthvalue(candidates, rank).values
-    return torch.kthvalue(values, k).values
+    (found,) = radix_thresholds([Source.of(values)], [[0]], [k], LOCAL, values.device)
+    return torch.tensor(key_to_float(found.key), dtype=values.dtype, device=values.device)
 
 
-def smallest_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` smallest entries of flat ``values`` (ties: evenly spaced positions)."""
-    n = values.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=values.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=values.device)
-    threshold = kth_smallest(values, k)
-    mask = values < threshold
-    missing = k - int(torch.count_nonzero(mask))
-    if missing > 0:
-        ties = torch.nonzero(values == threshold).flatten()
-        if ties.numel() > missing:  # spread over the tied positions, not the first ones (a whole early layer)
-            ties = ties[torch.linspace(0, ties.numel() - 1, missing, device=ties.device).round().long()]
-        mask[ties] = True
+def smallest_k_mask(values: torch.Tensor, k: int, *, reducer: Optional[Reducer] = None,
+                    global_numel: Optional[int] = None) -> torch.Tensor:
+    """Boolean mask of the ``k`` smallest entries of flat ``values`` (ties: evenly spaced positions).
+
+    NaN counts as 0. With a process-group ``reducer``, ``values`` is this rank's block of the flat tensor
+    (blocks in rank order), ``k`` and ``global_numel`` are global.
+    """
+    reducer = reducer or LOCAL
+    numel = values.numel() if global_numel is None else global_numel
+    (mask,), _ = select_smallest([Source.of(values)], [[0]], [k], [numel], reducer)
     return mask
 
 
@@ -89,13 +113,42 @@ def _clean(score: torch.Tensor, pruned: torch.Tensor, out: Optional[torch.Tensor
     return out.masked_fill_(pruned.reshape(-1), float("-inf"))
 
 
-def per_layer_masks(scores: Sequence[torch.Tensor], pruned: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """Prune ``round(sparsity * numel)`` weights in every target, never fewer than already pruned."""
-    masks = []
-    for score, old in zip(scores, pruned):
-        k = max(round(sparsity * score.numel()), int(torch.count_nonzero(old)))
-        masks.append(smallest_k_mask(_clean(score, old), k).view(score.shape))
-    return masks
+def _prepare(scores, pruned, reducer, global_numels):
+    """Sources, global numels and global already-pruned counts (one all-reduce when sharded)."""
+    if len(scores) != len(pruned):
+        raise ValueError(f"{len(scores)} score tensors but {len(pruned)} pruned masks")
+    sources = [Source.of(s, p) for s, p in zip(scores, pruned)]
+    local = [s.numel for s in sources]
+    numels = list(local) if global_numels is None else [int(n) for n in global_numels]
+    if len(numels) != len(sources):
+        raise ValueError(f"{len(sources)} score tensors but {len(numels)} global_numels")
+    device = scores[0].device if scores else torch.device("cpu")
+    already_local = [torch.count_nonzero(s.pruned) for s in sources]
+    if reducer.world_size == 1:
+        if numels != local:
+            raise ValueError(f"global_numels={numels} differ from the score numels {local} on one process")
+        return sources, numels, [int(a) for a in already_local]
+    both = torch.stack([torch.tensor(local, dtype=torch.int64, device=device),
+                        torch.stack(already_local).to(torch.int64)]) if sources else torch.zeros(2, 0, dtype=torch.int64)
+    total, already = reducer.sum_(both).cpu().tolist()
+    if total != numels:
+        raise ValueError(f"global_numels={numels} but the local score numels sum to {total} over the "
+                         f"{reducer.world_size} ranks")
+    return sources, numels, already
+
+
+def per_layer_masks(scores: Sequence[torch.Tensor], pruned: Sequence[torch.Tensor], sparsity: float, *,
+                    reducer: Optional[Reducer] = None,
+                    global_numels: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
+    """Prune ``round(sparsity * numel)`` weights in every target, never fewer than already pruned.
+
+    ``reducer`` / ``global_numels``: local shards, see the module docstring.
+    """
+    reducer = reducer or LOCAL
+    sources, numels, already = _prepare(scores, pruned, reducer, global_numels)
+    ks = [max(round(sparsity * n), a) for n, a in zip(numels, already)]
+    masks, _ = select_smallest(sources, [[i] for i in range(len(sources))], ks, numels, reducer)
+    return [m.view(s.shape) for m, s in zip(masks, scores)]
 
 
 def global_masks(
@@ -104,45 +157,44 @@ def global_masks(
     sparsity: float,
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
+    *,
+    reducer: Optional[Reducer] = None,
+    global_numels: Optional[Sequence[int]] = None,
 ) -> list[torch.Tensor]:
     """One threshold over all targets, pruning ``round(sparsity * total)`` weights.
 
     With caps, targets whose share would fall outside ``[min, max]`` are pinned
     to the cap and the threshold is recomputed over the rest (water-filling);
     the total stays exact. ``min`` is itself capped by the current ``sparsity``.
+    ``reducer`` / ``global_numels``: local shards, see the module docstring.
     """
-    numels = [s.numel() for s in scores]
+    reducer = reducer or LOCAL
+    sources, numels, already = _prepare(scores, pruned, reducer, global_numels)
     total = sum(numels)
     k_total = round(sparsity * total)
-    # One flat float32 buffer (4 bytes per prunable weight); the per-target views avoid more copies.
-    everything = torch.empty(total, dtype=torch.float32, device=scores[0].device) if scores else torch.empty(0)
-    flat = list(everything.split(numels))
-    for score, old, segment in zip(scores, pruned, flat):
-        _clean(score, old, out=segment)
-    already = [int(torch.count_nonzero(p)) for p in pruned]
     low = [max(math.ceil(min(min_sparsity, sparsity) * n), a) for n, a in zip(numels, already)]
     high = [max(math.floor(max_sparsity * n), a) for n, a in zip(numels, already)]
     k_total = min(max(k_total, sum(low)), sum(high))
 
     pinned: dict[int, int] = {}
     free = list(range(len(scores)))
+    masks: list[torch.Tensor] = [None] * len(scores)  # type: ignore[list-item]
     while free:
         k_free = k_total - sum(pinned.values())
-        candidates = everything if len(free) == len(scores) else torch.cat([flat[i] for i in free])
-        joint = smallest_k_mask(candidates, k_free)
-        counts = [int(c) for c in torch.stack([torch.count_nonzero(part) for part in joint.split([numels[i] for i in free])])]
-        over = [i for i, c in zip(free, counts) if c > high[i]]
-        under = [i for i, c in zip(free, counts) if c < low[i]]
+        joint, counts = select_smallest(sources, [free], [k_free], numels, reducer)
+        over = [i for i in free if counts[i] > high[i]]
+        under = [i for i in free if counts[i] < low[i]]
         if not over and not under:
+            for i in free:
+                masks[i] = joint[i]
             break
         for i in over or under:
             pinned[i] = high[i] if over else low[i]
         free = [i for i in free if i not in pinned]
+    if pinned:
+        order = sorted(pinned)
+        alone, _ = select_smallest(sources, [[i] for i in order], [pinned[i] for i in order], numels, reducer)
+        for i in order:
+            masks[i] = alone[i]
+    return [m.view(s.shape) for m, s in zip(masks, scores)]
 
-    masks: list[torch.Tensor] = [None] * len(scores)  # type: ignore[list-item]
-    if free:
-        for i, part in zip(free, joint.split([numels[i] for i in free])):
-            masks[i] = part.view(scores[i].shape)
-    for i, k in pinned.items():
-        masks[i] = smallest_k_mask(flat[i], k).view(scores[i].shape)
-    return masks

@@ -1,0 +1,277 @@
+"""The radix selection is bitwise today's flat selection: masks equal to a verbatim copy of the selection as it
+was before (commit f992eed: one flat float32 copy of all scores, ``kthvalue`` / ``topk``) over a table of cases
+with ties, caps, NaN, infinities, already-pruned weights, empty targets, several chunks and digit widths."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Optional, Sequence
+
+import pytest
+import torch
+
+import prune_callbacks.selection_radix as radix
+from prune_callbacks import selection
+
+# ----------------------------------------------------------------------------- reference (verbatim, docstrings cut)
+_SAMPLED_ABOVE = 1 << 20  # below this many scores an exact kthvalue is already fast
+_SAMPLE_SIZE = 1 << 16
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    n = values.numel()
+    if values.device.type != "cpu":
+        if k <= n - k + 1:
+            return torch.topk(values, k, largest=False, sorted=False).values.max()
+        return torch.topk(values, n - k + 1, largest=True, sorted=False).values.min()
+    if n < _SAMPLED_ABOVE:
+        return torch.kthvalue(values, k).values
+    return _bracketed_kth(values, k)
+
+
+def _bracketed_kth(values: torch.Tensor, k: int) -> torch.Tensor:
+    n = values.numel()
+    generator = torch.Generator().manual_seed(n)
+    sample = values[torch.randint(n, (_SAMPLE_SIZE,), generator=generator)].sort().values
+    q = k / n
+    margin = 8.0 * math.sqrt(max(q * (1 - q), 1.0 / _SAMPLE_SIZE) / _SAMPLE_SIZE)
+    lo_index = math.floor((q - margin) * _SAMPLE_SIZE)
+    hi_index = math.ceil((q + margin) * _SAMPLE_SIZE)
+    low = sample[lo_index] if lo_index >= 0 else None
+    high = sample[hi_index] if hi_index < _SAMPLE_SIZE else None
+    inside = torch.ones_like(values, dtype=torch.bool) if low is None else values >= low
+    below = n - int(torch.count_nonzero(inside))
+    if high is not None:
+        inside &= values <= high
+    candidates = values[inside]
+    rank = k - below
+    if 1 <= rank <= candidates.numel():
+        return torch.kthvalue(candidates, rank).values
+    return torch.kthvalue(values, k).values
+
+
+def smallest_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    threshold = kth_smallest(values, k)
+    mask = values < threshold
+    missing = k - int(torch.count_nonzero(mask))
+    if missing > 0:
+        ties = torch.nonzero(values == threshold).flatten()
+        if ties.numel() > missing:  # spread over the tied positions, not the first ones (a whole early layer)
+            ties = ties[torch.linspace(0, ties.numel() - 1, missing, device=ties.device).round().long()]
+        mask[ties] = True
+    return mask
+
+
+def _clean(score: torch.Tensor, pruned: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    flat = score.detach().reshape(-1)
+    if out is None:
+        out = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
+    out.copy_(flat)
+    out.nan_to_num_(nan=0.0)
+    return out.masked_fill_(pruned.reshape(-1), float("-inf"))
+
+
+def per_layer_masks(scores: Sequence[torch.Tensor], pruned: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    masks = []
+    for score, old in zip(scores, pruned):
+        k = max(round(sparsity * score.numel()), int(torch.count_nonzero(old)))
+        masks.append(smallest_k_mask(_clean(score, old), k).view(score.shape))
+    return masks
+
+
+def global_masks(
+    scores: Sequence[torch.Tensor],
+    pruned: Sequence[torch.Tensor],
+    sparsity: float,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+) -> list[torch.Tensor]:
+    numels = [s.numel() for s in scores]
+    total = sum(numels)
+    k_total = round(sparsity * total)
+    everything = torch.empty(total, dtype=torch.float32, device=scores[0].device) if scores else torch.empty(0)
+    flat = list(everything.split(numels))
+    for score, old, segment in zip(scores, pruned, flat):
+        _clean(score, old, out=segment)
+    already = [int(torch.count_nonzero(p)) for p in pruned]
+    low = [max(math.ceil(min(min_sparsity, sparsity) * n), a) for n, a in zip(numels, already)]
+    high = [max(math.floor(max_sparsity * n), a) for n, a in zip(numels, already)]
+    k_total = min(max(k_total, sum(low)), sum(high))
+
+    pinned: dict[int, int] = {}
+    free = list(range(len(scores)))
+    while free:
+        k_free = k_total - sum(pinned.values())
+        candidates = everything if len(free) == len(scores) else torch.cat([flat[i] for i in free])
+        joint = smallest_k_mask(candidates, k_free)
+        counts = [int(c) for c in torch.stack([torch.count_nonzero(part) for part in joint.split([numels[i] for i in free])])]
+        over = [i for i, c in zip(free, counts) if c > high[i]]
+        under = [i for i, c in zip(free, counts) if c < low[i]]
+        if not over and not under:
+            break
+        for i in over or under:
+            pinned[i] = high[i] if over else low[i]
+        free = [i for i in free if i not in pinned]
+
+    masks: list[torch.Tensor] = [None] * len(scores)  # type: ignore[list-item]
+    if free:
+        for i, part in zip(free, joint.split([numels[i] for i in free])):
+            masks[i] = part.view(scores[i].shape)
+    for i, k in pinned.items():
+        masks[i] = smallest_k_mask(flat[i], k).view(scores[i].shape)
+    return masks
+
+
+# ----------------------------------------------------------------------------- cases
+def _make(kind: str, shapes, seed: int):
+    """Scores and already-pruned masks of one kind."""
+    g = torch.Generator().manual_seed(seed)
+    scores = [torch.rand(s, generator=g) for s in shapes]
+    pruned = [torch.zeros(s, dtype=torch.bool) for s in shapes]
+    if kind in ("ties", "ties_pruned", "ties_caps"):  # a few distinct values: large tie sets across targets
+        scores = [(s * 4).floor() for s in scores]
+    if kind == "zeros":
+        scores = [torch.zeros(s) for s in shapes]
+    if kind in ("pruned", "ties_pruned"):
+        pruned = [torch.rand(s, generator=g) < 0.3 for s in shapes]
+        for s, p in zip(scores, pruned):
+            s[p] = 100.0  # high scores must not revive pruned weights
+    if kind == "special":  # NaN (= 0), -0.0 (= 0.0), +-inf, denormals, negatives
+        specials = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), float("-inf"), 1e-45, -1e-45, -3.0])
+        for s in scores:
+            flat = s.view(-1)
+            if flat.numel() == 0:
+                continue
+            idx = torch.randint(flat.numel(), (flat.numel() // 2,), generator=g)
+            flat[idx] = specials[torch.randint(len(specials), (len(idx),), generator=g)]
+    if kind == "tiny_first":  # one target would be emptied without a cap
+        scores[0] = scores[0] * 1e-6
+    if kind == "half":
+        scores = [s.to(torch.bfloat16) for s in scores]  # coarse values: ties, and a dtype conversion
+    return scores, pruned
+
+
+SHAPES = {
+    "small": [(8, 16), (16, 8), (5, 7)],
+    "with_empty": [(6, 10), (0, 4), (3, 33), (1, 1)],
+    "many": [(3 + i % 5, 4 + i % 7) for i in range(40)],
+    "rows": [(100, 64), (17, 129), (512, 3)],
+}
+KINDS = ["uniform", "ties", "zeros", "pruned", "ties_pruned", "special", "tiny_first", "half", "ties_caps"]
+SETTINGS = [  # sparsity, min, max
+    (0.0, 0.0, 1.0), (0.3, 0.0, 1.0), (0.5, 0.0, 0.7), (0.7, 0.2, 0.9), (0.9, 0.5, 0.95), (0.999, 0.0, 1.0),
+    (0.6, 0.55, 0.65),
+]
+
+
+def _equal(new, old, scores=None, pruned=None, expected=None):
+    """Bitwise equal; or, where the old float32 ``linspace`` picked one tied position twice (it then pruned
+    fewer than asked), the new masks have the exact count and differ only at tied positions."""
+    assert len(new) == len(old)
+    for a, b in zip(new, old):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.bool
+    if all(torch.equal(a, b) for a, b in zip(new, old)):
+        return
+    assert expected is not None, "masks differ from the flat selection"
+    new_count, old_count = sum(int(a.sum()) for a in new), sum(int(b.sum()) for b in old)
+    assert old_count < expected == new_count
+    differing = torch.cat([_clean(s, p)[(a != b).view(-1)] for s, p, a, b in zip(scores, pruned, new, old)])
+    assert bool((differing == differing[0]).all())  # one tied value
+
+
+def _global_count(scores, pruned, sparsity, low, high):
+    numels = [s.numel() for s in scores]
+    already = [int(p.sum()) for p in pruned]
+    lows = [max(math.ceil(min(low, sparsity) * n), a) for n, a in zip(numels, already)]
+    highs = [max(math.floor(high * n), a) for n, a in zip(numels, already)]
+    return min(max(round(sparsity * sum(numels)), sum(lows)), sum(highs))
+
+
+@pytest.fixture(params=["one_chunk", "chunks_of_96"])
+def chunking(request, monkeypatch):
+    if request.param == "chunks_of_96":
+        monkeypatch.setattr(radix, "CHUNK_CPU", 96)
+    return request.param
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", list(SHAPES))
+def test_global_and_per_layer_masks_match_the_flat_selection(kind, layout, chunking):
+    for seed, (sparsity, low, high) in enumerate(SETTINGS):
+        scores, pruned = _make(kind, SHAPES[layout], seed)
+        _equal(selection.global_masks(scores, pruned, sparsity, low, high),
+               global_masks(scores, pruned, sparsity, low, high),
+               scores, pruned, _global_count(scores, pruned, sparsity, low, high))
+        for score, old, new, mask in zip(scores, pruned, selection.per_layer_masks(scores, pruned, sparsity),
+                                         per_layer_masks(scores, pruned, sparsity)):
+            k = max(round(sparsity * score.numel()), int(old.sum()))
+            _equal([new], [mask], [score], [old], k)
+
+
+@pytest.mark.parametrize("cells", [1 << 12, 1 << 8])  # force 11-, 8- and 4-bit digits
+def test_narrow_digits_match(cells, monkeypatch):
+    monkeypatch.setattr(radix, "_HISTOGRAM_CELLS", cells)
+    for kind in ("uniform", "ties_pruned", "special"):
+        scores, pruned = _make(kind, SHAPES["many"], 1)
+        _equal(selection.per_layer_masks(scores, pruned, 0.45), per_layer_masks(scores, pruned, 0.45))
+        _equal(selection.global_masks(scores, pruned, 0.45, 0.3, 0.6), global_masks(scores, pruned, 0.45, 0.3, 0.6))
+
+
+@pytest.mark.parametrize("kind", ["ties", "zeros", "special"])
+@pytest.mark.parametrize("k", [0, 1, 2, 57, 500, 999, 1000, 1001])
+def test_smallest_k_mask_matches(kind, k, chunking):
+    (score,), (pruned,) = _make(kind, [(1000,)], k)
+    values = _clean(score, pruned)
+    _equal([selection.smallest_k_mask(values, k)], [smallest_k_mask(values, k)], [values], [pruned],
+           min(max(k, 0), values.numel()))
+
+
+@pytest.mark.parametrize("kind", ["zeros", "ties"])
+def test_large_tie_sets_match(kind):
+    # a million tied scores: torch.linspace's float32 rounding decides some picks; the new path uses the same table
+    n = (1 << 20) + 4099
+    values = torch.rand(n, generator=torch.Generator().manual_seed(5))
+    values = torch.zeros(n) if kind == "zeros" else (values * 3).floor()
+    for k in (1, 333_333, n // 2 + 17, n - 1):
+        nothing = torch.zeros(n, dtype=torch.bool)
+        _equal([selection.smallest_k_mask(values, k)], [smallest_k_mask(values, k)], [values], [nothing], k)
+
+
+def _round_half_even(x: Fraction) -> int:
+    q = math.floor(x)
+    r = x - q
+    return q + (1 if r > Fraction(1, 2) or (r == Fraction(1, 2) and q % 2) else 0)
+
+
+@pytest.mark.parametrize("t, m", [(2, 2), (10, 3), (7, 6), (1001, 2), (1001, 1000), (4097, 333), (12, 12), (5, 1)])
+def test_exact_tie_picks_are_the_rounded_even_spacing(t, m, monkeypatch):
+    monkeypatch.setattr(radix, "LINSPACE_MAX", 0)  # integer arithmetic instead of the float32 linspace table
+    picks = radix.TiePicks(t, m, torch.device("cpu"))
+    if m >= t:
+        expected = list(range(t))
+    elif m == 1:
+        expected = [0]
+    else:
+        expected = [_round_half_even(Fraction(i * (t - 1), m - 1)) for i in range(m)]
+    assert picks.within(0, t, torch.device("cpu")).tolist() == expected
+    # any split of the tie range gives the same picks piece by piece (how shards ask for theirs)
+    cuts = sorted({0, t, t // 3, t // 2 + 1, t - 1})
+    pieces = [picks.within(a, b, torch.device("cpu")).tolist() for a, b in zip(cuts, cuts[1:])]
+    assert sum(pieces, []) == expected
+
+
+def test_exact_tie_picks_give_exact_counts_through_the_masks(monkeypatch):
+    monkeypatch.setattr(radix, "LINSPACE_MAX", 0)
+    monkeypatch.setattr(radix, "CHUNK_CPU", 50)
+    values = torch.zeros(1234)
+    for k in (1, 2, 617, 1233):
+        mask = selection.smallest_k_mask(values, k)
+        assert int(mask.sum()) == k
+        positions = torch.nonzero(mask).flatten().tolist()
+        assert positions == [_round_half_even(Fraction(i * 1233, k - 1)) if k > 1 else 0 for i in range(k)]
