@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ._selection_shim import LocalReducer, ProcessGroupReducer  # TEMPORARY: .selection once merged
+from .selection import LocalReducer, ProcessGroupReducer
 
 
 def is_sharded(param: Any) -> bool:

@@ -196,9 +196,11 @@ def largest_allocation(rank):
                     Largest.biggest = max(Largest.biggest, t.numel())
             return out
 
-    model = shard(tiny_llama(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
+    # every target (2M weights) is larger than the radix select's largest histogram (2**20 counts)
+    model = shard(tiny_llama(hidden_size=1024, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=4,
                              num_hidden_layers=1))
-    pruner = Pruner(model, config("global"))
+    pruner = Pruner(model, PruningConfig(include=["mlp"], final_sparsity=0.6, start_step=2, end_step=STEPS,
+                                         min_layer_sparsity=0.3, max_layer_sparsity=0.75))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     gen = torch.Generator().manual_seed(2)
     for step in (1, 2):

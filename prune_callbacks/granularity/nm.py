@@ -20,8 +20,7 @@ weights while keeping the end state exact.
 from __future__ import annotations
 
 from ..registry import register_granularity
-from .._selection_shim import per_layer_masks  # TEMPORARY: ..selection once merged
-from ..selection import _clean
+from ..selection import _clean, per_layer_masks
 from ..sharding import is_sharded
 from .base import Granularity
 
@@ -91,7 +90,7 @@ class NM(Granularity):
             limited.append(flat.view(score.shape))
         sparsity = min(sparsity, self.fixed_final_sparsity(self.n, self.m))
         return per_layer_masks(limited, self.masks, sparsity, reducer=self.layout.reducer,
-                               numels=list(self.layout.numels))
+                               global_numels=list(self.layout.numels))
 
     def report(self):
         return {"n": self.n, "m": self.m}

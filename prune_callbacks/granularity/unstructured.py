@@ -8,7 +8,7 @@ total exact); ``scope="per_layer"``: every target gets the same fraction.
 from __future__ import annotations
 
 from ..registry import register_granularity
-from .._selection_shim import global_masks, per_layer_masks  # TEMPORARY: ..selection once merged
+from ..selection import global_masks, per_layer_masks
 from .base import Granularity
 
 
@@ -27,7 +27,7 @@ class Unstructured(Granularity):
         return []
 
     def select(self, scores, sparsity):
-        where = {"reducer": self.layout.reducer, "numels": list(self.layout.numels)}  # local shards: global positions
+        where = {"reducer": self.layout.reducer, "global_numels": list(self.layout.numels)}  # local shards: global positions
         if self.config.scope == "per_layer":
             return per_layer_masks(scores, self.masks, sparsity, **where)
         return global_masks(scores, self.masks, sparsity, self.config.min_layer_sparsity,
