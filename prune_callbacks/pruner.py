@@ -263,7 +263,7 @@ class Pruner:
             "groups": [
                 {"granularity": g.config.granularity, "saliency": g.config.saliency, "targets": len(g.targets),
                  "scheduled_sparsity": g.schedule.value(self.step), "mask_sparsity": g.mask_sparsity,
-                 "update_every": g.steps.update_every, **g.granularity.report()}
+                 "update_every": g.steps.update_every, "bytes_this_rank": g.local_bytes(), **g.granularity.report()}
                 for g in self.groups
             ],
         }

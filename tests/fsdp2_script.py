@@ -214,6 +214,40 @@ def largest_allocation(rank):
             "smallest_global": min(t.numel for t in pruner.targets)}
 
 
+def refusals(rank):
+    """What stays refused, and the message each gives (every rank raises alike, before any collective)."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    def message(build):
+        try:
+            build()
+        except (NotImplementedError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def tp_model():
+        model = nn.Sequential(nn.Sequential(nn.Linear(8, 8)))
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        model[0][0].weight = nn.Parameter(distribute_tensor(model[0][0].weight.detach(), mesh, [Shard(1)]))
+        return Pruner(model, PruningConfig())
+
+    def flat(attr):
+        model = nn.Sequential(nn.Sequential(nn.Linear(8, 8)))
+        model[0][0].weight = nn.Parameter(torch.zeros(64))
+        setattr(model[0][0].weight, attr, True)
+        return Pruner(model, PruningConfig())
+
+    return {
+        "tensor_parallel": message(tp_model),
+        "fsdp1": message(lambda: flat("_is_flat_param")),
+        "zero3": message(lambda: flat("ds_id")),
+        "blocks": message(lambda: Pruner(shard(tiny_llama()), PruningConfig(granularity="blocks", final_sparsity=0.5))),
+        "l1": message(lambda: Pruner(shard(tiny_llama()), PruningConfig(l1_lambda=0.1))),
+    }
+
+
 def main(out, cases, extra=None):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -225,7 +259,9 @@ def main(out, cases, extra=None):
 
 
 def run_case(out, case, rank, extra):
-    if case == "attach":
+    if case == "refusals":
+        result = refusals(rank)
+    elif case == "attach":
         result = attach_loop(rank)
     elif case == "alloc":
         result = largest_allocation(rank)

@@ -39,7 +39,7 @@ def assert_same_as_reference(ranks, n_updates=4):
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2_2")
     dcp = out / "dcp"
-    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume"], nproc=2, extra=dcp), dcp
+    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume", "refusals"], nproc=2, extra=dcp), dcp
 
 
 @pytest.mark.slow
@@ -123,3 +123,17 @@ def test_no_rank_materialises_all_scores_or_a_full_mask(tmp_path):
         # the biggest tensor any op created during a mask update (the radix histogram, 2**20 counts) is smaller
         # than any whole target: a gathered score vector or a full-size mask would be at least that big
         assert r["largest_numel"] < r["smallest_global"], r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, words", [
+    ("tensor_parallel", ["NotImplementedError", "tensor parallel", "Shard(dim=1)"]),
+    ("fsdp1", ["NotImplementedError", "FSDP1 FlatParameter"]),
+    ("zero3", ["NotImplementedError", "DeepSpeed ZeRO-3"]),
+    ("blocks", ["NotImplementedError", "granularity='blocks'", "FSDP2"]),
+    ("l1", ["NotImplementedError", "l1_lambda=0.1"]),
+])
+def test_unsupported_sharding_refused_with_its_reason(two_ranks, case, words):
+    _, results, _ = two_ranks
+    for r in results["refusals"]:
+        assert r[case] is not None and all(w in r[case] for w in words), r[case]

@@ -18,7 +18,7 @@ from ..config import PruningConfig
 from ..distributed import broadcast_masks
 from ..registry import GRANULARITIES
 from ..saliency import all_finite, gradient_products, make_saliency
-from ..sharding import check_shardable
+from ..sharding import check_shardable, local_bytes
 from ..targets import find_targets
 from .base import StepComponent
 
@@ -57,7 +57,7 @@ class PruningGroup(StepComponent):
         if not granularity.supports_sharding:
             raise NotImplementedError(
                 f"granularity={self.config.granularity!r} does not support FSDP2-sharded weights yet; "
-                "use 'unstructured' or 'N:M', or prune without sharding"
+                "use 'unstructured', 'N:M', 'ffn_neurons' or 'attention_heads', or prune without sharding"
             )
         if self.config.l1_lambda > 0:
             raise NotImplementedError(
@@ -154,6 +154,12 @@ class PruningGroup(StepComponent):
         rows = self.granularity.counts(measured=measured)
         flat = self.granularity.layout.sum_counts([v for _, n, c in rows for v in (n, c)])
         return [(name, flat[2 * i], flat[2 * i + 1]) for i, (name, _, _) in enumerate(rows)]
+
+    def local_bytes(self) -> int:
+        """Bytes of pruning state this rank holds: masks, saliency buffers, the reused theta*grad buffer
+        (FSDP2: the local shard's share; see :func:`prune_callbacks.sharding.local_bytes`)."""
+        buffers = [b for bufs in self.saliency.buffers.values() for b in bufs]
+        return local_bytes([*self.masks, *buffers, *(self._work or [])])
 
     # ------------------------------------------------------------ finalize
     def finalize(self) -> None:
