@@ -34,9 +34,15 @@ import torch
 from .selection import LocalReducer, ProcessGroupReducer
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    _DTensor = ()
+
+
 def is_sharded(param: Any) -> bool:
     """Whether ``param`` is a DTensor (FSDP2, TP): its data is spread over processes."""
-    return type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor"
+    return isinstance(param, _DTensor)
 
 
 def local(param: torch.Tensor) -> torch.Tensor:

@@ -110,8 +110,10 @@ def test_finalize_full_state_dict_loads_with_vanilla_from_pretrained(two_ranks):
 @pytest.mark.slow
 def test_four_ranks_and_resume_resharded_from_two(two_ranks, tmp_path):
     _, _, dcp = two_ranks
-    results = launch(tmp_path, ["global", "resume_from"], nproc=4, extra=dcp)
+    results = launch(tmp_path, ["global", "nm", "resume_from"], nproc=4, extra=dcp)
     assert_same_as_reference(results["global"])
+    assert_same_as_reference(results["nm"])
+    assert all(r["local_shapes"]["model.layers.0.mlp.up_proj"] == [24, 32] for r in results["global"])
     for r in results["resume_from"]:  # DCP resharded the 2-rank masks and EMAs into 4 ranks
         assert_same_as_reference([r], n_updates=1)
 
@@ -137,3 +139,18 @@ def test_unsupported_sharding_refused_with_its_reason(two_ranks, case, words):
     _, results, _ = two_ranks
     for r in results["refusals"]:
         assert r[case] is not None and all(w in r[case] for w in words), r[case]
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import fsdp2
+
+    out = tmp_path / "fsdp2.json"
+    fsdp2.main(["--smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["world_size"] for r in rows] == [1, 2]
+    one, two = rows
+    assert one["pruned_params"] == two["pruned_params"]  # exact count, sharded or not
+    assert one["collective_bytes_per_update"] == 0 < two["collective_bytes_per_update"]
+    assert two["pruning_bytes_per_rank"] * 2 == one["pruning_bytes_per_rank"]  # the local shard's share
