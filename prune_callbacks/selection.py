@@ -117,7 +117,7 @@ def _prepare(scores, pruned, reducer, global_numels):
     """Sources, global numels and global already-pruned counts (one all-reduce when sharded)."""
     if len(scores) != len(pruned):
         raise ValueError(f"{len(scores)} score tensors but {len(pruned)} pruned masks")
-    sources = [Source.of(s, p) for s, p in zip(scores, pruned)]
+    sources = [Source.of(s, p, clamp_inf=True) for s, p in zip(scores, pruned)]
     local = [s.numel for s in sources]
     numels = list(local) if global_numels is None else [int(n) for n in global_numels]
     if len(numels) != len(sources):

@@ -3,9 +3,9 @@
 No flat copy of the scores is made: every float32 score maps to an
 order-preserving int32 *key* (NaN as 0, already-pruned as ``-inf``, ``-0.0``
 as ``+0.0``, so key order is ``<`` on the cleaned floats), computed a chunk at
-a time. A radix select then fixes the threshold key a digit at a time: each pass
-counts, per group, the keys still in play in one small histogram (a
-``torch.bincount`` per chunk), the histograms are summed through the reducer
+a time with arithmetic ops only. A radix select then fixes the threshold key a digit at a time: each pass
+counts, per group, the keys still in play in one small histogram (an
+``index_add_`` per chunk), the histograms are summed through the reducer
 (across processes for sharded tensors), and the digit holding the k-th key
 narrows the range. After the last pass the threshold, the count below it and the
 count equal to it are exact. A mask pass writes ``key < threshold``; the
@@ -14,8 +14,8 @@ threshold's ties are then spread the way the flat selection always did: of
 ``linspace(0, t - 1, missing).round()`` (see :class:`TiePicks`).
 
 Transient memory is O(chunk + histogram), not O(scores): the masks returned
-(1 byte per weight) are the only full-size allocation. Works on any device
-(``bincount`` on CUDA too); chunks are larger off CPU.
+(1 byte per weight) are the only full-size allocation. The same ops run on any
+device; chunks are larger off CPU.
 
 Global position order, which decides ties: targets in group order, then rank,
 then flat index in the local tensor. FSDP2 shards dim 0 into contiguous row
@@ -37,67 +37,74 @@ CHUNK_CPU = 1 << 16
 CHUNK_DEVICE = 1 << 24
 #: above this many tied keys to choose, ``torch.linspace`` is replaced by exact integer arithmetic (see TiePicks)
 LINSPACE_MAX = 1 << 22
-#: histogram cells summed per pass at most (groups x bins), which decides the digit widths
-_HISTOGRAM_CELLS = 1 << 20
+#: groups whose 65536-bin histograms are summed in one all-reduce (16 x 512 KiB)
+GROUPS_PER_BATCH = 16
+#: candidate keys (in the threshold's top bin) kept with their positions to finish the masks without a third read
+STASH_MAX = 1 << 22
+
+
+def _keys_in_place(clean: torch.Tensor) -> torch.Tensor:
+    """Keys of float32 ``clean`` (no NaN; overwritten): ``-0.0`` becomes ``+0.0`` first, so they share key 0."""
+    bits = clean.add_(0.0).view(torch.int32)  # IEEE: -0.0 + 0.0 == +0.0
+    # negative floats: the magnitude bits flipped, so a larger magnitude gives a smaller (negative) key
+    return (bits >> 31).bitwise_and_(_LOW31).bitwise_xor_(bits)
 
 
 def float_to_key(values: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int32 keys of float32 ``values`` (``-0.0`` and ``+0.0`` share key 0; NaN is not mapped)."""
-    bits = values.view(torch.int32)
-    sign = bits >> 31  # -1 for negative floats, 0 otherwise
-    key = sign & _LOW31
-    key ^= bits  # negative floats: magnitude bits flipped, so a larger magnitude gives a smaller key
-    key -= sign  # shift negatives up by one: -0.0 lands on +0.0's key
-    return key
+    """Order-preserving int32 keys of float ``values`` without NaN (``-0.0`` and ``+0.0`` share key 0)."""
+    return _keys_in_place(values.to(torch.float32, copy=True))
 
 
 def key_to_float(key: int) -> float:
     """The float32 value of a key (the inverse of :func:`float_to_key`)."""
-    bits = ((key - 1) ^ _LOW31) if key < 0 else key
+    bits = (key ^ _LOW31) if key < 0 else key
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
 NEG_INF_KEY = int(float_to_key(torch.tensor([float("-inf")]))[0])
+_INF = float("inf")
 
 
 @dataclass
 class Source:
-    """One local score tensor: flat values (any float dtype), flat already-pruned mask or None."""
+    """One local score tensor: flat values (any float dtype), flat already-pruned mask or None.
+
+    ``clamp_inf``: +-inf scores count as the largest finite float32 values (``nan_to_num``'s default, the
+    pruner's cleaning), so already-pruned weights (``-inf``) come strictly first; otherwise infinities stay.
+    """
 
     values: torch.Tensor
     pruned: Optional[torch.Tensor] = None
+    clamp_inf: bool = False
 
     @classmethod
-    def of(cls, score: torch.Tensor, pruned: Optional[torch.Tensor] = None) -> "Source":
+    def of(cls, score: torch.Tensor, pruned: Optional[torch.Tensor] = None, clamp_inf: bool = False) -> "Source":
         flat = score.detach().reshape(-1)
-        return cls(flat, None if pruned is None else pruned.detach().reshape(-1))
+        return cls(flat, None if pruned is None else pruned.detach().reshape(-1), clamp_inf)
 
     @property
     def numel(self) -> int:
         return self.values.numel()
 
     def chunks(self):
-        """``(start, stop, keys)`` over the tensor: NaN -> key of 0.0, pruned -> key of -inf."""
+        """``(start, stop, keys)`` over the tensor: NaN -> key of 0.0, pruned -> key of -inf.
+
+        Arithmetic only (``masked_fill`` / ``where`` with a bool mask cost ~10x an arithmetic op on CPU).
+        """
         n = self.numel
         step = CHUNK_CPU if self.values.device.type == "cpu" else CHUNK_DEVICE
+        bounds = {} if self.clamp_inf else {"posinf": _INF, "neginf": -_INF}
         for start in range(0, n, step):
             stop = min(n, start + step)
             part = self.values[start:stop]
-            if part.dtype != torch.float32:
-                part = part.to(torch.float32)
-            key = float_to_key(part)
-            key.masked_fill_(torch.isnan(part), 0)
-            if self.pruned is not None:
-                key.masked_fill_(self.pruned[start:stop], NEG_INF_KEY)
-            yield start, stop, key
-
-
-def _digit_widths(groups: int) -> list[int]:
-    """Bits fixed per pass: 2 passes of 16 bits for one group, more, narrower passes for many groups."""
-    for widths in ([16, 16], [11, 11, 10], [8, 8, 8, 8]):
-        if groups << widths[0] <= _HISTOGRAM_CELLS:
-            return widths
-    return [4] * 8
+            if part.dtype == torch.float32:
+                clean = torch.nan_to_num(part, nan=0.0, **bounds)  # a copy
+            else:
+                clean = part.to(torch.float32).nan_to_num_(nan=0.0, **bounds)
+            if self.pruned is not None:  # +inf where kept, -inf where pruned: (0.5 - p) / 0
+                cap = torch.sub(0.5, self.pruned[start:stop].to(torch.float32)).div_(0.0)
+                torch.minimum(clean, cap, out=clean)
+            yield start, stop, _keys_in_place(clean)
 
 
 @dataclass
@@ -109,42 +116,103 @@ class Threshold:
     equal: int
 
 
+class _Batch:
+    """Up to :data:`GROUPS_PER_BATCH` groups selected together: one ``[groups, 65536]`` histogram per pass.
+
+    Pass 0 reads every key and counts its top 16 bits. Pass 1 reads every key again, writes ``key < bin``
+    (certainly selected) into the masks and counts the low 16 bits of the keys in the chosen top bin; those
+    candidates (positions and keys) are kept in a stash of at most :data:`STASH_MAX` entries, so the masks
+    and ties are finished from the stash. A batch whose candidates overflow the stash reads the keys once
+    more for the masks and once more for the chosen ties.
+    """
+
+    def __init__(self, sources, groups, ks, reducer, device, masks=None):
+        self.sources, self.groups, self.ks = sources, groups, ks
+        self.reducer, self.device, self.masks = reducer, device, masks
+        self.stash: Optional[dict[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {} if masks is not None else None
+        self.stashed = 0
+
+    def _sum(self, hist: torch.Tensor):
+        self.reducer.sum_(hist)
+        return hist.cumsum(1).cpu(), hist.cpu()
+
+    def thresholds(self) -> list[Threshold]:
+        groups, bins = self.groups, 1 << 16
+        hist = torch.zeros(len(groups), bins, dtype=torch.int64, device=self.device)
+        for g, members in enumerate(groups):
+            for i in members:
+                for _, _, key in self.sources[i].chunks():
+                    _count(hist[g], (key >> 16).add_(bins >> 1))
+        cumulative, counts = self._sum(hist)
+        tops, less, k_left = [], [], []
+        for g in range(len(groups)):
+            d = int(torch.searchsorted(cumulative[g], self.ks[g]))  # first top bin whose running count reaches k
+            below = int(cumulative[g][d - 1]) if d > 0 else 0
+            tops.append(d - (bins >> 1))
+            less.append(below)
+            k_left.append(self.ks[g] - below)
+
+        hist.zero_()
+        for g, members in enumerate(groups):
+            top = tops[g]
+            for i in members:
+                mask = None if self.masks is None else self.masks[i]
+                for start, stop, key in self.sources[i].chunks():
+                    if mask is not None:
+                        torch.lt(key, top << 16, out=mask[start:stop])
+                    where = torch.nonzero((key >> 16) == top).flatten()
+                    if where.numel() == 0:
+                        continue
+                    low = key[where]
+                    _count(hist[g], low & (bins - 1))
+                    self._keep(i, where.add_(start), low)
+        cumulative, counts = self._sum(hist)
+        found = []
+        for g in range(len(groups)):
+            d = int(torch.searchsorted(cumulative[g], k_left[g]))
+            below = int(cumulative[g][d - 1]) if d > 0 else 0
+            found.append(Threshold((tops[g] << 16) + d, less[g] + below, int(counts[g][d])))
+        return found
+
+    def _keep(self, i: int, positions: torch.Tensor, keys: torch.Tensor) -> None:
+        if self.stash is None:
+            return
+        self.stashed += positions.numel()
+        if self.stashed > STASH_MAX:
+            self.stash = None  # too many candidates: the masks pass reads the keys again
+            return
+        self.stash.setdefault(i, []).append((positions, keys))
+
+    def candidates(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.stash.get(i, [])  # type: ignore[union-attr]
+        if not parts:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return empty, empty.to(torch.int32)
+        return torch.cat([p for p, _ in parts]), torch.cat([k for _, k in parts])
+
+
+def _count(histogram: torch.Tensor, digits: torch.Tensor) -> None:
+    """``histogram[d] += 1`` for every digit (no bins-sized temporary, unlike ``bincount``)."""
+    histogram.index_add_(0, digits, _ones(histogram.device).expand(digits.numel()))
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _ones(device: torch.device) -> torch.Tensor:
+    if device not in _ONES:
+        _ONES[device] = torch.ones(1, dtype=torch.int64, device=device)
+    return _ONES[device]
+
+
 def radix_thresholds(sources: Sequence[Source], groups: Sequence[Sequence[int]], ks: Sequence[int], reducer,
                      device: torch.device) -> list[Threshold]:
-    """The k-th smallest key (``1 <= k <= global numel``) of each group of sources, in one pass per digit."""
-    widths = _digit_widths(len(groups))
-    lo = [INT32_MIN] * len(groups)  # every key in [lo, hi] is still in play
-    k_left = list(ks)
-    less = [0] * len(groups)
-    equal = [0] * len(groups)
-    shift = 32
-    for p, width in enumerate(widths):
-        shift -= width
-        bins = 1 << width
-        hist = torch.zeros(len(groups), bins, dtype=torch.int64, device=device)
-        for g, members in enumerate(groups):
-            low, high = lo[g], lo[g] + (1 << (shift + width)) - 1
-            for i in members:
-                for _, _, key in sources[i].chunks():
-                    if p == 0:  # the top digit: arithmetic shift, then offset into [0, bins)
-                        digits = (key >> shift).add_(bins >> 1)
-                    else:
-                        digits = key[(key >= low) & (key <= high)]
-                        if digits.numel() == 0:
-                            continue
-                        digits = (digits >> shift) & (bins - 1)
-                    hist[g] += torch.bincount(digits, minlength=bins)
-        reducer.sum_(hist)
-        cumulative = hist.cumsum(1).cpu()
-        counts = hist.cpu()
-        for g in range(len(groups)):
-            d = int(torch.searchsorted(cumulative[g], k_left[g]))  # first digit whose running count reaches k
-            below = int(cumulative[g][d - 1]) if d > 0 else 0
-            less[g] += below
-            k_left[g] -= below
-            equal[g] = int(counts[g][d])
-            lo[g] = ((d - (bins >> 1)) << shift) if p == 0 else lo[g] + (d << shift)
-    return [Threshold(lo[g], less[g], equal[g]) for g in range(len(groups))]
+    """The k-th smallest key (``1 <= k <= global numel``) of each group of sources (two passes per batch)."""
+    found: list[Threshold] = []
+    for b in range(0, len(groups), GROUPS_PER_BATCH):
+        found += _Batch(sources, groups[b:b + GROUPS_PER_BATCH], ks[b:b + GROUPS_PER_BATCH], reducer,
+                        device).thresholds()
+    return found
 
 
 class TiePicks:
@@ -210,11 +278,10 @@ def select_smallest(sources: Sequence[Source], groups: Sequence[Sequence[int]], 
                     numels: Sequence[int], reducer) -> tuple[list[torch.Tensor], list[int]]:
     """Flat bool masks (local) of the ``k`` smallest keys of every group, and every source's global count.
 
-    Sources in no group get ``None`` and a count of 0.
-
     ``groups`` are disjoint lists of source indices (positions ordered by group order, then rank, then local
     index); ``ks`` global counts per group; ``numels`` every source's global numel. Every rank calls this
-    with the same groups, ks and numels and its own local sources.
+    with the same groups, ks and numels and its own local sources. Sources in no group get ``None`` and a
+    count of 0.
     """
     device = next((s.values.device for s in sources), torch.device("cpu"))
     masks: list[Optional[torch.Tensor]] = [None] * len(sources)
@@ -226,55 +293,72 @@ def select_smallest(sources: Sequence[Source], groups: Sequence[Sequence[int]], 
     for g, members in enumerate(groups):
         if ks[g] >= group_numel[g] > 0:
             for i in members:
-                masks[i].fill_(True)
-    found = radix_thresholds(sources, [groups[g] for g in active], [ks[g] for g in active], reducer, device)
+                masks[i].fill_(True)  # type: ignore[union-attr]
+    for b in range(0, len(active), GROUPS_PER_BATCH):
+        batch = active[b:b + GROUPS_PER_BATCH]
+        _select_batch(sources, [groups[g] for g in batch], [ks[g] for g in batch], reducer, device, masks)
+    counts = torch.zeros(len(sources), dtype=torch.int64, device=device)
+    for i, mask in enumerate(masks):
+        if mask is not None:
+            counts[i] = torch.count_nonzero(mask)
+    return masks, reducer.sum_(counts).cpu().tolist()  # type: ignore[return-value]
 
-    # Mask pass: everything below the threshold (and the ties when all of them are needed)
+
+def _select_batch(sources, groups, ks, reducer, device, masks) -> None:
+    batch = _Batch(sources, groups, ks, reducer, device, masks)
+    found = batch.thresholds()
+    # Finish the masks below the threshold; find the ties (positions if stashed, counts per chunk if not)
     local_ties = torch.zeros(len(sources), dtype=torch.int64, device=device)
+    tie_positions: dict[int, torch.Tensor] = {}
     chunk_ties: dict[int, list[int]] = {}
     with_ties = []
-    for g, threshold in zip(active, found):
-        missing = ks[g] - threshold.less
+    for members, k, threshold in zip(groups, ks, found):
+        missing = k - threshold.less
         all_ties = missing == threshold.equal
         if not all_ties:
-            with_ties.append((g, threshold, missing))
-        for i in groups[g]:
+            with_ties.append((members, threshold, missing))
+        for i in members:
+            mask = masks[i]
+            if batch.stash is not None:
+                positions, keys = batch.candidates(i)
+                mask[positions[keys <= threshold.key if all_ties else keys < threshold.key]] = True
+                if not all_ties:
+                    tie_positions[i] = positions[keys == threshold.key]
+                    local_ties[i] = tie_positions[i].numel()
+                continue
             per_chunk = []
             for start, stop, key in sources[i].chunks():
-                out = masks[i][start:stop]
+                out = mask[start:stop]
                 if all_ties:
                     torch.le(key, threshold.key, out=out)
                 else:
                     torch.lt(key, threshold.key, out=out)
                     per_chunk.append(torch.eq(key, threshold.key).sum())
             if per_chunk:
-                counts = torch.stack(per_chunk).cpu().tolist()
-                chunk_ties[i] = counts
-                local_ties[i] = sum(counts)
-
-    # Tie pass: the picked ties by global tie index; one all-reduce gives every rank its offsets
-    if with_ties:
-        ties = torch.zeros(reducer.world_size, len(sources), dtype=torch.int64, device=device)
-        ties[reducer.rank] = local_ties
-        ties = reducer.sum_(ties).cpu()
-        per_target = ties.sum(0).tolist()
-        before_rank = ties[: reducer.rank].sum(0).tolist()
-        for g, threshold, missing in with_ties:
-            picks = TiePicks(threshold.equal, missing, device)
-            offset = 0
-            for i in groups[g]:
-                start_tie = offset + before_rank[i]
-                offset += per_target[i]
-                counts = chunk_ties.get(i, [])
-                chosen = picks.within(start_tie, start_tie + sum(counts), device) - start_tie
-                if chosen.numel() == 0:
-                    continue
-                _mark_ties(sources[i], masks[i], threshold.key, counts, chosen)
-    counts = torch.zeros(len(sources), dtype=torch.int64, device=device)
-    for i, mask in enumerate(masks):
-        if mask is not None:
-            counts[i] = torch.count_nonzero(mask)
-    return masks, reducer.sum_(counts).cpu().tolist()  # type: ignore[return-value]
+                chunk_ties[i] = torch.stack(per_chunk).cpu().tolist()
+                local_ties[i] = sum(chunk_ties[i])
+    if not with_ties:
+        return
+    # Ties: ordered by (group order, rank, local index); one all-reduce gives every rank its offsets
+    ties = torch.zeros(reducer.world_size, len(sources), dtype=torch.int64, device=device)
+    ties[reducer.rank] = local_ties
+    ties = reducer.sum_(ties).cpu()
+    per_source = ties.sum(0).tolist()
+    before_rank = ties[: reducer.rank].sum(0).tolist()
+    for members, threshold, missing in with_ties:
+        picks = TiePicks(threshold.equal, missing, device)
+        offset = 0
+        for i in members:
+            first_tie = offset + before_rank[i]
+            offset += per_source[i]
+            here = int(local_ties[i])
+            chosen = picks.within(first_tie, first_tie + here, device) - first_tie
+            if chosen.numel() == 0:
+                continue
+            if i in tie_positions:
+                masks[i][tie_positions[i][chosen]] = True
+            else:
+                _mark_ties(sources[i], masks[i], threshold.key, chunk_ties[i], chosen)
 
 
 def _mark_ties(source: Source, mask: torch.Tensor, key_value: int, chunk_counts: list[int],

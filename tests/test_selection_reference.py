@@ -1,6 +1,7 @@
 """The radix selection is bitwise today's flat selection: masks equal to a verbatim copy of the selection as it
 was before (commit f992eed: one flat float32 copy of all scores, ``kthvalue`` / ``topk``) over a table of cases
-with ties, caps, NaN, infinities, already-pruned weights, empty targets, several chunks and digit widths."""
+with ties, caps, NaN, infinities, already-pruned weights, empty targets, several chunks, batches of
+groups and a full or overflowing candidate stash."""
 
 from __future__ import annotations
 
@@ -138,12 +139,13 @@ def _make(kind: str, shapes, seed: int):
         scores = [(s * 4).floor() for s in scores]
     if kind == "zeros":
         scores = [torch.zeros(s) for s in shapes]
-    if kind in ("pruned", "ties_pruned"):
+    if kind in ("pruned", "ties_pruned", "special_pruned"):
         pruned = [torch.rand(s, generator=g) < 0.3 for s in shapes]
         for s, p in zip(scores, pruned):
             s[p] = 100.0  # high scores must not revive pruned weights
-    if kind == "special":  # NaN (= 0), -0.0 (= 0.0), +-inf, denormals, negatives
-        specials = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), float("-inf"), 1e-45, -1e-45, -3.0])
+    if kind in ("special", "special_pruned"):  # NaN (= 0), -0.0 (= 0.0), +-inf (= +-max), denormals, negatives
+        specials = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), float("-inf"), 1e-45, -1e-45, -3.0,
+                                 torch.finfo(torch.float32).max, torch.finfo(torch.float32).min])
         for s in scores:
             flat = s.view(-1)
             if flat.numel() == 0:
@@ -163,7 +165,8 @@ SHAPES = {
     "many": [(3 + i % 5, 4 + i % 7) for i in range(40)],
     "rows": [(100, 64), (17, 129), (512, 3)],
 }
-KINDS = ["uniform", "ties", "zeros", "pruned", "ties_pruned", "special", "tiny_first", "half", "ties_caps"]
+KINDS = ["uniform", "ties", "zeros", "pruned", "ties_pruned", "special", "special_pruned", "tiny_first", "half",
+         "ties_caps"]
 SETTINGS = [  # sparsity, min, max
     (0.0, 0.0, 1.0), (0.3, 0.0, 1.0), (0.5, 0.0, 0.7), (0.7, 0.2, 0.9), (0.9, 0.5, 0.95), (0.999, 0.0, 1.0),
     (0.6, 0.55, 0.65),
@@ -195,8 +198,10 @@ def _global_count(scores, pruned, sparsity, low, high):
 
 @pytest.fixture(params=["one_chunk", "chunks_of_96"])
 def chunking(request, monkeypatch):
+    """One chunk per tensor; or chunks of 96 with a stash of 300 candidates (some cases overflow it)."""
     if request.param == "chunks_of_96":
         monkeypatch.setattr(radix, "CHUNK_CPU", 96)
+        monkeypatch.setattr(radix, "STASH_MAX", 300)
     return request.param
 
 
@@ -214,20 +219,24 @@ def test_global_and_per_layer_masks_match_the_flat_selection(kind, layout, chunk
             _equal([new], [mask], [score], [old], k)
 
 
-@pytest.mark.parametrize("cells", [1 << 12, 1 << 8])  # force 11-, 8- and 4-bit digits
-def test_narrow_digits_match(cells, monkeypatch):
-    monkeypatch.setattr(radix, "_HISTOGRAM_CELLS", cells)
+@pytest.mark.parametrize("per_batch, stash", [(3, 0), (1, 1 << 22), (16, 0)])
+def test_batches_and_stash_overflow_match(per_batch, stash, monkeypatch):
+    monkeypatch.setattr(radix, "GROUPS_PER_BATCH", per_batch)
+    monkeypatch.setattr(radix, "STASH_MAX", stash)
+    monkeypatch.setattr(radix, "CHUNK_CPU", 16)
     for kind in ("uniform", "ties_pruned", "special"):
         scores, pruned = _make(kind, SHAPES["many"], 1)
         _equal(selection.per_layer_masks(scores, pruned, 0.45), per_layer_masks(scores, pruned, 0.45))
         _equal(selection.global_masks(scores, pruned, 0.45, 0.3, 0.6), global_masks(scores, pruned, 0.45, 0.3, 0.6))
 
 
-@pytest.mark.parametrize("kind", ["ties", "zeros", "special"])
+@pytest.mark.parametrize("kind", ["ties", "zeros", "special", "infinities"])
 @pytest.mark.parametrize("k", [0, 1, 2, 57, 500, 999, 1000, 1001])
 def test_smallest_k_mask_matches(kind, k, chunking):
-    (score,), (pruned,) = _make(kind, [(1000,)], k)
-    values = _clean(score, pruned)
+    (score,), (pruned,) = _make("special" if kind == "infinities" else kind, [(1000,)], k)
+    # smallest_k_mask takes values as they are: infinities stay (N:M marks non-candidates +inf)
+    values = score.nan_to_num(nan=1.0, posinf=float("inf"), neginf=float("-inf")) if kind == "infinities" \
+        else _clean(score, pruned)
     _equal([selection.smallest_k_mask(values, k)], [smallest_k_mask(values, k)], [values], [pruned],
            min(max(k, 0), values.numel()))
 
