@@ -41,6 +41,7 @@ from .report import build_report
 from .steps.base import PHASES, StepComponent
 from .steps.l1 import L1Component
 from .steps.pruning import PruningGroup
+from .sharding import layout_of
 from .targets import _preview, check_not_sharded, drop_frozen, find_targets, frozen, unwrap_model  # _preview: the one "a, b, ..." list
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Pruner:
         self.model = unwrap_model(model)
         self.total_steps = total_steps
         self.groups = [PruningGroup(self.model, c, total_steps) for c in self.configs if isinstance(c, PruningConfig)]
+        self._layout = layout_of([p for g in self.groups for p in g.granularity.sources])  # agreement across ranks
         self._check_overlap()
         l1 = []
         for c in self.configs:
@@ -152,7 +154,7 @@ class Pruner:
         return max((g.mask_updates for g in self.groups), default=0)
 
     def _weighted(self, value) -> float:
-        sizes = [sum(n for _, n, _ in g.granularity.counts()) for g in self.groups]
+        sizes = [g.numel for g in self.groups]
         total = sum(sizes)
         return sum(value(g) * s for g, s in zip(self.groups, sizes)) / total if total else 0.0
 
@@ -227,7 +229,7 @@ class Pruner:
         if self.finalized:
             return
         finite = [c.prepare(grad_scale) for c in self.components]
-        self._skip_pending = not all(finite)
+        self._skip_pending = not self._layout.all_true(all(finite))  # the same on every rank of a sharded model
         for c in self.components:
             c.discard() if self._skip_pending else c.commit()
 
@@ -272,7 +274,7 @@ class Pruner:
         weights (exact zeros), so training on after finalize shows up as lower sparsity,
         and ``finalized`` is True.
         """
-        rows = [row for g in self.groups for row in g.granularity.counts(measured=self.finalized)]
+        rows = [row for g in self.groups for row in g.counts(measured=self.finalized)]  # global (sharded: collective)
         extra = {
             "skipped_steps": self.skipped_steps,
             "mask_updates": self.mask_updates,
@@ -281,7 +283,7 @@ class Pruner:
             "groups": [
                 {"granularity": g.config.granularity, "saliency": g.config.saliency, "targets": len(g.targets),
                  "scheduled_sparsity": g.schedule.value(self.step), "mask_sparsity": g.mask_sparsity,
-                 "update_every": g.steps.update_every, **g.granularity.report()}
+                 "update_every": g.steps.update_every, "bytes_this_rank": g.local_bytes(), **g.granularity.report()}
                 for g in self.groups
             ],
         }

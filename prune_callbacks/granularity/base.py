@@ -16,10 +16,14 @@ Implementations:
 * structured units (FFN neurons, attention heads, blocks) mask units that span
   several tensors: ``params`` are every tensor a unit spans, ``masks`` are one
   bool per unit, ``apply`` zeroes every spanned slice.
-
 * ``low_rank`` (:mod:`.low_rank`): the allowed rank of each targeted Linear;
   ``masks`` are one bool per singular direction, ``apply`` projects the weight
   onto its kept subspace.
+
+Sharding (:mod:`prune_callbacks.sharding`): ``params`` are the tensors the step sees, this
+rank's rows of an FSDP2 parameter (the whole tensor otherwise); masks and saliency buffers are
+sized from them; ``layout`` says where those rows sit in the whole tensor and which reducer
+sums across ranks. ``counts()`` are this rank's; the group sums them.
 
 Conventions: masks are bool tensors, ``True`` = pruned (`MASKS_MEAN`); the one place
 that speaks of *kept* units is the structured ``keep()`` that feeds slimming
@@ -60,6 +64,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from ..report import zero_count
+from ..sharding import ShardLayout, layout_of, local, local_grad
 from ..targets import Target
 
 
@@ -80,14 +85,43 @@ class Granularity:
     #: how ``apply`` constrains a weight: "elements" (its own positions zeroed), "units" (slices zeroed;
     #: composes with other zeroing), "subspace" (the whole weight projected); see `may_share`
     weight_access: ClassVar[str] = "elements"
+    #: whether it can select from FSDP2 row shards (see :mod:`prune_callbacks.sharding`)
+    supports_sharding: ClassVar[bool] = True
 
     def __init__(self, config, targets: Sequence[Target], model: Optional[torch.nn.Module] = None, *args: str):
         self.config = config
         self.targets = list(targets)
         self.model = model
         self.check_targets()
-        self.params: list[torch.Tensor] = [t.param for t in self.targets]
+        self.params = [t.param for t in self.targets]
         self.masks: list[torch.Tensor] = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self.params]
+
+    # ---------------------------------------------------------- the tensors the step sees
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The tracked tensors as this rank holds them (local rows of a sharded parameter), fresh on every
+        access so a parameter whose storage FSDP swapped is never written through a stale view."""
+        return [local(p) for p in self.sources]
+
+    @params.setter
+    def params(self, value: Sequence[torch.Tensor]) -> None:
+        self.sources: list[torch.Tensor] = list(value)  # the parameters themselves (DTensors when sharded)
+        self._layout: Optional[ShardLayout] = None
+
+    @property
+    def layout(self) -> ShardLayout:
+        """Global numels, local offsets and the reducer of ``params`` (:class:`~prune_callbacks.sharding.ShardLayout`)."""
+        if self._layout is None:
+            self._layout = layout_of(self.sources)
+        return self._layout
+
+    def grads(self) -> list[torch.Tensor]:
+        """This step's gradients of ``params`` (local rows; zeros where there is none)."""
+        out = []
+        for source, view in zip(self.sources, self.params):
+            grad = local_grad(source)
+            out.append(grad if grad is not None else torch.zeros_like(view))
+        return out
 
     # ---------------------------------------------------------- config-time facts
     @classmethod
@@ -212,5 +246,5 @@ class Granularity:
     def counts(self, measured: bool = False) -> list[tuple[str, int, int]]:
         """Per target ``(name, numel, pruned weights)``; ``measured`` counts exact zeros in the weights instead."""
         if measured:
-            return [(t.name, t.numel, zero_count(t.param)) for t in self.targets]
+            return [(t.name, p.numel(), zero_count(p)) for t, p in zip(self.targets, self.params)]
         return [(t.name, m.numel(), int(torch.count_nonzero(m))) for t, m in zip(self.targets, self.masks)]

@@ -20,7 +20,8 @@ weights while keeping the end state exact.
 from __future__ import annotations
 
 from ..registry import register_granularity
-from ..selection import _clean, smallest_k_mask
+from ..selection import _clean, per_layer_masks
+from ..sharding import is_sharded
 from .base import Granularity
 
 
@@ -48,6 +49,12 @@ class NM(Granularity):
         return tensor.t() if target.transposed else tensor
 
     def check_targets(self):
+        crossing = [t.param_name for t in self.targets if t.transposed and is_sharded(t.param)]
+        if crossing:  # Conv1D is [in, out]: FSDP2's dim-0 shards would cut groups along the input dimension
+            raise NotImplementedError(
+                f"granularity={self.n}:{self.m} on FSDP2-sharded GPT-2 Conv1D weights ({', '.join(crossing[:3])}): "
+                "their input dimension is the sharded one, so groups of M could straddle two ranks"
+            )
         bad = []
         for t in self.targets:
             fan_in = t.param.shape[0] if t.transposed else t.param.shape[-1]
@@ -60,9 +67,12 @@ class NM(Granularity):
                 "patterns that skip them), or use another M"
             )
 
-    def candidates(self, clean_scores, target):
-        """Bool mask (weight-shaped) of each group's ``M - N`` lowest scores (ties: lower position first)."""
-        rows = self._input_rows(clean_scores.view(target.param.shape), target)
+    def candidates(self, clean_scores, target, shape=None):
+        """Bool mask (weight-shaped) of each group's ``M - N`` lowest scores (ties: lower position first).
+
+        ``shape``: the tensor's shape as this rank holds it (FSDP2: its rows; groups run along the input
+        dimension, which dim-0 sharding keeps whole on one rank)."""
+        rows = self._input_rows(clean_scores.view(shape if shape is not None else target.param.shape), target)
         grouped = rows.reshape(-1, self.m)
         order = grouped.argsort(dim=-1, stable=True)[:, : self.m - self.n]
         chosen = grouped.new_zeros(grouped.shape, dtype=bool).scatter_(1, order, True)
@@ -70,14 +80,17 @@ class NM(Granularity):
         return (chosen.t() if target.transposed else chosen).reshape(-1)
 
     def select(self, scores, sparsity):
-        masks = []
+        """``round(s * numel)`` per target among the candidates: the per-layer selection of scores in which
+        non-candidates rank last. Every group has exactly ``M - N`` candidates, so capping ``s`` at ``1 - N/M``
+        caps every target's count at its number of candidates."""
+        limited = []
         for score, old, target in zip(scores, self.masks, self.targets):
             flat = _clean(score, old)  # already pruned = -inf: first in their group and first overall
-            allowed = self.candidates(flat, target)
-            k = min(max(round(sparsity * flat.numel()), int(old.sum())), int(allowed.sum()))
-            flat.masked_fill_(~allowed, float("inf"))
-            masks.append(smallest_k_mask(flat, k).view(score.shape))
-        return masks
+            flat.masked_fill_(~self.candidates(flat, target, score.shape), float("inf"))
+            limited.append(flat.view(score.shape))
+        sparsity = min(sparsity, self.fixed_final_sparsity(self.n, self.m))
+        return per_layer_masks(limited, self.masks, sparsity, reducer=self.layout.reducer,
+                               global_numels=list(self.layout.numels))
 
     def report(self):
         return {"n": self.n, "m": self.m}

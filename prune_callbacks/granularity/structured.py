@@ -59,6 +59,7 @@ class StructuredUnits(Granularity):
     elementwise = False
     config_fields = frozenset({"units"})
     weight_access = "units"
+    supports_sharding = True  # FSDP2: partial unit sums on local rows, one all-reduce per update
 
     def __init__(self, config, targets, model=None, *args: str):
         if model is None:
@@ -107,15 +108,38 @@ class StructuredUnits(Granularity):
         return [g.mask_name for g in self.groups]
 
     # ------------------------------------------------------------ scores and selection
+    def _local(self, span):
+        """``(tensor, first global row)`` of ``span``'s parameter as this rank holds it (see ``zero_units``)."""
+        i = self._index[id(span.param)]
+        return self.params[i], self.layout.rows[i]
+
+    def _span_sums(self, span, score: torch.Tensor, n_units: int, first: int) -> torch.Tensor:
+        """Per unit, the sum of ``score`` (this rank's rows of ``span``'s parameter) over the unit's slices."""
+        whole = tuple(score.shape) == tuple(span.param.shape)
+        if span.dim != 0 or whole:
+            return span.unit_view(score.view(span.param.shape) if whole else score, n_units).sum(1)
+        rows = score.shape[0]  # dim-0 units on a row shard: each local row adds to its own unit
+        out = torch.zeros(n_units, dtype=score.dtype, device=score.device)
+        if rows:
+            unit_of_row = (torch.arange(rows, device=score.device) + first) // span.size
+            out.index_add_(0, unit_of_row, score.reshape(rows, -1).sum(1))
+        return out
+
     def unit_scores(self, scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per group, the summed per-weight score of each unit (float32, ``[n_units]``)."""
+        """Per group, the summed per-weight score of each unit (float32, ``[n_units]``); under FSDP2 every
+        rank sums its rows and one all-reduce adds the partial sums of all groups."""
         out = []
         for g in self.groups:
             total = torch.zeros(g.n_units, dtype=torch.float32, device=g.spans[0].param.device)
             for s in g.spans:
-                score = scores[self._index[id(s.param)]].detach().float().view(s.param.shape)
-                total += s.unit_view(score, g.n_units).sum(1).to(total.device)
+                i = self._index[id(s.param)]
+                score = scores[i].detach().float()
+                total += self._span_sums(s, score, g.n_units, self.layout.rows[i]).to(total.device)
             out.append(total)
+        if self.layout.sharded and out:
+            flat = torch.cat(out)
+            self.layout.reducer.sum_(flat)
+            out = list(flat.split([g.n_units for g in self.groups]))
         return out
 
     def select(self, scores, sparsity):
@@ -157,7 +181,7 @@ class StructuredUnits(Granularity):
     @torch.no_grad()
     def apply(self) -> None:
         for g, pruned in zip(self.groups, self.masks):
-            zero_units(g, pruned)
+            zero_units(g, pruned, self._local)
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -179,19 +203,25 @@ class StructuredUnits(Granularity):
 
     # ------------------------------------------------------------ reporting
     def counts(self, measured: bool = False):
+        """This rank's rows (the whole weights unless FSDP2-sharded; the group sums ranks)."""
         rows = []
         for g, pruned in zip(self.groups, self.masks):
             n_pruned = int(pruned.sum())
             for s in g.spans:
                 if s.param_name != "weight" or s.module not in self._projections:
                     continue
-                numel = s.param.numel()
+                tensor, first = self._local(s)
+                numel = tensor.numel()
                 if measured:
-                    rows.append((s.module, numel, zero_count(s.param)))
+                    rows.append((s.module, numel, zero_count(tensor)))
                 elif s.dim is None:
                     rows.append((s.module, numel, numel if n_pruned else 0))
+                elif s.dim == 0 and tuple(tensor.shape) != tuple(s.param.shape):  # a row shard
+                    unit_of_row = (torch.arange(tensor.shape[0]) + first) // s.size
+                    per_row = numel // tensor.shape[0] if tensor.shape[0] else 0
+                    rows.append((s.module, numel, int(pruned.cpu()[unit_of_row].sum()) * per_row))
                 else:
-                    rows.append((s.module, numel, n_pruned * s.size * (numel // s.param.shape[s.dim])))
+                    rows.append((s.module, numel, n_pruned * s.size * (numel // tensor.shape[s.dim])))
         return rows
 
     def report(self) -> dict:
@@ -245,6 +275,7 @@ class Blocks(StructuredUnits):
 
     def _unit_counts(self) -> list[int]:
         return [len(self.groups)]
+    supports_sharding = False  # a removed block is skipped by a forward hook, not tested beside FSDP2's own hooks
 
     @classmethod
     def final_sparsity_hint(cls, value, *args: str) -> Optional[str]:

@@ -27,6 +27,8 @@ class Unstructured(Granularity):
         return []
 
     def select(self, scores, sparsity):
+        where = {"reducer": self.layout.reducer, "global_numels": list(self.layout.numels)}  # local shards: global positions
         if self.config.scope == "per_layer":
-            return per_layer_masks(scores, self.masks, sparsity)
-        return global_masks(scores, self.masks, sparsity, self.config.min_layer_sparsity, self.config.max_layer_sparsity)
+            return per_layer_masks(scores, self.masks, sparsity, **where)
+        return global_masks(scores, self.masks, sparsity, self.config.min_layer_sparsity,
+                            self.config.max_layer_sparsity, **where)

@@ -19,7 +19,8 @@ from ..config import PruningConfig
 from ..distributed import broadcast_masks
 from ..registry import GRANULARITIES, SALIENCIES
 from ..saliency import all_finite, gradient_products, make_saliency
-from ..targets import check_not_sharded, drop_frozen, find_targets
+from ..sharding import check_shardable, local_bytes
+from ..targets import drop_frozen, find_targets
 from .base import StepComponent
 
 
@@ -39,8 +40,9 @@ class PruningGroup(StepComponent):
         self.targets = find_targets(model, config.include, config.exclude)
         if SALIENCIES.get(config.saliency).needs_gradients:  # frozen weights would score zero: not targets
             self.targets = drop_frozen(self.targets)
-        check_not_sharded(self.targets)
+        check_shardable([(t.param_name, t.param) for t in self.targets])
         granularity, args = GRANULARITIES.resolve(config.granularity)
+        self._check_sharding(granularity)
         self.granularity = granularity(config, self.targets, model, *args)
         rounding = self.granularity.describe_target(config.final_sparsity)  # raises when it rounds to 0 units
         if rounding:
@@ -59,6 +61,21 @@ class PruningGroup(StepComponent):
         #: per tracked tensor: whether a gradient (not None) ever reached it; see `_check_gradients_seen`
         self.received_grad = [False] * len(self.params)
         self._grads: Optional[tuple] = None  # this step's gradients, handed to the granularity at commit
+        self.numel = sum(n for _, n, _ in self.counts())  # targeted weights over all ranks (fixed)
+
+    def _check_sharding(self, granularity) -> None:
+        """Refuse what is not built for FSDP2 shards yet, naming it (before any buffer is allocated)."""
+        if not any(getattr(t.param, "device_mesh", None) is not None for t in self.targets):
+            return
+        if not granularity.supports_sharding:
+            raise NotImplementedError(
+                f"granularity={self.config.granularity!r} does not support FSDP2-sharded weights yet; "
+                "use 'unstructured', 'N:M', 'ffn_neurons' or 'attention_heads', or prune without sharding"
+            )
+        if self.config.l1_lambda > 0:
+            raise NotImplementedError(
+                f"l1_lambda={self.config.l1_lambda!r} does not support FSDP2-sharded weights yet; set it to 0"
+            )
 
     def resolve(self, total_steps: Optional[int]) -> None:
         self.steps = self.config.resolve(total_steps)
@@ -77,11 +94,11 @@ class PruningGroup(StepComponent):
 
     # ------------------------------------------------------------ around the step
     def prepare(self, grad_scale: Optional[float]) -> bool:
+        grads = self.granularity.grads()  # local rows when sharded; zeros where there is none
         seen = self.received_grad
-        for i, p in enumerate(self.params):
-            if not seen[i] and p.grad is not None:
+        for i, source in enumerate(self.granularity.sources):
+            if not seen[i] and source.grad is not None:
                 seen[i] = True
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self._grads = (grads, grad_scale)  # for the granularity's own statistics, at commit
         if not self.saliency.needs_gradients:
             return all_finite(grads)
@@ -128,7 +145,7 @@ class PruningGroup(StepComponent):
         scores = self.saliency.scores(self.params)
         self._check_informative(scores, sparsity)
         masks = self.granularity.select(scores, sparsity)
-        if self.config.sync_masks:
+        if self.config.sync_masks and not self.granularity.layout.sharded:  # shards differ per rank by design
             broadcast_masks(masks)
         self.granularity.set_masks(masks)
         self.mask_sparsity = sparsity
@@ -150,7 +167,7 @@ class PruningGroup(StepComponent):
                 or not any(self.received_grad):
             return
         names = {id(p): n for n, p in self.granularity.model.named_parameters()} if self.granularity.model is not None else {}
-        missing = [names.get(id(p), f"tensor {i}") for i, (p, seen) in enumerate(zip(self.params, self.received_grad))
+        missing = [names.get(id(p), f"tensor {i}") for i, (p, seen) in enumerate(zip(self.granularity.sources, self.received_grad))
                    if not seen]
         raise NoInformationError(
             f"mask update to sparsity {sparsity:.4f}: {len(missing)} targeted weights never received a gradient "
@@ -168,12 +185,27 @@ class PruningGroup(StepComponent):
             live = score.detach()[~pruned] if pruned.shape == score.shape else score.detach().reshape(-1)
             if live.numel():
                 lo, hi = min(lo, float(live.min())), max(hi, float(live.max()))
+        ranks = self.granularity.layout.gather_values([lo, hi])  # every rank decides alike (one tiny all-reduce)
+        lo, hi = min(r[0] for r in ranks), max(r[1] for r in ranks)
         if lo == hi:
             raise NoInformationError(
                 f"every unpruned weight has the same {self.config.saliency!r} score ({lo:g}), so the mask update "
                 "could only prune by position; the gradients reaching the pruner are zero or missing (frozen "
                 "weights? before_optimizer_step() called after zero_grad()?)"
             )
+
+    # ------------------------------------------------------------ counts
+    def counts(self, measured: bool = False) -> list[tuple[str, int, int]]:
+        """The granularity's ``(name, numel, pruned)`` rows, summed over ranks when sharded (a collective)."""
+        rows = self.granularity.counts(measured=measured)
+        flat = self.granularity.layout.sum_counts([v for _, n, c in rows for v in (n, c)])
+        return [(name, flat[2 * i], flat[2 * i + 1]) for i, (name, _, _) in enumerate(rows)]
+
+    def local_bytes(self) -> int:
+        """Bytes of pruning state this rank holds: masks, saliency buffers, the reused theta*grad buffer
+        (FSDP2: the local shard's share; see :func:`prune_callbacks.sharding.local_bytes`)."""
+        buffers = [b for bufs in self.saliency.buffers.values() for b in bufs]
+        return local_bytes([*self.masks, *buffers, *(self._work or [])])
 
     # ------------------------------------------------------------ finalize
     def finalize(self) -> None:

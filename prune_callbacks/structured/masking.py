@@ -26,16 +26,25 @@ _HOOK_ATTR = "_prune_callbacks_skip_hook"
 
 
 @torch.no_grad()
-def zero_units(group: UnitGroup, pruned: torch.Tensor) -> None:
-    """Write +0.0 into every slice of ``group``'s spans that belongs to a pruned unit (bool ``[n_units]``)."""
+def zero_units(group: UnitGroup, pruned: torch.Tensor, where=None) -> None:
+    """Write +0.0 into every slice of ``group``'s spans that belongs to a pruned unit (bool ``[n_units]``).
+
+    ``where(span) -> (tensor, first_row)``: the tensor to write and the global index of its first row
+    (FSDP2: this rank's rows of the parameter, see :mod:`prune_callbacks.sharding`); default: the whole
+    parameter, row 0.
+    """
     if not bool(pruned.any()):
         return
     units = pruned.nonzero().reshape(-1)
     for span in group.spans:
+        tensor, first = where(span) if where is not None else (span.param.data, 0)
         if span.dim is None:
-            span.param.data.zero_()
-        else:
-            span.param.data.index_fill_(span.dim, span.unit_index(units).to(span.param.device), 0.0)
+            tensor.zero_()
+            continue
+        index = span.unit_index(units).to(tensor.device)
+        if span.dim == 0 and tuple(tensor.shape) != tuple(span.param.shape):  # rows [first, first + local rows)
+            index = index[(index >= first) & (index < first + tensor.shape[0])] - first
+        tensor.index_fill_(span.dim, index, 0.0)
 
 
 def _skip(module, args, kwargs, output):

@@ -1,0 +1,156 @@
+"""FSDP2 (``fully_shard``) on CPU/gloo under torchrun: the sharded pruner against a single-process reference.
+
+The script (tests/fsdp2_script.py) runs the sharded pruner and an unsharded reference side by side on every
+rank with identical, seeded element-wise steps; here we assert what it recorded.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("fsdp2_script.py")
+
+
+def launch(out, cases, nproc=2, extra=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(SCRIPT), str(out), ",".join(cases), *([str(extra)] if extra else [])]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return {c: [json.loads(Path(out, f"{c}-rank{r}.json").read_text()) for r in range(nproc)] for c in cases}
+
+
+def assert_same_as_reference(ranks, n_updates=4):
+    for r in ranks:
+        assert len(r["updates"]) == n_updates or n_updates is None
+        for update in r["updates"]:
+            assert update["equal"] and all(update["equal"].values()), update
+        assert r["sharded"] == r["ref"]  # figures global: every rank reports the whole model's counts
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2_2")
+    dcp = out / "dcp"
+    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume", "refusals"], nproc=2, extra=dcp), dcp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["global", "per_layer", "nm", "resume"])
+def test_masks_bitwise_equal_to_single_process(two_ranks, case):
+    _, results, _ = two_ranks
+    ranks = results[case]
+    assert_same_as_reference(ranks)
+    for r in ranks:
+        assert r["masks_local"]  # masks sized from the local shard, not the whole weight
+        assert r["sharded"]["skipped_steps"] == 1  # the non-finite step, seen by rank 0 only, skipped by all
+        assert r["local_shapes"]["model.layers.0.mlp.up_proj"] == [96 // r["world_size"], 32]
+
+
+@pytest.mark.slow
+def test_ffn_neurons_sharded_then_slimmed_from_the_full_state_dict(two_ranks):
+    _, results, _ = two_ranks
+    ranks = results["ffn"]
+    assert_same_as_reference(ranks)  # unit masks equal (unit sums: local rows + one all-reduce)
+    for r in ranks:
+        assert r["kept_per_block"] == {"model.layers.0": 48, "model.layers.1": 48}
+    slimmed = ranks[0]["slim"]
+    assert slimmed["intermediate"] == [48, 48]  # 96 -> 48 neurons, cut from the gathered full state dict
+    assert slimmed["max_logit_diff"] < 1e-4  # the slim model computes what the masked one did
+
+
+@pytest.mark.slow
+def test_pruned_count_exact_and_memory_per_rank(two_ranks):
+    _, results, _ = two_ranks
+    ranks = results["global"]
+    for r in ranks:
+        assert r["sharded"]["pruned_params"] == r["expected_pruned"]
+        # 4 B (taylor EMA) + 1 B (mask) per *local* weight: half the model's targets on each of 2 ranks
+        assert r["saliency_bytes"] == 4 * r["mask_bytes"]
+    assert sum(r["mask_bytes"] for r in ranks) == ranks[0]["sharded"]["prunable_params"]
+
+
+@pytest.mark.slow
+def test_nm_groups_whole_on_each_rank(two_ranks):
+    _, results, _ = two_ranks
+    for r in results["nm"]:
+        assert min(r["kept_per_group"]) == 2 and max(r["kept_per_group"]) <= 4  # never below N=2 of M=4
+
+
+@pytest.mark.slow
+def test_attach_loop_keeps_pruned_weights_zero(two_ranks):
+    _, results, _ = two_ranks
+    a, b = results["attach"]
+    assert all(a["zeros_every_step"]) and all(b["zeros_every_step"])
+    assert a["report"] == b["report"] and a["report"]["mask_updates"] == 4
+    assert a["report"]["pruned_params"] == round(a["report"]["mask_sparsity"] * a["report"]["prunable_params"])
+
+
+@pytest.mark.slow
+def test_finalize_full_state_dict_loads_with_vanilla_from_pretrained(two_ranks):
+    from transformers import AutoModelForCausalLM
+
+    out, results, _ = two_ranks
+    assert all(r["finalize_zeros_in_shards"] for r in results["global"])
+    assert results["global"][0]["full_zeros_match"]
+    model = AutoModelForCausalLM.from_pretrained(out / "hf")
+    ref = torch.load(out / "ref_masks.pt")
+    modules = dict(model.named_modules())
+    for name, mask in ref.items():
+        assert torch.equal(modules[name].weight == 0, mask), name
+
+
+@pytest.mark.slow
+def test_four_ranks_and_resume_resharded_from_two(two_ranks, tmp_path):
+    _, _, dcp = two_ranks
+    results = launch(tmp_path, ["global", "nm", "resume_from"], nproc=4, extra=dcp)
+    assert_same_as_reference(results["global"])
+    assert_same_as_reference(results["nm"])
+    assert all(r["local_shapes"]["model.layers.0.mlp.up_proj"] == [24, 32] for r in results["global"])
+    for r in results["resume_from"]:  # DCP resharded the 2-rank masks and EMAs into 4 ranks
+        assert_same_as_reference([r], n_updates=1)
+
+
+@pytest.mark.slow
+def test_no_rank_materialises_all_scores_or_a_full_mask(tmp_path):
+    results = launch(tmp_path, ["alloc"], nproc=2)
+    for r in results["alloc"]:
+        # the biggest tensor any op created during a mask update (the radix histogram, 2**20 counts) is smaller
+        # than any whole target: a gathered score vector or a full-size mask would be at least that big
+        assert r["largest_numel"] < r["smallest_global"], r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, words", [
+    ("tensor_parallel", ["NotImplementedError", "tensor parallel", "Shard(dim=1)"]),
+    ("fsdp1", ["NotImplementedError", "FSDP1 FlatParameter"]),
+    ("zero3", ["NotImplementedError", "DeepSpeed ZeRO-3"]),
+    ("blocks", ["NotImplementedError", "granularity='blocks'", "FSDP2"]),
+    ("l1", ["NotImplementedError", "l1_lambda=0.1"]),
+])
+def test_unsupported_sharding_refused_with_its_reason(two_ranks, case, words):
+    _, results, _ = two_ranks
+    for r in results["refusals"]:
+        assert r[case] is not None and all(w in r[case] for w in words), r[case]
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import fsdp2
+
+    out = tmp_path / "fsdp2.json"
+    fsdp2.main(["--smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["world_size"] for r in rows] == [1, 2]
+    one, two = rows
+    assert one["pruned_params"] == two["pruned_params"]  # exact count, sharded or not
+    assert one["collective_bytes_per_update"] == 0 < two["collective_bytes_per_update"]
+    assert two["pruning_bytes_per_rank"] * 2 == one["pruning_bytes_per_rank"]  # the local shard's share
