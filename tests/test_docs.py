@@ -221,9 +221,6 @@ def test_python_blocks_run(page, tmp_path, monkeypatch, restore_registries, caps
 
 # ------------------------------------------------------------------ bash blocks
 
-_SKIP_PREFIX = {"nice": 2, "/usr/bin/time": 1, "time": 0, "exec": 0}
-
-
 def _commands(code: str) -> list[str]:
     """Logical command lines of a bash block: continuations joined, comments dropped, ``$VAR`` expanded."""
     variables: dict[str, str] = {}
@@ -294,8 +291,22 @@ def _check_script(script: str, args: list[str], where: str) -> None:
                 f"{where}: {script} has no option {option}"
 
 
+_SEPARATORS = {"&&", "||", ";", "|", "&"}
+
+
 def check_command(command: str, where: str) -> None:
-    tokens = _strip_prefixes(shlex.split(command))
+    segments: list[list[str]] = [[]]
+    for token in shlex.split(command):
+        if token in _SEPARATORS:
+            segments.append([])
+        else:
+            segments[-1].append(token)
+    for segment in segments:
+        _check_segment(segment, where)
+
+
+def _check_segment(tokens: list[str], where: str) -> None:
+    tokens = _strip_prefixes(tokens)
     if not tokens:
         return
     head, rest = tokens[0], tokens[1:]
@@ -306,7 +317,7 @@ def check_command(command: str, where: str) -> None:
             if not rest[0].startswith(("outputs/", "/tmp")):
                 _check_script(rest[0], rest[1:], where)
     elif head in ("bash", "sh") and rest and rest[0].endswith(".sh"):
-        check_command(" ".join(shlex.quote(t) for t in rest), where)
+        _check_segment(rest, where)
     elif head.endswith(".sh"):
         script = head[2:] if head.startswith("./") else head
         assert (ROOT / script).is_file(), f"{where}: {script} does not exist"
@@ -336,6 +347,8 @@ def test_the_checker_catches_a_wrong_command():
         check_command("prune-callbacks validate recipes/no-such-recipe.yaml", "here")
     with pytest.raises(AssertionError):
         check_command("python benchmarks/quality.py --no-such-option 1", "here")
+    with pytest.raises(pytest.fail.Exception):
+        check_command("true && prune-callbacks report out --no-such-option", "here")
     check_command("./scripts/quickstart.sh --max-steps 20", "here")
 
 
