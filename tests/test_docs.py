@@ -265,16 +265,26 @@ def _strip_prefixes(tokens: list[str]) -> list[str]:
 
 
 def _check_cli(args: list[str], where: str) -> None:
+    """The command parses; a shipped recipe it names exists and, with the command's ``--set`` / ``--output-dir`` /
+    ``--max-steps`` / ``--resume``, passes the recipe schema (what ``validate`` checks before touching data)."""
     from prune_callbacks.cli import _parser
+    from prune_callbacks.recipe import RecipeError, load_recipe
 
     try:
-        _parser().parse_args(args)
+        parsed = _parser().parse_args(args)
     except SystemExit as exc:
         if exc.code != 0:  # --help exits 0
             pytest.fail(f"{where}: `prune-callbacks {' '.join(args)}` does not parse")
-    for arg in args:
-        if arg.startswith("recipes/") and arg.endswith(".yaml"):
-            assert (ROOT / arg).is_file(), f"{where}: {arg} does not exist"
+        return
+    recipe = getattr(parsed, "recipe", None)
+    if recipe is None or not recipe.startswith("recipes/"):
+        return
+    assert (ROOT / recipe).is_file(), f"{where}: {recipe} does not exist"
+    sets = [*parsed.sets, *(["output.resume=true"] if getattr(parsed, "resume", False) else [])]
+    try:
+        load_recipe(ROOT / recipe, sets, output_dir=parsed.output_dir, max_steps=getattr(parsed, "max_steps", None))
+    except RecipeError as exc:
+        pytest.fail(f"{where}: `prune-callbacks {' '.join(args)}` is refused:\n{exc}")
 
 
 def _check_script(script: str, args: list[str], where: str) -> None:
@@ -322,7 +332,8 @@ def _check_segment(tokens: list[str], where: str) -> None:
         script = head[2:] if head.startswith("./") else head
         assert (ROOT / script).is_file(), f"{where}: {script} does not exist"
         if script == "scripts/quickstart.sh":  # extra arguments go to `prune-callbacks finetune`
-            _check_cli(["finetune", "recipes/quickstart.yaml", "--output-dir", "outputs/quickstart", *rest], where)
+            _check_cli(["finetune", "recipes/quickstart.yaml", "--output-dir", "outputs/quickstart",
+                        "--set", "output.overwrite=true", *rest], where)
 
 
 BASH_PAGES = [p for p in _pages() if code_blocks(p.read_text(encoding="utf-8"), "bash")]
@@ -345,6 +356,8 @@ def test_the_checker_catches_a_wrong_command():
         check_command("prune-callbacks finetune recipes/quickstart.yaml --no-such-option", "here")
     with pytest.raises(AssertionError):
         check_command("prune-callbacks validate recipes/no-such-recipe.yaml", "here")
+    with pytest.raises(pytest.fail.Exception):
+        check_command("prune-callbacks finetune recipes/quickstart.yaml --set pruning.no_such_field=1", "here")
     with pytest.raises(AssertionError):
         check_command("python benchmarks/quality.py --no-such-option 1", "here")
     with pytest.raises(pytest.fail.Exception):
