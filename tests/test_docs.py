@@ -142,8 +142,8 @@ def prelude_structured(ns: dict) -> None:
             optimizer.step()
             optimizer.zero_grad()
 
-    ns.update(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), n_steps=10, train=train,
-              out="slim-out", tokenizer=_tokenizer())
+    ns.update(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), n_steps=10, steps=10,
+              train=train, out="slim-out", tokenizer=_tokenizer())
 
 
 def prelude_sparse(ns: dict) -> None:
