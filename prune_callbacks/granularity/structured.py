@@ -20,7 +20,7 @@ are one bool per unit (``[n_units]`` per block, ``True`` = pruned).
   any of its weights is. Blocks out of scope keep all their units (slimming then
   refuses, since the width is no longer uniform, unless those blocks are removed).
 * ``attention_heads`` needs a config with a head size of its own (``head_dim``, T5
-  ``d_kv``); BERT/GPT-2/OPT/DistilBERT/ViT are refused when the `Pruner` is built (the
+  ``d_kv``); BERT/GPT-2/OPT/DistilBERT/DeBERTa-v2 are refused when the `Pruner` is built (the
   architecture is unknown at config time). Which tensors a unit spans is read from the
   family table (:mod:`prune_callbacks.structured.families`), or from ``config.units``
   for the user's own model (:mod:`prune_callbacks.structured.description`), validated

@@ -32,11 +32,13 @@ A `Family` says, declaratively, where a model keeps its structured units:
 `FAMILIES` is the table the masks (:mod:`.units`, :mod:`.masking`), `slim`
 (:mod:`.slim`) and the analysis (:mod:`prune_callbacks.analysis.architecture`) read; a
 user's own model brings its own entry (:mod:`.description`). Pure data: no torch, no
-transformers.
+transformers. A new architecture is a new row here plus a case in
+:mod:`.support_matrix` (the test and the docs table follow).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -87,8 +89,7 @@ class Family:
         return (self.qkv,) if self.qkv else tuple(p for p in (self.q, self.k, self.v) if p)
 
     def layers_field(self, stack: str) -> Optional[str]:
-        import re
-
+        """The config field counting the blocks of block list ``stack``."""
         return next((f for pattern, f in self.layers_fields if re.search(pattern, stack)), None)
 
 
