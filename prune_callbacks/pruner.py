@@ -210,6 +210,11 @@ class Pruner:
         """The optimizer step (1-based) after which the first masks are computed (None: no pruning group)."""
         return min((g.schedule.first_update_step() for g in self.groups), default=None)
 
+    def unit_rounding(self) -> list[str]:
+        """What each group's ``final_sparsity`` becomes in whole units (structured granularities), for
+        ``validate`` and logs: ``["granularity='blocks': final_sparsity 0.99 -> 5 of 6 blocks"]``."""
+        return [f"granularity={g.config.granularity!r}: {g.rounding}" for g in self.groups if g.rounding]
+
     def last_dense_step(self) -> Optional[int]:
         """The optimizer step after which the model is last dense: one before `first_update_step` (0: before any
         step), None when nothing is ever pruned. The one source of "the step before the first mask update"
