@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..state_io import STATE_FILE  # noqa: F401 (the one name of the pruning state file; used here and re-exported)
 from .errors import RecipeError
 from .schema import Recipe
 
@@ -54,7 +55,6 @@ MARKER = ".incomplete-run"
 MANIFEST = ".prune-callbacks-run.json"
 STAGING = ".staging"
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "pruning_state.safetensors"
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # what finetune (or save_pretrained / a tokenizer's save_pretrained) may write at the top of <out>,
