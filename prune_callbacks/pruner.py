@@ -41,7 +41,9 @@ from .report import build_report
 from .steps.base import PHASES, StepComponent
 from .steps.l1 import L1Component
 from .steps.pruning import PruningGroup
-from .targets import _preview, check_not_sharded, drop_frozen, find_targets, frozen, unwrap_model  # _preview: the one "a, b, ..." list
+from .targets import (  # _preview: the one "a, b, ..." list
+    _preview, check_not_sharded, drop_frozen, find_targets, frozen, unwrap_model,
+)
 
 logger = logging.getLogger(__name__)
 
