@@ -42,7 +42,9 @@ from .steps.base import PHASES, StepComponent
 from .steps.l1 import L1Component
 from .steps.pruning import PruningGroup
 from .sharding import layout_of
-from .targets import _preview, check_not_sharded, drop_frozen, find_targets, frozen, unwrap_model  # _preview: the one "a, b, ..." list
+from .targets import (  # _preview: the one "a, b, ..." list
+    _preview, check_not_sharded, drop_frozen, find_targets, frozen, unwrap_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +216,11 @@ class Pruner:
     def first_update_step(self) -> Optional[int]:
         """The optimizer step (1-based) after which the first masks are computed (None: no pruning group)."""
         return min((g.schedule.first_update_step() for g in self.groups), default=None)
+
+    def unit_rounding(self) -> list[str]:
+        """What each group's ``final_sparsity`` becomes in whole units (structured granularities), for
+        ``validate`` and logs: ``["granularity='blocks': final_sparsity 0.99 -> 5 of 6 blocks"]``."""
+        return [f"granularity={g.config.granularity!r}: {g.rounding}" for g in self.groups if g.rounding]
 
     def last_dense_step(self) -> Optional[int]:
         """The optimizer step after which the model is last dense: one before `first_update_step` (0: before any

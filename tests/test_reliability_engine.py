@@ -217,8 +217,9 @@ def _train_bert(model, configs, steps=6):
 
 def test_blocks_rounding_is_said_at_target_resolution(caplog):
     with caplog.at_level(logging.INFO, logger="prune_callbacks"):
-        Pruner(bert(), PruningConfig(granularity="blocks", final_sparsity=0.99, **{k: v for k, v in CFG.items()
-                                                                                    if k != "final_sparsity"}))
+        pruner = Pruner(bert(), PruningConfig(granularity="blocks", final_sparsity=0.99,
+                                              **{k: v for k, v in CFG.items() if k != "final_sparsity"}))
+    assert pruner.unit_rounding() == ["granularity='blocks': final_sparsity 0.99 -> 5 of 6 blocks"]
     assert any("final_sparsity 0.99 -> 5 of 6 blocks" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
 

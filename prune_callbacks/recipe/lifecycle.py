@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..state_io import STATE_FILE
+from ..state_io import STATE_FILE  # noqa: F401 (the one name of the pruning state file; used here and re-exported)
 from .errors import FinalSaveError, RecipeError
 from .schema import Recipe
 

@@ -44,9 +44,10 @@ class PruningGroup(StepComponent):
         granularity, args = GRANULARITIES.resolve(config.granularity)
         self._check_sharding(granularity)
         self.granularity = granularity(config, self.targets, model, *args)
-        rounding = self.granularity.describe_target(config.final_sparsity)  # raises when it rounds to 0 units
-        if rounding:
-            logger.info("prune_callbacks: granularity=%r: %s", config.granularity, rounding)
+        #: final_sparsity in whole units ("final_sparsity 0.99 -> 5 of 6 blocks"), None when exact; raises at 0 units
+        self.rounding = self.granularity.describe_target(config.final_sparsity)
+        if self.rounding:
+            logger.info("prune_callbacks: granularity=%r: %s", config.granularity, self.rounding)
         self.saliency = make_saliency(  # a granularity may score with its own (low_rank: magnitude, no buffers)
             self.granularity.own_saliency or config.saliency, self.granularity.params, beta=config.beta,
             uncertainty_beta=config.uncertainty_beta,
