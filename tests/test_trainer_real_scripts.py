@@ -54,11 +54,19 @@ def test_figures_stay_out_of_returned_metrics(tmp_path):
     assert default_compute_objective(evaluated) == evaluated["eval_loss"]
     trainer.save_metrics("all", {**output.metrics, **evaluated})
     assert not [k for k in json.loads((tmp_path / "out" / "all_results.json").read_text()) if is_figure_key(k)]
-    # trackers get the figures at every training log; log_history holds them next to every entry
+    # trackers get the figures at every training log; log_history holds them in every entry, except an
+    # evaluation's, which the model card reads as results: there they follow in an entry of their own (same step)
     step_logs = [logs for logs in seen.logs if "loss" in logs]
     assert len(step_logs) == 2 and all(logs["sparsity/global"] == pytest.approx(0.5, abs=1e-3) for logs in step_logs)
-    assert all("sparsity/global" in entry for entry in trainer.state.log_history)
-    assert "eval_loss" in trainer.state.log_history[-1] and "sparsity/scheduled" in trainer.state.log_history[-1]
+    history = trainer.state.log_history
+    for i, entry in enumerate(history):
+        if "eval_loss" in entry:
+            assert not [k for k in entry if is_figure_key(k)], entry
+            after = history[i + 1]
+            assert after["step"] == entry["step"] and "sparsity/global" in after and "eval_loss" not in after
+        else:
+            assert "sparsity/global" in entry, entry
+    assert "eval_loss" in history[-2] and "sparsity/scheduled" in history[-1]
 
 
 class LogHistoryProbe(TrainerCallback):
