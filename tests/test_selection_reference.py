@@ -219,9 +219,10 @@ def test_global_and_per_layer_masks_match_the_flat_selection(kind, layout, chunk
             _equal([new], [mask], [score], [old], k)
 
 
-@pytest.mark.parametrize("per_batch, stash", [(3, 0), (1, 1 << 22), (16, 0)])
-def test_batches_and_stash_overflow_match(per_batch, stash, monkeypatch):
+@pytest.mark.parametrize("per_batch, stash, int32_below", [(3, 0, 1 << 31), (1, 1 << 22, 0), (16, 0, 0)])
+def test_batches_stash_overflow_and_int64_counts_match(per_batch, stash, int32_below, monkeypatch):
     monkeypatch.setattr(radix, "GROUPS_PER_BATCH", per_batch)
+    monkeypatch.setattr(radix, "INT32_COUNTS_BELOW", int32_below)
     monkeypatch.setattr(radix, "STASH_MAX", stash)
     monkeypatch.setattr(radix, "CHUNK_CPU", 16)
     for kind in ("uniform", "ties_pruned", "special"):
