@@ -34,7 +34,6 @@ from typing import Optional, Sequence
 
 import torch
 
-INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
 _LOW31 = 0x7FFFFFFF
 #: float32 values per chunk on CPU (fits L2; measured faster than 2**18 and 2**20) and on accelerators
@@ -72,7 +71,6 @@ def key_to_float(key: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
-NEG_INF_KEY = int(float_to_key(torch.tensor([float("-inf")]))[0])
 _INF = float("inf")
 
 
