@@ -34,7 +34,11 @@ not measured.
 **Allocation across layers.** One global threshold on the loss per parameter saved,
 ``sigma_k^2 / (m + n)``: directions are removed cheapest first, across all targets, until the
 budget is met; a target that would stay at or above break-even keeps its previous rank (its
-removals would save nothing).
+removals would save nothing). The second-order estimate only holds for small changes: on MiniLM early
+in a run it priced the query/key projections of the first blocks so low that they went to rank 1
+(``benchmarks/results/low_rank_rt50.json``). ``allocation: relative`` divides each target's losses
+by its own weighted energy (the share of the layer lost, per parameter saved), which compares
+spectra rather than loss scales; measured side by side in ``low_rank_rt50_relative.json``.
 
 **Keeping the weight on its subspace.** With ``V_r`` the top-``r`` right singular vectors of
 ``D W``, the FWSVD truncation ``D^-1 [D W]_r`` equals ``W V_r V_r^T`` (no division by ``D``, so
