@@ -49,7 +49,10 @@ trains freely, the subspace moves at each mask update). Cost per step and target
 ``4 m n r`` flops, a transient ``m*r + m*n`` float32; ``projection="at_updates"`` projects only at
 mask updates and at finalize (the weight trains at full rank in between; cheaper, and the
 truncation at the next update is a one-shot cut). Memory: ``V_r``, ``n * r`` float32 per factorised
-target (under half the weight's float32 size, since ``r < mn/(m+n)``), and the ``m`` Fisher floats.
+target (under half the weight's float32 size, since ``r < mn/(m+n)``), and the ``m`` Fisher floats;
+a mask update holds every target's float32 SVD at once (transiently up to ~2x the targeted weights
+in float32) and costs one SVD per target (``O(m n min(m, n))``, then ``O(m r_old^2)`` inside the
+subspace).
 Decompositions run in float32 whatever the weight's dtype (bf16 weights are projected in float32
 and rounded once). A later update searches inside the current subspace (SVD of ``D W V_old``,
 ``m x r_old``), so subspaces are nested and ranks only shrink.
