@@ -13,7 +13,8 @@ both factors counted: ``r*(m+n)`` against ``m*n``), with the same batches, optim
 * ``fwsvd_after``: the same with Fisher weights from ``--calib`` extra gradient passes (no optimizer step) over
   training batches after the fine-tune;
 * ``*_relative*``: ranks allocated on each layer's share of its own (weighted) energy (``allocation: relative``);
-  ``*_late``: the rank schedule from 30% to 70% of the run instead of 10% to 60%.
+  ``*_late``: the rank schedule from 30% to 70% of the run instead of 10% to 60%; ``low_rank_oneshot_late``:
+  dense fine-tune for 80% of the run, FWSVD ranks one-shot from the run's own Fisher, the last 20% in the subspace.
 
 Each variant is exported (two thin Linears per target), its test accuracy measured on the whole test split, its
 parameters and the bytes of its ``save_low_rank`` file recorded. The projection's cost is timed against a
@@ -43,7 +44,9 @@ DURING = {"low_rank": {"importance": "fisher"}, "low_rank_at_updates": {"importa
           "low_rank_plain": {"importance": "none"}, "low_rank_relative": {"importance": "fisher", "allocation": "relative"},
           "low_rank_late": {"importance": "fisher"}, "low_rank_relative_late": {"importance": "fisher",
                                                                                 "allocation": "relative"}}
-WINDOW = {"low_rank_late": (0.3, 0.7), "low_rank_relative_late": (0.3, 0.7)}  # default (0.1, 0.6)
+DURING["low_rank_oneshot_late"] = {"importance": "fisher"}
+WINDOW = {"low_rank_late": (0.3, 0.7), "low_rank_relative_late": (0.3, 0.7), "low_rank_oneshot_late": (0.8, 0.8)}
+SCHEDULE = {"low_rank_oneshot_late": "oneshot"}  # default cubic over the window (default window 0.1 -> 0.6)
 AFTER = {"svd_after": {"importance": "none"}, "fwsvd_after": {"importance": "fisher"},
          "fwsvd_relative_after": {"importance": "fisher", "allocation": "relative"},
          "svd_relative_after": {"importance": "none", "allocation": "relative"}}
@@ -108,12 +111,14 @@ def run_during(name, args, data, template) -> dict:
     scheduler = common.linear_warmup_decay(optimizer, steps=args.steps, warmup=args.steps // 10)
     start, end = WINDOW.get(name, (0.1, 0.6))
     pruner = Pruner(model, dict(granularity="low_rank", final_sparsity=args.sparsity, start_step=start, end_step=end,
-                                granularity_settings=DURING[name]), total_steps=args.steps).attach(optimizer)
+                                schedule=SCHEDULE.get(name, "cubic"), granularity_settings=DURING[name]),
+                    total_steps=args.steps).attach(optimizer)
     batches = common.train_batches(data["train"], steps=args.steps, batch_size=16, seed=0)
     wall = common.train(model, batches, optimizer, scheduler)
     test = common.eval_batches(data["test"])
     timing = {"step_s_median": _median_step_s(model, batches)} if name == "low_rank" else {}
     row = _export_and_measure(name, model, pruner, test, {"train_wall_s": round(wall, 1), "window": [start, end],
+                                                          "schedule": SCHEDULE.get(name, "cubic"),
                                                           "settings": DURING[name], **timing})
     if timing:  # the projection at the final ranks, against a training step of the unfactorised model
         row["projection_s_median"] = _median_projection_s(pruner.groups[0].granularity)

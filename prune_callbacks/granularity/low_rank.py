@@ -34,7 +34,11 @@ not measured.
 **Allocation across layers.** One global threshold on the loss per parameter saved,
 ``sigma_k^2 / (m + n)``: directions are removed cheapest first, across all targets, until the
 budget is met; a target that would stay at or above break-even keeps its previous rank (its
-removals would save nothing).
+removals would save nothing). The second-order estimate only holds for small changes: on MiniLM early
+in a run it priced the query/key projections of the first blocks so low that they went to rank 1
+(``benchmarks/results/low_rank_rt50.json``). ``allocation: relative`` divides each target's losses
+by its own weighted energy (the share of the layer lost, per parameter saved), which compares
+spectra rather than loss scales; measured side by side in ``low_rank_rt50_relative.json``.
 
 **Keeping the weight on its subspace.** With ``V_r`` the top-``r`` right singular vectors of
 ``D W``, the FWSVD truncation ``D^-1 [D W]_r`` equals ``W V_r V_r^T`` (no division by ``D``, so
@@ -45,7 +49,10 @@ trains freely, the subspace moves at each mask update). Cost per step and target
 ``4 m n r`` flops, a transient ``m*r + m*n`` float32; ``projection="at_updates"`` projects only at
 mask updates and at finalize (the weight trains at full rank in between; cheaper, and the
 truncation at the next update is a one-shot cut). Memory: ``V_r``, ``n * r`` float32 per factorised
-target (under half the weight's float32 size, since ``r < mn/(m+n)``), and the ``m`` Fisher floats.
+target (under half the weight's float32 size, since ``r < mn/(m+n)``), and the ``m`` Fisher floats;
+a mask update holds every target's float32 SVD at once (transiently up to ~2x the targeted weights
+in float32) and costs one SVD per target (``O(m n min(m, n))``, then ``O(m r_old^2)`` inside the
+subspace).
 Decompositions run in float32 whatever the weight's dtype (bf16 weights are projected in float32
 and rounded once). A later update searches inside the current subspace (SVD of ``D W V_old``,
 ``m x r_old``), so subspaces are nested and ranks only shrink.
