@@ -214,6 +214,35 @@ def largest_allocation(rank):
             "smallest_global": min(t.numel for t in pruner.targets)}
 
 
+def guarded(rank):
+    """The accuracy guard on a sharded pruner: a fake metric that breaks above 40% sparsity makes it hold and
+    roll back; decisions and masks must match the single-process reference."""
+    from prune_callbacks.guard.controller import add_guards
+
+    def metric(pruner):
+        return 0.9 if pruner.mask_sparsity <= 0.4 + 1e-9 else 0.5
+
+    cfg = PruningConfig(final_sparsity=0.8, start_step=1, end_step=STEPS, update_every=1, schedule="linear",
+                        sync_masks=False, accuracy_guard={"metric": "acc", "max_drop": 0.01, "every": 2, "patience": 1})
+    ref_model, model = tiny_llama(), shard(tiny_llama())
+    ref, pruner = Pruner(ref_model, cfg, total_steps=STEPS), Pruner(model, cfg, total_steps=STEPS)
+    guards = [add_guards(p)[0] for p in (ref, pruner)]
+    for g, p in zip(guards, (ref, pruner)):
+        g.set_baseline(metric(p))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref_model, model)]
+    gens = [torch.Generator().manual_seed(1) for _ in range(2)]
+    updates = []
+    for step in range(1, STEPS + 1):
+        for m, p, o, g, guard in zip((ref_model, model), (ref, pruner), opts, gens, guards):
+            elementwise_step(m, p, o, g, step)
+            if step % 2 == 0:
+                guard.report_metric(metric(p), step)
+        updates.append({"step": step, "equal": compare(ref, pruner)})
+    decisions = [{k: v for k, v in g.report().items() if k != "snapshot_bytes"} for g in guards]
+    return {"updates": updates, "ref": figures(ref.report()), "sharded": figures(pruner.report()),
+            "guard_equal": decisions[0] == decisions[1], "guard": decisions[1]}
+
+
 def refusals(rank):
     """What stays refused, and the message each gives (every rank raises alike, before any collective)."""
     from torch import nn
@@ -259,7 +288,9 @@ def main(out, cases, extra=None):
 
 
 def run_case(out, case, rank, extra):
-    if case == "refusals":
+    if case == "guard":
+        result = guarded(rank)
+    elif case == "refusals":
         result = refusals(rank)
     elif case == "attach":
         result = attach_loop(rank)

@@ -39,7 +39,7 @@ def assert_same_as_reference(ranks, n_updates=4):
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2_2")
     dcp = out / "dcp"
-    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume", "refusals"], nproc=2, extra=dcp), dcp
+    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume", "refusals", "guard"], nproc=2, extra=dcp), dcp
 
 
 @pytest.mark.slow
@@ -105,6 +105,12 @@ def test_finalize_full_state_dict_loads_with_vanilla_from_pretrained(two_ranks):
     modules = dict(model.named_modules())
     for name, mask in ref.items():
         assert torch.equal(modules[name].weight == 0, mask), name
+    # the compressed checkpoint is written from the gathered model, and reads back bitwise
+    from prune_callbacks.sparse_io import load_sparse, save_sparse
+
+    save_sparse(model, out / "sparse")
+    back = dict(load_sparse(out / "sparse").named_parameters())
+    assert all(torch.equal(back[n], p) for n, p in model.named_parameters())
 
 
 @pytest.mark.slow
@@ -154,3 +160,13 @@ def test_benchmark_smoke(tmp_path):
     assert one["pruned_params"] == two["pruned_params"]  # exact count, sharded or not
     assert one["collective_bytes_per_update"] == 0 < two["collective_bytes_per_update"]
     assert two["pruning_bytes_per_rank"] * 2 == one["pruning_bytes_per_rank"]  # the local shard's share
+
+
+@pytest.mark.slow
+def test_accuracy_guard_decides_and_rolls_back_like_a_single_process(two_ranks):
+    _, results, _ = two_ranks
+    for r in results["guard"]:
+        assert_same_as_reference([r], n_updates=8)  # masks after every step, rollback included
+        assert r["guard_equal"]
+        assert [t["decision"] for t in r["guard"]["trajectory"]] == ["baseline", "continue", "continue", "rollback",
+                                                                      "continue"]
