@@ -167,11 +167,6 @@ def layout_of(params: Sequence[torch.Tensor]) -> ShardLayout:
     return ShardLayout(tuple(p.numel() for p in params), offsets, reducer, True, rows)
 
 
-def reducer_of(params: Sequence[torch.Tensor]):
-    """The reducer for decisions every rank must take alike (the identity for whole tensors)."""
-    return layout_of(params).reducer
-
-
 def local_bytes(tensors: Sequence[torch.Tensor]) -> int:
     """Bytes this rank holds in ``tensors`` (per-rank pruning memory)."""
     return sum(t.numel() * t.element_size() for t in tensors)

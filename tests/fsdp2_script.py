@@ -209,7 +209,30 @@ def largest_allocation(rank):
         opt.step()
     with Largest():
         pruner.update_masks(0.5)
-    return {"largest_numel": Largest.biggest,
+    # one ordinary step: which collectives does the pruner's hook issue? (patched at the torch.distributed level)
+    calls = []
+    patched = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "all_gather_into_tensor",
+                                                      "broadcast", "reduce_scatter_tensor")}
+
+    def spy(name):
+        def call(tensor, *args, **kwargs):
+            t = tensor if isinstance(tensor, torch.Tensor) else args[0]
+            calls.append((name, t.numel() * t.element_size()))
+            return patched[name](tensor, *args, **kwargs)
+        return call
+
+    set_grads(model, gen, 3)
+    for name in patched:
+        setattr(dist, name, spy(name))
+    update_biggest, Largest.biggest = Largest.biggest, 0
+    try:
+        with Largest():
+            pruner.before_optimizer_step()
+            pruner.after_optimizer_step()
+    finally:
+        for name, fn in patched.items():
+            setattr(dist, name, fn)
+    return {"hook_collectives": calls, "hook_largest_numel": Largest.biggest, "largest_numel": update_biggest,
             "largest_local": max(m.numel() for m in pruner.pruned),
             "smallest_global": min(t.numel for t in pruner.targets)}
 

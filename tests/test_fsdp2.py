@@ -131,6 +131,9 @@ def test_no_rank_materialises_all_scores_or_a_full_mask(tmp_path):
         # the biggest tensor any op created during a mask update (the radix histogram, 2**20 counts) is smaller
         # than any whole target: a gathered score vector or a full-size mask would be at least that big
         assert r["largest_numel"] < r["smallest_global"], r
+        # the per-step hook: one 8-byte all-reduce (the skipped-step agreement), no gather of anything
+        assert r["hook_collectives"] == [["all_reduce", 8]], r["hook_collectives"]
+        assert r["hook_largest_numel"] <= r["largest_local"]  # the hook touches local shards only
 
 
 @pytest.mark.slow
