@@ -37,10 +37,20 @@ def tiny_llama(seed=0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**kwargs))
 
 
+def uneven(seed=0):
+    """Row counts FSDP2 splits unevenly: 3 rows on 4 ranks leaves rank 3 none; 70 rows give 18, 18, 18, 16."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Linear(32, 3), nn.Linear(32, 70), nn.Linear(64, 32)])
+    return model
+
+
 def shard(model):
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.model.layers:
+    for layer in model.model.layers if hasattr(model, "model") else model.layers:
         fully_shard(layer)
     fully_shard(model)
     return model
@@ -101,7 +111,8 @@ def figures(report):
 
 
 def run_pair(case, rank, resume_dir=None):
-    ref_model, model = tiny_llama(), shard(tiny_llama())
+    build = uneven if case == "uneven" else tiny_llama
+    ref_model, model = build(), shard(build())
     ref = Pruner(ref_model, config(case))
     pruner = Pruner(model, config(case))
     ref_opt, opt = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref_model, model))

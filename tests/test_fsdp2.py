@@ -116,8 +116,11 @@ def test_finalize_full_state_dict_loads_with_vanilla_from_pretrained(two_ranks):
 @pytest.mark.slow
 def test_four_ranks_and_resume_resharded_from_two(two_ranks, tmp_path):
     _, _, dcp = two_ranks
-    results = launch(tmp_path, ["global", "nm", "resume_from"], nproc=4, extra=dcp)
+    results = launch(tmp_path, ["global", "nm", "uneven", "resume_from"], nproc=4, extra=dcp)
     assert_same_as_reference(results["global"])
+    assert_same_as_reference(results["uneven"])  # a rank holding no rows of a target, uneven row blocks
+    assert [r["local_shapes"]["layers.0"] for r in results["uneven"]] == [[1, 32], [1, 32], [1, 32], [0, 32]]
+    assert [r["local_shapes"]["layers.1"][0] for r in results["uneven"]] == [18, 18, 18, 16]
     assert_same_as_reference(results["nm"])
     assert all(r["local_shapes"]["model.layers.0.mlp.up_proj"] == [24, 32] for r in results["global"])
     for r in results["resume_from"]:  # DCP resharded the 2-rank masks and EMAs into 4 ranks
