@@ -64,6 +64,8 @@ def config(case):
         return PruningConfig(granularity="2:4", **common)
     if case == "ffn":
         return PruningConfig(granularity="ffn_neurons", final_sparsity=0.5, **common)
+    if case == "heads":
+        return PruningConfig(granularity="attention_heads", final_sparsity=0.5, **common)
     return PruningConfig(final_sparsity=0.6, min_layer_sparsity=0.3, max_layer_sparsity=0.75, **common)
 
 
@@ -111,7 +113,7 @@ def figures(report):
 
 
 def run_pair(case, rank, resume_dir=None):
-    build = uneven if case == "uneven" else tiny_llama
+    build = {"uneven": uneven, "heads": lambda: tiny_llama(num_key_value_heads=2)}.get(case, tiny_llama)
     ref_model, model = build(), shard(build())
     ref = Pruner(ref_model, config(case))
     pruner = Pruner(model, config(case))
@@ -134,7 +136,7 @@ def run_pair(case, rank, resume_dir=None):
     result["masks_local"] = not pruner.groups[0].granularity.elementwise or all(tuple(m.shape) == tuple(local(t.param).shape) for t, m in zip(pruner.targets, pruner.pruned))
     result["saliency_bytes"] = sum(b.numel() * b.element_size() for bufs in pruner.saliency.buffers.values() for b in bufs)
     result["mask_bytes"] = sum(m.numel() for m in pruner.pruned)
-    if case == "ffn":
+    if case in ("ffn", "heads"):
         result["kept_per_block"] = pruner.report()["groups"][0]["kept_per_block"]
     if case == "nm":
         kept = torch.cat([(~m).reshape(-1, 4).sum(-1) for m in pruner.pruned])

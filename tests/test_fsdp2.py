@@ -116,7 +116,9 @@ def test_finalize_full_state_dict_loads_with_vanilla_from_pretrained(two_ranks):
 @pytest.mark.slow
 def test_four_ranks_and_resume_resharded_from_two(two_ranks, tmp_path):
     _, _, dcp = two_ranks
-    results = launch(tmp_path, ["global", "nm", "uneven", "resume_from"], nproc=4, extra=dcp)
+    results = launch(tmp_path, ["global", "nm", "uneven", "heads", "resume_from"], nproc=4, extra=dcp)
+    assert_same_as_reference(results["heads"])  # KV groups of 16 rows split over ranks holding 8 rows each
+    assert all(r["kept_per_block"] == {"model.layers.0": 1, "model.layers.1": 1} for r in results["heads"])
     assert_same_as_reference(results["global"])
     assert_same_as_reference(results["uneven"])  # a rank holding no rows of a target, uneven row blocks
     assert [r["local_shapes"]["layers.0"] for r in results["uneven"]] == [[1, 32], [1, 32], [1, 32], [0, 32]]
