@@ -92,11 +92,13 @@ def load_sharded_state(pruner: "Pruner", directory: Union[str, os.PathLike]) -> 
     meta = json.loads(path.read_text())
     buffers = meta.pop("saliency_buffers")
     live = _tensors(pruner)
+    if meta.get("finalized"):  # a finalized pruner saved no saliency buffers
+        live = {k: v for k, v in live.items() if k.startswith("masks/")}
     holders = {k: v.clone() if not is_sharded(v) else _like(local(v).clone(), v) for k, v in live.items()}
     dcp.load(holders, checkpoint_id=str(directory))
     tensors = {k: local(v) for k, v in holders.items()}
     state = dict(meta)
     state["masks"] = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("masks/")}
     state["saliency"] = {b: {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"saliency/{b}/")}
-                         for b in buffers}
+                         for b in buffers if not meta.get("finalized")}
     load_pruner_state(pruner, state)

@@ -102,7 +102,9 @@ def check_shardable(named_params: Sequence[tuple[str, torch.Tensor]]) -> None:
             f"{_preview(offenders, 4)}. Supported: whole tensors (single process, DDP) and FSDP2 "
             "(fully_shard: DTensor Shard(0) on a 1-D mesh); DeepSpeed ZeRO-3 and tensor parallelism are refused."
         )
-    meshes = {id(p.device_mesh): p.device_mesh for _, p in named_params if is_sharded(p)}
+    # fully_shard without a mesh argument builds a mesh per call: equal ranks mean one process group
+    meshes = {(p.device_mesh.device_type, tuple(p.device_mesh.mesh.flatten().tolist())) for _, p in named_params
+              if is_sharded(p)}
     if len(meshes) > 1:
         raise ValueError("the targets are sharded over different device meshes; shard the whole model with one mesh")
     if meshes and len(meshes) == 1 and len([p for _, p in named_params if is_sharded(p)]) != len(named_params):
@@ -165,11 +167,6 @@ def layout_of(params: Sequence[torch.Tensor]) -> ShardLayout:
     rows = tuple(_offset_rows(p) if is_sharded(p) else 0 for p in params)
     offsets = tuple(r * math.prod(p.shape[1:]) for r, p in zip(rows, params))
     return ShardLayout(tuple(p.numel() for p in params), offsets, reducer, True, rows)
-
-
-def reducer_of(params: Sequence[torch.Tensor]):
-    """The reducer for decisions every rank must take alike (the identity for whole tensors)."""
-    return layout_of(params).reducer
 
 
 def local_bytes(tensors: Sequence[torch.Tensor]) -> int:

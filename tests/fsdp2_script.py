@@ -37,10 +37,20 @@ def tiny_llama(seed=0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**kwargs))
 
 
+def uneven(seed=0):
+    """Row counts FSDP2 splits unevenly: 3 rows on 4 ranks leaves rank 3 none; 70 rows give 18, 18, 18, 16."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Linear(32, 3), nn.Linear(32, 70), nn.Linear(64, 32)])
+    return model
+
+
 def shard(model):
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.model.layers:
+    for layer in model.model.layers if hasattr(model, "model") else model.layers:
         fully_shard(layer)
     fully_shard(model)
     return model
@@ -54,6 +64,8 @@ def config(case):
         return PruningConfig(granularity="2:4", **common)
     if case == "ffn":
         return PruningConfig(granularity="ffn_neurons", final_sparsity=0.5, **common)
+    if case == "heads":
+        return PruningConfig(granularity="attention_heads", final_sparsity=0.5, **common)
     return PruningConfig(final_sparsity=0.6, min_layer_sparsity=0.3, max_layer_sparsity=0.75, **common)
 
 
@@ -101,7 +113,8 @@ def figures(report):
 
 
 def run_pair(case, rank, resume_dir=None):
-    ref_model, model = tiny_llama(), shard(tiny_llama())
+    build = {"uneven": uneven, "heads": lambda: tiny_llama(num_key_value_heads=2)}.get(case, tiny_llama)
+    ref_model, model = build(), shard(build())
     ref = Pruner(ref_model, config(case))
     pruner = Pruner(model, config(case))
     ref_opt, opt = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref_model, model))
@@ -123,7 +136,7 @@ def run_pair(case, rank, resume_dir=None):
     result["masks_local"] = not pruner.groups[0].granularity.elementwise or all(tuple(m.shape) == tuple(local(t.param).shape) for t, m in zip(pruner.targets, pruner.pruned))
     result["saliency_bytes"] = sum(b.numel() * b.element_size() for bufs in pruner.saliency.buffers.values() for b in bufs)
     result["mask_bytes"] = sum(m.numel() for m in pruner.pruned)
-    if case == "ffn":
+    if case in ("ffn", "heads"):
         result["kept_per_block"] = pruner.report()["groups"][0]["kept_per_block"]
     if case == "nm":
         kept = torch.cat([(~m).reshape(-1, 4).sum(-1) for m in pruner.pruned])
@@ -209,9 +222,61 @@ def largest_allocation(rank):
         opt.step()
     with Largest():
         pruner.update_masks(0.5)
-    return {"largest_numel": Largest.biggest,
+    # one ordinary step: which collectives does the pruner's hook issue? (patched at the torch.distributed level)
+    calls = []
+    patched = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "all_gather_into_tensor",
+                                                      "broadcast", "reduce_scatter_tensor")}
+
+    def spy(name):
+        def call(tensor, *args, **kwargs):
+            t = tensor if isinstance(tensor, torch.Tensor) else args[0]
+            calls.append((name, t.numel() * t.element_size()))
+            return patched[name](tensor, *args, **kwargs)
+        return call
+
+    set_grads(model, gen, 3)
+    for name in patched:
+        setattr(dist, name, spy(name))
+    update_biggest, Largest.biggest = Largest.biggest, 0
+    try:
+        with Largest():
+            pruner.before_optimizer_step()
+            pruner.after_optimizer_step()
+    finally:
+        for name, fn in patched.items():
+            setattr(dist, name, fn)
+    return {"hook_collectives": calls, "hook_largest_numel": Largest.biggest, "largest_numel": update_biggest,
             "largest_local": max(m.numel() for m in pruner.pruned),
             "smallest_global": min(t.numel for t in pruner.targets)}
+
+
+def guarded(rank):
+    """The accuracy guard on a sharded pruner: a fake metric that breaks above 40% sparsity makes it hold and
+    roll back; decisions and masks must match the single-process reference."""
+    from prune_callbacks.guard.controller import add_guards
+
+    def metric(pruner):
+        return 0.9 if pruner.mask_sparsity <= 0.4 + 1e-9 else 0.5
+
+    cfg = PruningConfig(final_sparsity=0.8, start_step=1, end_step=STEPS, update_every=1, schedule="linear",
+                        sync_masks=False, accuracy_guard={"metric": "acc", "max_drop": 0.01, "every": 2, "patience": 1})
+    ref_model, model = tiny_llama(), shard(tiny_llama())
+    ref, pruner = Pruner(ref_model, cfg, total_steps=STEPS), Pruner(model, cfg, total_steps=STEPS)
+    guards = [add_guards(p)[0] for p in (ref, pruner)]
+    for g, p in zip(guards, (ref, pruner)):
+        g.set_baseline(metric(p))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref_model, model)]
+    gens = [torch.Generator().manual_seed(1) for _ in range(2)]
+    updates = []
+    for step in range(1, STEPS + 1):
+        for m, p, o, g, guard in zip((ref_model, model), (ref, pruner), opts, gens, guards):
+            elementwise_step(m, p, o, g, step)
+            if step % 2 == 0:
+                guard.report_metric(metric(p), step)
+        updates.append({"step": step, "equal": compare(ref, pruner)})
+    decisions = [{k: v for k, v in g.report().items() if k != "snapshot_bytes"} for g in guards]
+    return {"updates": updates, "ref": figures(ref.report()), "sharded": figures(pruner.report()),
+            "guard_equal": decisions[0] == decisions[1], "guard": decisions[1]}
 
 
 def refusals(rank):
@@ -259,7 +324,9 @@ def main(out, cases, extra=None):
 
 
 def run_case(out, case, rank, extra):
-    if case == "refusals":
+    if case == "guard":
+        result = guarded(rank)
+    elif case == "refusals":
         result = refusals(rank)
     elif case == "attach":
         result = attach_loop(rank)

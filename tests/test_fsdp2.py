@@ -39,7 +39,7 @@ def assert_same_as_reference(ranks, n_updates=4):
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2_2")
     dcp = out / "dcp"
-    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume", "refusals"], nproc=2, extra=dcp), dcp
+    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume", "refusals", "guard"], nproc=2, extra=dcp), dcp
 
 
 @pytest.mark.slow
@@ -105,13 +105,24 @@ def test_finalize_full_state_dict_loads_with_vanilla_from_pretrained(two_ranks):
     modules = dict(model.named_modules())
     for name, mask in ref.items():
         assert torch.equal(modules[name].weight == 0, mask), name
+    # the compressed checkpoint is written from the gathered model, and reads back bitwise
+    from prune_callbacks.sparse_io import load_sparse, save_sparse
+
+    save_sparse(model, out / "sparse")
+    back = dict(load_sparse(out / "sparse").named_parameters())
+    assert all(torch.equal(back[n], p) for n, p in model.named_parameters())
 
 
 @pytest.mark.slow
 def test_four_ranks_and_resume_resharded_from_two(two_ranks, tmp_path):
     _, _, dcp = two_ranks
-    results = launch(tmp_path, ["global", "nm", "resume_from"], nproc=4, extra=dcp)
+    results = launch(tmp_path, ["global", "nm", "uneven", "heads", "resume_from"], nproc=4, extra=dcp)
+    assert_same_as_reference(results["heads"])  # KV groups of 16 rows split over ranks holding 8 rows each
+    assert all(r["kept_per_block"] == {"model.layers.0": 1, "model.layers.1": 1} for r in results["heads"])
     assert_same_as_reference(results["global"])
+    assert_same_as_reference(results["uneven"])  # a rank holding no rows of a target, uneven row blocks
+    assert [r["local_shapes"]["layers.0"] for r in results["uneven"]] == [[1, 32], [1, 32], [1, 32], [0, 32]]
+    assert [r["local_shapes"]["layers.1"][0] for r in results["uneven"]] == [18, 18, 18, 16]
     assert_same_as_reference(results["nm"])
     assert all(r["local_shapes"]["model.layers.0.mlp.up_proj"] == [24, 32] for r in results["global"])
     for r in results["resume_from"]:  # DCP resharded the 2-rank masks and EMAs into 4 ranks
@@ -125,6 +136,9 @@ def test_no_rank_materialises_all_scores_or_a_full_mask(tmp_path):
         # the biggest tensor any op created during a mask update (the radix histogram, 2**20 counts) is smaller
         # than any whole target: a gathered score vector or a full-size mask would be at least that big
         assert r["largest_numel"] < r["smallest_global"], r
+        # the per-step hook: one 8-byte all-reduce (the skipped-step agreement), no gather of anything
+        assert r["hook_collectives"] == [["all_reduce", 8]], r["hook_collectives"]
+        assert r["hook_largest_numel"] <= r["largest_local"]  # the hook touches local shards only
 
 
 @pytest.mark.slow
@@ -154,3 +168,13 @@ def test_benchmark_smoke(tmp_path):
     assert one["pruned_params"] == two["pruned_params"]  # exact count, sharded or not
     assert one["collective_bytes_per_update"] == 0 < two["collective_bytes_per_update"]
     assert two["pruning_bytes_per_rank"] * 2 == one["pruning_bytes_per_rank"]  # the local shard's share
+
+
+@pytest.mark.slow
+def test_accuracy_guard_decides_and_rolls_back_like_a_single_process(two_ranks):
+    _, results, _ = two_ranks
+    for r in results["guard"]:
+        assert_same_as_reference([r], n_updates=8)  # masks after every step, rollback included
+        assert r["guard_equal"]
+        assert [t["decision"] for t in r["guard"]["trajectory"]] == ["baseline", "continue", "continue", "rollback",
+                                                                      "continue"]

@@ -32,6 +32,10 @@ when slimming, and the width counts are per block, so the remaining blocks are
 uniform. ``report()`` gives units kept per block. After training,
 :func:`prune_callbacks.structured.slim_pruned` cuts the units out.
 
+* **FSDP2** (:mod:`prune_callbacks.sharding`): each rank sums the scores of its rows per unit
+  (a unit's rows may straddle two ranks), one all-reduce per update adds the partial sums, so every
+  rank selects the same units; masks are applied to the local rows. ``blocks`` is refused.
+
 Note for the sparsity report: rows are per spanned weight; two groups spanning the
 same weight (FFN neurons + blocks) both count it.
 """
@@ -45,6 +49,7 @@ import torch
 from ..config_errors import PruningConfigError
 from ..registry import register_granularity
 from ..report import zero_count
+from ..sharding import local
 from ..structured.masking import skip_block, zero_units
 from ..structured.units import StructuredUnitsError, block_layout, unit_map
 from ..targets import Target, is_linear_like, is_transposed
@@ -111,7 +116,7 @@ class StructuredUnits(Granularity):
     def _local(self, span):
         """``(tensor, first global row)`` of ``span``'s parameter as this rank holds it (see ``zero_units``)."""
         i = self._index[id(span.param)]
-        return self.params[i], self.layout.rows[i]
+        return local(self.sources[i]), self.layout.rows[i]
 
     def _span_sums(self, span, score: torch.Tensor, n_units: int, first: int) -> torch.Tensor:
         """Per unit, the sum of ``score`` (this rank's rows of ``span``'s parameter) over the unit's slices."""

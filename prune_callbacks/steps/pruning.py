@@ -19,7 +19,7 @@ from ..config import PruningConfig
 from ..distributed import broadcast_masks
 from ..registry import GRANULARITIES, SALIENCIES
 from ..saliency import all_finite, gradient_products, make_saliency
-from ..sharding import check_shardable, local_bytes
+from ..sharding import check_shardable, is_sharded, local_bytes
 from ..targets import drop_frozen, find_targets
 from .base import StepComponent
 
@@ -66,7 +66,7 @@ class PruningGroup(StepComponent):
 
     def _check_sharding(self, granularity) -> None:
         """Refuse what is not built for FSDP2 shards yet, naming it (before any buffer is allocated)."""
-        if not any(getattr(t.param, "device_mesh", None) is not None for t in self.targets):
+        if not any(is_sharded(t.param) for t in self.targets):
             return
         if not granularity.supports_sharding:
             raise NotImplementedError(
