@@ -186,7 +186,7 @@ def _user_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     from .config import PruningConfigError
     from .recipe.errors import FinalSaveError, RecipeError
     from .recipe.weights import WeightsError
-    from .state_compat import PruningStateError
+    from .pruner_state import PruningStateError
 
     # OSError: missing / unreadable files, a full disk, a read-only output directory
     environment: tuple[type, ...] = (AssetNotInstalledError, WeightsError, PruningStateError, FinalSaveError, OSError)

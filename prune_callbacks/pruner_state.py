@@ -4,17 +4,21 @@
 `STATE_VERSION`): the first group's masks and saliency buffers are keyed by target name (the
 original single-config layout), further groups' by ``group<i>/<name>`` (`group_key`); per-group
 counters and schedules are in ``groups``. :mod:`.state_io` writes this dict to disk and reads it
-back; :mod:`.state_compat` decides whether a saved one can be resumed by a given pruner.
+back; `check_resumable` decides whether a saved one can be resumed by a given pruner (refuse what
+cannot, warn what changed).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .pruner import Pruner
     from .steps.pruning import PruningGroup
+
+logger = logging.getLogger("prune_callbacks.pruner")
 
 STATE_VERSION = 1
 _OTHER_GROUP = re.compile(r"group\d+/")
@@ -73,9 +77,8 @@ def pruner_state_dict(pruner: "Pruner") -> dict:
 
 def load_pruner_state(pruner: "Pruner", state: dict) -> None:
     """Restore a `pruner_state_dict` into ``pruner`` (call under ``torch.no_grad()``): refuses a state
-    that cannot be resumed (:func:`.state_compat.check_resumable`), applies the masks, and finalizes
+    that cannot be resumed (`check_resumable`), applies the masks, and finalizes
     the pruner if the state was written by a finalized one."""
-    from .state_compat import check_resumable
 
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"pruning state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
@@ -104,3 +107,47 @@ def load_pruner_state(pruner: "Pruner", state: dict) -> None:
     pruner.apply_masks()
     if state.get("finalized"):
         pruner.finalize()
+
+
+#: config fields whose change makes saved buffers / masks meaningless for this run
+_FATAL = ("saliency", "granularity")
+#: fields that change *what* is pruned: resuming would mix two runs silently
+_TARGETING = ("include", "exclude")
+
+
+class PruningStateError(ValueError):
+    """A saved pruning state that this pruner cannot resume (other targets, saliency, granularity, ...)."""
+
+
+def check_resumable(pruner, state: dict, groups_state: list) -> None:
+    problems = []
+    if len(groups_state) != len(pruner.groups):
+        problems.append(f"it holds {len(groups_state)} pruning config(s), this pruner has {len(pruner.groups)}")
+    names = [t.name for t in pruner.targets]
+    if list(state.get("targets", [])) != names:
+        missing = sorted(set(names) - set(state.get("targets", [])))
+        extra = sorted(set(state.get("targets", [])) - set(names))
+        problems.append(
+            "it was saved for other targets: "
+            f"missing from the state: {missing[:5] or 'none'}; unknown to this model: {extra[:5] or 'none'}"
+        )
+    changed = []
+    for i, (g, saved) in enumerate(zip(pruner.groups, groups_state)):
+        old, new = saved.get("config", {}), g.config.model_dump(mode="json")
+        where = f"config {i}: " if len(pruner.groups) > 1 else ""
+        for field in _FATAL:
+            before = old.get(field, "unstructured" if field == "granularity" else None)
+            if before != new[field]:
+                problems.append(f"{where}it was written with {field}={before!r}, this config has {field}={new[field]!r}")
+        changed += [f"{where}{k}: {old[k]!r} -> {new[k]!r}" for k in new if k in old and k not in _FATAL and old[k] != new[k]]
+    if not problems:
+        for i, g in enumerate(pruner.groups):
+            for name, mask in zip(g.granularity.mask_names, g.masks):
+                key = group_key(i, name)
+                saved = state["masks"].get(key)
+                if saved is None or tuple(saved.shape) != tuple(mask.shape):
+                    problems.append(f"pruning state masks are missing or have the wrong shape for: {key}")
+    if problems:
+        raise PruningStateError("this pruning state cannot be resumed: " + "; ".join(problems))
+    if changed:
+        logger.warning("prune_callbacks: resuming a pruning state with changed config fields: %s", "; ".join(changed))

@@ -35,7 +35,7 @@ def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), ca
     from ..recipe.loading import apply_overrides, load_recipe, parse_set
     from ..recipe.yaml_reading import read_yaml
     from ..recipe.models import load_model
-    from ..recipe.workflow import quiet_transformers
+    from ..recipe.models import quiet_transformers
     from .plots import write_plots
     from .report import write_json, write_markdown
     from .run import analyze

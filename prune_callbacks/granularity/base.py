@@ -48,17 +48,18 @@ no shared code:
   are saved inside the pruner's state, so resume is exact for a granularity
   that keeps more than masks;
 * **counts**: ``counts()`` (above);
-* **export**: ``exporter()`` returns the function that turns the finalized
-  groups of this kind into their exported form (structured: cut the units out;
-  low rank: two thin Linears); groups with the same exporter are exported
-  together by :func:`prune_callbacks.export.export_pruned`;
+* **export**: ``export_as`` names the export that turns the finalized groups of
+  this kind into their exported form (structured: ``"slim"``, cut the units out;
+  low rank: ``"low_rank"``, two thin Linears); groups with the same export are
+  exported together by :func:`prune_callbacks.export.export_pruned`, which
+  holds the name -> function table (`register_export` adds one);
 * **overlap**: ``weight_access`` says how ``apply`` constrains a weight;
   `may_share` is the one rule for two groups targeting the same weight.
 """
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -82,6 +83,9 @@ class Granularity:
     Settings: ClassVar[Optional[type[BaseModel]]] = None
     #: the saliency it scores with whatever the config names (None: the config's ``saliency``)
     own_saliency: ClassVar[Optional[str]] = None
+    #: the export its finalized groups get: a name in `prune_callbacks.export.EXPORTS` ("slim", "low_rank"),
+    #: registered there (the export layer sits above the methods); None: the masks, as zeros, are the result
+    export_as: ClassVar[Optional[str]] = None
     #: how ``apply`` constrains a weight: "elements" (its own positions zeroed), "units" (slices zeroed;
     #: composes with other zeroing), "subspace" (the whole weight projected); see `may_share`
     weight_access: ClassVar[str] = "elements"
@@ -204,11 +208,6 @@ class Granularity:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a `state_dict` (called after the masks are restored)."""
-
-    def exporter(self) -> Optional[Callable]:
-        """``fn(model, [granularities]) -> summary`` turning finalized groups of this kind into their exported
-        form (groups with the same function are exported together), or None: the masks are the result."""
-        return None
 
     def select(self, scores: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
         """New masks for ``sparsity``: a superset of ``self.masks`` (already-pruned positions stay pruned)."""

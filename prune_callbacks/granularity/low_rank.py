@@ -116,6 +116,7 @@ class LowRank(Granularity):
     name = "low_rank"
     elementwise = False
     weight_access = "subspace"
+    export_as = "low_rank"  # two thin Linears (prune_callbacks.low_rank.factorize.factorize_granularities)
     own_saliency = "magnitude"  # no per-weight buffers: directions are ranked by the Fisher statistic below
     Settings = LowRankSettings
 
@@ -307,8 +308,3 @@ class LowRank(Granularity):
                 "ranks": {t.name: r for t, r in zip(self.targets, self.ranks)},
                 "max_ranks": {t.name: max_rank(*t.param.shape) for t in self.targets}}
 
-    def exporter(self):
-        """Replace each factorised target by two Linears (:func:`prune_callbacks.low_rank.factorize.factorize_granularities`)."""
-        from ..low_rank.factorize import factorize_granularities
-
-        return factorize_granularities

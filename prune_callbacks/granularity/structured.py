@@ -64,6 +64,7 @@ class StructuredUnits(Granularity):
     elementwise = False
     config_fields = frozenset({"units"})
     weight_access = "units"
+    export_as = "slim"  # cut the units out (prune_callbacks.structured.pruned.slim_granularities)
     supports_sharding = True  # FSDP2: partial unit sums on local rows, one all-reduce per update
 
     def __init__(self, config, targets, model=None, *args: str):
@@ -199,12 +200,6 @@ class StructuredUnits(Granularity):
         mine = {g.mask_name: ~m.cpu() for g, m in zip(self.groups, self.masks)}
         return [mine.get(g.mask_name, torch.ones(g.n_units, dtype=torch.bool))
                 for g in unit_map(self.model, self.kind, family=self.family)]
-
-    def exporter(self):
-        """Cut the removed units out (:func:`prune_callbacks.structured.pruned.slim_granularities`)."""
-        from ..structured.pruned import slim_granularities
-
-        return slim_granularities
 
     # ------------------------------------------------------------ reporting
     def counts(self, measured: bool = False):

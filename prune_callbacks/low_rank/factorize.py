@@ -58,7 +58,7 @@ def _bytes(model: nn.Module) -> int:
 
 @torch.no_grad()
 def factorize_granularities(model: nn.Module, granularities) -> dict:
-    """The low-rank exporter (`Granularity.exporter`): replace each target below break-even by a `LowRankLinear`.
+    """The ``"low_rank"`` export (`prune_callbacks.export.EXPORTS`): replace each target below break-even by a `LowRankLinear`.
 
     Returns ``params_before/after``, ``bytes_before/after`` (the model's parameters, tied ones once)
     and ``ranks`` (module name -> rank) of the replaced modules.

@@ -6,6 +6,7 @@ hub repo id goes through ``AutoModelFor...from_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 from .errors import RecipeError
@@ -69,3 +70,16 @@ def max_positions(model, tokenizer) -> Optional[int]:
     limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     limits = [x for x in limits if isinstance(x, int) and 0 < x < 10**7]
     return min(limits) if limits else None
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide load-time chatter (e.g. the expected 'newly initialized classifier' report); progress bars stay."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)

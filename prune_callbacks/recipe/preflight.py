@@ -61,7 +61,7 @@ def _check(recipe: Recipe, load_model: bool) -> Preflight:
         check_resume_state(pre.plan.resume_from)
     if load_model or recipe.data.source != "hub":
         from .data import load_data
-        from .workflow import quiet_transformers
+        from .models import quiet_transformers
 
         with quiet_transformers():
             pre.train_raw, pre.eval_raw, pre.label_names, pre.label_map = load_data(recipe, seed_of(recipe))
@@ -71,7 +71,7 @@ def _check(recipe: Recipe, load_model: bool) -> Preflight:
     if load_model:
         from .models import load_model as _load
 
-        from .workflow import quiet_transformers
+        from .models import quiet_transformers
 
         with quiet_transformers():
             pre.model, pre.tokenizer = _load(recipe, pre.label_names)
@@ -98,7 +98,7 @@ def check_callbacks(recipe: Recipe) -> None:
 def check_guard_metrics(recipe: Recipe) -> None:
     """Every ``accuracy_guard.metric`` is a key the run's evaluation returns (else it would fail only at the
     guard's first evaluation, after the dense phase)."""
-    from .workflow import evaluation_keys
+    from .evaluation import evaluation_keys
 
     keys = evaluation_keys(recipe)
     many = isinstance(recipe.pruning, list)

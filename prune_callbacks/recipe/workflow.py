@@ -9,7 +9,6 @@ validated `Recipe` to data, model, ``TrainingArguments`` and ``Trainer``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import FinalSaveError, RecipeError
+from .evaluation import final_evaluation, make_compute_metrics
 from .loading import recipe_to_yaml
 from .schema import Recipe
 
@@ -28,57 +28,6 @@ class RunResult:
     output_dir: Path
     report: dict
     summary: str
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Hide load-time chatter (e.g. the expected 'newly initialized classifier' report); progress bars stay."""
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
-
-
-def make_compute_metrics(recipe: Recipe, num_labels: Optional[int]):
-    """``compute_metrics`` for classification (argmax of the logits); None for causal-lm (perplexity
-    comes from the eval loss, so no logits are gathered)."""
-    if recipe.task != "sequence-classification":
-        return None
-    from ..assets import load_metric
-
-    modules = {name: load_metric(name) for name in recipe.metrics}
-
-    def compute(eval_pred) -> dict:
-        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-        predictions = logits.argmax(-1)
-        out = {}
-        for name, module in modules.items():
-            kwargs = {"average": "macro"} if name == "f1" and (num_labels or 2) > 2 else {}
-            out.update(module.compute(predictions=predictions, references=eval_pred.label_ids, **kwargs))
-        return out
-
-    return compute
-
-
-def evaluation_keys(recipe: Recipe) -> list[str]:
-    """The metric keys ``trainer.evaluate()`` returns in a recipe run (besides its timing figures): the loss, and
-    for classification one key per metric of ``make_compute_metrics`` (each metric module returns its own name)."""
-    return ["eval_loss", *(f"eval_{name}" for name in recipe.metrics if recipe.task == "sequence-classification")]
-
-
-def final_evaluation(trainer, log_history: list[dict]) -> dict:
-    """Metrics of the pruned model: the evaluation Trainer ran at the last step if there was one (the
-    weights are the same: finalizing only re-applies the masks), else a fresh ``evaluate()``."""
-    last = next((e for e in reversed(log_history) if "eval_loss" in e), None)
-    if last is not None and last.get("step") == trainer.state.global_step:
-        metrics = dict(last)
-    else:
-        metrics = trainer.evaluate(metric_key_prefix="eval")
-    return metrics  # perplexity (causal-lm) is added from the loss by artifacts
 
 
 def training_defaults(recipe: Recipe) -> dict:

@@ -25,7 +25,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from .families import Family
+from .families import Family, StructuredUnitsError
 
 CONFIG_KEYS = ("ffn", "heads", "kv_heads", "head_dim", "hidden", "layers")
 
@@ -112,7 +112,6 @@ def _preview(names, n: int = 8) -> str:
 def check_family(family: Family, modules: dict[str, nn.Module]) -> None:
     """Raise `StructuredUnitsError` naming the pattern of ``family`` that matches nothing in ``modules`` (block
     lists, then the modules of the first block) or the shapes that disagree."""
-    from .units import StructuredUnitsError
 
     lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) > 0]
     stacks = [n for n in lists if any(re.fullmatch(p, n) for p in family.stacks)]
@@ -147,7 +146,6 @@ def _features(module: nn.Module, output_side: bool) -> Optional[int]:
 
 
 def _check_shapes(family: Family, modules, block: str, rel: list[str]) -> None:
-    from .units import StructuredUnitsError
 
     def find(pattern):
         return [n for n in rel if re.fullmatch(pattern, n)]

@@ -33,7 +33,7 @@ A `Family` says, declaratively, where a model keeps its structured units:
 (:mod:`.slim`) and the analysis (:mod:`prune_callbacks.analysis.architecture`) read; a
 user's own model brings its own entry (:mod:`.description`). Pure data: no torch, no
 transformers. A new architecture is a new row here plus a case in
-:mod:`.support_matrix` (the test and the docs table follow).
+:mod:`tests/support_matrix.py` (the test and the docs table follow).
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Optional
+
+
+
+class StructuredUnitsError(ValueError):
+    """A model or unit kind that structured pruning cannot describe or cut."""
+
 
 #: module attributes (on the attention module) that count query heads / KV heads / hold heads * head size
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")

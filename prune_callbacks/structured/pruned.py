@@ -19,8 +19,8 @@ from .units import StructuredUnitsError
 
 
 def _slimmed(pruner) -> list:
-    """``pruner``'s granularities whose export is slimming (they name `slim_granularities` as exporter)."""
-    return [g.granularity for g in pruner.groups if g.granularity.exporter() is slim_granularities]
+    """``pruner``'s granularities whose export is slimming (``export_as == "slim"``)."""
+    return [g.granularity for g in pruner.groups if g.granularity.export_as == "slim"]
 
 
 def structured_keep(pruner) -> dict:
@@ -73,5 +73,5 @@ def slim_pruned(model: nn.Module, pruner) -> dict:
 
 @torch.no_grad()
 def slim_granularities(model: nn.Module, granularities) -> dict:
-    """The structured exporter (`Granularity.exporter`): `slim` ``model`` by these finalized groups' keep."""
+    """The ``"slim"`` export (`prune_callbacks.export.EXPORTS`): `slim` ``model`` by these finalized groups' keep."""
     return slim(model, _keep_of(granularities), family=_family_of(granularities))

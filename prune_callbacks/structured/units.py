@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..targets import is_transposed, unwrap_model
-from .families import FAMILIES, Family
+from .families import FAMILIES, Family, StructuredUnitsError
 
 WIDTH_KINDS = ("ffn_neurons", "attention_heads")
 #: the structured unit kinds (the one list: granularities, slim's keep and the analysis read it)
@@ -47,10 +47,6 @@ KINDS = (*WIDTH_KINDS, "blocks")
 
 __all__ = ["KINDS", "WIDTH_KINDS", "BlockLayout", "Segment", "Span", "StructuredUnitsError", "UnitGroup",
            "block_layout", "head_geometry", "is_transposed", "unit_map"]
-
-
-class StructuredUnitsError(ValueError):
-    """A model or unit kind that structured pruning cannot describe or cut."""
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def save_state(pruner: Any, args: Any, state: Any) -> Optional[str]:
 
 def read_state(path: "str | os.PathLike", device="cpu") -> dict:
     """`load_state_file`, with a damaged file named and the remedy given (`PruningStateError`)."""
-    from ...state_compat import PruningStateError
+    from ...pruner_state import PruningStateError
 
     try:
         return load_state_file(path, device=device)

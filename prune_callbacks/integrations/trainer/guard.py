@@ -34,7 +34,7 @@ from ...guard.controller import AccuracyGuard, add_guards, baseline_due, evaluat
 from ...state_io import save_tensors_atomic
 from ..guard_verdict import tell_verdict
 from . import checkpoint as ckpt
-from .callbacks import _TrainerPruningCallback
+from .binding import _TrainerPruningCallback
 from .logs import add_figures
 
 logger = logging.getLogger(__name__)
