@@ -8,8 +8,8 @@ cleaned on the fly (NaN counts as 0, already-pruned weights as ``-inf``, first
 in line) and never copied into one flat buffer: the threshold is found by a
 radix select over the float32 bit patterns, a few passes over the tensors in
 place with one small histogram per pass (:mod:`.selection_radix`). Transient
-memory is a chunk and a histogram; the masks returned are the only full-size
-allocation.
+memory is chunks, histograms and the candidates of the threshold's bin (capped);
+the masks returned are the only full-size allocation.
 
 Sharded scores (the reducer contract). Every histogram and count that is summed
 goes through a :class:`Reducer`: :class:`LocalReducer` (the default, one
@@ -18,15 +18,19 @@ With a process-group reducer, each ``scores[i]`` / ``pruned[i]`` is this
 rank's LOCAL part of target ``i``: a contiguous block of its flattened
 elements, blocks in rank order (FSDP2 shards dim 0 into row blocks: rank ``r``
 holds rows ``[r * ceil(R / W), min(R, (r + 1) * ceil(R / W)))``, possibly
-none). ``global_numels[i]`` is the unsharded target's numel (counts, ``k`` and
-caps use it; checked against the local numels summed over ranks). Every rank
-calls with the same targets in the same order and the same settings; each gets
-back the masks of its own blocks, and the masks concatenated in rank order are
+none), as a plain tensor (e.g. ``DTensor.to_local()``), all on one device.
+``global_numels[i]`` is the unsharded target's numel (counts, ``k`` and caps
+use it; checked against the local numels summed over ranks). Every rank calls
+with the same targets in the same order and the same settings; each gets back
+the masks of its own blocks, and the masks concatenated in rank order are
 bitwise the masks a single process computes from the unsharded scores (ties
 ordered by target, then rank, then local flat index = the global flat index).
-Collectives per call: one small all-reduce for the counts, one per radix pass
-(a histogram of at most 2**20 int64), one for the tie offsets if ties are
-split, one for the pruned counts; per water-filling round with caps.
+Collectives per call: one small all-reduce of the counts; per batch of up to
+16 groups (global scope: one group of all uncapped targets per water-filling
+round, then one per capped target; per-layer scope: one per target) two
+histograms of ``[groups, 65536]`` int32 counts (256 KiB per group) and, if
+tied scores are split, one ``[world_size, targets]`` matrix of tie counts; one
+of the pruned counts per target.
 """
 
 from __future__ import annotations

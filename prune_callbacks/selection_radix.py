@@ -34,7 +34,6 @@ from typing import Optional, Sequence
 
 import torch
 
-INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
 _LOW31 = 0x7FFFFFFF
 #: float32 values per chunk on CPU (fits L2; measured faster than 2**18 and 2**20) and on accelerators
@@ -42,8 +41,10 @@ CHUNK_CPU = 1 << 16
 CHUNK_DEVICE = 1 << 24
 #: above this many tied keys to choose, ``torch.linspace`` is replaced by exact integer arithmetic (see TiePicks)
 LINSPACE_MAX = 1 << 22
-#: groups whose 65536-bin histograms are summed in one all-reduce (16 x 512 KiB)
+#: groups whose 65536-bin histograms are summed in one all-reduce (16 x 256 KiB of int32 counts)
 GROUPS_PER_BATCH = 16
+#: groups smaller than this count in int32 histograms (half the bytes summed across ranks), others in int64
+INT32_COUNTS_BELOW = 1 << 31
 #: candidate keys (in the threshold's top bin) kept with their positions to finish the masks without a third read
 STASH_MAX = 1 << 22
 
@@ -70,7 +71,6 @@ def key_to_float(key: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
-NEG_INF_KEY = int(float_to_key(torch.tensor([float("-inf")]))[0])
 _INF = float("inf")
 
 
@@ -175,8 +175,10 @@ class _Batch:
     more for the masks and once more for the chosen ties.
     """
 
-    def __init__(self, sources, groups, ks, reducer, device, masks=None):
+    def __init__(self, sources, groups, ks, reducer, device, masks=None, numel: int = 1 << 62):
+        """``numel``: the largest group's global numel (int32 histograms below 2**31: half the bytes summed)."""
         self.sources, self.groups, self.ks = sources, groups, ks
+        self.dtype = torch.int32 if numel < INT32_COUNTS_BELOW else torch.int64
         self.reducer, self.device, self.masks = reducer, device, masks
         self.stash = _Stash(device, STASH_MAX) if masks is not None else None
 
@@ -186,7 +188,7 @@ class _Batch:
 
     def thresholds(self) -> list[Threshold]:
         groups, bins = self.groups, 1 << 16
-        hist = torch.zeros(len(groups), bins, dtype=torch.int64, device=self.device)
+        hist = torch.zeros(len(groups), bins, dtype=self.dtype, device=self.device)
         for g, members in enumerate(groups):
             for i in members:
                 for _, _, key in self.sources[i].chunks():
@@ -227,25 +229,30 @@ class _Batch:
 
 def _count(histogram: torch.Tensor, digits: torch.Tensor) -> None:
     """``histogram[d] += 1`` for every digit (no bins-sized temporary, unlike ``bincount``)."""
-    histogram.index_add_(0, digits, _ones(histogram.device).expand(digits.numel()))
+    histogram.index_add_(0, digits, _ones(histogram.device, histogram.dtype).expand(digits.numel()))
 
 
-_ONES: dict[torch.device, torch.Tensor] = {}
+_ONES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _ones(device: torch.device) -> torch.Tensor:
-    if device not in _ONES:
-        _ONES[device] = torch.ones(1, dtype=torch.int64, device=device)
-    return _ONES[device]
+def _ones(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if (device, dtype) not in _ONES:
+        _ONES[device, dtype] = torch.ones(1, dtype=dtype, device=device)
+    return _ONES[device, dtype]
 
 
 def radix_thresholds(sources: Sequence[Source], groups: Sequence[Sequence[int]], ks: Sequence[int], reducer,
-                     device: torch.device) -> list[Threshold]:
-    """The k-th smallest key (``1 <= k <= global numel``) of each group of sources (two passes per batch)."""
+                     device: torch.device, numels: Optional[Sequence[int]] = None) -> list[Threshold]:
+    """The k-th smallest key (``1 <= k <= global numel``) of each group of sources (two passes per batch).
+
+    ``numels``: every source's global numel (default: the local numels, right on one process).
+    """
+    numels = [s.numel for s in sources] if numels is None else numels
     found: list[Threshold] = []
     for b in range(0, len(groups), GROUPS_PER_BATCH):
-        found += _Batch(sources, groups[b:b + GROUPS_PER_BATCH], ks[b:b + GROUPS_PER_BATCH], reducer,
-                        device).thresholds()
+        batch = groups[b:b + GROUPS_PER_BATCH]
+        numel = max(sum(numels[i] for i in members) for members in batch)
+        found += _Batch(sources, batch, ks[b:b + GROUPS_PER_BATCH], reducer, device, numel=numel).thresholds()
     return found
 
 
@@ -330,7 +337,8 @@ def select_smallest(sources: Sequence[Source], groups: Sequence[Sequence[int]], 
                 masks[i].fill_(True)  # type: ignore[union-attr]
     for b in range(0, len(active), GROUPS_PER_BATCH):
         batch = active[b:b + GROUPS_PER_BATCH]
-        _select_batch(sources, [groups[g] for g in batch], [ks[g] for g in batch], reducer, device, masks)
+        _select_batch(sources, [groups[g] for g in batch], [ks[g] for g in batch], reducer, device, masks,
+                      max(group_numel[g] for g in batch))
     counts = torch.zeros(len(sources), dtype=torch.int64, device=device)
     for i, mask in enumerate(masks):
         if mask is not None:
@@ -338,8 +346,8 @@ def select_smallest(sources: Sequence[Source], groups: Sequence[Sequence[int]], 
     return masks, reducer.sum_(counts).cpu().tolist()  # type: ignore[return-value]
 
 
-def _select_batch(sources, groups, ks, reducer, device, masks) -> None:
-    batch = _Batch(sources, groups, ks, reducer, device, masks)
+def _select_batch(sources, groups, ks, reducer, device, masks, numel: int) -> None:
+    batch = _Batch(sources, groups, ks, reducer, device, masks, numel)
     found = batch.thresholds()
     # Finish the masks below the threshold; find the ties (positions if stashed, counts per chunk if not)
     local_ties = torch.zeros(len(sources), dtype=torch.int64, device=device)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from prune_callbacks.selection import global_masks, kth_smallest, per_layer_masks, smallest_k_mask
+from prune_callbacks.selection_radix import float_to_key, key_to_float
 
 
 @pytest.mark.parametrize("n, k", [(10, 0), (10, 1), (10, 5), (10, 10), (1001, 333), (4096, 4095)])
@@ -123,3 +124,12 @@ def test_large_cpu_path_is_exact(q, kind):
 def test_kth_smallest_special_values(values, k):
     values = torch.tensor(values)
     assert kth_smallest(values, k) == values.sort().values[k - 1]
+
+
+def test_keys_order_like_the_floats_and_invert():
+    special = [float("-inf"), -3e38, -2.5, -1.0, -1e-38, -1e-45, 0.0, 1e-45, 1e-38, 1.0, 2.5, 3e38, float("inf")]
+    values = torch.tensor(special)
+    keys = float_to_key(values)
+    assert keys.tolist() == sorted(keys.tolist()) and len(set(keys.tolist())) == len(special)
+    assert [key_to_float(k) for k in keys.tolist()] == values.tolist()
+    assert float_to_key(torch.tensor([-0.0, 0.0])).tolist() == [0, 0]  # one value, one key

@@ -12,7 +12,7 @@ from prune_callbacks import selection
 from test_selection_reference import global_masks as flat_global_masks
 
 SHAPES = [(2048, 1024), (1024, 1600), (1300, 1300)]  # 5.4M scores: 22 MB of float32
-LIMIT = len(SHAPES) * 65536 * 8  # the largest histogram here (per layer: 3 groups x 65536 bins x 8 bytes)
+LIMIT = len(SHAPES) * 65536 * 8  # a bound on the histograms here (per layer: 3 groups x 65536 bins x 8 bytes)
 
 
 class Allocations(TorchDispatchMode):

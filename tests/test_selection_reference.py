@@ -196,18 +196,28 @@ def _global_count(scores, pruned, sparsity, low, high):
     return min(max(round(sparsity * sum(numels)), sum(lows)), sum(highs))
 
 
-@pytest.fixture(params=["one_chunk", "chunks_of_96"])
-def chunking(request, monkeypatch):
+def _set_chunking(name: str, monkeypatch) -> None:
     """One chunk per tensor; or chunks of 96 with a stash of 300 candidates (some cases overflow it)."""
-    if request.param == "chunks_of_96":
+    if name == "chunks_of_96":
         monkeypatch.setattr(radix, "CHUNK_CPU", 96)
         monkeypatch.setattr(radix, "STASH_MAX", 300)
+
+
+@pytest.fixture(params=["one_chunk", "chunks_of_96"])
+def chunking(request, monkeypatch):
+    _set_chunking(request.param, monkeypatch)
     return request.param
 
 
+# "many" (40 targets) in small chunks is covered by test_batches_stash_overflow_and_int64_counts_match
+LAYOUTS = [(layout, "one_chunk") for layout in SHAPES] + [(layout, "chunks_of_96") for layout in SHAPES
+                                                           if layout != "many"]
+
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("layout", list(SHAPES))
-def test_global_and_per_layer_masks_match_the_flat_selection(kind, layout, chunking):
+@pytest.mark.parametrize("layout, chunks", LAYOUTS)
+def test_global_and_per_layer_masks_match_the_flat_selection(kind, layout, chunks, monkeypatch):
+    _set_chunking(chunks, monkeypatch)
     for seed, (sparsity, low, high) in enumerate(SETTINGS):
         scores, pruned = _make(kind, SHAPES[layout], seed)
         _equal(selection.global_masks(scores, pruned, sparsity, low, high),
@@ -219,9 +229,10 @@ def test_global_and_per_layer_masks_match_the_flat_selection(kind, layout, chunk
             _equal([new], [mask], [score], [old], k)
 
 
-@pytest.mark.parametrize("per_batch, stash", [(3, 0), (1, 1 << 22), (16, 0)])
-def test_batches_and_stash_overflow_match(per_batch, stash, monkeypatch):
+@pytest.mark.parametrize("per_batch, stash, int32_below", [(3, 0, 1 << 31), (1, 1 << 22, 0), (16, 0, 0)])
+def test_batches_stash_overflow_and_int64_counts_match(per_batch, stash, int32_below, monkeypatch):
     monkeypatch.setattr(radix, "GROUPS_PER_BATCH", per_batch)
+    monkeypatch.setattr(radix, "INT32_COUNTS_BELOW", int32_below)
     monkeypatch.setattr(radix, "STASH_MAX", stash)
     monkeypatch.setattr(radix, "CHUNK_CPU", 16)
     for kind in ("uniform", "ties_pruned", "special"):
