@@ -218,11 +218,12 @@ def target_numel(targets: Iterable[Target]) -> int:
 
 
 def check_not_sharded(targets: Iterable[Target]) -> None:
-    """Refuse parameters that are sharded (DTensor / FSDP flat params): global masks would be wrong."""
+    """Refuse sharded parameters (DTensor / FSDP flat params) for the L1 step (`L1Config`), which does not follow
+    shards yet; pruning groups accept FSDP2 shards (see :mod:`prune_callbacks.sharding`)."""
     offenders = [t.param_name for t in targets if type(t.param.data).__name__ == "DTensor" or t.param.dim() < 2]
     if offenders:
         raise NotImplementedError(
-            "these targets are sharded or flattened (FSDP/DeepSpeed ZeRO-3), so exact masks cannot be computed from "
-            f"the local shard: {_preview(offenders)}. Use DDP or ZeRO stage 1/2."
+            "L1Config does not support sharded or flattened weights (FSDP / DeepSpeed ZeRO-3) yet: "
+            f"{_preview(offenders)}. Use DDP or ZeRO stage 1/2 for the L1 step, or leave it out."
         )
 
