@@ -6,7 +6,8 @@ log-uniform in [1e-8, 1e-2] with 2 % exact zeros (dead weights tie), split into 
 (10M: 10 x 1M; 85M: BERT-base's 72 encoder matrices; 1B: 100 x 10M, generated target by target). Every
 (size, implementation, round) runs in its own subprocess, interleaved old/new, so its peak RSS is its own:
 the peak resident set during the updates (reset with ``/proc/self/clear_refs`` after the scores are built)
-minus the resident set before them, per prunable weight. Times are the medians over rounds x calls.
+minus the resident set before them, per prunable weight. Times are the medians over rounds x calls, wall
+clock and the process's CPU time (one thread; on a loaded machine the CPU time is the steadier figure).
 
     python -m benchmarks.selection                      # 10M, 85M (old and new), 1B (new only)
     python -m benchmarks.selection --sizes 10M --rounds 2
@@ -187,15 +188,16 @@ def child(impl: str, size: str, calls: int) -> dict:
     _trim()  # hand the generator's freed temporaries back, so the updates cannot hide in them
     before = _rss_kib()
     reset = _reset_peak()
-    times, counts = [], []
+    times, cpu_times, counts = [], [], []
     for _ in range(calls):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         masks = fn(scores, pruned, 0.5)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         counts.append(sum(int(m.sum()) for m in masks))
         del masks
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"impl": impl, "size": size, "scores": n, "targets": len(scores), "times_s": times,
+    return {"impl": impl, "size": size, "scores": n, "targets": len(scores), "times_s": times, "cpu_times_s": cpu_times,
             "pruned": counts[0], "rss_before_kib": before, "peak_rss_kib": peak, "peak_reset": reset,
             "peak_extra_bytes_per_weight": (peak - before) * 1024 / n}
 
@@ -221,6 +223,7 @@ def summarise(cases: list[dict]) -> list[dict]:
             rows.append({
                 "size": size, "impl": impl, "scores": mine[0]["scores"], "runs": len(mine),
                 "time_ms_median": 1e3 * statistics.median(t for c in mine for t in c["times_s"]),
+                "cpu_time_ms_median": 1e3 * statistics.median(t for c in mine for t in c["cpu_times_s"]),
                 "peak_extra_bytes_per_weight_median": statistics.median(c["peak_extra_bytes_per_weight"] for c in mine),
                 "peak_extra_gib_median": statistics.median((c["peak_rss_kib"] - c["rss_before_kib"]) / 2**20 for c in mine),
                 "pruned": mine[0]["pruned"],
@@ -229,10 +232,10 @@ def summarise(cases: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| scores | selection | mask update (median) | peak extra RSS / weight | peak extra RSS |",
-             "|---|---|---|---|---|"]
+    lines = ["| scores | selection | mask update, wall (median) | CPU time (median) | peak extra RSS / weight | "
+             "peak extra RSS |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['size']} | {r['impl']} | {r['time_ms_median']:.0f} ms | "
+        lines.append(f"| {r['size']} | {r['impl']} | {r['time_ms_median']:.0f} ms | {r['cpu_time_ms_median']:.0f} ms | "
                      f"{r['peak_extra_bytes_per_weight_median']:.2f} B | {r['peak_extra_gib_median']:.2f} GiB |")
     return "\n".join(lines)
 
@@ -266,7 +269,8 @@ def main(argv=None) -> dict:
                 case = run_case(impl, size, args.calls, args.timeout)
                 case["round"] = r
                 cases.append(case)
-                print(f"{size} {impl} round {r}: {[round(t * 1e3) for t in case['times_s']]} ms, "
+                print(f"{size} {impl} round {r}: {[round(t * 1e3) for t in case['times_s']]} ms "
+                      f"(CPU {[round(t * 1e3) for t in case['cpu_times_s']]} ms), "
                       f"+{case['peak_extra_bytes_per_weight']:.2f} B/weight", flush=True)
     rows = summarise(cases)
     result = {
