@@ -18,10 +18,10 @@ magnitude     0      none: the score is |theta|
 
 Working buffer: a float32 theta*grad per float32 target (4 bytes per parameter),
 allocated once and reused every step (it used to be allocated and freed per
-step: the same peak, twice the hook time on CPU); during a mask update one flat float32
-buffer of all scores (4 bytes) plus boolean masks and the selection's working
-copy (measured 8-25 bytes per parameter in total before the single-buffer
-change; see BENCHMARKS.md). Mask updates are rare (``update_every``).
+step: the same peak, twice the hook time on CPU); a mask update adds the new boolean masks
+(1 byte per parameter) and the radix selection's fixed working set (about 20 MB, whatever the
+model size: :mod:`prune_callbacks.selection`), with no flat copy of the scores (BENCHMARKS.md,
+"Selection"). Mask updates are rare (``update_every``).
 """
 
 from __future__ import annotations
