@@ -345,3 +345,27 @@ def test_export_dispatches_on_the_granularity_structured_and_low_rank_in_one_cal
         f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "key", "value")}
     assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in summary["factorize_granularities"]["ranks"])
     torch.testing.assert_close(model(input_ids=ids).logits, masked, rtol=1e-4, atol=1e-5)
+
+
+def test_accelerate_loop_with_accumulation_and_bf16_autocast():
+    """Through the Accelerate hook (gradient accumulation, bf16 autocast): ranks shrink on real steps only,
+    the budget is met, nothing is NaN, and export factorises."""
+    pytest.importorskip("accelerate")
+    from test_accelerate_hook import _setup, _train_step
+
+    from helpers import reset_accelerate_state
+    from prune_callbacks.integrations.accelerate import AcceleratePruningHook
+
+    reset_accelerate_state()
+    try:
+        acc, model, opt, sched = _setup(accum=3, mixed_precision="bf16")
+        hook = AcceleratePruningHook(dict(CFG, start_step=1, end_step=4, update_every=1), total_steps=6)
+        pruner = hook.register(acc, model, opt)
+        for ids in random_batches(18):
+            _train_step(acc, model, opt, sched, ids)
+        report = hook.finalize()
+        assert pruner.step == 6 and 0.5 <= report["global_sparsity"] < 0.52
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert export_pruned(acc.unwrap_model(model), pruner)["factorize_granularities"]["ranks"]
+    finally:
+        reset_accelerate_state()
