@@ -222,6 +222,10 @@ BROKEN = {
     "training owned key": ({"training": {"output_dir": "x"}}, ["training.output_dir:", "'x'", "output.dir"]),
     "load best model": ({"training": {"load_best_model_at_end": True}},
                         ["training.load_best_model_at_end:", "less sparse", "allowed: false"]),
+    "training value not finite": ({"training": {"learning_rate": float("nan")}},
+                                  ["training.learning_rate:", "nan", "must be a finite number"]),
+    "eval fraction not finite": ({"data": {"name": "rotten_tomatoes", "eval_fraction": float("inf")}},
+                                 ["data.eval_fraction:", "inf", "finite number"]),
     "training rejected by TrainingArguments": ({"training": {"lr_scheduler_type": "sawtooth"}},
                                                ["training.lr_scheduler_type:", "sawtooth", "cosine"]),
 }

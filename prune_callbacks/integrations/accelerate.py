@@ -300,18 +300,7 @@ class AcceleratePruningHook:
             if self._guard is not None:
                 self._guard.final_check()  # at the final sparsity; rolls back to the last good masks if it fails
             pruner.finalize()
-            # the run stopped before a schedule's end (not: the measured sparsity is a hair under final_sparsity,
-            # which rounding to whole units, blocks or N:M groups gives on purpose; the guard lowers it on purpose)
-            end = max((g.schedule.end for g in pruner.groups), default=0)
-            if pruner.step < end and self._guard is None:
-                reached = F.mask_sparsity_of(pruner.report())
-                final = max(float(getattr(c, "final_sparsity", 0.0)) for c in self.configs)
-                warnings.warn(
-                    f"pruning finalized at sparsity {reached:.4f}, below final_sparsity={final} after {pruner.step} "
-                    f"optimizer steps (schedule ends at step {end}): the run was shorter than "
-                    f"total_steps={self.total_steps}",
-                    stacklevel=2,
-                )
+            # a run that ends below final_sparsity is warned about by Pruner.finalize, with the reason
             if pruner.step != self._last_logged:
                 self._log()
         return self.report()

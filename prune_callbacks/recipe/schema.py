@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, 
 from typing_extensions import Annotated
 
 from ..config import PruningConfig
+from ..config_errors import FiniteFloat
 from ..distillation.config import DistillationConfig
 from ..integrations.trainer_dense import DENSE_TIMINGS
 from .slimming import slim_problems
@@ -93,7 +94,7 @@ class DataSection(Section):
     label_column: str = Field("label", description="sequence-classification: column holding the label (ints or strings).")
     train_split: str = Field("train", description="Split used for training.")
     eval_split: str = Field("validation", description="Split used for evaluation.")
-    eval_fraction: Optional[float] = Field(
+    eval_fraction: Optional[FiniteFloat] = Field(
         None, description="If eval_split does not exist, hold out this fraction of train_split instead (0 < f < 1).")
     max_train_samples: Optional[PositiveInt] = Field(None, description="Use at most this many training rows (seeded shuffle).")
     max_eval_samples: Optional[PositiveInt] = Field(None, description="Use at most this many evaluation rows.")

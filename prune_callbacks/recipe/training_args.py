@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import tempfile
 import typing
 from typing import Any
@@ -103,10 +104,11 @@ def check_training(training: Any, path: str = "training") -> tuple[dict, list[tu
 
 def _bounds(values: dict, path: str) -> list[tuple[str, str]]:
     """Numbers TrainingArguments accepts but the run cannot use (a batch size of 0 fails inside torch)."""
-    problems = []
+    problems = [(f"{path}.{key}", f"{key}={value!r} is invalid: must be a finite number")
+                for key, value in values.items() if isinstance(value, float) and not math.isfinite(value)]
     for key, (low, what) in BOUNDS.items():
         value = values.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             continue
         strict = key in ("num_train_epochs", "logging_steps")
         if value < low or (strict and value <= low):
