@@ -267,23 +267,32 @@ class AcceleratePruningHook:
         an ordinary model. ``save_sparse_to``: also write the compressed sparse
         checkpoint there (`prune_callbacks.sparse_io.save_sparse`, main process
         only, then all processes wait). Calling it again returns the report and
-        does nothing else (but still saves when asked). ``slim``: cut removed structured units out of
-        the model and rewrite its config (`prune_callbacks.structured.slim_pruned`); call it once the
-        optimizer is done (it still holds the old parameters). The pruner holds the unwrapped model,
-        so a DDP-wrapped loop model is cut in place too (``accelerator.unwrap_model(model)`` is the
-        slim model; the wrapper's gradient buckets still refer to the old parameters: do not train
-        through it afterwards). Every rank slims (the masks are identical on every rank).
+        does nothing else (but still saves when asked). ``slim``: export the compact form in place
+        (`prune_callbacks.integrations.exporting.export_model`, each granularity's ``export_as``; the
+        report gains each export's summary under its name): structured units are cut out and the
+        config rewritten (``report["slim"]``; ``save_pretrained`` then writes a smaller ordinary
+        model), ``low_rank`` Linears are factorised into two thin Linears (``report["low_rank"]``:
+        parameters and bytes before / after, ranks); save that model with
+        ``prune_callbacks.low_rank.save_low_rank(accelerator.unwrap_model(model), out, tokenizer)``
+        (its ``save_pretrained`` and ``save_sparse_to`` refuse it, since plain ``from_pretrained``
+        cannot rebuild it). Call it once the optimizer is done (it still holds the old parameters).
+        The pruner holds the unwrapped model, so a DDP-wrapped loop model is changed in place too
+        (``accelerator.unwrap_model(model)`` is the exported model; the wrapper's gradient buckets
+        still refer to the old parameters: do not train through it afterwards). Every rank exports
+        (the masks are identical on every rank). ``ValueError``: ``slim`` with no granularity that
+        has a compact form.
         """
         report = self._finalize_pruner()
         if slim:
-            from ..structured import slim_pruned
+            from .exporting import export_model
 
-            from .slim_log import log_slim
-
-            report["slim"] = slim_pruned(self.pruner.model, self.pruner)
-            if self.accelerator.is_main_process:
-                log_slim(report["slim"])
+            report.update(export_model(self.pruner.model, self.pruner, log=self.accelerator.is_main_process))
         if save_sparse_to is not None:
+            from .exporting import factorised_save_problem
+
+            problem = factorised_save_problem(self.pruner.model)
+            if problem is not None:
+                raise ValueError(f"save_sparse_to={str(save_sparse_to)!r}: {problem}")
             if self.accelerator.is_main_process:
                 from ..sparse_io import save_sparse
 

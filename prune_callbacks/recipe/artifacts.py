@@ -77,10 +77,11 @@ def measure_sparsity(model, pruner) -> tuple[dict, dict]:
 def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model, pruner, log_history: list,
                  global_step: int, train_output, pruned_metrics: dict, recorder, data, sparse_info,
                  timing: dict, written: Optional[Path] = None, measured: Optional[tuple] = None,
-                 slim: Optional[dict] = None) -> dict[str, Any]:
+                 exported: Optional[dict] = None) -> dict[str, Any]:
     """``out``: where the run's artefacts end up; ``written``: where they are now (the staging folder).
-    ``measured``: `measure_sparsity` taken earlier (before slimming); ``slim``: the slim summary
-    (:mod:`.slimming`), which also means no sparse checkpoint."""
+    ``measured``: `measure_sparsity` taken earlier (before the export); ``exported``: ``output.slim``'s
+    ``{export name: summary}`` (:mod:`.slimming`; ``slim``, ``low_rank``), each written under its name
+    with ``saved_params``, which also means no sparse checkpoint."""
     task = recipe.task
     written = out if written is None else written
     dense, evals = _history(log_history, task)
@@ -126,9 +127,10 @@ def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model
             "model_bytes": weight_bytes(written),
             "sparse_bytes": sparse_info.file_bytes if sparse_info is not None else None,
             "sparse_dir": str(out / "sparse") if sparse_info is not None else None,
-            **({"sparse_skipped": SPARSE_SKIPPED} if slim is not None else {}),
+            **({"sparse_skipped": SPARSE_SKIPPED} if exported is not None else {}),
         },
-        **({"slim": {**slim, "saved_params": sum(p.numel() for p in model.parameters())}} if slim is not None else {}),
+        **{name: {**summary, "saved_params": sum(p.numel() for p in model.parameters())}
+           for name, summary in (exported or {}).items()},
         "timing": dict(timing),
         "versions": _versions(),
     }

@@ -206,10 +206,14 @@ class OutputSection(Section):
         False, description="Continue an interrupted run in output.dir from its newest complete checkpoint: true (--resume; "
                            "an error when there is none), auto (resume if possible, else start afresh) or false.")
     save_sparse: bool = Field(True, description="Also write the compressed sparse checkpoint to <dir>/sparse/ "
-                                                "(skipped with slim: a slim model is dense).")
-    slim: bool = Field(False, description="Cut the removed structured units (ffn_neurons / attention_heads / blocks) out "
-                                          "before saving and rewrite the config: a smaller ordinary model that plain "
-                                          "from_pretrained loads. Needs a structured granularity in pruning.")
+                                                "(skipped with slim: the exported model is not a masked dense one).")
+    slim: bool = Field(False, description="Save the compact form the pruning granularities name: removed structured "
+                                          "units (ffn_neurons / attention_heads / blocks) are cut out and the config "
+                                          "rewritten (a smaller ordinary model that plain from_pretrained loads); "
+                                          "low_rank Linears are factorised into two thin Linears, saved with "
+                                          "prune_callbacks.low_rank.save_low_rank (load_low_rank reads it; densify "
+                                          "writes an ordinary checkpoint). report.json gives parameters (and bytes) "
+                                          "before and after. Needs a structured or low_rank granularity in pruning.")
     save_tokenizer: bool = Field(True, description="Save the tokenizer beside the model.")
     plot: bool = Field(True, description="Write sparsity.png (sparsity over steps with the metric; per-layer sparsity).")
 

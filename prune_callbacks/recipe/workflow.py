@@ -136,21 +136,21 @@ def _train_and_save(recipe: Recipe, recipe_path: Optional[str], pre, run_dir, st
     pruner = callbacks.pruner
     if pruner is not None and not pruner.finalized:  # PermanentMaskCallback does it; never save live masks
         pruner.finalize()
-    measured = slim_summary = None
-    if recipe.output.slim:  # figures from the masked model, then cut the units out (see .slimming)
+    measured = exported = None
+    if recipe.output.slim:  # figures from the masked model, then export the compact form (see .slimming)
         from .slimming import slim_model
 
-        measured, slim_summary = slim_model(model, pruner, lambda: artifacts.measure_sparsity(model, pruner))
+        measured, exported = slim_model(model, pruner, lambda: artifacts.measure_sparsity(model, pruner))
 
     if not trainer.is_world_process_zero() or not rank0:  # multi-process launch: rank 0 writes everything
         return RunResult(out, {}, "")
     with run_dir.final_save() as staging:  # a full disk: FinalSaveError saying what is kept
         (staging / RESOLVED_NAME).write_text(recipe_to_yaml(recipe), encoding="utf-8")
-        model.save_pretrained(staging)
-        if recipe.output.save_tokenizer:
-            tokenizer.save_pretrained(staging)
+        from .slimming import save_model
+
+        save_model(model, staging, tokenizer if recipe.output.save_tokenizer else None)  # factorised: save_low_rank
         sparse_info = None
-        if recipe.output.save_sparse and slim_summary is None:  # a slim model is dense: nothing to compress
+        if recipe.output.save_sparse and exported is None:  # an exported model is not masked: nothing to compress
             from ..sparse_io import save_sparse
 
             sparse_info = save_sparse(model, staging / "sparse",
@@ -163,7 +163,7 @@ def _train_and_save(recipe: Recipe, recipe_path: Optional[str], pre, run_dir, st
             train_output=train_output, pruned_metrics=pruned_metrics, recorder=recorder, data=data,
             sparse_info=sparse_info, timing={"load_s": loaded - started, "train_s": trained - loaded,
                                              "save_s": saved - trained, "total_s": time.time() - started},
-            written=staging, measured=measured, slim=slim_summary,
+            written=staging, measured=measured, exported=exported,
         )
         if resume_from:
             report["training"]["resumed_from"] = resume_from

@@ -199,10 +199,14 @@ class PermanentMaskCallback(_TrainerPruningCallback):
     prune_callbacks engine prunes the Trainer's model. After ``load_best_model_at_end`` the run's
     final masks are applied to the reloaded weights first. ``save_sparse_to``: also write a
     compressed sparse checkpoint there (`prune_callbacks.sparse_io.save_sparse`, with the
-    Trainer's tokenizer / processor) from the saving process. ``slim``: cut removed structured
-    units out of the model in place and rewrite its config
-    (`prune_callbacks.structured.slim_pruned`), so ``trainer.save_model`` writes a smaller model
-    that plain ``from_pretrained`` loads.
+    Trainer's tokenizer / processor) from the saving process. ``slim``: export the compact form in
+    place (`prune_callbacks.integrations.exporting.export_model`, each granularity's ``export_as``):
+    removed structured units are cut out and the config rewritten, so ``trainer.save_model`` writes a
+    smaller model that plain ``from_pretrained`` loads; ``low_rank`` Linears are factorised into two
+    thin Linears, which ``from_pretrained`` cannot rebuild: save that model with
+    ``prune_callbacks.low_rank.save_low_rank(trainer.model, out, tokenizer)`` (``load_low_rank``
+    reads it back); ``trainer.save_model`` and ``save_sparse_to`` refuse it with that advice.
+    Refused (``ValueError``) at train end: ``slim`` with no granularity that has a compact form.
     """
 
     def __init__(self, *, save_sparse_to: Optional[Union[str, os.PathLike]] = None,
@@ -218,13 +222,17 @@ class PermanentMaskCallback(_TrainerPruningCallback):
         else:
             engine.finish(args, state)
             if self.slim:
-                from ...structured import slim_pruned
+                from ..exporting import export_model
 
-                from ..slim_log import log_slim
-
-                log_slim(slim_pruned(model, engine.pruner))
+                export_model(model, engine.pruner)
         if self.save_sparse_to is not None and args.should_save:
             from ...sparse_io import save_sparse
+
+            from ..exporting import factorised_save_problem
+
+            problem = factorised_save_problem(model)
+            if problem is not None:
+                raise ValueError(f"save_sparse_to={str(self.save_sparse_to)!r}: {problem}")
 
             save_sparse(model, self.save_sparse_to, tokenizer=processing_class)
 
