@@ -87,8 +87,8 @@ _F_ZEROS = ("not run sharded for this granularity: the zeros are the same local-
 _F_RESUME = "DCP resume is tested with unstructured masks (the unstructured fsdp2 cell); not run for this granularity"
 _F_EXPORT = ("not run sharded: finalize + gathered full state dict are tested with unstructured (its fsdp2 cell), "
              "the same path")
-_F_LOW_RANK = ("not supported under FSDP2 and not tested: the SVD needs the whole weight and each rank holds rows "
-               "(the Pruner does not refuse it yet: LowRank inherits supports_sharding=True)")
+_F_LOW_RANK = ("refused under FSDP2 (tests/test_fsdp2.py::test_unsupported_sharding_refused_with_its_reason): the SVD "
+               "needs the whole weight and each rank holds rows")
 #: the ``fsdp2`` path: cells proven by tests/test_fsdp2.py (2 and 4 CPU ranks against a single process), or why not
 _FSDP2: dict[str, dict[str, tuple[Optional[str], str]]] = {
     "unstructured": {
@@ -176,14 +176,8 @@ def _config(granularity: str) -> PruningConfig:
     return PruningConfig(granularity=row["granularity"], **row["config"], **SCHEDULE)
 
 
-_FUSED_ADAMW = ("engine defect found by this table: LowRank._project skips a weight whose Tensor._version did not "
-                "change, and fused AdamW (the Trainer's default optim on torch >= 2.8, so the recipe's too) updates "
-                "weights without bumping _version: between mask updates the weights leave their rank-r subspace")
 #: cells that fail today because of a known defect of the engine (strict: they fail loudly once it is fixed)
-KNOWN_DEFECTS: dict[tuple[str, str, str], str] = {
-    **{("low_rank", "trainer", check): _FUSED_ADAMW for check in ("exact_count", "zeros_stay_zero", "report", "export")},
-    **{("low_rank", "recipe", check): _FUSED_ADAMW for check in ("exact_count", "zeros_stay_zero")},
-}
+KNOWN_DEFECTS: dict[tuple[str, str, str], str] = {}
 
 
 def _here(check: str) -> list:
