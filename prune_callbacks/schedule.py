@@ -97,6 +97,12 @@ class Schedule:
                 return step
         return first
 
+    def continues_grid(self, step: int) -> bool:
+        """Whether ``step`` is on the update grid continued past the window's end (``end + k * every``, k >= 1):
+        where a controller that keeps raising sparsity after ``end`` (the accuracy guard) updates the masks."""
+        end = max(self.end, self.first_update_step())
+        return step > end and (step - end) % max(self.every, 1) == 0
+
     def update_steps(self) -> list[int]:
         first = self.first_update_step()
         return [s for s in range(first, max(self.end, first) + 1) if self.is_update_step(s)]

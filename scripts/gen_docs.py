@@ -225,7 +225,8 @@ def contract_page() -> str:
     table = _contract_module()
     lines += ["What the test suite proves for every granularity on every path, read from `CASES` in "
               "`tests/test_contract.py` (its docstring below says what each check means). ✓: tested by that module; "
-              "✓ n: proven by the test in note n; — n: not run, for the reason in note n.", ""]
+              "✓ n: proven by the test in note n; — n: not run, for the reason in note n; ✗ n: tested and failing today, "
+              "for the known defect in note n.", ""]
     notes: list[str] = []
 
     def note(text: str) -> int:
@@ -234,6 +235,7 @@ def contract_page() -> str:
         return notes.index(text) + 1
 
     cases = {(c["granularity"], c["path"], c["check"]): c for c in table.CASES}
+    defects = getattr(table, "KNOWN_DEFECTS", {})
     granularities = list(dict.fromkeys(c["granularity"] for c in table.CASES))
     lines += ["| granularity | path | " + " | ".join(f"`{c}`" for c in table.CHECKS) + " |",
               "| --- | --- | " + " | ".join("---" for _ in table.CHECKS) + " |"]
@@ -244,6 +246,8 @@ def contract_page() -> str:
                 case = cases.get((granularity, path, check))
                 if case is None:
                     cells.append("")
+                elif (granularity, path, check) in defects:
+                    cells.append(f"✗ {note('known defect (the test is marked xfail): ' + defects[granularity, path, check])}")
                 elif case["where"] == "here":
                     cells.append("✓")
                 elif case["where"]:

@@ -310,6 +310,7 @@ def refusals(rank):
         "zero3": message(lambda: flat("ds_id")),
         "blocks": message(lambda: Pruner(shard(tiny_llama()), PruningConfig(granularity="blocks", final_sparsity=0.5))),
         "l1": message(lambda: Pruner(shard(tiny_llama()), PruningConfig(l1_lambda=0.1))),
+        "low_rank": message(lambda: Pruner(shard(tiny_llama()), PruningConfig(granularity="low_rank", final_sparsity=0.5))),
     }
 
 

@@ -8,18 +8,29 @@ A new granularity adds a row to `GRANULARITIES` (a test fails until it does); a 
 
 Paths: ``plain`` (a torch loop with ``Pruner.attach``), ``trainer`` (``make_callbacks`` + HF ``Trainer``),
 ``accelerate`` (``AcceleratePruningHook`` in a single-process loop), ``recipe`` (``prune-callbacks finetune``
-on a local tiny model). Checks:
+on a local tiny model), ``fsdp2`` (a plain torch loop under FSDP2 ``fully_shard``, torchrun + gloo: every cell
+points to ``tests/test_fsdp2.py``, which compares the sharded pruner with a single process, or says why it is
+not run; Accelerate's and the Trainer's FSDP plugins are refused by those adapters, see
+docs/sharded-training.md). Checks:
 
 * ``exact_count``: the weights that are exactly zero after the last step are the count the granularity
-  promises, derived here from the config and the shapes alone (not from the engine);
+  promises, derived here from the config and the shapes alone (not from the engine). ``low_rank`` removes
+  parameters, not weights: its count is measured from the weights' numerical ranks (a ``[m, n]`` weight of
+  rank ``r < mn/(m+n)`` is ``m*n - r*(m+n)`` removed parameters, else none) and must meet the budget
+  ``round(final_sparsity * targeted)`` and exceed it by less than one rank step (``max(m + n)``);
 * ``zeros_stay_zero``: a weight that is zero after an optimizer step stays zero after every later one
-  (AdamW's momentum and weight decay would otherwise move it);
+  (AdamW's momentum and weight decay would otherwise move it). For ``low_rank`` the invariant is the
+  subspace: a weight's numerical rank never grows after an optimizer step (a removed singular direction
+  stays removed while AdamW keeps training the weight);
 * ``resume_exact``: a run interrupted mid-schedule and resumed from its checkpoint (fresh objects)
   ends with the straight run's masks and weights, bitwise;
 * ``report``: ``report()`` (the recipe's report.json) states those counts;
 * ``export``: structured granularities slim (the cut model computes what the masked one did, its config
   says the new width, and it reloads with plain ``from_pretrained``); element-wise ones save and reload
-  with every zero kept and the same outputs;
+  with every zero kept and the same outputs; ``low_rank`` factorises (``export_pruned``: two thin Linears
+  computing what the rank-r model did, holding exactly the measured count fewer parameters), round-trips
+  through ``save_low_rank`` / ``load_low_rank`` bitwise and ``densify`` gives a plain
+  ``from_pretrained`` folder with the same outputs;
 * ``ddp_identical_masks``: two processes (torchrun, gloo) hold the same masks at every update although
   their data and (on rank 1) their saliency differ. One launch runs every granularity; this module is
   its script (``__main__``).
@@ -55,8 +66,9 @@ GRANULARITIES: list[dict[str, Any]] = [
     dict(granularity="ffn_neurons", registered="ffn_neurons", config=dict(final_sparsity=0.5), slim=True),
     dict(granularity="attention_heads", registered="attention_heads", config=dict(final_sparsity=0.5), slim=True),
     dict(granularity="blocks", registered="blocks", config=dict(final_sparsity=0.5), slim=True),
+    dict(granularity="low_rank", registered="low_rank", config=dict(final_sparsity=0.5), slim=False),
 ]
-PATHS = ("plain", "trainer", "accelerate", "recipe")
+PATHS = ("plain", "trainer", "accelerate", "recipe", "fsdp2")
 CHECKS = ("exact_count", "zeros_stay_zero", "resume_exact", "report", "export", "ddp_identical_masks")
 
 _TRAINER_DDP = "tests/test_trainer_ddp.py::test_ddp_ranks_hold_identical_masks"
@@ -65,6 +77,61 @@ _ACCELERATE_DDP = "tests/test_accelerate_multiprocess.py::test_two_processes_hol
 _RECIPE_RESUME = "tests/test_lifecycle.py::test_ctrl_c_keeps_the_checkpoints_and_resume_continues_exactly"
 _ADAPTERS_ADD_NO_MASK_LOGIC = ("the masks are chosen and broadcast by the Pruner alone (proven per granularity by the "
                                "plain ddp row); this adapter only calls it")
+_F = "tests/test_fsdp2.py::"
+_F_SAME = _F + "test_masks_bitwise_equal_to_single_process"
+_F_FFN = _F + "test_ffn_neurons_sharded_then_slimmed_from_the_full_state_dict"
+_F_FOUR = _F + "test_four_ranks_and_resume_resharded_from_two"
+_F_REFUSED = _F + "test_unsupported_sharding_refused_with_its_reason"
+_F_ZEROS = ("not run sharded for this granularity: the zeros are the same local-row write after each step as "
+            "unstructured's (its fsdp2 cell)")
+_F_RESUME = "DCP resume is tested with unstructured masks (the unstructured fsdp2 cell); not run for this granularity"
+_F_EXPORT = ("not run sharded: finalize + gathered full state dict are tested with unstructured (its fsdp2 cell), "
+             "the same path")
+_F_LOW_RANK = ("refused under FSDP2 (tests/test_fsdp2.py::test_unsupported_sharding_refused_with_its_reason): the SVD "
+               "needs the whole weight and each rank holds rows")
+#: the ``fsdp2`` path: cells proven by tests/test_fsdp2.py (2 and 4 CPU ranks against a single process), or why not
+_FSDP2: dict[str, dict[str, tuple[Optional[str], str]]] = {
+    "unstructured": {
+        "exact_count": (_F + "test_pruned_count_exact_and_memory_per_rank",
+                        "global scope, 2 ranks: pruned count = round(sparsity x prunable) on every rank"),
+        "zeros_stay_zero": (_F + "test_attach_loop_keeps_pruned_weights_zero",
+                            "AdamW loop through attach(): masked local rows are zero after every step"),
+        "resume_exact": (_F_SAME, "case resume: DCP save at step 4, fresh pruner, masks bitwise a single process's; "
+                                  "and a 2-rank checkpoint resumed by 4 ranks"),
+        "report": (_F_SAME, "report() on every rank equals the single-process report (global figures)"),
+        "export": (_F + "test_finalize_full_state_dict_loads_with_vanilla_from_pretrained",
+                   "finalize, gathered full state dict, vanilla from_pretrained with every zero; save_sparse round trip"),
+        "ddp_identical_masks": (_F_SAME, "every rank's rows equal the single-process masks at every update"),
+    },
+    "2:4": {
+        "exact_count": (_F_SAME, "case nm: masks bitwise a single process's (the plain row proves its count)"),
+        "zeros_stay_zero": (None, _F_ZEROS),
+        "resume_exact": (None, _F_RESUME),
+        "report": (_F_SAME, "case nm: report() on every rank equals the single-process report"),
+        "export": (None, _F_EXPORT),
+        "ddp_identical_masks": (_F_SAME, "case nm: every rank's rows equal the single-process masks at every update"),
+    },
+    "ffn_neurons": {
+        "exact_count": (_F_FFN, "48 of 96 neurons kept per block, unit masks equal a single process's"),
+        "zeros_stay_zero": (None, _F_ZEROS),
+        "resume_exact": (None, _F_RESUME),
+        "report": (_F_FFN, "report() on every rank equals the single-process report"),
+        "export": (_F_FFN, "slimmed on rank 0 from the gathered full state dict, same logits"),
+        "ddp_identical_masks": (_F_FFN, "unit masks equal on every rank and to a single process's at every update"),
+    },
+    "attention_heads": {
+        "exact_count": (_F_FOUR, "case heads, 4 ranks: 1 of 2 KV groups kept per block, masks a single process's"),
+        "zeros_stay_zero": (None, _F_ZEROS),
+        "resume_exact": (None, _F_RESUME),
+        "report": (_F_FOUR, "case heads: report() on every rank equals the single-process report"),
+        "export": (None, "not run sharded: slimming from the gathered state is tested with ffn_neurons (its fsdp2 "
+                         "cell), the same path"),
+        "ddp_identical_masks": (_F_FOUR, "case heads: KV groups straddling two ranks, masks equal at every update"),
+    },
+    "blocks": {check: (_F_REFUSED, "refused: NotImplementedError when the Pruner is built (the forward-skip hook "
+                                   "is untested beside FSDP2's hooks)") for check in CHECKS},
+    "low_rank": {check: (None, _F_LOW_RANK) for check in CHECKS},
+}
 #: cells proven by another test, or not run (``None`` with the reason); every other cell is tested here
 ELSEWHERE: dict[tuple[str, str, str], tuple[Optional[str], str]] = {
     ("unstructured", "trainer", "ddp_identical_masks"): (_TRAINER_DDP, "BERT, 2 ranks, masks after every update"),
@@ -81,6 +148,15 @@ ELSEWHERE: dict[tuple[str, str, str], tuple[Optional[str], str]] = {
        for g in GRANULARITIES if g["granularity"] != "unstructured"},
     **{(g["granularity"], "recipe", "ddp_identical_masks"): (
         None, "the CLI under torchrun trains through the Trainer callbacks (the trainer row)") for g in GRANULARITIES},
+    ("low_rank", "trainer", "ddp_identical_masks"): (None, _ADAPTERS_ADD_NO_MASK_LOGIC),
+    ("low_rank", "trainer", "resume_exact"): (
+        "tests/test_low_rank.py::test_trainer_checkpoint_resume_is_exact",
+        "tiny Llama through the Trainer callbacks, checkpoint holds the bases, weights bitwise"),
+    ("low_rank", "recipe", "export"): (
+        None, "the recipe saves the trained model with save_pretrained (dense weights at their ranks: the exact_count "
+              "and report cells measure them); factorising is export_pruned + save_low_rank in Python, not a recipe "
+              "output option yet"),
+    **{(g["granularity"], "fsdp2", check): cell for g in GRANULARITIES for check, cell in _FSDP2[g["granularity"]].items()},
 }
 
 CASES: list[dict[str, Any]] = [
@@ -100,9 +176,15 @@ def _config(granularity: str) -> PruningConfig:
     return PruningConfig(granularity=row["granularity"], **row["config"], **SCHEDULE)
 
 
+#: cells that fail today because of a known defect of the engine (strict: they fail loudly once it is fixed)
+KNOWN_DEFECTS: dict[tuple[str, str, str], str] = {}
+
+
 def _here(check: str) -> list:
     cells = [(c["granularity"], c["path"]) for c in CASES if c["check"] == check and c["where"] == "here"]
-    return [pytest.param(g, p, id=f"{g}-{p}") for g, p in cells if p != "recipe" or check != "ddp_identical_masks"]
+    return [pytest.param(g, p, id=f"{g}-{p}", marks=[pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[g, p, check])]
+                         if (g, p, check) in KNOWN_DEFECTS else [])
+            for g, p in cells if p != "recipe" or check != "ddp_identical_masks"]
 
 
 # ------------------------------------------------------------ what each granularity promises (shapes only)
@@ -142,8 +224,41 @@ def expected_pruned(granularity: str, cfg) -> int:
     raise AssertionError(f"no expected count for {granularity!r}: add it with its row")
 
 
-def _zeros(model, granularity: str) -> dict[str, torch.Tensor]:
-    return {n: (w.detach() == 0).clone() for n, w in _target_weights(model, granularity).items()}
+def _low_rank(granularity: str) -> bool:
+    return _row(granularity)["registered"] == "low_rank"
+
+
+def expected_range(granularity: str, cfg) -> tuple[int, int]:
+    """``(lowest, highest)`` count the granularity may end with: one number, except for ``low_rank``, which meets
+    its budget by whole rank steps (it may exceed it by less than one step, ``m + n`` parameters of one target)."""
+    if not _low_rank(granularity):
+        return (expected_pruned(granularity, cfg),) * 2
+    shapes = [tuple(w.shape) for w in _target_weights(_model(), granularity).values()]
+    budget = round(_row(granularity)["config"]["final_sparsity"] * sum(m * n for m, n in shapes))
+    return budget, budget + max(m + n for m, n in shapes) - 1
+
+
+#: a singular value below this fraction of the largest counts as zero: a rank-r projection in float32 leaves at
+#: most ~2e-7 in the removed directions (measured on this table's plain run), while an untouched square weight
+#: can have a small natural singular value (4e-5 seen on a trained 32 x 32 o_proj; 1.2e-4 the smallest kept)
+RANK_RTOL = 2e-6
+
+
+def removed(weights: dict[str, torch.Tensor], granularity: str) -> tuple[int, dict[str, torch.Tensor]]:
+    """``(count removed, per weight: what is removed as bools)``, measured from the weights alone: the zeros, or for
+    ``low_rank`` the singular directions beyond each weight's numerical rank (a suffix of ``min(m, n)`` bools) and
+    the parameters a factorisation at that rank saves (none at or above break-even)."""
+    if not _low_rank(granularity):
+        zeros = {n: (w.detach() == 0).clone() for n, w in weights.items()}
+        return sum(int(z.sum()) for z in zeros.values()), zeros
+    count, gone = 0, {}
+    for n, w in weights.items():
+        m, k = w.shape
+        sigma = torch.linalg.svdvals(w.detach().float())
+        r = int((sigma > RANK_RTOL * sigma[0]).sum())
+        count += m * k - r * (m + k) if r * (m + k) < m * k else 0
+        gone[n] = torch.arange(min(m, k)) >= r
+    return count, gone
 
 
 # ------------------------------------------------------------ one run, observed after every optimizer step
@@ -167,11 +282,11 @@ class Observer:
         self.previous: Optional[dict] = None
 
     def __call__(self, model, pruner, step: int) -> None:
-        now = _zeros(model, self.granularity)
+        count, now = removed(_target_weights(model, self.granularity), self.granularity)
         if self.previous is not None:
             self.outcome.revived += sum(int((self.previous[n] & ~now[n]).sum()) for n in now)
         self.previous = now
-        self.outcome.zero_counts.append(sum(int(z.sum()) for z in now.values()))
+        self.outcome.zero_counts.append(count)
         if step == STEPS:
             self.outcome.report = pruner.report()
             self.outcome.masked_logits = _logits(model, self.probe)
@@ -202,10 +317,28 @@ def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _export(model, granularity: str, out: Path, outcome: Outcome, probe: torch.Tensor = PROBE) -> None:
-    """Save with plain save_pretrained, reload with plain from_pretrained, record what the checks compare."""
+def _export(model, granularity: str, out: Path, outcome: Outcome, probe: torch.Tensor = PROBE, pruner=None) -> None:
+    """Save with plain save_pretrained, reload with plain from_pretrained, record what the checks compare
+    (``low_rank`` with its ``pruner``: factorise, save_low_rank / load_low_rank, densify)."""
     from transformers import AutoModelForCausalLM
 
+    if pruner is not None and _low_rank(granularity):
+        from prune_callbacks.export import export_pruned
+        from prune_callbacks.low_rank import densify, load_low_rank, save_low_rank
+
+        summary = export_pruned(model, pruner)["factorize_granularities"]
+        save_low_rank(model, out)
+        loaded = load_low_rank(out)
+        mine, theirs = model.state_dict(), loaded.state_dict()
+        dense = AutoModelForCausalLM.from_pretrained(densify(out, out.parent / "densified"))
+        outcome.export = {
+            "logits": _logits(model, probe), "reloaded_logits": _logits(loaded, probe),
+            "dense_logits": _logits(dense, probe),
+            "state_equal": mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine),
+            "params": sum(p.numel() for p in model.parameters()), "summary": summary,
+            "dense_params": sum(p.numel() for p in dense.parameters()),
+        }
+        return
     model.save_pretrained(out)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     outcome.export = {
@@ -249,7 +382,7 @@ def run_plain(granularity: str, tmp: Path, interrupt: bool = False) -> Outcome:
     else:
         pruner.finalize()
     outcome.final_state = _state(model)
-    _export(model, granularity, tmp / "export", outcome)
+    _export(model, granularity, tmp / "export", outcome, pruner=pruner)
     return outcome
 
 
@@ -297,7 +430,7 @@ def run_trainer(granularity: str, tmp: Path, interrupt: bool = False) -> Outcome
         t.train()
     outcome.final_masks = [m.clone() for m in callbacks.pruner.pruned]
     outcome.final_state = _state(t.model)
-    _export(t.model, granularity, tmp / "export", outcome)
+    _export(t.model, granularity, tmp / "export", outcome, pruner=callbacks.pruner)
     return outcome
 
 
@@ -336,7 +469,7 @@ def run_accelerate(granularity: str, tmp: Path, interrupt: bool = False) -> Outc
         hook.finalize(slim=_row(granularity)["slim"])
         bare = acc.unwrap_model(model)
         outcome.final_state = _state(bare)
-        _export(bare, granularity, tmp / "export", outcome)
+        _export(bare, granularity, tmp / "export", outcome, pruner=hook.pruner)
     finally:
         reset_accelerate_state()
     return outcome
@@ -389,11 +522,11 @@ def run_recipe(granularity: str, tmp: Path, interrupt: bool = False) -> Outcome:
     previous = None
     for ckpt in sorted(out.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
         weights = load_file(str(ckpt / "model.safetensors"))
-        now = {n: weights[f"{n}.weight"] == 0 for n in _target_weights(_model(), granularity)}
+        count, now = removed({n: weights[f"{n}.weight"] for n in _target_weights(_model(), granularity)}, granularity)
         if previous is not None:
             outcome.revived += sum(int((previous[n] & ~now[n]).sum()) for n in now)
         previous = now
-        outcome.zero_counts.append(sum(int(z.sum()) for z in now.values()))
+        outcome.zero_counts.append(count)
         if ckpt.name == f"checkpoint-{STEPS}":
             masked = make()
             masked.load_state_dict(weights, strict=False)
@@ -459,7 +592,8 @@ def test_cases_table_is_complete_and_points_somewhere_real():
 @pytest.mark.parametrize("granularity, path", _here("exact_count"))
 def test_exact_count(granularity, path, tmp_path_factory):
     out = outcome(granularity, path, tmp_path_factory)
-    assert out.zero_counts[-1] == expected_pruned(granularity, out.dense_config)
+    lowest, highest = expected_range(granularity, out.dense_config)
+    assert lowest <= out.zero_counts[-1] <= highest
 
 
 @pytest.mark.parametrize("granularity, path", _here("zeros_stay_zero"))
@@ -472,8 +606,8 @@ def test_zeros_stay_zero(granularity, path, tmp_path_factory):
 @pytest.mark.parametrize("granularity, path", _here("report"))
 def test_report_states_the_counts(granularity, path, tmp_path_factory):
     out = outcome(granularity, path, tmp_path_factory)
-    want = expected_pruned(granularity, out.dense_config)
-    assert out.report["pruned_params"] == want
+    want = out.zero_counts[-1] if _low_rank(granularity) else expected_pruned(granularity, out.dense_config)
+    assert out.report["pruned_params"] == want  # low_rank: the engine's count is the one measured from the ranks
     assert out.report["global_sparsity"] == want / out.report["prunable_params"]
     if path != "recipe":
         numel = {n: w.numel() for n, w in _target_weights(_model(), granularity).items()}
@@ -489,6 +623,15 @@ def test_report_states_the_counts(granularity, path, tmp_path_factory):
 def test_export(granularity, path, tmp_path_factory):
     out = outcome(granularity, path, tmp_path_factory)
     export, dense = out.export, out.dense_config
+    if _low_rank(granularity):
+        assert export["state_equal"] and torch.equal(export["reloaded_logits"], export["logits"])
+        torch.testing.assert_close(export["logits"], out.masked_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(export["dense_logits"], export["logits"], rtol=1e-4, atol=1e-5)
+        summary = export["summary"]
+        assert summary["params_after"] == export["params"]
+        assert summary["params_before"] - summary["params_after"] == out.zero_counts[-1]
+        assert export["dense_params"] == summary["params_before"]
+        return
     assert torch.allclose(export["reloaded_logits"], export["logits"], atol=1e-6)
     assert torch.allclose(export["logits"], out.masked_logits, atol=1e-5)
     s = _row(granularity)["config"].get("final_sparsity")
@@ -537,7 +680,8 @@ def test_two_processes_hold_identical_masks(granularity, path, ddp_result):
     r0, r1 = (r[granularity] for r in ddp_result)
     assert len(r0["updates"]) == SCHEDULE["end_step"] - SCHEDULE["start_step"] + 1
     assert r0 == r1
-    assert r0["zeros"] == expected_pruned(granularity, _model().config)
+    lowest, highest = expected_range(granularity, _model().config)
+    assert lowest <= r0["zeros"] <= highest
 
 
 def _ddp_main(out: str) -> None:
@@ -566,7 +710,7 @@ def _ddp_main(out: str) -> None:
             opt.zero_grad()
             if pruner.schedule.is_update_step(step):
                 updates.append(digest(pruner.pruned))
-        zeros = sum(int((w == 0).sum()) for w in _target_weights(model.module, granularity).values())
+        zeros = removed(_target_weights(model.module, granularity), granularity)[0]
         results[granularity] = {"updates": updates, "zeros": zeros,
                                 "weights": digest(p for _, p in sorted(model.module.named_parameters()))}
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))

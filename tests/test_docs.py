@@ -2,7 +2,8 @@
 
 * every ```python block of README.md and docs/ runs (on tiny models, in a temporary directory); a block is set up by
   the comment ``<!-- docs-test: setup=NAME -->`` on the line before it (the preludes below define ``model``,
-  ``optimizer``, ``loader``, ``trainer`` inputs, ... where the text uses a real model) or skipped by
+  ``optimizer``, ``loader``, ``trainer`` inputs, ... where the text uses a real model; ``fsdp2_one_process`` runs a
+  torchrun script as a world of one gloo process) or skipped by
   ``<!-- docs-test: skip -->``; the blocks of one page share one namespace, in order;
 * every command of a ```bash block that names ``prune-callbacks`` is parsed by the real command line (options and
   subcommands exist), recipes and scripts it names exist, and the ``--options`` given to a repository script
@@ -93,7 +94,40 @@ def prelude_torch_loop(ns: dict) -> None:
     model = tiny_llama_lm()
     rows = _lm_rows(16)
     loader = [{k: torch.stack([r[k] for r in rows[i:i + 2]]) for k in rows[0]} for i in range(0, 16, 2)]
-    ns.update(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), loader=loader)
+    ns.update(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), loader=loader,
+              tokenizer=_tokenizer())
+
+
+def prelude_fsdp2_one_process(ns: dict):
+    """What ``torchrun`` would set, for a world of one process (gloo on CPU): the page's FSDP2 script runs as written,
+    every collective with one rank. ``name`` is a saved tiny Llama. Returns the cleanup (environment, process group)."""
+    import socket
+
+    import torch.distributed as dist
+    from helpers import tiny_llama_lm
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    tiny_llama_lm().save_pretrained("tiny-llama")
+    rows = _lm_rows(8)
+    loader = [{k: torch.stack([r[k] for r in rows[i:i + 2]]) for k in rows[0]} for i in range(0, 8, 2)]
+    ns.update(name="tiny-llama", loader=loader)
+
+    def cleanup():
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    return cleanup
 
 
 def prelude_trainer(ns: dict) -> None:
@@ -198,6 +232,7 @@ def test_python_blocks_run(page, tmp_path, monkeypatch, restore_registries, caps
     monkeypatch.setenv("WANDB_DISABLED", "true")
     torch.manual_seed(0)
     ns: dict = {"__name__": "__docs__"}
+    cleanups = []  # a prelude may return a callable that undoes what it set up (environment, process group)
     try:
         for line, directive, code in code_blocks(page.read_text(encoding="utf-8"), "python"):
             if directive == "skip":
@@ -205,7 +240,9 @@ def test_python_blocks_run(page, tmp_path, monkeypatch, restore_registries, caps
             if directive.startswith("setup="):
                 name = directive.split("=", 1)[1]
                 assert name in PRELUDES, f"{page.name}:{line}: unknown setup {name!r}; known: {sorted(PRELUDES)}"
-                PRELUDES[name](ns)
+                cleanup = PRELUDES[name](ns)
+                if callable(cleanup):
+                    cleanups.append(cleanup)
             else:
                 assert not directive, f"{page.name}:{line}: unknown docs-test directive {directive!r}"
             try:
@@ -213,6 +250,8 @@ def test_python_blocks_run(page, tmp_path, monkeypatch, restore_registries, caps
             except Exception as exc:
                 pytest.fail(f"{page.relative_to(ROOT)}, the block at line {line} fails: {type(exc).__name__}: {exc}")
     finally:
+        for cleanup in reversed(cleanups):
+            cleanup()
         if "accelerator" in ns:
             from helpers import reset_accelerate_state
 

@@ -117,6 +117,7 @@ class LowRank(Granularity):
     elementwise = False
     weight_access = "subspace"
     export_as = "low_rank"  # two thin Linears (prune_callbacks.low_rank.factorize.factorize_granularities)
+    supports_sharding = False  # its SVD needs whole weights; on FSDP2 row shards it would be wrong: refused
     own_saliency = "magnitude"  # no per-weight buffers: directions are ranked by the Fisher statistic below
     Settings = LowRankSettings
 
@@ -134,6 +135,9 @@ class LowRank(Granularity):
         self._pending: Optional[tuple[list[int], list]] = None  # (ranks, bases) of the last `select`
         self._project_once = False
         self._versions: list[Optional[int]] = [None] * len(self.params)  # `Tensor._version` after the last projection
+        #: no optimizer step since the last projection (a fused optimizer writes weights without bumping
+        #: ``Tensor._version``, so the version alone cannot tell; `observe` clears this before every real step)
+        self._on_subspace = True
 
     # ---------------------------------------------------------- config
     @classmethod
@@ -169,6 +173,7 @@ class LowRank(Granularity):
     @torch.no_grad()
     def observe(self, grads, grad_scale=None):
         self.observed += 1
+        self._on_subspace = False  # the optimizer step that follows writes the weights
         if self.settings.importance != "fisher":
             return
         beta = self.config.beta
@@ -243,14 +248,16 @@ class LowRank(Granularity):
     @torch.no_grad()
     def _project(self, force: bool) -> None:
         """``W <- (W V) V^T`` for every factorised target; unless ``force``, only weights written since their last
-        projection (``Tensor._version``): the projection is idempotent only up to rounding, so projecting an
-        unchanged weight again (a resumed pruner applying its masks) would change its last bits."""
+        projection (an optimizer step since, or ``Tensor._version`` moved: a load): the projection is idempotent
+        only up to rounding, so projecting an unchanged weight again (a resumed pruner applying its masks) would
+        change its last bits."""
         for i, (param, basis) in enumerate(zip(self.params, self.bases)):
-            if basis is None or (not force and param._version == self._versions[i]):
+            if basis is None or (not force and self._on_subspace and param._version == self._versions[i]):
                 continue
             weight = param.detach().float()
             param.copy_((weight @ basis) @ basis.T)
             self._versions[i] = param._version
+        self._on_subspace = True
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -290,6 +297,7 @@ class LowRank(Granularity):
         self._pending = None
         # a state is saved after the step's projection: the weights it goes with are already on their subspaces
         self._versions = [p._version for p in self.params]
+        self._on_subspace = True
 
     # ---------------------------------------------------------- counts, report, export
     def counts(self, measured: bool = False):

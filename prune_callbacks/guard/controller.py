@@ -66,10 +66,7 @@ class GuardedSchedule(Schedule):
     def is_update_step(self, step: int) -> bool:
         if self.inner.is_update_step(step):
             return True
-        first = self.inner.first_update_step()
-        end = max(self.inner.end, first)
-        return (step > end and (step - end) % max(self.every, 1) == 0
-                and self.value(step) > self.guard.group.mask_sparsity + _EPS)
+        return self.inner.continues_grid(step) and self.value(step) > self.guard.group.mask_sparsity + _EPS
 
     def first_update_step(self) -> int:
         return self.inner.first_update_step()
