@@ -59,9 +59,8 @@ def test_trainer_slim_factorises_a_low_rank_run(tmp_path):
 
     callbacks = make_callbacks(dict(CFG, end_step=6, update_every=2, include=[r"attention\.self"]), slim=True)
     snapshot = _Snapshot()
-    # adamw_torch: see _recipe (the fused AdamW's writes escape low_rank's projection); a learning rate at which
-    # a weight that left its subspace would show
-    trainer = build(tmp_path, [snapshot, *callbacks], optim="adamw_torch", learning_rate=1e-3)
+    # the default (fused) AdamW, at a learning rate where a weight that left its subspace would show
+    trainer = build(tmp_path, [snapshot, *callbacks], learning_rate=1e-3)
     trainer.train()
     assert snapshot.model is not None and not low_rank_modules(snapshot.model)
     ids = torch.randint(8, 101, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -114,9 +113,6 @@ def _recipe(tmp_path, name, **output):
     out = tmp_path / name
     recipe = tiny_recipe(tmp_path, out, output={"dir": str(out), "plot": False, **output})
     recipe["pruning"] = dict(CFG, start_step=1, end_step=3, include=[r"attention\.self"])  # no saliency: low_rank has none
-    # not the fused AdamW: it does not bump Tensor._version, so low_rank's per-step projection (which skips weights
-    # whose _version is unchanged) misses its writes and the weights leave their subspace (reported to the lead)
-    recipe["training"]["optim"] = "adamw_torch"
     return write_recipe(tmp_path / f"{name}.yaml", recipe), out
 
 
