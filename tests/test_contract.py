@@ -153,9 +153,8 @@ ELSEWHERE: dict[tuple[str, str, str], tuple[Optional[str], str]] = {
         "tests/test_low_rank.py::test_trainer_checkpoint_resume_is_exact",
         "tiny Llama through the Trainer callbacks, checkpoint holds the bases, weights bitwise"),
     ("low_rank", "recipe", "export"): (
-        None, "the recipe saves the trained model with save_pretrained (dense weights at their ranks: the exact_count "
-              "and report cells measure them); factorising is export_pruned + save_low_rank in Python, not a recipe "
-              "output option yet"),
+        "tests/test_low_rank_adapters.py::test_recipe_slim_writes_a_low_rank_checkpoint_equal_to_the_projected_model",
+        "output.slim: true factorises and writes model.low_rank.safetensors; load_low_rank gives equal logits"),
     **{(g["granularity"], "fsdp2", check): cell for g in GRANULARITIES for check, cell in _FSDP2[g["granularity"]].items()},
 }
 

@@ -1,8 +1,8 @@
-"""`slim_pruned`: the one call that turns a model pruned with structured granularities into a smaller model.
+"""`slim_pruned`: turn a model pruned with structured granularities into a smaller model.
 
-The Trainer callback (``make_callbacks(..., slim=True)``), the Accelerate hook
-(``finalize(slim=True)``) and the recipe (``output.slim: true``) call this after training,
-before saving::
+`slim_granularities` is the ``"slim"`` export that the adapters reach through
+`prune_callbacks.export.export_pruned` (``make_callbacks(..., slim=True)``, ``finalize(slim=True)``,
+``output.slim: true``); in Python, for a pruner whose groups are all structured::
 
     from prune_callbacks.structured import slim_pruned
     summary = slim_pruned(model, pruner)   # finalizes the pruner, then cuts in place
