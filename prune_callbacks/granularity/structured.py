@@ -181,6 +181,7 @@ class FFNNeurons(StructuredUnits):
 
     name = "ffn_neurons"
     kind = "ffn_neurons"
+    config_fields = StructuredUnits.config_fields | {"merge"}  # prune_callbacks.structured.merging
 
 
 @register_granularity("attention_heads")

@@ -18,6 +18,7 @@ from ..config import PruningConfig
 from ..distributed import broadcast_masks
 from ..registry import GRANULARITIES
 from ..saliency import all_finite, gradient_products, make_saliency
+from ..structured.merging import UnitMerger
 from ..targets import check_not_sharded, find_targets
 from .base import StepComponent
 
@@ -40,6 +41,10 @@ class PruningGroup(StepComponent):
             config.saliency, self.granularity.params, beta=config.beta, uncertainty_beta=config.uncertainty_beta
         )
         self.schedule = None
+        self.merger = None  # merge: removed FFN neurons folded into kept ones at each update (structured.merging)
+        if config.merge is not None:
+            self.merger = UnitMerger(model, self.granularity.groups, config.merge, self.granularity.family)
+        self._next_step = 1
         self.resolve(total_steps)
         self.mask_sparsity = 0.0  # the sparsity the current masks were computed for
         self.mask_updates = 0
@@ -53,6 +58,8 @@ class PruningGroup(StepComponent):
         self.schedule = self.config.build_schedule(self.steps)
         if state:
             self.schedule.load_state_dict(state)
+        if self.merger is not None:
+            self.merger.watch(self._next_step, self.schedule)
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -85,6 +92,9 @@ class PruningGroup(StepComponent):
     def after_step(self, step: int, optimizer: Any) -> None:
         if self.schedule.is_update_step(step):
             self.update(self.schedule.value(step))
+        self._next_step = step + 1
+        if self.merger is not None:
+            self.merger.watch(self._next_step, self.schedule)
 
     def apply(self) -> None:
         if self.mask_sparsity > 0.0:
@@ -107,6 +117,8 @@ class PruningGroup(StepComponent):
         masks = self.granularity.select(scores, sparsity)
         if self.config.sync_masks:
             broadcast_masks(masks)
+        if self.merger is not None:  # before the new masks zero the removed neurons' output columns
+            self.merger.fold(self.masks, masks)
         self.granularity.set_masks(masks)
         self.mask_sparsity = sparsity
         self.mask_updates += 1
@@ -129,8 +141,13 @@ class PruningGroup(StepComponent):
                 "weights? before_optimizer_step() called after zero_grad()?)"
             )
 
+    def report(self) -> dict:
+        return self.merger.report() if self.merger is not None else {}
+
     # ------------------------------------------------------------ finalize
     def finalize(self) -> None:
+        if self.merger is not None:
+            self.merger.release()
         self.granularity.finalize()
         self.saliency.release()
         self._work = None
