@@ -221,3 +221,18 @@ def test_merge_values_validated(merge, message):
 def test_merge_true_takes_the_defaults():
     config = PruningConfig(granularity="ffn_neurons", final_sparsity=0.5, merge=True)
     assert config.merge == MergeConfig()
+
+
+def test_update_without_statistics_drops_with_a_warning(caplog):
+    torch.manual_seed(0)
+    model, _ = ARCHS["llama"]()
+    groups = unit_map(model, "ffn_neurons")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merger = UnitMerger(model, groups, MergeConfig())
+    pruned = torch.zeros(24, dtype=torch.bool)
+    pruned[:4] = True
+    with caplog.at_level("WARNING", logger="prune_callbacks.structured.merging"):
+        merger.fold([torch.zeros(24, dtype=torch.bool)] * len(groups), [pruned] * len(groups))
+    assert "no calibration statistics" in caplog.text
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert merger.report()["merge"]["updates"] == 0
