@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import sys
@@ -111,6 +112,36 @@ def run_variant(dense_state, template, data, test, fraction: float, merge: bool,
             "_correct": rows, "params": sum(p.numel() for p in model.parameters())}
 
 
+def table(results: dict) -> str:
+    """The markdown table of a result file (accuracies in %, standard errors in points)."""
+    n = results["test_rows"]
+    dense = results["dense_accuracy"]
+
+    def pct(acc):
+        return f"{100 * acc:.2f} ± {100 * math.sqrt(acc * (1 - acc) / n):.1f}"
+
+    lines = [f"MiniLM / Rotten Tomatoes, {n} test rows, dense fine-tuned {results['dense_steps']} steps: "
+             f"{pct(dense)} %. One-shot FFN pruning after {results['rows'][0]['calib_steps']} lr-0 calibration "
+             f"steps, then {results['rows'][0]['finetune_steps']} fine-tuning steps (batch 16, lr {results['lr']}). "
+             "± = binomial standard error; paired = merge minus drop on the same rows, with its paired SE.", "",
+             "| FFN removed | merge | one-shot acc % | after fine-tune % | slim % | removed output energy recovered (mean over blocks) |",
+             "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        rec = r["merge_report"]["recovered"][0] if r.get("merge_report") and r["merge_report"]["recovered"] else None
+        lines.append(f"| {r['ffn_fraction_removed']:.0%} | {'yes' if r['merge'] else 'no'} | "
+                     f"{pct(r['oneshot_accuracy'])} | {pct(r['finetuned_accuracy'])} | {100 * r['slim_accuracy']:.2f} | "
+                     f"{'' if rec is None else f'{rec:.3f}'} |")
+    lines += ["", "| FFN removed | paired one-shot (points) | paired after fine-tune (points) |", "|---|---|---|"]
+    for p in results["paired"]:
+        a, b = p["oneshot_merge_minus_drop"], p["finetuned_merge_minus_drop"]
+        lines.append(f"| {p['ffn_fraction_removed']:.0%} | {100 * a['diff']:+.2f} ± {100 * a['se']:.2f} | "
+                     f"{100 * b['diff']:+.2f} ± {100 * b['se']:.2f} |")
+    load = [[round(x, 1) for x in v] if v else v for v in (results.get("load_avg_start"), results.get("load_avg_end"))]
+    lines += ["", f"Loaded shared machine (2 cores, ~8 agents): load average {load[0]} at the start, {load[1]} at the "
+              f"end; {results['threads']} thread; total {results.get('total_wall_s')} s."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.5, 0.75])
@@ -123,7 +154,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "merge_units.json")
+    ap.add_argument("--table", type=Path, default=None, help="only write the markdown table of this result file")
     args = ap.parse_args(argv)
+    if args.table:
+        args.table.with_suffix(".md").write_text(table(json.loads(args.table.read_text())))
+        return None
     if args.smoke:
         args.dense_steps, args.calib, args.finetune = 4, 2, 2
     common.set_threads(args.threads)
@@ -159,6 +194,7 @@ def main(argv=None):
     results["load_avg_end"] = list(os.getloadavg())
     results["total_wall_s"] = round(time.perf_counter() - start, 1)
     common.write_json(args.out, results)
+    args.out.with_suffix(".md").write_text(table(results))
     return results
 
 
