@@ -124,19 +124,22 @@ def table(results: dict) -> str:
              f"{pct(dense)} %. One-shot FFN pruning after {results['rows'][0]['calib_steps']} lr-0 calibration "
              f"steps, then {results['rows'][0]['finetune_steps']} fine-tuning steps (batch 16, lr {results['lr']}). "
              "± = binomial standard error; paired = merge minus drop on the same rows, with its paired SE.", "",
-             "| FFN removed | merge | one-shot acc % | after fine-tune % | slim % | removed output energy recovered (mean over blocks) |",
+             "| FFN removed | merge | one-shot acc % | after fine-tune % | slim % "
+             "| removed output energy recovered (mean over blocks) |",
              "|---|---|---|---|---|---|"]
     for r in results["rows"]:
         rec = r["merge_report"]["recovered"][0] if r.get("merge_report") and r["merge_report"]["recovered"] else None
         lines.append(f"| {r['ffn_fraction_removed']:.0%} | {'yes' if r['merge'] else 'no'} | "
-                     f"{pct(r['oneshot_accuracy'])} | {pct(r['finetuned_accuracy'])} | {100 * r['slim_accuracy']:.2f} | "
+                     f"{pct(r['oneshot_accuracy'])} | {pct(r['finetuned_accuracy'])} | "
+                     f"{100 * r['slim_accuracy']:.2f} | "
                      f"{'' if rec is None else f'{rec:.3f}'} |")
     lines += ["", "| FFN removed | paired one-shot (points) | paired after fine-tune (points) |", "|---|---|---|"]
     for p in results["paired"]:
         a, b = p["oneshot_merge_minus_drop"], p["finetuned_merge_minus_drop"]
         lines.append(f"| {p['ffn_fraction_removed']:.0%} | {100 * a['diff']:+.2f} ± {100 * a['se']:.2f} | "
                      f"{100 * b['diff']:+.2f} ± {100 * b['se']:.2f} |")
-    load = [[round(x, 1) for x in v] if v else v for v in (results.get("load_avg_start"), results.get("load_avg_end"))]
+    load = [[round(x, 1) for x in v] if v else v
+            for v in (results.get("load_avg_start"), results.get("load_avg_end"))]
     lines += ["", f"Loaded shared machine (2 cores, ~8 agents): load average {load[0]} at the start, {load[1]} at the "
               f"end; {results['threads']} thread; total {results.get('total_wall_s')} s."]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Merging removed FFN neurons into kept ones (prune_callbacks.structured.merging): the refit, the hooks, the setting."""
+"""Merging removed FFN neurons into kept ones (prune_callbacks.structured.merging): refit, hooks, setting."""
 
 import pytest
 import torch
