@@ -57,15 +57,15 @@ def _setup(args):
         model = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=2))
         data = {s: common.synthetic_encoded(64, seed=i) for i, s in enumerate(("train", "validation", "test"))}
         return model, data
-    model, tok = common.load_minilm(seed=0)
+    model, tok = common.load_minilm(seed=args.seed)
     return model, common.load_rt_encoded(tok, seed=0, max_train=None, max_eval=args.max_eval, max_len=64)
 
 
 def dense_model(model, data, args):
-    common.seed_everything(0)
+    common.seed_everything(args.seed)
     optimizer = common.make_optimizer(model, lr=args.lr)
     scheduler = common.linear_warmup_decay(optimizer, steps=args.dense_steps, warmup=args.dense_steps // 10)
-    batches = common.train_batches(data["train"], steps=args.dense_steps, batch_size=16, seed=0)
+    batches = common.train_batches(data["train"], steps=args.dense_steps, batch_size=16, seed=args.seed)
     wall = common.train(model, batches, optimizer, scheduler)
     return wall
 
@@ -74,7 +74,7 @@ def run_variant(dense_state, template, data, test, fraction: float, merge: bool,
     from prune_callbacks import Pruner, PruningConfig
     from prune_callbacks.structured import slim_pruned
 
-    common.seed_everything(1)
+    common.seed_everything(args.seed + 1)
     model = copy.deepcopy(template)
     model.load_state_dict(dense_state)
     calib, steps = args.calib, args.calib + args.finetune
@@ -91,8 +91,8 @@ def run_variant(dense_state, template, data, test, fraction: float, merge: bool,
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     pruner = Pruner(model, config, total_steps=steps).attach(optimizer)
-    # calibration batches come from another seed than the dense fine-tune's, the fine-tune's from a third
-    batches = common.train_batches(data["train"], steps=steps, batch_size=16, seed=1)
+    # one batch list (another seed than the dense fine-tune's): the calibration steps, then the fine-tune
+    batches = common.train_batches(data["train"], steps=steps, batch_size=16, seed=args.seed + 1)
     rows: dict = {}
 
     def after(step):
@@ -120,7 +120,8 @@ def table(results: dict) -> str:
     def pct(acc):
         return f"{100 * acc:.2f} ± {100 * math.sqrt(acc * (1 - acc) / n):.1f}"
 
-    lines = [f"MiniLM / Rotten Tomatoes, {n} test rows, dense fine-tuned {results['dense_steps']} steps: "
+    lines = [f"MiniLM / Rotten Tomatoes (seed {results.get('seed', 0)}), {n} test rows, "
+             f"dense fine-tuned {results['dense_steps']} steps: "
              f"{pct(dense)} %. One-shot FFN pruning after {results['rows'][0]['calib_steps']} lr-0 calibration "
              f"steps, then {results['rows'][0]['finetune_steps']} fine-tuning steps (batch 16, lr {results['lr']}). "
              "± = binomial standard error; paired = merge minus drop on the same rows, with its paired SE.", "",
@@ -155,6 +156,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-eval", type=int, default=None, help="rows per eval split (None: the whole test split)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="head init + dense batches; the pruned runs use seed + 1")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "merge_units.json")
     ap.add_argument("--table", type=Path, default=None, help="only write the markdown table of this result file")
@@ -175,7 +177,7 @@ def main(argv=None):
     n = len(dense_correct)
     results = {"benchmark": "merge_units", "hardware": common.hardware_info(), "threads": args.threads,
                "load_avg_start": list(os.getloadavg()), "model": "smoke" if args.smoke else "MiniLM",
-               "dense_steps": args.dense_steps, "lr": args.lr, "batch_size": 16, "max_len": 64,
+               "seed": args.seed, "dense_steps": args.dense_steps, "lr": args.lr, "batch_size": 16, "max_len": 64,
                "test_rows": n, "dense_accuracy": sum(dense_correct) / n, "dense_train_wall_s": round(dense_wall, 1),
                "rows": [], "paired": []}
     for fraction in args.fractions:
