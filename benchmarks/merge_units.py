@@ -12,6 +12,8 @@ merge on/off use identical batches, saliency and therefore identical removed neu
 difference is the fold alone; the paired standard error over the test rows is reported with it.
 
     python benchmarks/merge_units.py --threads 1 --out benchmarks/results/merge_units.json
+    python benchmarks/merge_units.py --threads 1 --seed 1 --out benchmarks/results/merge_units_seed1.json
+    python benchmarks/merge_units.py --pool benchmarks/results/merge_units*.json --out benchmarks/results/merge_pooled.json
     python benchmarks/merge_units.py --smoke --out /tmp/merge_smoke.json
 """
 
@@ -146,6 +148,31 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled(files: list[Path]) -> str:
+    """Markdown: per FFN fraction, accuracies per seed and the merge-minus-drop difference pooled over the seeds
+    (mean of the per-seed paired differences; SE = sqrt(sum of per-seed SE^2) / seeds)."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    lines = [f"Pooled over {len(parts)} seeds ({', '.join(str(p.get('seed', 0)) for p in parts)}); "
+             f"{parts[0]['test_rows']} test rows each. Accuracies in %, dense / drop / merge per seed.", "",
+             "| FFN removed | stage | per seed: dense, drop -> merge | merge - drop, pooled (points) |",
+             "|---|---|---|---|"]
+    for fraction in sorted({r["ffn_fraction_removed"] for r in parts[0]["rows"]}):
+        for stage, key, pkey in (("one-shot", "oneshot_accuracy", "oneshot_merge_minus_drop"),
+                                 ("fine-tuned", "finetuned_accuracy", "finetuned_merge_minus_drop")):
+            cells, diffs, ses = [], [], []
+            for part in parts:
+                rows = {r["merge"]: r for r in part["rows"] if r["ffn_fraction_removed"] == fraction}
+                pair = next(p for p in part["paired"] if p["ffn_fraction_removed"] == fraction)
+                cells.append(f"{100 * part['dense_accuracy']:.1f}, {100 * rows[False][key]:.1f} -> "
+                             f"{100 * rows[True][key]:.1f}")
+                diffs.append(pair[pkey]["diff"])
+                ses.append(pair[pkey]["se"])
+            mean = sum(diffs) / len(diffs)
+            se = math.sqrt(sum(x * x for x in ses)) / len(ses)
+            lines.append(f"| {fraction:.0%} | {stage} | {'; '.join(cells)} | {100 * mean:+.2f} ± {100 * se:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.5, 0.75])
@@ -160,7 +187,12 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "merge_units.json")
     ap.add_argument("--table", type=Path, default=None, help="only write the markdown table of this result file")
+    ap.add_argument("--pool", nargs="+", type=Path, default=None, help="result files of several seeds: write the "
+                    "pooled markdown to --out's .md")
     args = ap.parse_args(argv)
+    if args.pool:
+        args.out.with_suffix(".md").write_text(pooled(args.pool))
+        return None
     if args.table:
         args.table.with_suffix(".md").write_text(table(json.loads(args.table.read_text())))
         return None
