@@ -27,6 +27,7 @@ from .config_errors import (  # noqa: F401 (re-exported: `from prune_callbacks.c
 )
 from .guard.config import AccuracyGuardConfig
 from .structured.description import UnitDescription
+from .structured.merging import MergeConfig
 from .registry import GRANULARITIES, SALIENCIES, SCHEDULES
 from . import resolution
 from .resolution import MIN_MASK_UPDATES, ResolvedSchedule, absolute_step  # noqa: F401 (re-exported)
@@ -66,6 +67,11 @@ class PruningConfig(_Validated):
     units: Optional[UnitDescription] = Field(
         None, description="Structured granularities on your own architecture: where its blocks, FFN neurons and heads "
         "are (module-name regexes; prune_callbacks.structured.description). None = the built-in family table.")
+
+    merge: Optional[MergeConfig] = Field(
+        None, description="ffn_neurons: fold removed neurons into the kept ones by a least-squares refit of the FFN "
+        "output projection at each mask update ({} or true for the defaults; prune_callbacks.structured.merging). "
+        "None = drop them.")
 
     saliency: str = Field("taylor", description="A registered saliency: taylor, platon, magnitude, movement, or your own.")
     beta: FiniteFloat = Field(0.85, description="EMA factor of the taylor score and of platon's importance.")
@@ -228,8 +234,11 @@ class PruningConfig(_Validated):
         problems += granularity.check_config(self, *args)
         problems += granularity.settings_problems(self.granularity_settings, self.granularity)
         owned = set().union(*(g.config_fields for g in GRANULARITIES.classes()))
+        readers = {f: ", ".join(n for n in GRANULARITIES.names() if n in GRANULARITIES
+                                and f in GRANULARITIES.get(n).config_fields) for f in owned}
         problems += [
-            f"{f}={getattr(self, f)!r} does not apply to granularity={self.granularity!r}; remove it"
+            f"{f}={getattr(self, f)!r} does not apply to granularity={self.granularity!r} (allowed with: "
+            f"{readers[f]}); remove it"
             for f in sorted(owned - set(granularity.config_fields)) if f in given
         ]
         fixed = None if problems else granularity.fixed_final_sparsity(*args)

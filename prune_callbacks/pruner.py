@@ -290,7 +290,8 @@ class Pruner:
             "groups": [
                 {"granularity": g.config.granularity, "saliency": g.config.saliency, "targets": len(g.targets),
                  "scheduled_sparsity": g.schedule.value(self.step), "mask_sparsity": g.mask_sparsity,
-                 "update_every": g.steps.update_every, "bytes_this_rank": g.local_bytes(), **g.granularity.report()}
+                 "update_every": g.steps.update_every, "bytes_this_rank": g.local_bytes(), **g.granularity.report(),
+                 **g.report()}
                 for g in self.groups
             ],
         }

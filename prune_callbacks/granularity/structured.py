@@ -254,6 +254,7 @@ class FFNNeurons(StructuredUnits):
     name = "ffn_neurons"
     kind = "ffn_neurons"
     unit_words = ("FFN neurons", " per block")
+    config_fields = StructuredUnits.config_fields | {"merge"}  # prune_callbacks.structured.merging
 
 
 @register_granularity("attention_heads")

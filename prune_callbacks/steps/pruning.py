@@ -20,6 +20,7 @@ from ..distributed import broadcast_masks
 from ..registry import GRANULARITIES, SALIENCIES
 from ..saliency import all_finite, gradient_products, make_saliency
 from ..sharding import check_shardable, is_sharded, local_bytes
+from ..structured.merging import UnitMerger
 from ..targets import drop_frozen, find_targets
 from .base import StepComponent
 
@@ -53,6 +54,10 @@ class PruningGroup(StepComponent):
             uncertainty_beta=config.uncertainty_beta,
         )
         self.schedule = None
+        self.merger = None  # merge: removed FFN neurons folded into kept ones at each update (structured.merging)
+        if config.merge is not None:
+            self.merger = UnitMerger(model, self.granularity.groups, config.merge, self.granularity.family)
+        self._next_step = 1
         self.resolve(total_steps)
         self.mask_sparsity = 0.0  # the sparsity the current masks were computed for
         self.mask_updates = 0
@@ -73,6 +78,11 @@ class PruningGroup(StepComponent):
                 f"granularity={self.config.granularity!r} does not support FSDP2-sharded weights yet; "
                 "use 'unstructured', 'N:M', 'ffn_neurons' or 'attention_heads', or prune without sharding"
             )
+        if self.config.merge is not None:
+            raise NotImplementedError(
+                f"merge={self.config.merge!r} does not support FSDP2-sharded weights yet (it refits whole output "
+                "projections); leave it unset"
+            )
         if self.config.l1_lambda > 0:
             raise NotImplementedError(
                 f"l1_lambda={self.config.l1_lambda!r} does not support FSDP2-sharded weights yet; set it to 0"
@@ -84,6 +94,8 @@ class PruningGroup(StepComponent):
         self.schedule = self.config.build_schedule(self.steps)
         if state:
             self.schedule.load_state_dict(state)
+        if self.merger is not None:
+            self.merger.watch(self._next_step, self.schedule)
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -125,6 +137,9 @@ class PruningGroup(StepComponent):
     def after_step(self, step: int, optimizer: Any) -> None:
         if self.schedule.is_update_step(step):
             self.update(self.schedule.value(step))
+        self._next_step = step + 1
+        if self.merger is not None:
+            self.merger.watch(self._next_step, self.schedule)
 
     def apply(self) -> None:
         if self.mask_sparsity > 0.0:
@@ -148,6 +163,8 @@ class PruningGroup(StepComponent):
         masks = self.granularity.select(scores, sparsity)
         if self.config.sync_masks and not self.granularity.layout.sharded:  # shards differ per rank by design
             broadcast_masks(masks)
+        if self.merger is not None:  # before the new masks zero the removed neurons' output columns
+            self.merger.fold(self.masks, masks)
         self.granularity.set_masks(masks)
         self.mask_sparsity = sparsity
         self.mask_updates += 1
@@ -208,8 +225,13 @@ class PruningGroup(StepComponent):
         buffers = [b for bufs in self.saliency.buffers.values() for b in bufs]
         return local_bytes([*self.masks, *buffers, *(self._work or [])])
 
+    def report(self) -> dict:
+        return self.merger.report() if self.merger is not None else {}
+
     # ------------------------------------------------------------ finalize
     def finalize(self) -> None:
+        if self.merger is not None:
+            self.merger.release()
         self.granularity.finalize()
         self.saliency.release()
         self._work = None
