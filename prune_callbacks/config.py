@@ -27,7 +27,7 @@ from .config_errors import (  # noqa: F401 (re-exported: `from prune_callbacks.c
 )
 from .guard.config import AccuracyGuardConfig
 from .structured.description import UnitDescription
-from .structured.merging import MergeConfig
+from .structured.merge_config import MergeConfig
 from .registry import GRANULARITIES, SALIENCIES, SCHEDULES
 from . import resolution
 from .resolution import MIN_MASK_UPDATES, ResolvedSchedule, absolute_step  # noqa: F401 (re-exported)
