@@ -37,7 +37,7 @@ def _models():
 
 
 def _keep(model, seed=0):
-    from prune_callbacks.structured import unit_map
+    from prune_callbacks.methods.structured import unit_map
 
     g = torch.Generator().manual_seed(seed)
     ffn = []
@@ -65,7 +65,7 @@ def _time(model, inputs) -> float:
 
 
 def main(argv=None) -> dict:
-    from prune_callbacks.structured import slim
+    from prune_callbacks.export.dispatch import slim
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=15)

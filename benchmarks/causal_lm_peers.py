@@ -6,7 +6,7 @@ Every row gets the same fine-tuning budget: ``--steps`` AdamW steps of ``--batch
 
 * ``dense``: fine-tuned, no pruning;
 * ``ours_<s>``: prune while fine-tuning (`Pruner`, default saliency, cubic schedule);
-* ``ours_kd_<s>``: the same, plus knowledge distillation (`prune_callbacks.distillation`, `DistillationConfig`
+* ``ours_kd_<s>``: the same, plus knowledge distillation (`prune_callbacks.controllers.distillation`, `DistillationConfig`
   defaults: ``"self"`` teacher copied ``"before_pruning"``, hardness 0.5, temperature 2.0);
 * ``oneshot_magnitude_<s>``: per-layer magnitude pruning once, then fine-tuning with the mask held fixed;
 * ``sparsegpt_<s>`` / ``wanda_<s>``: llm-compressor one-shot on ``--calib-blocks`` training blocks, run in its
@@ -174,7 +174,7 @@ def held_out_perplexity(model, blocks, batch_size: int = 8) -> float:
 
 
 def block_weights(model):
-    from prune_callbacks.targets import find_targets
+    from prune_callbacks.core.targets import find_targets
     return find_targets(model)  # the Linear layers inside the decoder blocks: the targets of every pruned row
 
 
@@ -209,14 +209,14 @@ def finetune(model, train, args, pruning_config=None, distillation=None):
                               num_training_steps=args.steps)
     pruner, hook = None, None
     if pruning_config is not None:
-        from prune_callbacks.pruner import Pruner
+        from prune_callbacks.engine.pruner import Pruner
         pruner = Pruner(model, pruning_config, total_steps=args.steps).attach(optimizer)
     elif measured_sparsity(model) > 0:
         hook = fixed_mask_hook(optimizer, model)
     distiller, snapshot_at = None, None
     if distillation is not None:
-        from prune_callbacks.distillation import Distiller
-        from prune_callbacks.distillation.teacher import snapshot_step
+        from prune_callbacks.controllers.distillation import Distiller
+        from prune_callbacks.controllers.distillation.teacher import snapshot_step
         if pruner is None:
             raise ValueError("distillation rows prune while fine-tuning: give pruning_config too")
         distiller = Distiller(distillation).attach(model)
@@ -310,7 +310,7 @@ def main(argv=None):
         return merge(args.merge, Path(args.out), plot_it=not args.no_plot)
     torch.set_num_threads(args.threads)
     from prune_callbacks import PruningConfig
-    from prune_callbacks.distillation import DistillationConfig
+    from prune_callbacks.controllers.distillation import DistillationConfig
 
     distillation = DistillationConfig()  # the defaults: "self" teacher copied "before_pruning"
 

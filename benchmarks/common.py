@@ -270,7 +270,7 @@ def train(
 
 def target_sparsity_stats(model) -> dict:
     """Achieved sparsity over the default pruning targets (whatever pruned them), min/max per target."""
-    from prune_callbacks.targets import find_targets
+    from prune_callbacks.core.targets import find_targets
 
     targets = find_targets(model)
     zeros = total = 0

@@ -2,7 +2,7 @@
 
 The loop, data, optimizer and pruning config are those of ``benchmarks/quality.py``
 (taylor, global, the grid's pinned ``update_every=10``); a run only adds a
-`prune_callbacks.distillation.Distiller` attached to the model: the loop still calls
+`prune_callbacks.controllers.distillation.Distiller` attached to the model: the loop still calls
 ``model(**batch).loss``. A ``"self"`` teacher snapshotted ``before_pruning`` is copied in
 the step hook after the last optimizer step before the first mask update.
 ``dense_teacher`` uses the fully fine-tuned dense model of the same run as teacher
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common, quality  # noqa: E402
 from prune_callbacks import Pruner  # noqa: E402
-from prune_callbacks.distillation import DistillationConfig, Distiller, module_bytes  # noqa: E402
+from prune_callbacks.controllers.distillation import DistillationConfig, Distiller, module_bytes  # noqa: E402
 
 # name -> DistillationConfig fields (None: no distillation). teacher "dense" = the dense run's model.
 RUNS = {

@@ -42,8 +42,8 @@ def _worker(size_m: list[float], dim: int, updates: int, steps: int, out: str) -
     from torch import nn
 
     from prune_callbacks import Pruner, PruningConfig
-    from prune_callbacks import selection
-    from prune_callbacks.sharding import local
+    from prune_callbacks.methods import selection
+    from prune_callbacks.methods.sharding import local
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common, quality  # noqa: E402
 from prune_callbacks import PruningConfig  # noqa: E402
-from prune_callbacks.guard import AccuracyGuardConfig  # noqa: E402
+from prune_callbacks.controllers.guard import AccuracyGuardConfig  # noqa: E402
 
 PRUNE = dict(saliency="taylor", schedule="cubic", start_step=0, end_step=0.6, update_every=8)
 GUARD = dict(metric="eval_accuracy", every=16, patience=2)
@@ -53,7 +53,7 @@ def _accelerator():
 
 def prune_run(model, data, setting, args, *, final_sparsity: float, guard: dict | None) -> dict:
     """One pruning run from the dense fine-tuned model through AcceleratePruningHook (guarded or not)."""
-    from prune_callbacks.integrations.accelerate import AcceleratePruningHook
+    from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook
 
     steps = setting["prune_steps"]
     acc = _accelerator()

@@ -32,7 +32,7 @@ from prune_callbacks import PruningConfig  # noqa: E402
 def run(make, train, guard_blocks, report_blocks, args, *, final_sparsity, guard) -> dict:
     from transformers import get_scheduler
 
-    from prune_callbacks.integrations.accelerate import AcceleratePruningHook
+    from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook
 
     model = make()
     acc = _accelerator()

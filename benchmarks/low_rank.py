@@ -62,8 +62,8 @@ def _setup(args):
 
 
 def _export_and_measure(name, model, pruner, test, extra) -> dict:
-    from prune_callbacks.export import export_pruned
-    from prune_callbacks.low_rank import save_low_rank
+    from prune_callbacks.export.dispatch import export_pruned
+    from prune_callbacks.export.low_rank import save_low_rank
 
     report = pruner.report()
     masked = common.accuracy(model, test)

@@ -74,7 +74,7 @@ def dense_model(model, data, args):
 
 def run_variant(dense_state, template, data, test, fraction: float, merge: bool, args) -> dict:
     from prune_callbacks import Pruner, PruningConfig
-    from prune_callbacks.structured import slim_pruned
+    from prune_callbacks.export import slim_pruned
 
     common.seed_everything(args.seed + 1)
     model = copy.deepcopy(template)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
-from prune_callbacks.saliency import BYTES_PER_PARAM, gradient_products  # noqa: E402
+from prune_callbacks.methods.saliency import BYTES_PER_PARAM, gradient_products  # noqa: E402
 
 VARIANTS = ["taylor", "taylor@v1", "platon", "movement", "magnitude"]
 METHODS = [v for v in VARIANTS if "@" not in v]

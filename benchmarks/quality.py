@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
 from prune_callbacks import Pruner  # noqa: E402
-from prune_callbacks.config import PruningConfig  # noqa: E402
+from prune_callbacks.core.config import PruningConfig  # noqa: E402
 
 METHODS = {
     "dense": None,
@@ -136,7 +136,7 @@ def run_torch_ao(model, optimizer_fn, batches, steps, sparsity, cfg: PruningConf
     from torch.ao.pruning import WeightNormSparsifier
     from torch.ao.pruning.scheduler.cubic_scheduler import CubicSL
 
-    from prune_callbacks.targets import find_targets
+    from prune_callbacks.core.targets import find_targets
 
     sched = cfg.resolve(steps)
     start, end, every = max(sched.start_step, 1), sched.end_step, cfg.update_every

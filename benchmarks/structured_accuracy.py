@@ -1,9 +1,9 @@
 """MiniLM on Rotten Tomatoes: accuracy after a short fine-tune with structured pruning, with and without distillation.
 
 Pruning rides the fine-tune (taylor saliency, cubic from 10% to 60% of the run, uniform per block), then
-`prune_callbacks.structured.slim_pruned` cuts the units out; the slimmed model's test accuracy is compared
+`prune_callbacks.export.slim_pruned` cuts the units out; the slimmed model's test accuracy is compared
 with the masked model's (they must agree). ``+kd`` variants attach a
-`prune_callbacks.distillation.Distiller` whose teacher is the fine-tuned ``dense`` model of the same setting
+`prune_callbacks.controllers.distillation.Distiller` whose teacher is the fine-tuned ``dense`` model of the same setting
 (the oBERT / SparseML arrangement; ``hardness`` 1.0, temperature 2.0). Same batches, optimizer, schedule and
 seed for every variant; rows are appended to ``--out`` as they finish (``--resume`` skips finished ones).
 
@@ -65,8 +65,8 @@ def _teacher(args):
 
 def run_variant(name: str, args) -> dict:
     from prune_callbacks import Pruner, PruningConfig
-    from prune_callbacks.distillation import DistillationConfig, Distiller
-    from prune_callbacks.structured import slim_pruned
+    from prune_callbacks.controllers.distillation import DistillationConfig, Distiller
+    from prune_callbacks.export import slim_pruned
 
     kinds, kd = _kinds(name)
     common.seed_everything(0)

@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from prune_callbacks.structured import mask_model, slim, unit_map  # noqa: E402
+from prune_callbacks.methods.structured import mask_model, unit_map  # noqa: E402
+from prune_callbacks.export import slim
 
 VARIANTS = {  # name: (fraction of FFN neurons removed, blocks removed); structured_accuracy.py reads it too
     "dense": (0.0, 0), "ffn50": (0.5, 0), "ffn75": (0.75, 0),

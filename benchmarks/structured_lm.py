@@ -8,7 +8,7 @@ Two steps (separate processes, so each bench job stays short):
   ``update_every`` 2, uniform per block), then `slim_pruned`. The slim model is saved with
   ``save_pretrained`` to ``--models-dir/<variant>``, reloaded with plain ``AutoModelForCausalLM.from_pretrained``
   and compared with the in-memory model (max |logit diff| stored); held-out perplexity of the reloaded model.
-  ``+kd``: distillation (`prune_callbacks.distillation`, default hardness 0.5, temperature 2.0) from the
+  ``+kd``: distillation (`prune_callbacks.controllers.distillation`, default hardness 0.5, temperature 2.0) from the
   pretrained model (a ``train_begin`` teacher).
 * ``--latency``: every saved variant loaded in one process; one forward per variant per round, variants
   interleaved (rotated order), median over rounds at batch 1 and batch 8, seq ``--seq-len``,
@@ -61,8 +61,8 @@ def train_variant(name: str, make, train, held, args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from prune_callbacks import PruningConfig
-    from prune_callbacks.distillation import DistillationConfig, Distiller
-    from prune_callbacks.structured import slim_pruned
+    from prune_callbacks.controllers.distillation import DistillationConfig, Distiller
+    from prune_callbacks.export import slim_pruned
 
     kinds, kd = _kinds(name, args.smoke)
     torch.manual_seed(args.seed)

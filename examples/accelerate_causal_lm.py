@@ -34,7 +34,7 @@ from transformers import default_data_collator, get_scheduler
 
 from prune_callbacks import PruningConfig
 from prune_callbacks.assets import load_kjv, load_smollm2, perplexity, tokenize_and_group
-from prune_callbacks.integrations.accelerate import AcceleratePruningHook
+from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook
 
 
 def parse_args():

@@ -1,45 +1,54 @@
 """prune_callbacks: prune transformer models inside ordinary fine-tuning.
 
-The core is pure torch. Where each part lives (a new one goes next to its kind):
+The folder tree is the architecture; each layer imports only the layers above it in this list
+(``tests/test_layout.py`` fails on an upward import or a cycle):
 
-* ``config.py``: `PruningConfig` / `L1Config` (validated; names checked against ``registry.py``);
-* ``saliency.py``: how weights are scored (taylor, platon, movement, magnitude; ``register_saliency``);
-* ``schedule.py``: how sparsity rises over steps (cubic, linear, oneshot; ``register_schedule``);
-* ``granularity/``: how masks are shaped and chosen (unstructured, N:M; ``register_granularity``);
-* ``steps/``: what rides the optimizer step and in which order (pruning groups, L1; controllers);
-* ``peft_support.py``: models carrying PEFT (LoRA) adapters are refused, with the reason and the remedy;
-* ``pruner.py``: the `Pruner` that composes them; ``report.py``: the one sparsity report. The Trainer and Accelerate adapters and the checkpoint helpers are
-exported lazily, so ``import prune_callbacks`` never imports transformers or
-accelerate.
+* ``core/``: primitives that know no method: the validated configs (`PruningConfig`), the registry of
+  named parts, which weights are targets, the architecture family table, counting and reports, the
+  log-key schema, state files on disk, process helpers;
+* ``methods/``: saliencies, schedules, exact selection, granularities (unstructured, N:M, structured
+  units, low rank: a new one goes in ``methods/granularity/``), sharding, the step components;
+* ``engine/``: the `Pruner` that composes them, and its state;
+* ``export/``: what a pruned model becomes: slim models, low-rank factors, sparse checkpoints,
+  semi-structured 2:4 (a new export format goes here, registered in ``export.EXPORTS``);
+* ``controllers/``: the accuracy guard and distillation, which steer a run;
+* ``integrations/``: the Hugging Face Trainer callbacks and the Accelerate hooks (a new framework
+  adapter goes here);
+* ``recipe/``, ``analysis/``, ``cli.py``: YAML recipes, the redundancy analysis, the command line;
+  ``assets/``: the offline models and data they use.
+
+``import prune_callbacks`` imports neither transformers nor accelerate: the adapters are exported
+lazily. Import paths of the flat layout before this one keep working (``_moved.py``).
 """
 
-from ._lazy import lazy_exports
+from prune_callbacks import _moved
+from prune_callbacks._lazy import lazy_exports
 
-from .config import L1Config, PruningConfig, PruningConfigError
-from .granularity import Granularity
-from .pruner import Pruner
-from .registry import register_granularity, register_saliency, register_schedule
-from .report import model_sparsity, sparsity_of_tensors
-from .saliency import Saliency
-from .schedule import Schedule, target_sparsity
-from .semi_structured import to_semi_structured
-from .steps.base import StepComponent
+from prune_callbacks.core.config import L1Config, PruningConfig, PruningConfigError
+from prune_callbacks.methods.granularity import Granularity
+from prune_callbacks.engine.pruner import Pruner
+from prune_callbacks.core.registry import register_granularity, register_saliency, register_schedule
+from prune_callbacks.core.report import model_sparsity, sparsity_of_tensors
+from prune_callbacks.methods.saliency import Saliency
+from prune_callbacks.methods.schedule import Schedule, target_sparsity
+from prune_callbacks.export.semi_structured import to_semi_structured
+from prune_callbacks.methods.steps.base import StepComponent
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "make_callbacks": ".integrations.trainer",
-    "GradualPruningCallback": ".integrations.trainer",
-    "L1RegularizationCallback": ".integrations.trainer",
-    "PermanentMaskCallback": ".integrations.trainer",
-    "AcceleratePruningHook": ".integrations.accelerate",
-    "save_sparse": ".sparse_io",
-    "load_sparse": ".sparse_io",
-    "densify": ".sparse_io",
-    "SparseCheckpointError": ".sparse_io",
-    "DistillationConfig": ".distillation",
-    "DistillationCallback": ".integrations.distillation_callback",
-    "AccelerateDistillationHook": ".integrations.accelerate_distillation",
+    "make_callbacks": "prune_callbacks.integrations.trainer",
+    "GradualPruningCallback": "prune_callbacks.integrations.trainer",
+    "L1RegularizationCallback": "prune_callbacks.integrations.trainer",
+    "PermanentMaskCallback": "prune_callbacks.integrations.trainer",
+    "AcceleratePruningHook": "prune_callbacks.integrations.accelerate.hook",
+    "save_sparse": "prune_callbacks.export.sparse_io",
+    "load_sparse": "prune_callbacks.export.sparse_io",
+    "densify": "prune_callbacks.export.sparse_io",
+    "SparseCheckpointError": "prune_callbacks.export.sparse_io",
+    "DistillationConfig": "prune_callbacks.controllers.distillation",
+    "DistillationCallback": "prune_callbacks.integrations.trainer.distillation",
+    "AccelerateDistillationHook": "prune_callbacks.integrations.accelerate.distillation",
 }
 
 __all__ = [
@@ -64,3 +73,4 @@ __all__ = [
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
+_moved.install()

@@ -108,8 +108,8 @@ def _sigterm_as_interrupt():
 
 
 def _finetune(args) -> int:
-    from .recipe.loading import load_recipe
-    from .recipe.workflow import run_recipe
+    from prune_callbacks.recipe.loading import load_recipe
+    from prune_callbacks.recipe.workflow import run_recipe
 
     recipe = load_recipe(args.recipe, _resume_sets(args), output_dir=args.output_dir, max_steps=args.max_steps)
     with _sigterm_as_interrupt():
@@ -124,9 +124,9 @@ def _resume_sets(args) -> list[str]:
 
 
 def _validate(args) -> int:
-    from .recipe.loading import load_recipe
-    from .recipe.preflight import check_recipe
-    from .recipe.summary import describe
+    from prune_callbacks.recipe.loading import load_recipe
+    from prune_callbacks.recipe.preflight import check_recipe
+    from prune_callbacks.recipe.summary import describe
 
     recipe = load_recipe(args.recipe, _resume_sets(args), output_dir=args.output_dir, max_steps=args.max_steps)
     pre = check_recipe(recipe, load_model=args.load)
@@ -146,7 +146,7 @@ def _validate(args) -> int:
 
 
 def _analyze(args) -> int:
-    from .analysis.recipe_run import run_analysis
+    from prune_callbacks.analysis.recipe_run import run_analysis
 
     out = run_analysis(args.recipe, args.output_dir, args.sets, calibration_rows=args.calibration_rows,
                        eval_rows=args.eval_rows, batch_size=args.batch_size, do_fit_head=not args.no_fit_head,
@@ -156,9 +156,9 @@ def _analyze(args) -> int:
 
 
 def _report(args) -> int:
-    from .recipe.tables import format_table, group_rows, human_bytes
-    from .recipe.weights import load_weights, pruning_state_summary
-    from .report import sparsity_of_tensors
+    from prune_callbacks.recipe.tables import format_table, group_rows, human_bytes
+    from prune_callbacks.recipe.weights import load_weights, pruning_state_summary
+    from prune_callbacks.core.report import sparsity_of_tensors
 
     loaded = load_weights(args.path)
     table = sparsity_of_tensors(loaded.tensors)
@@ -182,21 +182,21 @@ def _report(args) -> int:
 
 def _user_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(errors meaning 'fix the recipe / command line', errors meaning 'fix the environment or files')."""
-    from .assets import AssetNotInstalledError
-    from .config import PruningConfigError
-    from .recipe.errors import FinalSaveError, RecipeError
-    from .recipe.weights import WeightsError
-    from .pruner_state import PruningStateError
+    from prune_callbacks.assets import AssetNotInstalledError
+    from prune_callbacks.core.config import PruningConfigError
+    from prune_callbacks.recipe.errors import FinalSaveError, RecipeError
+    from prune_callbacks.recipe.weights import WeightsError
+    from prune_callbacks.engine.state import PruningStateError
 
     # OSError: missing / unreadable files, a full disk, a read-only output directory
     environment: tuple[type, ...] = (AssetNotInstalledError, WeightsError, PruningStateError, FinalSaveError, OSError)
     try:
-        from .sparse_io import SparseCheckpointError
+        from prune_callbacks.export.sparse_io import SparseCheckpointError
 
         environment += (SparseCheckpointError,)
     except ImportError:
         pass
-    from .analysis.errors import AnalysisError
+    from prune_callbacks.analysis.errors import AnalysisError
 
     return (RecipeError, PruningConfigError, AnalysisError), environment
 

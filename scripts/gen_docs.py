@@ -111,7 +111,7 @@ def _yaml(value) -> str:
 
 
 def _registries() -> dict[str, list[str]]:
-    from prune_callbacks.registry import GRANULARITIES, SALIENCIES, SCHEDULES
+    from prune_callbacks.core.registry import GRANULARITIES, SALIENCIES, SCHEDULES
 
     return {"saliency": list(SALIENCIES.names()), "schedule": list(SCHEDULES.names()),
             "granularity": list(GRANULARITIES.names())}

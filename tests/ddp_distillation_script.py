@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from helpers import tiny_bert_classifier, toy_classification_rows  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from prune_callbacks.integrations.distillation_callback import DistillationCallback  # noqa: E402
+from prune_callbacks.integrations.trainer.distillation import DistillationCallback  # noqa: E402
 from prune_callbacks.integrations.trainer import make_callbacks  # noqa: E402
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from prune_callbacks import Pruner, PruningConfig
-from prune_callbacks.sharded_state import load_sharded_state, save_sharded_state
-from prune_callbacks.sharding import ShardLayout, layout_of, local
+from prune_callbacks.engine.sharded_state import load_sharded_state, save_sharded_state
+from prune_callbacks.methods.sharding import ShardLayout, layout_of, local
 
 STEPS = 8
 NAN_STEP = 3  # a non-finite gradient in rank 0's rows only: every rank must skip it
@@ -162,7 +162,7 @@ def slim_from_full_state(model, pruner, rank, result):
     """finalize, gather the full state dict, load it into an unsharded copy on rank 0 and slim that."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from prune_callbacks.structured import slim, structured_keep
+    from prune_callbacks.export import slim, structured_keep
 
     pruner.finalize()
     keep = structured_keep(pruner)  # unit masks are the same on every rank
@@ -253,7 +253,7 @@ def largest_allocation(rank):
 def guarded(rank):
     """The accuracy guard on a sharded pruner: a fake metric that breaks above 40% sparsity makes it hold and
     roll back; decisions and masks must match the single-process reference."""
-    from prune_callbacks.guard.controller import add_guards
+    from prune_callbacks.controllers.guard.controller import add_guards
 
     def metric(pruner):
         return 0.9 if pruner.mask_sparsity <= 0.4 + 1e-9 else 0.5

@@ -61,7 +61,7 @@ def main() -> None:
 
         TrainerState.save_to_json = save_to_json
     elif mode == "final-save":
-        import prune_callbacks.sparse_io.checkpoint as checkpoint
+        import prune_callbacks.export.sparse_io.checkpoint as checkpoint
 
         real_replace = os.replace
 

@@ -139,7 +139,7 @@ def train(model, case: Case, kind: str, steps: int = STEPS):
 
 def masks_zero(pruner) -> bool:
     """Every tensor slice a pruned unit spans is exactly zero."""
-    from prune_callbacks.granularity.structured import StructuredUnits
+    from prune_callbacks.methods.granularity.structured import StructuredUnits
 
     for group in pruner.groups:
         gran = group.granularity
@@ -157,7 +157,8 @@ def masks_zero(pruner) -> bool:
 
 def check(case: Case, kind: str, folder: Optional[Path] = None) -> dict:
     """Run one cell; returns ``{"ok": bool, ...}`` with the figures (or ``refused``: the message)."""
-    from prune_callbacks.structured import StructuredUnitsError, slim_pruned
+    from prune_callbacks.methods.structured import StructuredUnitsError
+    from prune_callbacks.export import slim_pruned
 
     model = build(case)
     inputs, _ = batch(case, 0)
@@ -203,7 +204,7 @@ def render(results: dict) -> str:
              "Each structured cell: tiny random config, 3 AdamW steps with a `Pruner` of that kind, masks zero on "
              "every spanned tensor, masked logits = slimmed logits, `save_pretrained`, vanilla `from_pretrained` "
              f"reload, logits equal (max abs diff <= {RELOAD_ATOL:g}, fp32). Unit descriptions: "
-             "`prune_callbacks/structured/families.py`.", "",
+             "`prune_callbacks/core/families.py`.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     reasons = {}
     for case in CASES:
@@ -228,7 +229,7 @@ def render(results: dict) -> str:
               "each block list (block 0's relative position bias is shared by every block); removing block 0 hands "
               "that bias to the new first block."]
     lines += ["", "Your own architecture: describe its units with `PruningConfig(units=...)` "
-              "(`prune_callbacks/structured/description.py`); a model without a `from_pretrained` config is slimmed "
+              "(`prune_callbacks/core/unit_description.py`); a model without a `from_pretrained` config is slimmed "
               "in place, save its `state_dict`.", ""]
     return "\n".join(lines)
 

@@ -15,12 +15,12 @@ from accelerate.tracking import GeneralTracker  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 
 from prune_callbacks import PruningConfig  # noqa: E402
-from prune_callbacks.integrations.accelerate import (  # noqa: E402
+from prune_callbacks.integrations.accelerate.hook import (  # noqa: E402
     AcceleratePruningHook,
     check_accelerator_supported,
     count_optimizer_steps,
 )
-from prune_callbacks.schedule import is_update_step, target_sparsity  # noqa: E402
+from prune_callbacks.methods.schedule import is_update_step, target_sparsity  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -376,7 +376,7 @@ def test_sparsity_reaches_trackers_every_log_every_steps():
     report = hook.finalize()
     assert [step for step, _ in tracker.logged] == [3, 6, 7]
     step, values = tracker.logged[-1]
-    # the one schema (prune_callbacks.figures), the same keys the Trainer callbacks log
+    # the one schema (prune_callbacks.core.figures), the same keys the Trainer callbacks log
     assert values["sparsity/global"] == report["global_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert values["sparsity/masks_target"] == values["sparsity/scheduled"] == 0.5
     assert values["pruning/mask_updates"] == pruner.mask_updates
@@ -434,7 +434,7 @@ def test_finalize_does_not_warn_when_the_schedule_finished(final):
 def test_finalize_can_write_the_compressed_checkpoint(tmp_path):
     from helpers import tiny_llama_lm
 
-    from prune_callbacks.sparse_io import load_sparse
+    from prune_callbacks.export.sparse_io import load_sparse
 
     acc = Accelerator(cpu=True)
     model = tiny_llama_lm()

@@ -11,8 +11,8 @@ transformers = pytest.importorskip("transformers")
 from prune_callbacks.analysis.architecture import map_model  # noqa: E402
 from prune_callbacks.analysis.blocks import skipped  # noqa: E402
 from prune_callbacks.analysis.probe import MeanPooled, fit_head, trained_pooling  # noqa: E402
-from prune_callbacks.structured.masking import is_skipped, skip_block  # noqa: E402
-from prune_callbacks.structured.units import StructuredUnitsError, block_layout, unit_map  # noqa: E402
+from prune_callbacks.methods.structured.masking import is_skipped, skip_block  # noqa: E402
+from prune_callbacks.methods.structured.units import StructuredUnitsError, block_layout, unit_map  # noqa: E402
 
 
 def bert():

@@ -9,8 +9,8 @@ from helpers import tiny_llama_lm
 from prune_callbacks.analysis import analyze
 from prune_callbacks.analysis.strategies import BUDGET_TOLERANCE, candidates
 from prune_callbacks.analysis.suggest import choose_strategy, suggest_pruning
-from prune_callbacks.structured.masking import is_skipped
-from prune_callbacks.targets import find_targets
+from prune_callbacks.methods.structured.masking import is_skipped
+from prune_callbacks.core.targets import find_targets
 
 
 def _bert(layers=4):

@@ -10,12 +10,13 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
-from prune_callbacks.structured import StructuredUnitsError, mask_model, slim, slim_pruned, unit_map  # noqa: E402
-from prune_callbacks.structured.families import FAMILIES  # noqa: E402
+from prune_callbacks.methods.structured import StructuredUnitsError, mask_model, unit_map  # noqa: E402
+from prune_callbacks.export import slim, slim_pruned
+from prune_callbacks.core.families import FAMILIES  # noqa: E402
 from support_matrix import (  # noqa: E402
     CASES, COLUMNS, RELOAD_ATOL, batch, build, check, logits,
 )
-from prune_callbacks.structured.units import block_layout  # noqa: E402
+from prune_callbacks.methods.structured.units import block_layout  # noqa: E402
 
 CELLS = [(case, column) for case in CASES for column in COLUMNS]
 

@@ -56,7 +56,7 @@ def test_output_directory_holds_what_is_promised(quickstart_run):
 def test_model_loads_with_plain_from_pretrained_with_the_zeros(quickstart_run):
     from transformers import AutoModelForSequenceClassification
 
-    from prune_callbacks.sparse_io import load_sparse
+    from prune_callbacks.export.sparse_io import load_sparse
 
     model = AutoModelForSequenceClassification.from_pretrained(quickstart_run)
     query = model.bert.encoder.layer[0].attention.self.query.weight

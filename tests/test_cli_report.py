@@ -15,7 +15,7 @@ import torch
 from helpers import tiny_bert_classifier
 from prune_callbacks import Pruner
 from prune_callbacks.cli import main
-from prune_callbacks.state_io import STATE_FILE, save_state_file
+from prune_callbacks.core.state_io import STATE_FILE, save_state_file
 
 SPARSITY = 0.5
 
@@ -91,7 +91,7 @@ def test_bin_that_needs_pickle_is_refused(tmp_path, capsys):
 
 
 def test_sparse_checkpoint(tmp_path, capsys, pruned):
-    from prune_callbacks.sparse_io import save_sparse
+    from prune_callbacks.export.sparse_io import save_sparse
 
     model, _ = pruned
     save_sparse(model, tmp_path / "sparse")

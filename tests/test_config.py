@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from prune_callbacks import PruningConfig
-from prune_callbacks.config import PruningConfigError, make_config
+from prune_callbacks.core.config import PruningConfigError, make_config
 
 
 @pytest.mark.parametrize(
@@ -77,7 +77,7 @@ def test_defaults_are_valid_and_round_trip_through_json():
 def test_core_never_imports_transformers_or_accelerate():
     code = (
         "import sys, torch\n"
-        "import prune_callbacks, prune_callbacks.pruner, prune_callbacks.state_io\n"
+        "import prune_callbacks, prune_callbacks.engine.pruner, prune_callbacks.core.state_io\n"
         "from prune_callbacks import Pruner, PruningConfig\n"
         "from helpers import TinyLM\n"
         "Pruner(TinyLM(), PruningConfig(start_step=1, end_step=2)).report()\n"

@@ -322,8 +322,8 @@ def _export(model, granularity: str, out: Path, outcome: Outcome, probe: torch.T
     from transformers import AutoModelForCausalLM
 
     if pruner is not None and _low_rank(granularity):
-        from prune_callbacks.export import export_pruned
-        from prune_callbacks.low_rank import densify, load_low_rank, save_low_rank
+        from prune_callbacks.export.dispatch import export_pruned
+        from prune_callbacks.export.low_rank import densify, load_low_rank, save_low_rank
 
         summary = export_pruned(model, pruner)["factorize_granularities"]
         save_low_rank(model, out)
@@ -375,7 +375,7 @@ def run_plain(granularity: str, tmp: Path, interrupt: bool = False) -> Outcome:
             pruner.attach(opt)
     outcome.final_masks = [m.clone() for m in pruner.pruned]
     if _row(granularity)["slim"]:
-        from prune_callbacks.structured import slim_pruned
+        from prune_callbacks.export import slim_pruned
 
         slim_pruned(model, pruner)
     else:
@@ -436,7 +436,7 @@ def run_trainer(granularity: str, tmp: Path, interrupt: bool = False) -> Outcome
 def run_accelerate(granularity: str, tmp: Path, interrupt: bool = False) -> Outcome:
     from accelerate import Accelerator
 
-    from prune_callbacks.integrations.accelerate import AcceleratePruningHook
+    from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook
 
     outcome = Outcome()
     observe = Observer(granularity, outcome, PROBE)
@@ -531,7 +531,7 @@ def run_recipe(granularity: str, tmp: Path, interrupt: bool = False) -> Outcome:
             masked.load_state_dict(weights, strict=False)
             masked.tie_weights()
             if granularity == "blocks":
-                from prune_callbacks.structured.masking import skip_block
+                from prune_callbacks.methods.structured.masking import skip_block
 
                 for block in _blocks(masked):
                     if all(bool((p == 0).all()) for p in block.parameters() if p.dim() == 2):
@@ -566,7 +566,7 @@ def _offline_and_clean():
 # ------------------------------------------------------------ the table itself
 def test_every_registered_granularity_has_a_row():
     """A granularity registered by the package without a row here is untested: add its row."""
-    from prune_callbacks.registry import GRANULARITIES as REGISTRY
+    from prune_callbacks.core.registry import GRANULARITIES as REGISTRY
 
     registered = dict(zip(REGISTRY.names(), REGISTRY.classes()))
     builtin = {name for name, cls in registered.items() if cls.__module__.startswith("prune_callbacks.")}

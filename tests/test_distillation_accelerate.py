@@ -10,9 +10,9 @@ from accelerate import Accelerator  # noqa: E402
 from helpers import reset_accelerate_state, tiny_bert_classifier, toy_classification_rows  # noqa: E402
 
 from prune_callbacks import PruningConfig  # noqa: E402
-from prune_callbacks.distillation import DistillationConfigError  # noqa: E402
-from prune_callbacks.integrations.accelerate import AcceleratePruningHook  # noqa: E402
-from prune_callbacks.integrations.accelerate_distillation import AccelerateDistillationHook  # noqa: E402
+from prune_callbacks.controllers.distillation import DistillationConfigError  # noqa: E402
+from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook  # noqa: E402
+from prune_callbacks.integrations.accelerate.distillation import AccelerateDistillationHook  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 from helpers import tiny_bert_classifier, tiny_llama_lm  # noqa: E402
 
-from prune_callbacks.distillation import (  # noqa: E402
+from prune_callbacks.controllers.distillation import (  # noqa: E402
     DistillationConfig,
     DistillationConfigError,
     Distiller,
@@ -20,7 +20,7 @@ from prune_callbacks.distillation import (  # noqa: E402
     module_bytes,
     token_mask,
 )
-from prune_callbacks.distillation import teacher as teacher_lib  # noqa: E402
+from prune_callbacks.controllers.distillation import teacher as teacher_lib  # noqa: E402
 
 
 # ---------------------------------------------------------------- config
@@ -227,14 +227,14 @@ def test_distillation_core_does_not_import_transformers_and_is_exported():
     import subprocess
     import sys
 
-    code = ("import sys, prune_callbacks.distillation, prune_callbacks; prune_callbacks.DistillationConfig; "
+    code = ("import sys, prune_callbacks.controllers.distillation, prune_callbacks; prune_callbacks.DistillationConfig; "
             "assert 'transformers' not in sys.modules and 'accelerate' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_snapshot_step_is_one_before_the_first_mask_update_and_refuses_l1_only():
     from prune_callbacks import Pruner
-    from prune_callbacks.distillation.teacher import snapshot_step
+    from prune_callbacks.controllers.distillation.teacher import snapshot_step
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     pruner = Pruner(model, final_sparsity=0.5, start_step=4, end_step=8, update_every=2,

@@ -10,7 +10,7 @@ from helpers import run_torchrun
 
 pytest.importorskip("transformers")
 
-from prune_callbacks.distillation import TEACHER_FILE  # noqa: E402
+from prune_callbacks.controllers.distillation import TEACHER_FILE  # noqa: E402
 
 SCRIPT = Path(__file__).with_name("ddp_distillation_script.py")
 

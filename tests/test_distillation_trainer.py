@@ -9,8 +9,8 @@ pytest.importorskip("transformers")
 from helpers import tiny_bert_classifier, tiny_llama_lm, toy_classification_rows  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from prune_callbacks.distillation import TEACHER_FILE, DistillationConfig, DistillationConfigError  # noqa: E402
-from prune_callbacks.integrations.distillation_callback import DistillationCallback  # noqa: E402
+from prune_callbacks.controllers.distillation import TEACHER_FILE, DistillationConfig, DistillationConfigError  # noqa: E402
+from prune_callbacks.integrations.trainer.distillation import DistillationCallback  # noqa: E402
 from prune_callbacks.integrations.trainer import make_callbacks  # noqa: E402
 
 PRUNING = dict(final_sparsity=0.6, start_step=3, end_step=7, update_every=1)  # first mask update at step 3

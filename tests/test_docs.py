@@ -209,7 +209,7 @@ PRELUDES = {name[len("prelude_"):]: fn for name, fn in globals().items() if name
 
 
 def _registries():
-    from prune_callbacks.registry import GRANULARITIES, SALIENCIES, SCHEDULES
+    from prune_callbacks.core.registry import GRANULARITIES, SALIENCIES, SCHEDULES
 
     return (SALIENCIES, SCHEDULES, GRANULARITIES)
 

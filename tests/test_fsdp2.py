@@ -106,7 +106,7 @@ def test_finalize_full_state_dict_loads_with_vanilla_from_pretrained(two_ranks):
     for name, mask in ref.items():
         assert torch.equal(modules[name].weight == 0, mask), name
     # the compressed checkpoint is written from the gathered model, and reads back bitwise
-    from prune_callbacks.sparse_io import load_sparse, save_sparse
+    from prune_callbacks.export.sparse_io import load_sparse, save_sparse
 
     save_sparse(model, out / "sparse")
     back = dict(load_sparse(out / "sparse").named_parameters())

@@ -198,7 +198,7 @@ def _digest(pruner: Pruner, extra: tuple = ()) -> str:
 
 
 def _make(row: dict, model=None, state=None):
-    from prune_callbacks.guard.controller import add_guards
+    from prune_callbacks.controllers.guard.controller import add_guards
 
     model = model if model is not None else _build_model(row.get("model", "tiny"))
     opt = _optimizer(model)
@@ -215,14 +215,14 @@ def _make(row: dict, model=None, state=None):
 
 
 def _run(name: str, steps: int = STEPS) -> str:
-    from prune_callbacks.guard.controller import baseline_due, evaluation_due
+    from prune_callbacks.controllers.guard.controller import baseline_due, evaluation_due
 
     row = RUNS[name]
     model, opt, pruner, guards = _make(row)
     distiller = None
     if row.get("distill"):
-        from prune_callbacks.distillation import DistillationConfig, Distiller
-        from prune_callbacks.distillation.teacher import snapshot_step
+        from prune_callbacks.controllers.distillation import DistillationConfig, Distiller
+        from prune_callbacks.controllers.distillation.teacher import snapshot_step
 
         distiller = Distiller(DistillationConfig(snapshot="before_pruning")).attach(model)
         teacher_at = snapshot_step(pruner)
@@ -287,7 +287,7 @@ def test_guard_row_exercises_rollback():
     """The guard row is worth hashing only if its scripted metric makes the guard hold and roll back."""
     row = RUNS["guard"]
     model, opt, pruner, guards = _make(row)
-    from prune_callbacks.guard.controller import baseline_due, evaluation_due
+    from prune_callbacks.controllers.guard.controller import baseline_due, evaluation_due
 
     stream = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
@@ -310,7 +310,7 @@ def test_distillation_matches_reference_in_process():
 
     import torch.nn.functional as F
 
-    from prune_callbacks.distillation import DistillationConfig, Distiller
+    from prune_callbacks.controllers.distillation import DistillationConfig, Distiller
 
     temperature, hardness = 2.0, 0.5
     student = _build_model("llama")

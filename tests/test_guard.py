@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from prune_callbacks import PruningConfig, Pruner
-from prune_callbacks.config import PruningConfigError
-from prune_callbacks.guard.controller import AccuracyGuard, add_guards
+from prune_callbacks.core.config import PruningConfigError
+from prune_callbacks.controllers.guard.controller import AccuracyGuard, add_guards
 
 S_STAR = 0.6
 

@@ -10,7 +10,7 @@ pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
 
 from prune_callbacks import PruningConfig, figures  # noqa: E402
-from prune_callbacks.integrations.accelerate import AcceleratePruningHook  # noqa: E402
+from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook  # noqa: E402
 
 S_STAR = 0.6
 STEPS = 120

@@ -8,11 +8,11 @@ from torch import nn
 
 from helpers import TinyLM, lm_loss, random_batches, tiny_bert_classifier
 from prune_callbacks import Pruner
-from prune_callbacks.config import PruningConfigError
-from prune_callbacks.export import export_pruned
-from prune_callbacks.granularity.low_rank import kept_params, max_rank
-from prune_callbacks.low_rank import LowRankCheckpointError, LowRankLinear, densify, load_low_rank, save_low_rank
-from prune_callbacks.state_io import load_state_file, save_state_file
+from prune_callbacks.core.config import PruningConfigError
+from prune_callbacks.export.dispatch import export_pruned
+from prune_callbacks.methods.granularity.low_rank import kept_params, max_rank
+from prune_callbacks.export.low_rank import LowRankCheckpointError, LowRankLinear, densify, load_low_rank, save_low_rank
+from prune_callbacks.core.state_io import load_state_file, save_state_file
 
 CFG = dict(granularity="low_rank", final_sparsity=0.5, start_step=2, end_step=12, update_every=2)
 
@@ -354,7 +354,7 @@ def test_accelerate_loop_with_accumulation_and_bf16_autocast():
     from test_accelerate_hook import _setup, _train_step
 
     from helpers import reset_accelerate_state
-    from prune_callbacks.integrations.accelerate import AcceleratePruningHook
+    from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook
 
     reset_accelerate_state()
     try:

@@ -17,7 +17,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from helpers import tiny_llama_lm  # noqa: E402
 from prune_callbacks.integrations.exporting import FACTORISED_PLAIN_SAVE  # noqa: E402
-from prune_callbacks.low_rank import LowRankLinear, load_low_rank, low_rank_modules, save_low_rank  # noqa: E402
+from prune_callbacks.export.low_rank import LowRankLinear, load_low_rank, low_rank_modules, save_low_rank  # noqa: E402
 
 CFG = {"granularity": "low_rank", "final_sparsity": 0.5, "start_step": 1, "end_step": 4, "update_every": 1,
        "granularity_settings": {"importance": "none"}}
@@ -74,7 +74,7 @@ def test_accelerate_finalize_slim_factorises_a_low_rank_run(tmp_path):
     from accelerate import Accelerator
 
     from helpers import reset_accelerate_state
-    from prune_callbacks.integrations.accelerate import AcceleratePruningHook
+    from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook
 
     reset_accelerate_state()
     try:
@@ -120,7 +120,7 @@ def test_recipe_slim_writes_a_low_rank_checkpoint_equal_to_the_projected_model(t
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from prune_callbacks.cli import main
-    from prune_callbacks.low_rank import WEIGHTS_NAME
+    from prune_callbacks.export.low_rank import WEIGHTS_NAME
 
     projected_recipe, projected_out = _recipe(tmp_path, "projected", save_sparse=False)
     low_recipe, low_out = _recipe(tmp_path, "low", slim=True)

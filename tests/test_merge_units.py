@@ -1,4 +1,4 @@
-"""Merging removed FFN neurons into kept ones (prune_callbacks.structured.merging): refit, hooks, setting."""
+"""Merging removed FFN neurons into kept ones (prune_callbacks.methods.structured.merging): refit, hooks, setting."""
 
 import pytest
 import torch
@@ -6,9 +6,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
-from prune_callbacks.structured import slim_pruned, unit_map, zero_units  # noqa: E402
-from prune_callbacks.structured.merging import MergeConfig, UnitMerger, least_squares_fold  # noqa: E402
-from prune_callbacks.structured.units import block_layout  # noqa: E402
+from prune_callbacks.methods.structured import unit_map, zero_units  # noqa: E402
+from prune_callbacks.export import slim_pruned
+from prune_callbacks.methods.structured.merging import MergeConfig, UnitMerger, least_squares_fold  # noqa: E402
+from prune_callbacks.methods.structured.units import block_layout  # noqa: E402
 
 
 def bert():
@@ -231,7 +232,7 @@ def test_update_without_statistics_drops_with_a_warning(caplog):
     merger = UnitMerger(model, groups, MergeConfig())
     pruned = torch.zeros(24, dtype=torch.bool)
     pruned[:4] = True
-    with caplog.at_level("WARNING", logger="prune_callbacks.structured.merging"):
+    with caplog.at_level("WARNING", logger="prune_callbacks.methods.structured.merging"):
         merger.fold([torch.zeros(24, dtype=torch.bool)] * len(groups), [pruned] * len(groups))
     assert "no calibration statistics" in caplog.text
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -7,9 +7,9 @@ import torch
 
 from helpers import TinyLM, lm_loss, random_batches
 from prune_callbacks import Pruner, PruningConfig
-from prune_callbacks.config import PruningConfigError
-from prune_callbacks.granularity import NM
-from prune_callbacks.semi_structured import is_2to4, to_semi_structured
+from prune_callbacks.core.config import PruningConfigError
+from prune_callbacks.methods.granularity import NM
+from prune_callbacks.export.semi_structured import is_2to4, to_semi_structured
 
 CFG = dict(start_step=3, end_step=30, update_every=3)
 

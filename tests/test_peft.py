@@ -9,8 +9,8 @@ peft = pytest.importorskip("peft")
 from helpers import tiny_llama_lm  # noqa: E402
 
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
-from prune_callbacks.peft_support import AdapterModelError, adapter_layers, refuse_adapter_models  # noqa: E402
-from prune_callbacks.targets import find_targets  # noqa: E402
+from prune_callbacks.core.peft_support import AdapterModelError, adapter_layers, refuse_adapter_models  # noqa: E402
+from prune_callbacks.core.targets import find_targets  # noqa: E402
 
 CFG = PruningConfig(final_sparsity=0.5, start_step=0, end_step=4, update_every=1)
 

@@ -7,7 +7,7 @@ import torch
 
 from helpers import TinyLM, lm_loss, random_batches
 from prune_callbacks import Pruner, PruningConfig
-from prune_callbacks.saliency import METHODS
+from prune_callbacks.methods.saliency import METHODS
 
 CFG = dict(final_sparsity=0.8, start_step=4, end_step=40, update_every=4)
 
@@ -190,7 +190,7 @@ def test_state_round_trip_is_exact(saliency):
 
 
 def test_state_file_round_trip(tmp_path):
-    from prune_callbacks.state_io import load_state_file, save_state_file
+    from prune_callbacks.core.state_io import load_state_file, save_state_file
 
     torch.manual_seed(0)
     model = TinyLM()

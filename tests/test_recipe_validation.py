@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from prune_callbacks.config import PruningConfig
+from prune_callbacks.core.config import PruningConfig
 from prune_callbacks.recipe import RecipeError, load_recipe, recipe_to_yaml, validate_data
 from prune_callbacks.recipe.loading import parse_set
 from prune_callbacks.recipe.schema import Recipe

@@ -7,14 +7,14 @@ import importlib
 import pytest
 
 MOVED = [  # (old module, name, new module)
-    ("prune_callbacks.config", "PruningConfigError", "prune_callbacks.config_errors"),
-    ("prune_callbacks.config", "format_validation_error", "prune_callbacks.config_errors"),
-    ("prune_callbacks.config", "validation_problems", "prune_callbacks.config_errors"),
-    ("prune_callbacks.config", "_Validated", "prune_callbacks.config_errors"),
-    ("prune_callbacks.config", "ResolvedSchedule", "prune_callbacks.resolution"),
-    ("prune_callbacks.config", "MIN_MASK_UPDATES", "prune_callbacks.resolution"),
-    ("prune_callbacks.pruner", "STATE_VERSION", "prune_callbacks.pruner_state"),
-    ("prune_callbacks.pruner", "_torch_optimizer", "prune_callbacks.optimizer_unwrap"),
+    ("prune_callbacks.core.config", "PruningConfigError", "prune_callbacks.core.config_errors"),
+    ("prune_callbacks.core.config", "format_validation_error", "prune_callbacks.core.config_errors"),
+    ("prune_callbacks.core.config", "validation_problems", "prune_callbacks.core.config_errors"),
+    ("prune_callbacks.core.config", "_Validated", "prune_callbacks.core.config_errors"),
+    ("prune_callbacks.core.config", "ResolvedSchedule", "prune_callbacks.core.resolution"),
+    ("prune_callbacks.core.config", "MIN_MASK_UPDATES", "prune_callbacks.core.resolution"),
+    ("prune_callbacks.engine.pruner", "STATE_VERSION", "prune_callbacks.engine.state"),
+    ("prune_callbacks.engine.pruner", "_torch_optimizer", "prune_callbacks.core.optimizer_unwrap"),
     ("prune_callbacks.integrations.trainer.callbacks", "PruningCallbacks", "prune_callbacks.integrations.trainer.binding"),
     ("prune_callbacks.integrations.trainer.callbacks", "_TrainerPruningCallback",
      "prune_callbacks.integrations.trainer.binding"),
@@ -31,7 +31,7 @@ def test_moved_name_is_reexported(old, name, new):
 
 
 def test_unknown_key_errors_still_list_the_allowed_keys():
-    from prune_callbacks.config import L1Config, PruningConfig, PruningConfigError
+    from prune_callbacks.core.config import L1Config, PruningConfig, PruningConfigError
 
     for model, key in ((PruningConfig, "final_sparsity"), (L1Config, "l1_lambda")):
         with pytest.raises(PruningConfigError, match=f"unknown key 'bogus'; allowed keys: .*{key}"):

@@ -314,7 +314,7 @@ def test_guard_verdict_is_a_warning_when_not_met(tmp_path, capsys, caplog):
 
 
 def test_guard_verdict_not_met_is_a_python_warning_too(caplog):
-    from prune_callbacks.guard.config import AccuracyGuardConfig
+    from prune_callbacks.core.guard_config import AccuracyGuardConfig
     from prune_callbacks.integrations.guard_verdict import AccuracyGuardWarning, tell_verdict
 
     config = AccuracyGuardConfig(metric="eval_accuracy", max_drop=0.01)

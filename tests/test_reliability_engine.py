@@ -15,9 +15,9 @@ import torch
 
 from helpers import TinyLM, lm_loss, random_batches
 from prune_callbacks import Pruner, PruningConfig
-from prune_callbacks.config import L1Config, PruningConfigError
-from prune_callbacks.distillation.config import DistillationConfig, DistillationConfigError, make_distillation_config
-from prune_callbacks.guard.config import AccuracyGuardConfig
+from prune_callbacks.core.config import L1Config, PruningConfigError
+from prune_callbacks.controllers.distillation.config import DistillationConfig, DistillationConfigError, make_distillation_config
+from prune_callbacks.core.guard_config import AccuracyGuardConfig
 
 CFG = dict(final_sparsity=0.5, start_step=1, end_step=4, update_every=1)
 
@@ -78,7 +78,7 @@ def test_finite_values_are_still_accepted():
 
 def test_shared_finite_type_is_used_by_every_model():
     """Every plain float field carries `FiniteFloat`'s constraint; step fields (int or fraction) use `check_finite`."""
-    from prune_callbacks.config_errors import FiniteFloat
+    from prune_callbacks.core.config_errors import FiniteFloat
 
     (constraint,) = [m for m in FiniteFloat.__metadata__[0].metadata]
     for cls, _ in MODELS.values():
@@ -234,7 +234,7 @@ def test_a_request_that_rounds_to_zero_units_is_refused(kind, value, smallest):
 
 
 def test_blocks_finalized_without_slim_warn_when_the_unslimmed_model_is_saved(caplog, tmp_path):
-    from prune_callbacks.config_errors import BLOCKS_WITHOUT_SLIM
+    from prune_callbacks.core.config_errors import BLOCKS_WITHOUT_SLIM
 
     pruner = _train_bert(bert(4), PruningConfig(granularity="blocks", final_sparsity=0.5, start_step=1, end_step=4,
                                                  update_every=1))
@@ -245,7 +245,7 @@ def test_blocks_finalized_without_slim_warn_when_the_unslimmed_model_is_saved(ca
         pruner.model.save_pretrained(tmp_path / "unslimmed")
     assert any(BLOCKS_WITHOUT_SLIM in r.getMessage() for r in caplog.records)
     assert "slim" in BLOCKS_WITHOUT_SLIM
-    from prune_callbacks.structured import slim_pruned
+    from prune_callbacks.export import slim_pruned
 
     slim_pruned(pruner.model, pruner)
     with warnings.catch_warnings():
@@ -254,7 +254,7 @@ def test_blocks_finalized_without_slim_warn_when_the_unslimmed_model_is_saved(ca
 
 
 def test_blocks_finalized_for_saving_unslimmed_are_refused_with_the_fix():
-    from prune_callbacks.config_errors import BLOCKS_WITHOUT_SLIM
+    from prune_callbacks.core.config_errors import BLOCKS_WITHOUT_SLIM
 
     pruner = _train_bert(bert(4), PruningConfig(granularity="blocks", final_sparsity=0.5, start_step=1, end_step=4,
                                                  update_every=1))
@@ -262,7 +262,7 @@ def test_blocks_finalized_for_saving_unslimmed_are_refused_with_the_fix():
         pruner.finalize(slim=False)
     assert BLOCKS_WITHOUT_SLIM in str(info.value)
     assert not pruner.finalized  # nothing made permanent: slim_pruned still works
-    from prune_callbacks.structured import slim_pruned
+    from prune_callbacks.export import slim_pruned
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -294,9 +294,9 @@ def _sparse_dict():
 
 @pytest.mark.parametrize("key", ["a.weight.__values__", "a.weight.__mask__", "b.bias"])
 def test_a_flipped_payload_byte_is_detected_naming_file_and_tensor(tmp_path, key):
-    from prune_callbacks.sparse_io import SparseCheckpointError
-    from prune_callbacks.sparse_io.reader import read_sparse_file
-    from prune_callbacks.sparse_io.writer import write_sparse_file
+    from prune_callbacks.export.sparse_io import SparseCheckpointError
+    from prune_callbacks.export.sparse_io.reader import read_sparse_file
+    from prune_callbacks.export.sparse_io.writer import write_sparse_file
 
     path = tmp_path / "model.sparse.safetensors"
     write_sparse_file(_sparse_dict(), path)
@@ -311,9 +311,9 @@ def test_checkpoints_written_before_checksums_load_with_a_warning(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from prune_callbacks.sparse_io.format import METADATA_KEY
-    from prune_callbacks.sparse_io.reader import read_sparse_file
-    from prune_callbacks.sparse_io.writer import write_sparse_file
+    from prune_callbacks.export.sparse_io.format import METADATA_KEY
+    from prune_callbacks.export.sparse_io.reader import read_sparse_file
+    from prune_callbacks.export.sparse_io.writer import write_sparse_file
 
     path = tmp_path / "model.sparse.safetensors"
     state = _sparse_dict()
@@ -334,8 +334,8 @@ def test_checkpoints_written_before_checksums_load_with_a_warning(tmp_path):
 
 @pytest.mark.parametrize("reader", ["load_sparse", "densify", "report"])
 def test_every_reader_verifies_the_checksums(tmp_path, reader):
-    from prune_callbacks.sparse_io import SparseCheckpointError, densify, load_sparse, save_sparse
-    from prune_callbacks.sparse_io.format import WEIGHTS_NAME
+    from prune_callbacks.export.sparse_io import SparseCheckpointError, densify, load_sparse, save_sparse
+    from prune_callbacks.export.sparse_io.format import WEIGHTS_NAME
 
     model = bert(2)
     with torch.no_grad():
@@ -361,9 +361,9 @@ def test_every_reader_verifies_the_checksums(tmp_path, reader):
 
 # ------------------------------------------------------------------ 7. one source for each fact (behaviour-neutral)
 def test_one_zero_counter_counts_negative_zero_and_the_sparse_file_keeps_its_bits(tmp_path):
-    from prune_callbacks.report import sparsity_of_tensors, zero_count
-    from prune_callbacks.sparse_io.reader import read_sparse_file
-    from prune_callbacks.sparse_io.writer import write_sparse_file
+    from prune_callbacks.core.report import sparsity_of_tensors, zero_count
+    from prune_callbacks.export.sparse_io.reader import read_sparse_file
+    from prune_callbacks.export.sparse_io.writer import write_sparse_file
 
     t = torch.tensor([[0.0, -0.0, 1.0, 0.0]] * 4)
     assert zero_count(t) == 12
@@ -375,8 +375,8 @@ def test_one_zero_counter_counts_negative_zero_and_the_sparse_file_keeps_its_bit
 
 @pytest.mark.parametrize("kind", ["cubic", "linear", "oneshot"])
 def test_target_sparsity_is_the_schedule_classes_value(kind):
-    from prune_callbacks.registry import SCHEDULES
-    from prune_callbacks.schedule import target_sparsity
+    from prune_callbacks.core.registry import SCHEDULES
+    from prune_callbacks.methods.schedule import target_sparsity
 
     for start, end in [(3, 24), (0, 10), (5, 5)]:
         schedule = SCHEDULES.get(kind)(initial=0.1, final=0.8, start=start, end=end, every=3)
@@ -386,8 +386,8 @@ def test_target_sparsity_is_the_schedule_classes_value(kind):
 
 @pytest.mark.parametrize("start,expected", [(0, 1), (1, 0), (4, 3)])  # start 0: first update at every=2
 def test_last_dense_step_is_the_step_before_the_first_update_for_guard_and_teacher(start, expected):
-    from prune_callbacks.distillation.teacher import snapshot_step
-    from prune_callbacks.guard.controller import baseline_step
+    from prune_callbacks.controllers.distillation.teacher import snapshot_step
+    from prune_callbacks.controllers.guard.controller import baseline_step
 
     pruner = Pruner(TinyLM(), PruningConfig(final_sparsity=0.5, start_step=start, end_step=12, update_every=2))
     assert pruner.last_dense_step() == expected == snapshot_step(pruner)
@@ -396,7 +396,7 @@ def test_last_dense_step_is_the_step_before_the_first_update_for_guard_and_teach
 
 
 def test_one_atomic_state_writer_leaves_no_partial_file(tmp_path):
-    from prune_callbacks.state_io import STATE_FILE, load_state_file, save_state_file, write_atomic
+    from prune_callbacks.core.state_io import STATE_FILE, load_state_file, save_state_file, write_atomic
 
     pruner = Pruner(TinyLM(), PruningConfig(**CFG))
     path = save_state_file(pruner.state_dict(), tmp_path / STATE_FILE)
@@ -413,8 +413,8 @@ def test_one_atomic_state_writer_leaves_no_partial_file(tmp_path):
 
 
 def test_distill_keys_come_from_the_figures_schema():
-    from prune_callbacks import figures
-    from prune_callbacks.distillation import report
+    from prune_callbacks.core import figures
+    from prune_callbacks.controllers.distillation import report
 
     assert report.KEYS is figures.DISTILL_KEYS
     assert [figures.distill_key(k) for k in ("kd_loss", "task_loss", "hidden_loss")] == list(figures.DISTILL_KEYS)

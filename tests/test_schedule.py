@@ -2,7 +2,7 @@
 
 import pytest
 
-from prune_callbacks.schedule import is_update_step, l1_strength, target_sparsity
+from prune_callbacks.methods.schedule import is_update_step, l1_strength, target_sparsity
 
 CUBIC = dict(initial=0.0, final=0.9, start=10, end=110, kind="cubic")
 

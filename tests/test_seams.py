@@ -9,11 +9,11 @@ import torch
 
 from helpers import TinyLM, lm_loss, random_batches
 from prune_callbacks import Pruner, PruningConfig
-from prune_callbacks.config import L1Config, PruningConfigError
-from prune_callbacks.registry import SALIENCIES, SCHEDULES, register_saliency, register_schedule
-from prune_callbacks.saliency import Saliency
-from prune_callbacks.schedule import Schedule
-from prune_callbacks.steps.pruning import NoInformationError
+from prune_callbacks.core.config import L1Config, PruningConfigError
+from prune_callbacks.core.registry import SALIENCIES, SCHEDULES, register_saliency, register_schedule
+from prune_callbacks.methods.saliency import Saliency
+from prune_callbacks.methods.schedule import Schedule
+from prune_callbacks.methods.steps.pruning import NoInformationError
 
 CFG = dict(final_sparsity=0.6, start_step=2, end_step=12, update_every=2)
 
@@ -211,7 +211,7 @@ def test_resuming_a_state_of_another_saliency_is_refused_and_changes_warned(capl
         Pruner(TinyLM(), PruningConfig(**CFG, saliency="platon")).load_state_dict(state)
     with pytest.raises(ValueError, match=r"granularity='unstructured', this config has granularity='2:4'"):
         Pruner(TinyLM(), PruningConfig(**{**CFG, "final_sparsity": 0.5}, granularity="2:4")).load_state_dict(state)
-    with caplog.at_level(logging.WARNING, logger="prune_callbacks.pruner"):
+    with caplog.at_level(logging.WARNING, logger="prune_callbacks.engine.pruner"):
         Pruner(TinyLM(), PruningConfig(**CFG, beta=0.9)).load_state_dict(state)
     assert "beta: 0.85 -> 0.9" in caplog.text
 
@@ -231,7 +231,7 @@ def test_no_target_messages_say_the_real_cause():
     with pytest.raises(ValueError, match=r"exclude=\['layers'\] removed every candidate"):
         Pruner(TinyLM(), PruningConfig(**CFG, exclude=["layers"]))
     with pytest.raises(ValueError, match="every selected weight is tied"):
-        from prune_callbacks.targets import find_targets
+        from prune_callbacks.core.targets import find_targets
 
         class OnlyTied(torch.nn.Module):
             def __init__(self):

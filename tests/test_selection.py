@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from prune_callbacks.selection import global_masks, kth_smallest, per_layer_masks, smallest_k_mask
-from prune_callbacks.selection_radix import float_to_key, key_to_float
+from prune_callbacks.methods.selection import global_masks, kth_smallest, per_layer_masks, smallest_k_mask
+from prune_callbacks.methods.selection_radix import float_to_key, key_to_float
 
 
 @pytest.mark.parametrize("n, k", [(10, 0), (10, 1), (10, 5), (10, 10), (1001, 333), (4096, 4095)])

@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-import prune_callbacks.selection_radix as radix
-from prune_callbacks import selection
+import prune_callbacks.methods.selection_radix as radix
+from prune_callbacks.methods import selection
 
 # ----------------------------------------------------------------------------- reference (verbatim, docstrings cut)
 _SAMPLED_ABOVE = 1 << 20  # below this many scores an exact kthvalue is already fast

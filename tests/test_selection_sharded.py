@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import prune_callbacks.selection_radix as radix
-from prune_callbacks import selection
+import prune_callbacks.methods.selection_radix as radix
+from prune_callbacks.methods import selection
 
 WORLD = 2
 SHAPES = [(5, 3), (1, 7), (64, 16), (9,), (3, 40), (0, 4)]  # uneven, fewer rows than ranks, 1-d, empty

@@ -5,7 +5,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from prune_callbacks.structured import StructuredUnitsError, mask_model, slim, unit_map  # noqa: E402
+from prune_callbacks.methods.structured import StructuredUnitsError, mask_model, unit_map  # noqa: E402
+from prune_callbacks.export import slim
 
 
 def bert():

@@ -19,7 +19,7 @@ from test_accelerate_hook import fresh_accelerate_state  # noqa: E402,F401  (aut
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from prune_callbacks import PruningConfig  # noqa: E402
-from prune_callbacks.integrations.accelerate import AcceleratePruningHook  # noqa: E402
+from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook  # noqa: E402
 
 STEPS = {"start_step": 1, "end_step": 4, "update_every": 1}
 

@@ -1,4 +1,4 @@
-"""Tests for the compressed sparse checkpoint format (prune_callbacks.sparse_io)."""
+"""Tests for the compressed sparse checkpoint format (prune_callbacks.export.sparse_io)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from prune_callbacks.sparse_io import (
+from prune_callbacks.export.sparse_io import (
     SparseCheckpointError,
     densify,
     is_sparse_checkpoint,
@@ -30,10 +30,10 @@ from prune_callbacks.sparse_io import (
     save_sparse,
     unpack_bitmask,
 )
-from prune_callbacks.sparse_io import writer as writer_module
-from prune_callbacks.sparse_io._hf import drop_tied_aliases
-from prune_callbacks.sparse_io.format import METADATA_KEY, WEIGHTS_NAME
-from prune_callbacks.sparse_io.index import decode_index, encode_index
+from prune_callbacks.export.sparse_io import writer as writer_module
+from prune_callbacks.export.sparse_io._hf import drop_tied_aliases
+from prune_callbacks.export.sparse_io.format import METADATA_KEY, WEIGHTS_NAME
+from prune_callbacks.export.sparse_io.index import decode_index, encode_index
 
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -276,7 +276,7 @@ def _rewrite(path, mutate):
     """Rewrite the file through ``mutate``, with the checksums recomputed (a consistent, crafted file), so the
     structural checks behind the checksum are what these tests exercise (corrupted bytes:
     tests/test_reliability_engine.py)."""
-    from prune_callbacks.sparse_io.format import CHECKSUM_KEY, payload_digest
+    from prune_callbacks.export.sparse_io.format import CHECKSUM_KEY, payload_digest
 
     tensors, metadata = file_tensors(path)
     header = json.loads(metadata[METADATA_KEY])

@@ -8,7 +8,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
-from prune_callbacks.structured import StructuredUnitsError, slim_pruned, structured_keep  # noqa: E402
+from prune_callbacks.methods.structured import StructuredUnitsError  # noqa: E402
+from prune_callbacks.export import slim_pruned, structured_keep
 
 
 def bert():
@@ -177,7 +178,7 @@ def test_unstructured_only_fields_refused_for_structured():
 
 @pytest.mark.parametrize("value", [2, 1.0, 3.5])
 def test_blocks_final_sparsity_is_a_fraction_and_a_count_is_refused_with_the_fraction_to_give(value):
-    from prune_callbacks.config import PruningConfigError
+    from prune_callbacks.core.config import PruningConfigError
 
     with pytest.raises(PruningConfigError) as info:
         PruningConfig(granularity="blocks", final_sparsity=value)

@@ -315,7 +315,7 @@ def test_integrations_package_does_not_import_transformers():
 
 
 def test_group_names_stay_distinct():
-    from prune_callbacks.figures import short_group_names
+    from prune_callbacks.core.figures import short_group_names
 
     groups = {"encoder.block.*.layer.*.q": 1, "decoder.block.*.layer.*.q": 2, "model.layers.*.mlp.up_proj": 3}
     assert short_group_names(groups) == {"encoder.block.*.layer.*.q": 1, "decoder.block.*.layer.*.q": 2, "mlp.up_proj": 3}

@@ -16,7 +16,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from prune_callbacks.integrations.trainer import make_callbacks  # noqa: E402
-from prune_callbacks.state_io import STATE_FILE, load_state_file  # noqa: E402
+from prune_callbacks.core.state_io import STATE_FILE, load_state_file  # noqa: E402
 
 CONFIG = dict(final_sparsity=0.6, start_step=1, end_step=7, update_every=1)
 
@@ -121,9 +121,9 @@ def test_save_model_loads_with_plain_from_pretrained(tmp_path):
         assert not torch.signbit(w[mask]).any()  # +0.0, not -0.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("prune_callbacks.sparse_io") is None, reason="sparse_io not built")
+@pytest.mark.skipif(importlib.util.find_spec("prune_callbacks.export.sparse_io") is None, reason="sparse_io not built")
 def test_save_sparse_at_train_end(tmp_path):
-    from prune_callbacks.sparse_io import load_sparse
+    from prune_callbacks.export.sparse_io import load_sparse
 
     cbs = make_callbacks(**CONFIG, save_sparse_to=str(tmp_path / "sparse"))
     trainer = build(tmp_path / "out", cbs, save_strategy="no", max_steps=7)

@@ -9,7 +9,7 @@ from helpers import run_torchrun
 
 pytest.importorskip("transformers")
 
-from prune_callbacks.state_io import STATE_FILE, load_state_file  # noqa: E402
+from prune_callbacks.core.state_io import STATE_FILE, load_state_file  # noqa: E402
 
 SCRIPT = Path(__file__).with_name("ddp_trainer_script.py")
 

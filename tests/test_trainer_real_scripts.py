@@ -13,7 +13,7 @@ from helpers import tiny_bert_classifier, tiny_llama_lm, toy_classification_rows
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_utils import default_compute_objective  # noqa: E402
 
-from prune_callbacks.figures import is_figure_key  # noqa: E402
+from prune_callbacks.core.figures import is_figure_key  # noqa: E402
 from prune_callbacks.integrations.trainer import make_callbacks  # noqa: E402
 from prune_callbacks.integrations.trainer.logs import place_in_log_history  # noqa: E402
 from prune_callbacks.integrations.trainer.loss_scaling import loss_scaling_problem  # noqa: E402

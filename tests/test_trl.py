@@ -13,9 +13,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
 from prune_callbacks import PruningConfig  # noqa: E402
-from prune_callbacks.figures import GLOBAL, is_figure_key, sparsity_figures  # noqa: E402
+from prune_callbacks.core.figures import GLOBAL, is_figure_key, sparsity_figures  # noqa: E402
 from prune_callbacks.integrations.trainer import make_callbacks  # noqa: E402
-from prune_callbacks.state_io import STATE_FILE, load_state_file  # noqa: E402
+from prune_callbacks.core.state_io import STATE_FILE, load_state_file  # noqa: E402
 
 CONFIG = PruningConfig(final_sparsity=0.5, start_step=1, end_step=6, update_every=1)
 WORDS = [f"w{i}" for i in range(90)]  # + 3 special tokens: 93 ids < the tiny Llama's 97
@@ -98,7 +98,7 @@ def test_sft_trainer_resume_gives_the_masks_of_an_uninterrupted_run(tmp_path):
 
 def test_sft_trainer_with_a_lora_peft_config_is_refused(tmp_path):
     peft = pytest.importorskip("peft")
-    from prune_callbacks.config import PruningConfigError
+    from prune_callbacks.core.config import PruningConfigError
 
     trainer = trl.SFTTrainer(model=tiny_llama_lm(), args=trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True,
                              report_to=[], max_steps=2, max_length=32, disable_tqdm=True),

@@ -6,8 +6,8 @@ plots; :mod:`.suggest` turns the figures into a recipe. ``prune-callbacks analyz
 it all from a recipe (:mod:`.recipe_run`).
 """
 
-from .errors import AnalysisError
-from .run import analyze
-from .spectra import spectrum_stats
+from prune_callbacks.analysis.errors import AnalysisError
+from prune_callbacks.analysis.run import analyze
+from prune_callbacks.analysis.spectra import spectrum_stats
 
 __all__ = ["AnalysisError", "analyze", "spectrum_stats"]

@@ -1,7 +1,7 @@
 """The blocks, attention heads and FFN neurons of a model, as analysis reads them.
 
-Not a parser of its own: every fact comes from :mod:`prune_callbacks.structured.units`, which
-reads the family table (:mod:`prune_callbacks.structured.families`): which ``nn.ModuleList`` s
+Not a parser of its own: every fact comes from :mod:`prune_callbacks.methods.structured.units`, which
+reads the family table (:mod:`prune_callbacks.core.families`): which ``nn.ModuleList`` s
 hold the blocks, where q/k/v/o and the FFN projections are, and which slices of which tensors
 one head (KV group) and one neuron span (`unit_map`, the description structured pruning and
 `slim` use). Models whose blocks it does not recognise still get spectra, saliency mass and
@@ -15,7 +15,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..structured.units import StructuredUnitsError, UnitGroup, block_layout, head_geometry, unit_map
+from prune_callbacks.methods.structured.units import StructuredUnitsError, UnitGroup, block_layout, head_geometry, unit_map
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..structured.masking import is_skipped, skip_block
+from prune_callbacks.methods.structured.masking import is_skipped, skip_block
 
 
 def _hidden_in(args, kwargs) -> torch.Tensor:
@@ -82,7 +82,7 @@ class BlockInfluence:
 @contextlib.contextmanager
 def skipped(block: nn.Module):
     """Within the context, ``block`` returns its input unchanged: the same hook structured pruning uses
-    to remove a block (:func:`prune_callbacks.structured.masking.skip_block`)."""
+    to remove a block (:func:`prune_callbacks.methods.structured.masking.skip_block`)."""
     if is_skipped(block):  # already skipped by its owner: leave that hook alone
         yield
         return

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .errors import AnalysisError
-from .probe import MeanPooled, fit_head, trained_pooling
+from prune_callbacks.analysis.errors import AnalysisError
+from prune_callbacks.analysis.probe import MeanPooled, fit_head, trained_pooling
 
 
 def _batches(dataset, collator, rows: int, batch_size: int) -> list[dict]:
@@ -31,15 +31,15 @@ def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), ca
                  eval_rows: int = 200, batch_size: int = 32, do_fit_head: bool = True, goal: str = "auto") -> Path:
     from transformers import set_seed
 
-    from ..recipe.data import load_data, prepare
-    from ..recipe.loading import apply_overrides, load_recipe, parse_set
-    from ..recipe.yaml_reading import read_yaml
-    from ..recipe.models import load_model
-    from ..recipe.models import quiet_transformers
-    from .plots import write_plots
-    from .report import write_json, write_markdown
-    from .run import analyze
-    from .suggest import GOALS, suggested_recipe_yaml
+    from prune_callbacks.recipe.data import load_data, prepare
+    from prune_callbacks.recipe.loading import apply_overrides, load_recipe, parse_set
+    from prune_callbacks.recipe.yaml_reading import read_yaml
+    from prune_callbacks.recipe.models import load_model
+    from prune_callbacks.recipe.models import quiet_transformers
+    from prune_callbacks.analysis.plots import write_plots
+    from prune_callbacks.analysis.report import write_json, write_markdown
+    from prune_callbacks.analysis.run import analyze
+    from prune_callbacks.analysis.suggest import GOALS, suggested_recipe_yaml
 
     if goal not in GOALS:
         raise AnalysisError(f"goal={goal!r} is unknown; allowed: {', '.join(GOALS)}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .metrics import noise, standard_error
-from .suggest import suggest_pruning
+from prune_callbacks.analysis.metrics import noise, standard_error
+from prune_callbacks.analysis.suggest import suggest_pruning
 
 
 def write_json(a: dict, path: Path) -> None:

@@ -11,16 +11,16 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..report import group_name
-from ..targets import find_targets, unwrap_model
-from .architecture import map_model
-from .blocks import BlockInfluence, skipped
-from .errors import AnalysisError
-from .metrics import HIGHER_IS_BETTER, evaluate
-from .saliency_mass import bottom_overlap, mass_tables, removable_fraction
-from .spectra import low_rank_candidates, spectra
-from .strategies import candidates, probe
-from .units import HeadOutputs, duplicate_heads, duplicate_weights, head_importance, neuron_importance
+from prune_callbacks.core.report import group_name
+from prune_callbacks.core.targets import find_targets, unwrap_model
+from prune_callbacks.analysis.architecture import map_model
+from prune_callbacks.analysis.blocks import BlockInfluence, skipped
+from prune_callbacks.analysis.errors import AnalysisError
+from prune_callbacks.analysis.metrics import HIGHER_IS_BETTER, evaluate
+from prune_callbacks.analysis.saliency_mass import bottom_overlap, mass_tables, removable_fraction
+from prune_callbacks.analysis.spectra import low_rank_candidates, spectra
+from prune_callbacks.analysis.strategies import candidates, probe
+from prune_callbacks.analysis.units import HeadOutputs, duplicate_heads, duplicate_weights, head_importance, neuron_importance
 
 
 def _rows(batch) -> int:

@@ -34,9 +34,9 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..pruner import Pruner
-from ..structured.masking import is_skipped, skip_block
-from ..structured.units import KINDS, StructuredUnitsError, block_layout, unit_map
+from prune_callbacks.engine.pruner import Pruner
+from prune_callbacks.methods.structured.masking import is_skipped, skip_block
+from prune_callbacks.methods.structured.units import KINDS, StructuredUnitsError, block_layout, unit_map
 
 STRUCTURED = KINDS  # the structured unit kinds: one list, in structured.units
 _PROBE_STEPS = 100  # any run length: the probe selects masks once, at the final sparsity, and never steps
@@ -136,7 +136,7 @@ def candidates(model: nn.Module, budget: float, targeted: Mapping[str, int], *, 
 def _low_rank_candidate(model: nn.Module, budget: float, targeted: Mapping[str, int]) -> Optional[dict]:
     """Low rank at ``budget`` (plain-SVD ranks one-shot, see the module docstring), or None when a target is not
     an ``nn.Linear`` or rank 1 everywhere cannot remove the budget."""
-    from ..granularity.low_rank import kept_params
+    from prune_callbacks.methods.granularity.low_rank import kept_params
 
     modules = dict(model.named_modules())
     if not targeted or not all(isinstance(modules.get(n), nn.Linear) for n in targeted):

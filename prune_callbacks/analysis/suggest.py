@@ -22,7 +22,7 @@ the targeted weights sit in matrices whose rank holding 95% of their energy is a
 removes the budget from them, ``(1 - budget) * mn/(m+n)`` (effective rank well below break-even);
 otherwise it is dropped with that reason. Its suggested config trains with the Fisher-weighted ranks
 (the probe measured plain SVD), and the saved model holds rank-``r`` weights (factorise them with
-:mod:`prune_callbacks.low_rank`).
+:mod:`prune_callbacks.export.low_rank`).
 
 **Budgets**: unstructured gets a global Taylor threshold with per-layer caps from the calibration
 saliency (:func:`unstructured_budgets`); structured strategies get the unit fractions that remove the
@@ -36,8 +36,8 @@ from typing import Optional
 
 import yaml
 
-from .metrics import noise
-from .strategies import STRUCTURED, is_structured
+from prune_callbacks.analysis.metrics import noise
+from prune_callbacks.analysis.strategies import STRUCTURED, is_structured
 
 GOALS = ("auto", "size", "speed")
 _KEEP = ("start_step", "end_step", "update_every", "schedule", "include", "exclude")
@@ -182,7 +182,7 @@ def suggest_pruning(analysis: dict) -> tuple[object, list[str]]:
         configs = [{k: v for k, v in c.items() if k != "granularity_settings"} for c in configs]
         reasons.append("low_rank: training allocates the ranks by Fisher-weighted SVD (the probe measured plain SVD "
                        "ranks, a pessimistic proxy); the saved weights have those ranks: factorise them with "
-                       "prune_callbacks.low_rank (export_pruned, save_low_rank)")
+                       "prune_callbacks.export.low_rank (export_pruned, save_low_rank)")
         return configs[0], reasons
     if chosen["kind"] == "N:M":
         reasons.append(f"{configs[0]['granularity']}: N kept in every M consecutive weights; final sparsity follows")

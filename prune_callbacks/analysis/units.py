@@ -9,9 +9,9 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..report import group_name
-from ..targets import is_transposed as _transposed
-from .architecture import ModelMap
+from prune_callbacks.core.report import group_name
+from prune_callbacks.core.targets import is_transposed as _transposed
+from prune_callbacks.analysis.architecture import ModelMap
 
 
 def head_importance(mm: ModelMap, modules: Mapping[str, nn.Module], scores: Mapping[str, torch.Tensor]) -> dict:

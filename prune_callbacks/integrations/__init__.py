@@ -3,7 +3,7 @@
 * :mod:`prune_callbacks.integrations.trainer`: ``transformers.Trainer`` callbacks
   (``make_callbacks``, ``GradualPruningCallback``, ``L1RegularizationCallback``,
   ``PermanentMaskCallback``, ``evaluate_dense``).
-* :mod:`prune_callbacks.integrations.accelerate`: a hook for hand-written
+* :mod:`prune_callbacks.integrations.accelerate.hook`: a hook for hand-written
   Accelerate loops.
 
 Nothing is imported here, so ``import prune_callbacks`` never imports

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from typing import Sequence, Union
 
-from ..config import PruningConfig, PruningConfigError, make_config
-from ..config import make_configs as core_make_configs
+from prune_callbacks.core.config import PruningConfig, PruningConfigError, make_config
+from prune_callbacks.core.config import make_configs as core_make_configs
 
 OneConfig = Union[PruningConfig, dict, None]
 ConfigLike = Union[OneConfig, str, os.PathLike, Sequence[Union[PruningConfig, dict]]]
@@ -37,7 +37,7 @@ def _from_located(exc) -> ConfigFileError:
 
 def config_from_file(path: Union[str, os.PathLike]) -> Configs:
     """The `PruningConfig` (or list of them) of a YAML file; `ConfigFileError` naming every problem."""
-    from .yaml_files import LocatedProblems, read_yaml
+    from prune_callbacks.integrations.yaml_files import LocatedProblems, read_yaml
 
     source = str(path)
     try:

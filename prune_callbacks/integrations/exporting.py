@@ -2,13 +2,13 @@
 
 The Trainer callbacks (``make_callbacks(..., slim=True)``), the Accelerate hook
 (``finalize(slim=True)``) and the recipe (``output.slim: true``) all mean "export the compact form"
-and all call `export_model`, which runs :func:`prune_callbacks.export.export_pruned`: each group's
+and all call `export_model`, which runs :func:`prune_callbacks.export.dispatch.export_pruned`: each group's
 granularity names its export (``export_as``), so structured units are cut out (``"slim"``: a smaller
 ordinary model) and ``low_rank`` Linears become two thin Linears (``"low_rank"``). No adapter looks
 at granularity names. The summaries come back keyed by export name (``{"slim": ..., "low_rank": ...}``)
 and each is logged in one line (:mod:`.slim_log`).
 
-A factorised model (`~prune_callbacks.low_rank.LowRankLinear` modules) is not something plain
+A factorised model (`~prune_callbacks.export.low_rank.LowRankLinear` modules) is not something plain
 ``from_pretrained`` can rebuild (the config has one width per projection), so after a low-rank export
 `export_model` makes the model's ``save_pretrained`` raise `FACTORISED_PLAIN_SAVE` (which names
 ``save_low_rank``); `factorised_save_problem` gives the same wording to the adapters' sparse save.
@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 from typing import Mapping, Optional
 
-from ..export import EXPORTS, export_pruned
-from ..low_rank.factorize import low_rank_modules
-from ..structured.units import StructuredUnitsError
-from .slim_log import _count, describe_slim
+from prune_callbacks.export.dispatch import EXPORTS, export_pruned
+from prune_callbacks.export.low_rank.factorize import low_rank_modules
+from prune_callbacks.methods.structured.units import StructuredUnitsError
+from prune_callbacks.integrations.slim_log import _count, describe_slim
 
 logger = logging.getLogger("prune_callbacks.slim")
 
@@ -31,8 +31,8 @@ logger = logging.getLogger("prune_callbacks.slim")
 FACTORISED_PLAIN_SAVE = (
     "this model holds factorised low-rank Linears (LowRankLinear: granularity 'low_rank' exported with slim=True / "
     "output.slim: true), which plain from_pretrained cannot rebuild; save it with "
-    "prune_callbacks.low_rank.save_low_rank(model, directory, tokenizer) and load it with load_low_rank(directory) "
-    "(prune_callbacks.low_rank.densify(directory, out) then writes an ordinary from_pretrained checkpoint), or "
+    "prune_callbacks.export.low_rank.save_low_rank(model, directory, tokenizer) and load it with load_low_rank(directory) "
+    "(prune_callbacks.export.low_rank.densify(directory, out) then writes an ordinary from_pretrained checkpoint), or "
     "train without slim=True to keep the dense-shaped rank-r weights, which save and load as an ordinary model")
 
 
@@ -64,7 +64,7 @@ def export_model(model, pruner, *, log: bool = True) -> dict[str, dict]:
 
 
 def _names(export: str) -> str:
-    from ..registry import GRANULARITIES
+    from prune_callbacks.core.registry import GRANULARITIES
 
     names = []
     for name in GRANULARITIES.names():
@@ -88,7 +88,7 @@ def describe_export(name: str, summary: Mapping) -> str:
     if "bytes_before" in summary:
         line += f", {int(summary['bytes_before']):,} -> {int(summary['bytes_after']):,} bytes"
     if "ranks" in summary:
-        line += f"; {len(summary['ranks'])} Linears factorised (save with prune_callbacks.low_rank.save_low_rank)"
+        line += f"; {len(summary['ranks'])} Linears factorised (save with prune_callbacks.export.low_rank.save_low_rank)"
     return line
 
 

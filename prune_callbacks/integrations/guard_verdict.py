@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-logger = logging.getLogger("prune_callbacks.guard")
+logger = logging.getLogger("prune_callbacks.controllers.guard")
 
 
 class AccuracyGuardWarning(UserWarning):

@@ -1,6 +1,6 @@
 """What slimming cut, in one line: every adapter that slims (Trainer, Accelerate, recipe) logs it the same way.
 
-`describe_slim` turns the summary `prune_callbacks.structured.slim` returns (``params_before``,
+`describe_slim` turns the summary `prune_callbacks.export.slim` returns (``params_before``,
 ``params_after``, ``config``: ``field -> [old, new]``, ``kept``) into
 ``slimmed the model: 22.7M -> 19.2M parameters (-15.4%); config intermediate_size 1536 -> 768``;
 `log_slim` logs it as a warning, since INFO is dropped by most training scripts and a saved model

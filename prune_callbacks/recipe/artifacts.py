@@ -9,16 +9,16 @@ from typing import Any, Optional
 
 import torch
 
-from ..report import model_sparsity
-from .schema import Recipe
-from .slimming import SPARSE_SKIPPED
+from prune_callbacks.core.report import model_sparsity
+from prune_callbacks.recipe.schema import Recipe
+from prune_callbacks.recipe.slimming import SPARSE_SKIPPED
 
 REPORT_JSON, REPORT_MD, PLOT_PNG = "report.json", "REPORT.md", "sparsity.png"
 
 
 def _strip(metrics: dict, prefix: str, task: str) -> dict:
     """``{"eval_accuracy": ..}`` -> ``{"accuracy": ..}`` (numbers only), with perplexity for causal-lm."""
-    from ..assets import perplexity
+    from prune_callbacks.assets import perplexity
 
     out = {k[len(prefix) + 1:]: float(v) for k, v in metrics.items()
            if k.startswith(prefix + "_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -57,7 +57,7 @@ def _final_sparsity(recipe: Recipe) -> float:
 def _versions() -> dict:
     import transformers
 
-    from .. import __version__
+    from prune_callbacks import __version__
 
     return {"prune_callbacks": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
@@ -144,11 +144,11 @@ def write_json(report: dict, out: Path) -> Path:
 
 def write_all(report: dict, out: Path, plot: bool = True) -> None:
     """report.json, sparsity.png (if ``plot``) and REPORT.md."""
-    from .markdown import render_markdown
+    from prune_callbacks.recipe.markdown import render_markdown
 
     write_json(report, out)
     if plot:
-        from .plots import plot_report
+        from prune_callbacks.recipe.plots import plot_report
 
         plot_report(report, out / PLOT_PNG)
     (out / REPORT_MD).write_text(render_markdown(report, plot_name=PLOT_PNG if plot else None), encoding="utf-8")

@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .errors import RecipeError
-from .schema import Recipe
+from prune_callbacks.recipe.errors import RecipeError
+from prune_callbacks.recipe.schema import Recipe
 
 
 @dataclass
@@ -35,7 +35,7 @@ def load_raw(recipe: Recipe, seed: int) -> tuple[Any, Any]:
     """``(train, eval)`` raw ``datasets.Dataset`` splits, capped by max_train_samples / max_eval_samples."""
     d = recipe.data
     if d.source == "builtin":
-        from ..assets import load_kjv, load_rotten_tomatoes
+        from prune_callbacks.assets import load_kjv, load_rotten_tomatoes
 
         loader = {"rotten_tomatoes": load_rotten_tomatoes, "kjv": load_kjv}[d.name]
         ds = loader(seed=seed, max_train=d.max_train_samples, max_eval=d.max_eval_samples)
@@ -131,7 +131,7 @@ def prepare(recipe: Recipe, tokenizer, train, evaluation, label_map: Optional[di
     if recipe.task == "causal-lm":
         from transformers import default_data_collator
 
-        from ..assets import tokenize_and_group
+        from prune_callbacks.assets import tokenize_and_group
 
         blocks = [tokenize_and_group(split, tokenizer, block_size=d.max_length, text_column=d.text_column)
                   for split in (train, evaluation)]

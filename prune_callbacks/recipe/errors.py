@@ -3,7 +3,7 @@ the file) and `FinalSaveError` (the trained run could not be saved; the message 
 
 from __future__ import annotations
 
-from ..integrations.yaml_files import LocatedProblems, Problem
+from prune_callbacks.integrations.yaml_files import LocatedProblems, Problem
 
 __all__ = ["Problem", "RecipeError", "FinalSaveError"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .schema import Recipe
+from prune_callbacks.recipe.schema import Recipe
 
 
 def make_compute_metrics(recipe: Recipe, num_labels: Optional[int]):
@@ -14,7 +14,7 @@ def make_compute_metrics(recipe: Recipe, num_labels: Optional[int]):
     comes from the eval loss, so no logits are gathered)."""
     if recipe.task != "sequence-classification":
         return None
-    from ..assets import load_metric
+    from prune_callbacks.assets import load_metric
 
     modules = {name: load_metric(name) for name in recipe.metrics}
 

@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..state_io import STATE_FILE  # noqa: F401 (the one name of the pruning state file; used here and re-exported)
-from .errors import FinalSaveError, RecipeError
-from .schema import Recipe
+from prune_callbacks.core.state_io import STATE_FILE  # noqa: F401 (the one name of the pruning state file; used here and re-exported)
+from prune_callbacks.recipe.errors import FinalSaveError, RecipeError
+from prune_callbacks.recipe.schema import Recipe
 
 logger = logging.getLogger("prune_callbacks.recipe")
 

@@ -15,11 +15,11 @@ from typing import Any, Iterable, Optional, Sequence
 import yaml
 from pydantic import ValidationError
 
-from ..config import PruningConfig, PruningConfigError
-from .errors import Problem, RecipeError
-from .schema import PRUNING_TAGS, SECTIONS, Recipe, cross_check
-from .training_args import check_training
-from .yaml_reading import load_yaml_text, read_yaml
+from prune_callbacks.core.config import PruningConfig, PruningConfigError
+from prune_callbacks.recipe.errors import Problem, RecipeError
+from prune_callbacks.recipe.schema import PRUNING_TAGS, SECTIONS, Recipe, cross_check
+from prune_callbacks.recipe.training_args import check_training
+from prune_callbacks.recipe.yaml_reading import load_yaml_text, read_yaml
 
 
 def parse_set(item: str) -> tuple[str, Any]:

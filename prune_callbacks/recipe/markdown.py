@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from .guard_artifacts import guard_markdown
-from .summary import dense_label, dense_step, format_metric, slim_line
-from .tables import human_bytes, human_count, markdown_table
+from prune_callbacks.recipe.guard_artifacts import guard_markdown
+from prune_callbacks.recipe.summary import dense_label, dense_step, format_metric, slim_line
+from prune_callbacks.recipe.tables import human_bytes, human_count, markdown_table
 
 
 def _row(name: str, dense: Optional[Mapping], pruned: Mapping) -> str:
@@ -56,7 +56,7 @@ def render_markdown(report: Mapping, plot_name: Optional[str] = "sparsity.png") 
         lines.append(f"| slimmed (units cut out; the figures above are the masked model's) | {slim_line(report['slim'])} |")
     if sizes.get("sparse_bytes"):
         lines.append(f"| sparse checkpoint | {human_bytes(sizes['sparse_bytes'])} (`sparse/`, "
-                     "`prune_callbacks.sparse_io.load_sparse`) |")
+                     "`prune_callbacks.export.sparse_io.load_sparse`) |")
     lines += [
         f"| optimizer steps | {t['global_step']} (mask updates: {t['mask_updates']}), "
         f"{t['train_examples']} training / {t['eval_examples']} evaluation examples |",
@@ -80,7 +80,7 @@ def render_markdown(report: Mapping, plot_name: Optional[str] = "sparsity.png") 
               + ("# a smaller ordinary model" if report.get("slim") else "# the zeros are ordinary weights"),
               ]
     if sizes.get("sparse_bytes"):
-        lines += ["from prune_callbacks.sparse_io import load_sparse",
+        lines += ["from prune_callbacks.export.sparse_io import load_sparse",
                   f"model = load_sparse({sizes['sparse_dir']!r})  # same weights, smaller file"]
     lines += ["```", "", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)

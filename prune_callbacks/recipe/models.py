@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 from typing import Optional
 
-from .errors import RecipeError
-from .schema import Recipe
+from prune_callbacks.recipe.errors import RecipeError
+from prune_callbacks.recipe.schema import Recipe
 
 
 def _torch_dtype(name: str):
@@ -32,7 +32,7 @@ def load_model(recipe: Recipe, label_names: Optional[list[str]] = None):
     dtype = _torch_dtype(m.dtype)
     labels = _label_kwargs(label_names) if recipe.task == "sequence-classification" else {}
     if m.source == "builtin":
-        from .. import assets
+        from prune_callbacks import assets
 
         if m.name == "minilm":
             num_labels = labels.pop("num_labels", 2)

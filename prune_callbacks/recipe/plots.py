@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from ..targets import block_index
-from .guard_artifacts import plot_trajectory
-from .summary import dense_step
+from prune_callbacks.core.targets import block_index
+from prune_callbacks.recipe.guard_artifacts import plot_trajectory
+from prune_callbacks.recipe.summary import dense_step
 
 
 def layer_grid(per_target: Mapping[str, Mapping]) -> tuple[list[str], list[int], list[list[float]]]:

@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..state_io import STATE_FILE
-from .lifecycle import OutputPlan, plan_output
-from .errors import RecipeError
-from .schema import METRICS, Recipe
+from prune_callbacks.core.state_io import STATE_FILE
+from prune_callbacks.recipe.lifecycle import OutputPlan, plan_output
+from prune_callbacks.recipe.errors import RecipeError
+from prune_callbacks.recipe.schema import METRICS, Recipe
 
 
 @dataclass
@@ -60,8 +60,8 @@ def _check(recipe: Recipe, load_model: bool) -> Preflight:
     if pre.plan.resume_from is not None:
         check_resume_state(pre.plan.resume_from)
     if load_model or recipe.data.source != "hub":
-        from .data import load_data
-        from .models import quiet_transformers
+        from prune_callbacks.recipe.data import load_data
+        from prune_callbacks.recipe.models import quiet_transformers
 
         with quiet_transformers():
             pre.train_raw, pre.eval_raw, pre.label_names, pre.label_map = load_data(recipe, seed_of(recipe))
@@ -69,9 +69,9 @@ def _check(recipe: Recipe, load_model: bool) -> Preflight:
     else:
         pre.notes.append("hub data not opened (validate --load opens it)")
     if load_model:
-        from .models import load_model as _load
+        from prune_callbacks.recipe.models import load_model as _load
 
-        from .models import quiet_transformers
+        from prune_callbacks.recipe.models import quiet_transformers
 
         with quiet_transformers():
             pre.model, pre.tokenizer = _load(recipe, pre.label_names)
@@ -83,7 +83,7 @@ def _check(recipe: Recipe, load_model: bool) -> Preflight:
 
 def check_callbacks(recipe: Recipe) -> None:
     """The Trainer callbacks accept the pruning section (no model needed: nothing is built on one)."""
-    from ..integrations.trainer import make_callbacks
+    from prune_callbacks.integrations.trainer import make_callbacks
 
     try:
         make_callbacks(recipe.pruning)
@@ -98,7 +98,7 @@ def check_callbacks(recipe: Recipe) -> None:
 def check_guard_metrics(recipe: Recipe) -> None:
     """Every ``accuracy_guard.metric`` is a key the run's evaluation returns (else it would fail only at the
     guard's first evaluation, after the dense phase)."""
-    from .evaluation import evaluation_keys
+    from prune_callbacks.recipe.evaluation import evaluation_keys
 
     keys = evaluation_keys(recipe)
     many = isinstance(recipe.pruning, list)
@@ -119,7 +119,7 @@ def check_guard_metrics(recipe: Recipe) -> None:
 
 def check_resume_state(checkpoint) -> None:
     """The pruning state a resumed run starts from must read back (a damaged file is named, with the remedy)."""
-    from ..integrations.trainer.checkpoint import read_state
+    from prune_callbacks.integrations.trainer.checkpoint import read_state
 
     read_state(checkpoint / STATE_FILE)
 
@@ -134,7 +134,7 @@ def check_teacher(recipe: Recipe, model) -> None:
 
     from transformers import AutoConfig
 
-    from ..distillation.teacher import check_compatible
+    from prune_callbacks.controllers.distillation.teacher import check_compatible
 
     def problem(message: str) -> RecipeError:
         return RecipeError([("distillation.teacher", message)], source="distillation")
@@ -158,7 +158,7 @@ def check_teacher(recipe: Recipe, model) -> None:
 
 def check_model(recipe: Recipe, model, tokenizer) -> None:
     """What needs the loaded model: the sequence length it accepts, and the pruning targets."""
-    from .models import max_positions
+    from prune_callbacks.recipe.models import max_positions
 
     limit = max_positions(model, tokenizer)
     if limit is not None and recipe.data.max_length > limit:
@@ -173,7 +173,7 @@ EPOCH_RUN_STAND_IN = 10**6
 
 def check_targets(recipe: Recipe, model) -> None:
     """Build the Pruner(s) the run would build (include / exclude must match, targets must be prunable)."""
-    from ..pruner import Pruner
+    from prune_callbacks.engine.pruner import Pruner
 
     max_steps = recipe.training.get("max_steps", -1)
     # epoch-based runs: the step count is known only once the Trainer has its dataloader; a stand-in lets
@@ -187,7 +187,7 @@ def check_targets(recipe: Recipe, model) -> None:
         raise RecipeError([("pruning", f"{what} not fit the model {recipe.model.name!r}: {exc}")],
                           source="pruning") from None
     if recipe.output.slim:
-        from .slimming import check_pruner
+        from prune_callbacks.recipe.slimming import check_pruner
 
         check_pruner(pruner)
     del pruner

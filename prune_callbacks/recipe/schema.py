@@ -20,11 +20,11 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, 
                       model_validator)
 from typing_extensions import Annotated
 
-from ..config import PruningConfig
-from ..config_errors import FiniteFloat
-from ..distillation.config import DistillationConfig
-from ..integrations.trainer_dense import DENSE_TIMINGS
-from .slimming import slim_problems
+from prune_callbacks.core.config import PruningConfig
+from prune_callbacks.core.config_errors import FiniteFloat
+from prune_callbacks.controllers.distillation.config import DistillationConfig
+from prune_callbacks.integrations.trainer.dense import DENSE_TIMINGS
+from prune_callbacks.recipe.slimming import slim_problems
 
 TASKS = ("sequence-classification", "causal-lm")
 BUILTIN_MODELS = {"minilm": "sequence-classification", "smollm2": "causal-lm"}
@@ -211,7 +211,7 @@ class OutputSection(Section):
                                           "units (ffn_neurons / attention_heads / blocks) are cut out and the config "
                                           "rewritten (a smaller ordinary model that plain from_pretrained loads); "
                                           "low_rank Linears are factorised into two thin Linears, saved with "
-                                          "prune_callbacks.low_rank.save_low_rank (load_low_rank reads it; densify "
+                                          "prune_callbacks.export.low_rank.save_low_rank (load_low_rank reads it; densify "
                                           "writes an ordinary checkpoint). report.json gives parameters (and bytes) "
                                           "before and after. Needs a structured or low_rank granularity in pruning.")
     save_tokenizer: bool = Field(True, description="Save the tokenizer beside the model.")

@@ -8,7 +8,7 @@ Rules:
 
 * **Needs a granularity with a compact form.** At least one pruning config must prune structured
   units (``ffn_neurons``, ``attention_heads``, ``blocks``, or a registered subclass of
-  `prune_callbacks.granularity.structured.StructuredUnits`) or be ``low_rank`` (any registered
+  `prune_callbacks.methods.granularity.structured.StructuredUnits`) or be ``low_rank`` (any registered
   granularity whose ``export_as`` names an export); otherwise ``validate`` reports ``output.slim``
   (`slim_problems`, called by ``schema.cross_check``). Unstructured configs may run beside one:
   their zeros stay zeros in the exported model.
@@ -28,7 +28,7 @@ Rules:
   exported in place; ``report.json`` holds each export's summary under its name (``slim``,
   ``low_rank``: parameters, and for low_rank bytes, before and after). The model saved, with its
   tokenizer, is the exported one: a slim model with ``save_pretrained`` (``AutoModel*.from_pretrained``
-  loads it with no custom code), a factorised one with `prune_callbacks.low_rank.save_low_rank`
+  loads it with no custom code), a factorised one with `prune_callbacks.export.low_rank.save_low_rank`
   (`save_model`; ``load_low_rank(output.dir)`` loads it, ``densify`` writes an ordinary checkpoint).
   The metrics are those of the masked model, which the exported model equals (up to float rounding).
 """
@@ -42,14 +42,14 @@ SPARSE_SKIPPED = ("output.slim: the saved model is its compact form (structured 
 
 def structured_names() -> list[str]:
     """Registered granularities whose units are cut out by slim."""
-    from ..granularity.structured import StructuredUnits
-    from ..registry import GRANULARITIES
+    from prune_callbacks.methods.granularity.structured import StructuredUnits
+    from prune_callbacks.core.registry import GRANULARITIES
 
     return [n for n in GRANULARITIES.names() if _is_structured(n, StructuredUnits)]
 
 
 def _is_structured(granularity: str, base) -> bool:
-    from ..registry import GRANULARITIES
+    from prune_callbacks.core.registry import GRANULARITIES
 
     try:
         cls, _ = GRANULARITIES.resolve(granularity)
@@ -59,7 +59,7 @@ def _is_structured(granularity: str, base) -> bool:
 
 
 def is_structured(config) -> bool:
-    from ..granularity.structured import StructuredUnits
+    from prune_callbacks.methods.granularity.structured import StructuredUnits
 
     return _is_structured(getattr(config, "granularity", ""), StructuredUnits)
 
@@ -73,7 +73,7 @@ BLOCKS_NEED_SLIM = ("granularity 'blocks' needs output.slim: true: training skip
 
 def _export_of(granularity: str):
     """The export a registered granularity names (``export_as``), or None."""
-    from ..registry import GRANULARITIES
+    from prune_callbacks.core.registry import GRANULARITIES
 
     try:
         cls, _ = GRANULARITIES.resolve(granularity)
@@ -89,14 +89,14 @@ def has_export(config) -> bool:
 
 def exporting_names() -> list[str]:
     """Registered granularities with a compact form that are not structured units (low_rank, ...)."""
-    from ..registry import GRANULARITIES
+    from prune_callbacks.core.registry import GRANULARITIES
 
     structured = set(structured_names())
     return [n for n in GRANULARITIES.names() if n not in structured and _export_of(n) is not None]
 
 
 def uses_blocks(config) -> bool:
-    from ..granularity.structured import Blocks
+    from prune_callbacks.methods.granularity.structured import Blocks
 
     return _is_structured(getattr(config, "granularity", ""), Blocks)
 
@@ -130,8 +130,8 @@ def slim_problems(recipe) -> list[tuple[str, str]]:
 
 def check_pruner(pruner) -> None:
     """Refuse, before training, width units whose scope leaves blocks out (slim would refuse after training)."""
-    from ..granularity.structured import Blocks, StructuredUnits
-    from .errors import RecipeError
+    from prune_callbacks.methods.granularity.structured import Blocks, StructuredUnits
+    from prune_callbacks.recipe.errors import RecipeError
 
     for i, group in enumerate(pruner.groups):
         g = group.granularity
@@ -147,9 +147,9 @@ def check_pruner(pruner) -> None:
 def slim_model(model, pruner, measure) -> tuple[object, dict]:
     """``(measure(), {export name: summary})``: the figures taken on the masked model, then the model exported
     in place (`prune_callbacks.integrations.exporting.export_model`: the call the Trainer and Accelerate make)."""
-    from ..integrations.exporting import export_model
-    from ..structured import StructuredUnitsError
-    from .errors import RecipeError
+    from prune_callbacks.integrations.exporting import export_model
+    from prune_callbacks.methods.structured import StructuredUnitsError
+    from prune_callbacks.recipe.errors import RecipeError
 
     before = measure()
     try:
@@ -162,7 +162,7 @@ def slim_model(model, pruner, measure) -> tuple[object, dict]:
                      "model is the slim one (params_after parameters)",
              "low_rank": "report sparsity figures describe the pruned model before its Linears were factorised; the "
                          "saved model is the factorised one (params_after parameters, bytes_after bytes), written "
-                         "with prune_callbacks.low_rank.save_low_rank: load it with load_low_rank"}
+                         "with prune_callbacks.export.low_rank.save_low_rank: load it with load_low_rank"}
     return before, {name: {**summary, **({"note": notes[name]} if name in notes else {})}
                     for name, summary in summaries.items()}
 
@@ -170,8 +170,8 @@ def slim_model(model, pruner, measure) -> tuple[object, dict]:
 def save_model(model, directory, tokenizer=None) -> None:
     """Save the (exported) model: with ``save_low_rank`` when it holds factorised Linears (plain
     ``from_pretrained`` cannot rebuild those), else ``save_pretrained``; the tokenizer beside it."""
-    from ..low_rank import save_low_rank
-    from ..low_rank.factorize import low_rank_modules
+    from prune_callbacks.export.low_rank import save_low_rank
+    from prune_callbacks.export.low_rank.factorize import low_rank_modules
 
     if low_rank_modules(model):
         save_low_rank(model, directory, tokenizer=tokenizer)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from .schema import Recipe
-from .tables import human_bytes, human_count
+from prune_callbacks.recipe.schema import Recipe
+from prune_callbacks.recipe.tables import human_bytes, human_count
 
 
 def describe(recipe: Recipe) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from ..report import group_name
+from prune_callbacks.core.report import group_name
 
 
 def human_count(n: float) -> str:

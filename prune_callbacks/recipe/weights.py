@@ -4,7 +4,7 @@
   with ``model.safetensors.index.json``, or ``pytorch_model.bin`` (also
   sharded), the latter read with ``torch.load(weights_only=True)``;
 * a single weights file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``);
-* a sparse checkpoint written by :mod:`prune_callbacks.sparse_io`;
+* a sparse checkpoint written by :mod:`prune_callbacks.export.sparse_io`;
 * a Trainer ``checkpoint-N/`` directory, whose ``pruning_state.safetensors``
   (step, mask sparsity, target) is read too.
 
@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..state_io import STATE_FILE, load_state_file
+from prune_callbacks.core.state_io import STATE_FILE, load_state_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -85,7 +85,7 @@ def _sharded(directory: Path, index_name: str) -> tuple[dict[str, torch.Tensor],
 
 def _is_sparse(path: Path) -> bool:
     try:
-        from ..sparse_io import is_sparse_checkpoint
+        from prune_callbacks.export.sparse_io import is_sparse_checkpoint
     except ImportError:  # sparse_io not installed in this build
         return False
     return is_sparse_checkpoint(path)
@@ -93,7 +93,7 @@ def _is_sparse(path: Path) -> bool:
 
 def _sparse_damage(path: Path) -> str:
     """What is wrong with a sparse weights file whose header does not read back."""
-    from ..sparse_io import SparseCheckpointError, read_sparse_state_dict
+    from prune_callbacks.export.sparse_io import SparseCheckpointError, read_sparse_state_dict
 
     size = path.stat().st_size
     try:
@@ -106,7 +106,7 @@ def _sparse_damage(path: Path) -> str:
 
 
 def _read_sparse(path: Path) -> dict[str, torch.Tensor]:
-    from ..sparse_io import SparseCheckpointError, read_sparse_state_dict
+    from prune_callbacks.export.sparse_io import SparseCheckpointError, read_sparse_state_dict
 
     try:
         return read_sparse_state_dict(path)
@@ -135,7 +135,7 @@ def load_weights(path: "str | os.PathLike") -> LoadedWeights:
             detail = str(exc).removeprefix(f"{path / STATE_FILE} ").removeprefix("is ")
             raise WeightsError(f"{path / STATE_FILE} is damaged ({detail}); the pruning state cannot be read "
                                "(resume from an earlier checkpoint, or delete the file to report the weights only)") from None
-    from ..sparse_io.format import WEIGHTS_NAME
+    from prune_callbacks.export.sparse_io.format import WEIGHTS_NAME
 
     if (path / WEIGHTS_NAME).is_file() and not _is_sparse(path):
         raise WeightsError(f"{path / WEIGHTS_NAME} is a damaged sparse checkpoint: {_sparse_damage(path / WEIGHTS_NAME)}")

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import FinalSaveError, RecipeError
-from .evaluation import final_evaluation, make_compute_metrics
-from .loading import recipe_to_yaml
-from .schema import Recipe
+from prune_callbacks.recipe.errors import FinalSaveError, RecipeError
+from prune_callbacks.recipe.evaluation import final_evaluation, make_compute_metrics
+from prune_callbacks.recipe.loading import recipe_to_yaml
+from prune_callbacks.recipe.schema import Recipe
 
 RESOLVED_NAME = "recipe.resolved.yaml"
 
@@ -75,8 +75,8 @@ def run_recipe(recipe: Recipe, recipe_path: Optional[str] = None) -> RunResult:
     cleanup on failure, resume from the newest complete checkpoint with ``output.resume``)."""
     from transformers import set_seed
 
-    from .lifecycle import RunDirectory
-    from .preflight import check_recipe, seed_of
+    from prune_callbacks.recipe.lifecycle import RunDirectory
+    from prune_callbacks.recipe.preflight import check_recipe, seed_of
 
     started = time.time()
     set_seed(seed_of(recipe))
@@ -102,10 +102,10 @@ def run_recipe(recipe: Recipe, recipe_path: Optional[str] = None) -> RunResult:
 def _train_and_save(recipe: Recipe, recipe_path: Optional[str], pre, run_dir, started: float, rank0: bool) -> RunResult:
     from transformers import Trainer
 
-    from ..integrations.trainer import make_callbacks
-    from . import artifacts
-    from .data import prepare
-    from .training_args import build_training_arguments
+    from prune_callbacks.integrations.trainer import make_callbacks
+    from prune_callbacks.recipe import artifacts
+    from prune_callbacks.recipe.data import prepare
+    from prune_callbacks.recipe.training_args import build_training_arguments
 
     out = run_dir.out
     model, tokenizer = pre.model, pre.tokenizer
@@ -138,7 +138,7 @@ def _train_and_save(recipe: Recipe, recipe_path: Optional[str], pre, run_dir, st
         pruner.finalize()
     measured = exported = None
     if recipe.output.slim:  # figures from the masked model, then export the compact form (see .slimming)
-        from .slimming import slim_model
+        from prune_callbacks.recipe.slimming import slim_model
 
         measured, exported = slim_model(model, pruner, lambda: artifacts.measure_sparsity(model, pruner))
 
@@ -146,12 +146,12 @@ def _train_and_save(recipe: Recipe, recipe_path: Optional[str], pre, run_dir, st
         return RunResult(out, {}, "")
     with run_dir.final_save() as staging:  # a full disk: FinalSaveError saying what is kept
         (staging / RESOLVED_NAME).write_text(recipe_to_yaml(recipe), encoding="utf-8")
-        from .slimming import save_model
+        from prune_callbacks.recipe.slimming import save_model
 
         save_model(model, staging, tokenizer if recipe.output.save_tokenizer else None)  # factorised: save_low_rank
         sparse_info = None
         if recipe.output.save_sparse and exported is None:  # an exported model is not masked: nothing to compress
-            from ..sparse_io import save_sparse
+            from prune_callbacks.export.sparse_io import save_sparse
 
             sparse_info = save_sparse(model, staging / "sparse",
                                       tokenizer=tokenizer if recipe.output.save_tokenizer else None)
@@ -168,13 +168,13 @@ def _train_and_save(recipe: Recipe, recipe_path: Optional[str], pre, run_dir, st
         if resume_from:
             report["training"]["resumed_from"] = resume_from
         if recipe.distillation is not None:  # distill/* figures of the run (issue 12)
-            from ..distillation.report import distillation_summary
+            from prune_callbacks.controllers.distillation.report import distillation_summary
 
             report["distillation"] = distillation_summary(recipe.distillation, log_history, callbacks)
         if callbacks.guard is not None:  # the guard's trajectory and answer (issue 15)
             report["accuracy_guard"] = callbacks.guard.report()
         artifacts.write_all(report, staging, plot=recipe.output.plot)
         run_dir.publish()
-        from .summary import run_summary
+        from prune_callbacks.recipe.summary import run_summary
 
         return RunResult(out, report, run_summary(report))

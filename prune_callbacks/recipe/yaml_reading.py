@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 
-from ..integrations.yaml_files import LocatedProblems, load_yaml_text, yaml_problem
-from ..integrations.yaml_files import read_yaml as _read_yaml
-from .errors import RecipeError
+from prune_callbacks.integrations.yaml_files import LocatedProblems, load_yaml_text, yaml_problem
+from prune_callbacks.integrations.yaml_files import read_yaml as _read_yaml
+from prune_callbacks.recipe.errors import RecipeError
 
 __all__ = ["load_yaml_text", "read_yaml", "yaml_problem"]
 

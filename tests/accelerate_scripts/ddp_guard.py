@@ -22,7 +22,7 @@ from accelerate import Accelerator  # noqa: E402
 from helpers import TinyLM, digest, lm_loss, random_batches  # noqa: E402
 
 from prune_callbacks import PruningConfig  # noqa: E402
-from prune_callbacks.integrations.accelerate import AcceleratePruningHook  # noqa: E402
+from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook  # noqa: E402
 
 BREAKS_AT = {0: 0.6, 1: 0.3}
 

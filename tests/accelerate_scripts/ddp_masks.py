@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for helpe
 from accelerate import Accelerator  # noqa: E402
 from helpers import TinyLM, lm_loss, random_batches  # noqa: E402
 
-import prune_callbacks.steps.pruning as pruner_module  # noqa: E402  (where masks are broadcast)
+import prune_callbacks.methods.steps.pruning as pruner_module  # noqa: E402  (where masks are broadcast)
 from prune_callbacks import PruningConfig  # noqa: E402
-from prune_callbacks.integrations.accelerate import AcceleratePruningHook, count_optimizer_steps  # noqa: E402
+from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook, count_optimizer_steps  # noqa: E402
 
 
 def digest(tensors) -> str:

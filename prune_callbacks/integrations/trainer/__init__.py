@@ -26,20 +26,20 @@ The package, one module per responsibility:
   that ``prune-callbacks validate`` uses).
 
 Names are imported lazily: ``import prune_callbacks.integrations.trainer.dense``
-does not import transformers. Log keys: :mod:`prune_callbacks.figures`.
+does not import transformers. Log keys: :mod:`prune_callbacks.core.figures`.
 """
 
-from ..._lazy import lazy_exports
+from prune_callbacks._lazy import lazy_exports
 
 _LAZY = {
-    "make_callbacks": ".callbacks",
-    "PruningCallbacks": ".callbacks",
-    "GradualPruningCallback": ".callbacks",
-    "L1RegularizationCallback": ".callbacks",
-    "PermanentMaskCallback": ".callbacks",
-    "PruningStateRecord": ".callbacks",
-    "TrainerPruningEngine": ".engine",
-    "evaluate_dense": ".dense",
+    "make_callbacks": "prune_callbacks.integrations.trainer.callbacks",
+    "PruningCallbacks": "prune_callbacks.integrations.trainer.callbacks",
+    "GradualPruningCallback": "prune_callbacks.integrations.trainer.callbacks",
+    "L1RegularizationCallback": "prune_callbacks.integrations.trainer.callbacks",
+    "PermanentMaskCallback": "prune_callbacks.integrations.trainer.callbacks",
+    "PruningStateRecord": "prune_callbacks.integrations.trainer.callbacks",
+    "TrainerPruningEngine": "prune_callbacks.integrations.trainer.engine",
+    "evaluate_dense": "prune_callbacks.integrations.trainer.dense",
 }
 
 __all__ = list(_LAZY)

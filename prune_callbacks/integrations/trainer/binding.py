@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Optional
 
 from transformers import Trainer, TrainerCallback
 
-from .logs import put_before_reporters
+from prune_callbacks.integrations.trainer.logs import put_before_reporters
 
 if TYPE_CHECKING:
-    from .engine import TrainerPruningEngine
+    from prune_callbacks.integrations.trainer.engine import TrainerPruningEngine
 
 
 class _TrainerPruningCallback(TrainerCallback):

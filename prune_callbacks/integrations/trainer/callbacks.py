@@ -19,7 +19,7 @@ How it fits the Trainer (verified against transformers 5.24):
   :mod:`.dense_baseline`) and (3) fixing
   ``trainer.model_accepts_loss_kwargs`` (:mod:`.loss_scaling`). Unbound, figures
   still reach ``log_history`` and later callbacks, and warnings say what is missing.
-* Figures: :mod:`prune_callbacks.figures` (``sparsity/global``,
+* Figures: :mod:`prune_callbacks.core.figures` (``sparsity/global``,
   ``sparsity/scheduled``, ``sparsity/masks_target``, ``sparsity/<layer kind>``,
   ``pruning/*``, ``l1/*``). They are logged, never added to the metrics that
   ``train()`` / ``evaluate()`` return.
@@ -39,15 +39,15 @@ from typing import Optional, Union
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ...config import L1Config, PruningConfigError
-from . import checkpoint as ckpt
-from ..configs import ConfigLike, make_configs
-from .binding import PruningCallbacks, _TrainerPruningCallback
-from .dense import DenseTiming, evaluate_dense
-from .dense_baseline import DenseBaseline
-from .engine import TrainerPruningEngine, engine_for
-from .logs import add_figures
-from .loss_scaling import loss_scaling_problem
+from prune_callbacks.core.config import L1Config, PruningConfigError
+from prune_callbacks.integrations.trainer import checkpoint as ckpt
+from prune_callbacks.integrations.configs import ConfigLike, make_configs
+from prune_callbacks.integrations.trainer.binding import PruningCallbacks, _TrainerPruningCallback
+from prune_callbacks.integrations.trainer.dense import DenseTiming, evaluate_dense
+from prune_callbacks.integrations.trainer.dense_baseline import DenseBaseline
+from prune_callbacks.integrations.trainer.engine import TrainerPruningEngine, engine_for
+from prune_callbacks.integrations.trainer.logs import add_figures
+from prune_callbacks.integrations.trainer.loss_scaling import loss_scaling_problem
 
 __all__ = [
     "make_callbacks",
@@ -68,7 +68,7 @@ class GradualPruningCallback(_TrainerPruningCallback):
 
     ``GradualPruningCallback(config | list | path | None, *, evaluate_dense=False, log_per_group=True,
     resume_from=None, fix_loss_scaling=True, **config_overrides)``. Logged at every logging step:
-    the :mod:`prune_callbacks.figures` keys. ``evaluate_dense`` logs ``dense_*`` metrics of the
+    the :mod:`prune_callbacks.core.figures` keys. ``evaluate_dense`` logs ``dense_*`` metrics of the
     unpruned model and ``dense_step`` (needs an ``eval_dataset`` and ``callbacks.bind(trainer)``):
     ``"train_begin"`` (or ``True``) before any step, ``"before_pruning"`` after the last optimizer
     step before the first mask update; ``False``: none. ``fix_loss_scaling``: with the Trainer
@@ -155,7 +155,7 @@ class GradualPruningCallback(_TrainerPruningCallback):
 
 
 class L1RegularizationCallback(_TrainerPruningCallback):
-    """Proximal L1 on the targeted weights after every optimizer step (see `prune_callbacks.regularization`).
+    """Proximal L1 on the targeted weights after every optimizer step (see `prune_callbacks.methods.regularization`).
 
     On its own, ``L1RegularizationCallback(l1_lambda, l1_ramp_steps=0, include=None, exclude=())``
     runs L1 without pruning (its engine never masks anything) and logs ``l1/strength`` and
@@ -198,13 +198,13 @@ class PermanentMaskCallback(_TrainerPruningCallback):
     ``PermanentMaskCallback(*, save_sparse_to=None)``. On its own it finalizes whichever
     prune_callbacks engine prunes the Trainer's model. After ``load_best_model_at_end`` the run's
     final masks are applied to the reloaded weights first. ``save_sparse_to``: also write a
-    compressed sparse checkpoint there (`prune_callbacks.sparse_io.save_sparse`, with the
+    compressed sparse checkpoint there (`prune_callbacks.export.sparse_io.save_sparse`, with the
     Trainer's tokenizer / processor) from the saving process. ``slim``: export the compact form in
     place (`prune_callbacks.integrations.exporting.export_model`, each granularity's ``export_as``):
     removed structured units are cut out and the config rewritten, so ``trainer.save_model`` writes a
     smaller model that plain ``from_pretrained`` loads; ``low_rank`` Linears are factorised into two
     thin Linears, which ``from_pretrained`` cannot rebuild: save that model with
-    ``prune_callbacks.low_rank.save_low_rank(trainer.model, out, tokenizer)`` (``load_low_rank``
+    ``prune_callbacks.export.low_rank.save_low_rank(trainer.model, out, tokenizer)`` (``load_low_rank``
     reads it back); ``trainer.save_model`` and ``save_sparse_to`` refuse it with that advice.
     Refused (``ValueError``) at train end: ``slim`` with no granularity that has a compact form.
     """
@@ -222,13 +222,13 @@ class PermanentMaskCallback(_TrainerPruningCallback):
         else:
             engine.finish(args, state)
             if self.slim:
-                from ..exporting import export_model
+                from prune_callbacks.integrations.exporting import export_model
 
                 export_model(model, engine.pruner)
         if self.save_sparse_to is not None and args.should_save:
-            from ...sparse_io import save_sparse
+            from prune_callbacks.export.sparse_io import save_sparse
 
-            from ..exporting import factorised_save_problem
+            from prune_callbacks.integrations.exporting import factorised_save_problem
 
             problem = factorised_save_problem(model)
             if problem is not None:
@@ -274,13 +274,13 @@ def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = F
     ``overrides`` are PruningConfig fields (one config only).
     ``evaluate_dense``: False, True / ``"train_begin"`` or ``"before_pruning"`` (see `GradualPruningCallback`).
     ``distillation``: a `DistillationConfig` or dict adds a ``DistillationCallback`` sharing the engine
-    (see `prune_callbacks.integrations.distillation_callback`).
+    (see `prune_callbacks.integrations.trainer.distillation`).
     """
     engine = TrainerPruningEngine(make_configs(config, overrides), resume_from=resume_from)
     callbacks: list = [GradualPruningCallback(engine=engine, evaluate_dense=evaluate_dense, log_per_group=log_per_group,
                                               fix_loss_scaling=fix_loss_scaling)]
     if any(getattr(c, "accuracy_guard", None) is not None for c in engine.configs):
-        from .guard import AccuracyGuardCallback  # before PermanentMaskCallback: its final check runs unfinalized
+        from prune_callbacks.integrations.trainer.guard import AccuracyGuardCallback  # before PermanentMaskCallback: its final check runs unfinalized
 
         callbacks.append(AccuracyGuardCallback(engine))
     if any(c.l1_lambda > 0 for c in engine.configs):
@@ -289,7 +289,7 @@ def make_callbacks(config: ConfigLike = None, *, evaluate_dense: DenseTiming = F
         callbacks.append(PermanentMaskCallback(engine=engine, save_sparse_to=save_sparse_to, slim=slim))
     callbacks.append(PruningStateRecord(engine))
     if distillation is not None:  # distillation from a dense teacher (issue 12)
-        from ..distillation_callback import DistillationCallback
+        from prune_callbacks.integrations.trainer.distillation import DistillationCallback
 
         callbacks.append(DistillationCallback(distillation, engine=engine, resume_from=resume_from))
     return PruningCallbacks(callbacks, engine)

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from ...state_io import STATE_FILE, load_state_file, save_state_file
+from prune_callbacks.core.state_io import STATE_FILE, load_state_file, save_state_file
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def save_state(pruner: Any, args: Any, state: Any) -> Optional[str]:
 
 def read_state(path: "str | os.PathLike", device="cpu") -> dict:
     """`load_state_file`, with a damaged file named and the remedy given (`PruningStateError`)."""
-    from ...pruner_state import PruningStateError
+    from prune_callbacks.engine.state import PruningStateError
 
     try:
         return load_state_file(path, device=device)

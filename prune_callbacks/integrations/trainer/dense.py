@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
-from ...config import PruningConfigError
+from prune_callbacks.core.config import PruningConfigError
 
 if TYPE_CHECKING:
     from transformers import Trainer

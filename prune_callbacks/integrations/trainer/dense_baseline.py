@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Optional
 
-from .dense import DenseTiming, dense_timing, evaluate_dense
+from prune_callbacks.integrations.trainer.dense import DenseTiming, dense_timing, evaluate_dense
 
 if TYPE_CHECKING:
     from transformers import Trainer

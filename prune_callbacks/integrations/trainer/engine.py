@@ -5,7 +5,7 @@ share one engine. It builds the `Pruner` at train begin (when the model, the
 optimizer and ``state.max_steps`` are known), restores it from the checkpoint a
 run resumes from (:mod:`.checkpoint`), writes its state into every
 ``checkpoint-N/`` folder, turns its report into log figures
-(:mod:`prune_callbacks.figures`), and finalizes it -- after a best-model reload
+(:mod:`prune_callbacks.core.figures`), and finalizes it -- after a best-model reload
 too, so the model the run ends with carries the final masks. No ``transformers``
 import here: the engine only reads ``args`` / ``state`` attributes.
 """
@@ -20,13 +20,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ... import figures as F
-from ...config import PruningConfigError
-from ...pruner import Pruner
-from ...state_io import STATE_FILE, load_state_file
-from ...targets import unwrap_model
-from . import checkpoint as ckpt
-from ..configs import Configs, as_list
+from prune_callbacks import figures as F
+from prune_callbacks.core.config import PruningConfigError
+from prune_callbacks.engine.pruner import Pruner
+from prune_callbacks.core.state_io import STATE_FILE, load_state_file
+from prune_callbacks.core.targets import unwrap_model
+from prune_callbacks.integrations.trainer import checkpoint as ckpt
+from prune_callbacks.integrations.configs import Configs, as_list
 
 logger = logging.getLogger(__name__)
 
@@ -247,13 +247,13 @@ class TrainerPruningEngine:
 
     # ------------------------------------------------------------ logging
     def figures(self, per_group: bool = True) -> dict:
-        """The ``sparsity/*`` and ``pruning/*`` figures (:mod:`prune_callbacks.figures`)."""
+        """The ``sparsity/*`` and ``pruning/*`` figures (:mod:`prune_callbacks.core.figures`)."""
         if self.pruner is None:
             return {}
         return F.sparsity_figures(self.pruner.report(), per_group=per_group)
 
     def l1_figures(self) -> dict:
-        """``l1/strength`` and ``l1/zero_fraction`` (:mod:`prune_callbacks.figures`)."""
+        """``l1/strength`` and ``l1/zero_fraction`` (:mod:`prune_callbacks.core.figures`)."""
         if self.pruner is None:
             return {}
         return F.l1_figures(self.pruner.report())

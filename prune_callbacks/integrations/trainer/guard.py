@@ -1,7 +1,7 @@
 """`AccuracyGuardCallback`: feeds the Trainer's own evaluations to the accuracy guard (``PruningConfig.accuracy_guard``).
 
 * ``on_train_begin`` (after the engine built the pruner): adds one
-  `~prune_callbacks.guard.controller.AccuracyGuard` per guarded group. The dense baseline
+  `~prune_callbacks.controllers.guard.controller.AccuracyGuard` per guarded group. The dense baseline
   is measured with ``trainer.evaluate()`` (the Trainer's ``eval_dataset`` and
   ``compute_metrics``) at ``accuracy_guard.baseline``: ``before_pruning`` (default) at the
   end of the last optimizer step before the first mask update, ``train_begin`` here, before
@@ -20,7 +20,7 @@
 * ``on_save``: the guards' state goes to ``checkpoint-N/guard_state.safetensors`` (tensors +
   JSON metadata, no pickle); a resumed run reads it from the folder the pruning state
   came from.
-* ``on_log``: the ``guard/*`` figures of :mod:`prune_callbacks.figures`.
+* ``on_log``: the ``guard/*`` figures of :mod:`prune_callbacks.core.figures`.
 """
 
 from __future__ import annotations
@@ -30,17 +30,17 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from ...guard.controller import AccuracyGuard, add_guards, baseline_due, evaluation_due, metric_value
-from ...state_io import save_tensors_atomic
-from ..guard_verdict import tell_verdict
-from . import checkpoint as ckpt
-from .binding import _TrainerPruningCallback
-from .logs import add_figures
+from prune_callbacks.controllers.guard.controller import AccuracyGuard, add_guards, baseline_due, evaluation_due, metric_value
+from prune_callbacks.core.state_io import save_tensors_atomic
+from prune_callbacks.integrations.guard_verdict import tell_verdict
+from prune_callbacks.integrations.trainer import checkpoint as ckpt
+from prune_callbacks.integrations.trainer.binding import _TrainerPruningCallback
+from prune_callbacks.integrations.trainer.logs import add_figures
 
 logger = logging.getLogger(__name__)
 
 GUARD_FILE = "guard_state.safetensors"
-_META_KEY = "prune_callbacks.guard"
+_META_KEY = "prune_callbacks.controllers.guard"
 
 
 class AccuracyGuardCallback(_TrainerPruningCallback):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Optional
 
-from ...targets import unwrap_model
+from prune_callbacks.core.targets import unwrap_model
 
 
 def accepts_loss_kwargs(model: Any) -> bool:

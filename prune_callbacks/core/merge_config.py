@@ -1,0 +1,38 @@
+"""`MergeConfig`: the ``merge:`` setting of a pruning config (fold removed FFN neurons into the kept ones;
+:mod:`prune_callbacks.methods.structured.merging` does it). A config model only, so the core config can embed it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class MergeConfig(BaseModel):
+    """``merge:`` of a pruning config (granularity ``ffn_neurons``); ``merge: true`` takes the defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    damping: float = Field(0.01, description="Ridge term as a fraction of the mean diagonal of E[h_K h_K^T], > 0.")
+    calibration_steps: int = Field(
+        4, description="Optimizer steps before each mask update whose forward passes give the statistics (>= 1).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _true(cls, data: Any) -> Any:
+        return {} if data is True else data
+
+    @field_validator("damping")
+    @classmethod
+    def _damping(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"damping={v!r} is invalid: must be a finite number > 0 (0.01 is the usual choice)")
+        return v
+
+    @field_validator("calibration_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"calibration_steps={v!r} is invalid: must be an integer >= 1")
+        return v
