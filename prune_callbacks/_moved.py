@@ -56,9 +56,14 @@ MOVED = {
 }
 
 
+_LONGEST_FIRST = sorted(MOVED, key=len, reverse=True)
+
+
 def new_name(name: str) -> str | None:
     """The current module name for an old one, or None when ``name`` did not move."""
-    for old in sorted(MOVED, key=len, reverse=True):
+    if not name.startswith("prune_callbacks."):
+        return None
+    for old in _LONGEST_FIRST:
         if name == old or name.startswith(old + "."):
             return MOVED[old] + name[len(old):]
     return None
@@ -79,5 +84,6 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install() -> None:
+    """First on ``sys.meta_path``: an old name must not be found as a stale file elsewhere on the path."""
     if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
-        sys.meta_path.append(_MovedFinder())
+        sys.meta_path.insert(0, _MovedFinder())

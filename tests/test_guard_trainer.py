@@ -12,7 +12,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_bert_classifier, toy_classification_rows  # noqa: E402
 
-from prune_callbacks import figures  # noqa: E402
+from prune_callbacks.core import figures  # noqa: E402
 from prune_callbacks.integrations.trainer import make_callbacks  # noqa: E402
 
 

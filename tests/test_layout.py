@@ -151,3 +151,20 @@ def test_import_prune_callbacks_imports_no_adapter():
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     offenders = [m for m in loaded if m.startswith(ADAPTERS) or m.split(".")[0] in ("transformers", "accelerate")]
     assert not offenders, f"`import prune_callbacks` imported adapter modules: {offenders}"
+
+
+@pytest.mark.parametrize("old, new, name", [
+    ("prune_callbacks.sparse_io", "prune_callbacks.export.sparse_io", "save_sparse"),
+    ("prune_callbacks.structured", "prune_callbacks.export", "slim_pruned"),
+    ("prune_callbacks.structured.slim", "prune_callbacks.export.slim", "slim"),
+    ("prune_callbacks.distillation", "prune_callbacks.controllers.distillation", "DistillationConfig"),
+    ("prune_callbacks.config", "prune_callbacks.core.config", "PruningConfig"),
+    ("prune_callbacks.pruner", "prune_callbacks.engine.pruner", "Pruner"),
+    ("prune_callbacks.state_compat", "prune_callbacks.engine.state", "PruningStateError"),
+    ("prune_callbacks.integrations.accelerate", "prune_callbacks.integrations.accelerate.hook", "AcceleratePruningHook"),
+])
+def test_import_paths_of_the_flat_layout_still_work(old, new, name):
+    """Round 2's documented import paths (README, examples) import the same objects from their new homes."""
+    code = (f"import importlib; old = importlib.import_module({old!r}); new = importlib.import_module({new!r}); "
+            f"assert getattr(old, {name!r}) is getattr(new, {name!r})")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from prune_callbacks import selection
+from prune_callbacks.methods import selection
 from test_selection_reference import global_masks as flat_global_masks
 
 SHAPES = [(2048, 1024), (1024, 1600), (1300, 1300)]  # 5.4M scores: 22 MB of float32

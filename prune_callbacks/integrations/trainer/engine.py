@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from prune_callbacks import figures as F
+from prune_callbacks.core import figures as F
 from prune_callbacks.core.config import PruningConfigError
 from prune_callbacks.engine.pruner import Pruner
 from prune_callbacks.core.state_io import STATE_FILE, load_state_file
