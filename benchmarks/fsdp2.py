@@ -151,7 +151,12 @@ def main(argv=None) -> dict:
                    "--updates", str(args.updates), "--steps", str(args.steps)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
             if proc.returncode != 0:
-                raise RuntimeError(f"world size {world} failed:\n{proc.stderr[-3000:]}")
+                # gloo's teardown has been seen to abort ("terminate called without an active exception") after the
+                # worker wrote its complete results (1 run in ~10 here): keep those, say so; anything else is a failure
+                if not (part.exists() and "terminate called without an active exception" in proc.stderr):
+                    raise RuntimeError(f"world size {world} failed:\n{proc.stderr[-3000:]}")
+                print(f"world size {world}: the processes aborted at teardown after writing their results; kept",
+                      file=sys.stderr)
             rows += json.loads(part.read_text())
     load = os.getloadavg()
     result = {
