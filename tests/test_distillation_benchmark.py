@@ -14,6 +14,8 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import needs_native_attention_kernels  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +25,7 @@ def _keep_threads():
     torch.set_num_threads(threads)
 
 
+@needs_native_attention_kernels
 def test_distillation_benchmark_smoke(tmp_path):
     from benchmarks import distillation
 

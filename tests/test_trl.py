@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
-from helpers import tiny_llama_lm  # noqa: E402
+from helpers import needs_native_attention_kernels, tiny_llama_lm  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
@@ -52,7 +52,8 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-@pytest.mark.parametrize("packing,checkpointing", [(False, False), (True, True)], ids=["plain", "packing+grad-ckpt"])
+@pytest.mark.parametrize("packing,checkpointing", [
+    (False, False), pytest.param(True, True, marks=needs_native_attention_kernels)], ids=["plain", "packing+grad-ckpt"])
 def test_sft_trainer_logs_the_schema_and_finalizes_exactly(tmp_path, packing, checkpointing):
     cbs = make_callbacks(CONFIG)
     trainer = sft_trainer(tmp_path, cbs, packing=packing, gradient_checkpointing=checkpointing)
