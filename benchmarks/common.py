@@ -291,3 +291,13 @@ def fresh_copy(template):
 
 def ceil_div(a: int, b: int) -> int:
     return int(math.ceil(a / b))
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (``VmHWM``) to its current size; False where Linux's
+    ``/proc/self/clear_refs`` is unavailable."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False

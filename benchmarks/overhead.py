@@ -220,14 +220,6 @@ def _rss_bytes() -> int | None:
     return None
 
 
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory(model) -> dict:
     res = {}
     for p in model.parameters():
@@ -244,11 +236,11 @@ def memory(model) -> dict:
             "steady_bytes_per_param": round((buf + masks) / n, 4),
             "documented_BYTES_PER_PARAM_plus_mask": BYTES_PER_PARAM[method] + 1,
         }
-        if _reset_peak() and _peak_rss_bytes() is not None:
+        if common.reset_peak_rss() and _peak_rss_bytes() is not None:
             for phase, fn in (("step_hook", lambda: (pr.before_optimizer_step(), pr.apply_masks())),
                               ("global_mask_update", lambda: pr.update_masks(0.6))):
                 base = _rss_bytes()
-                _reset_peak()
+                common.reset_peak_rss()
                 fn()
                 row[f"transient_peak_bytes_per_param_{phase}"] = round((_peak_rss_bytes() - base) / n, 2)
         res[method] = row

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS, cpu_model
+from .common import RESULTS, cpu_model, reset_peak_rss
 from .selection_reference import global_masks as flat_global_masks
 
 SIZES = {"10M": 10_000_000, "85M": 84_934_656, "1B": 1_000_000_000, "smoke": 200_000}
@@ -76,14 +76,6 @@ def _trim() -> None:
         pass
 
 
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def child(impl: str, size: str, calls: int) -> dict:
     from prune_callbacks.methods.selection import global_masks
 
@@ -93,7 +85,7 @@ def child(impl: str, size: str, calls: int) -> dict:
     n = sum(s.numel() for s in scores)
     _trim()  # hand the generator's freed temporaries back, so the updates cannot hide in them
     before = _rss_kib()
-    reset = _reset_peak()
+    reset = reset_peak_rss()
     times, cpu_times, counts = [], [], []
     for _ in range(calls):
         start, cpu_start = time.perf_counter(), time.process_time()
