@@ -109,9 +109,10 @@ class PruningGroup(StepComponent):
     def prepare(self, grad_scale: Optional[float]) -> bool:
         grads = self.granularity.grads()  # local rows when sharded; zeros where there is none
         seen = self.received_grad
-        for i, source in enumerate(self.granularity.sources):
-            if not seen[i] and source.grad is not None:
-                seen[i] = True
+        if not all(seen):  # once every tensor got a gradient (the usual case from step 1) nothing is left to record
+            for i, source in enumerate(self.granularity.sources):
+                if not seen[i] and source.grad is not None:
+                    seen[i] = True
         self._grads = (grads, grad_scale)  # for the granularity's own statistics, at commit
         if not self.saliency.needs_gradients:
             return all_finite(grads)
