@@ -27,13 +27,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import launch_world  # noqa: E402
 
 
 def _worker(size_m: list[float], dim: int, updates: int, steps: int, out: str) -> None:
@@ -141,23 +143,11 @@ def main(argv=None) -> dict:
         return {}
     if args.smoke:
         args.sizes, args.worlds, args.dim, args.updates, args.steps = [0.02], [1, 2], 64, 2, 2
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.worlds:
-            part = Path(tmp, f"w{world}.json")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-                   __file__, "--worker", str(part), "--sizes", *map(str, args.sizes), "--dim", str(args.dim),
-                   "--updates", str(args.updates), "--steps", str(args.steps)]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-            if proc.returncode != 0:
-                # gloo's teardown has been seen to abort ("terminate called without an active exception") after the
-                # worker wrote its complete results (1 run in ~10 here): keep those, say so; anything else is a failure
-                if not (part.exists() and "terminate called without an active exception" in proc.stderr):
-                    raise RuntimeError(f"world size {world} failed:\n{proc.stderr[-3000:]}")
-                print(f"world size {world}: the processes aborted at teardown after writing their results; kept",
-                      file=sys.stderr)
-            rows += json.loads(part.read_text())
+            rows += launch_world(__file__, world, ["--sizes", *args.sizes, "--dim", args.dim, "--updates", args.updates,
+                                                   "--steps", args.steps], Path(tmp, f"w{world}.json"))
     load = os.getloadavg()
     result = {
         "benchmark": "fsdp2", "backend": "gloo (CPU)", "cpu_count": os.cpu_count(), "omp_threads": 1,

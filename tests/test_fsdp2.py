@@ -179,3 +179,19 @@ def test_accuracy_guard_decides_and_rolls_back_like_a_single_process(two_ranks):
         assert r["guard_equal"]
         assert [t["decision"] for t in r["guard"]["trajectory"]] == ["baseline", "continue", "continue", "rollback",
                                                                       "continue"]
+
+
+@pytest.mark.slow
+def test_step_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import fsdp2_step
+
+    out = tmp_path / "fsdp2_step.json"
+    fsdp2_step.main(["--smoke", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["world_size"] == 2 and row["timed_steps_per_variant"] == 3
+    assert row["pruned_params"] == round(0.5 * row["prunable_params"])  # global count over both shards
+    assert row["mask_update_steps"] == sum(row["update_at"]) > 0  # masks were updated inside the timed blocks
+    # taylor: 4 B EMA + 1 B mask + 4 B work buffer per local weight, half of the weights on each of 2 ranks
+    assert row["pruning_bytes_per_rank"] == [9 * row["prunable_params"] // 2] * 2
+    assert row["dense_ms"] > 0 and row["pruned_ms"] > 0
