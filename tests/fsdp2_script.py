@@ -8,7 +8,7 @@ multiple of 32 elements, so no element moves between a kernel's vector body and 
 
 Usage: ``fsdp2_script.py <out_dir> <case>[,<case>...] [<dcp_dir>]``; each rank writes ``<out_dir>/<case>-rank<r>.json``.
 Cases: ``global`` (caps), ``per_layer``, ``nm`` (2:4), ``attach`` (a real forward/backward loop),
-``resume`` (DCP save at step 4, resume into a fresh pruner), ``resume_from`` (load <dcp_dir> written by
+``distill`` (a sharded teacher; "self" refused), ``resume`` (DCP save at step 4, resume into a fresh pruner), ``resume_from`` (load <dcp_dir> written by
 another world size), ``alloc`` (largest tensor any op creates during a mask update).
 """
 
@@ -279,6 +279,44 @@ def guarded(rank):
             "guard_equal": decisions[0] == decisions[1], "guard": decisions[1]}
 
 
+def distilled(rank):
+    """Distillation with a sharded student and a teacher sharded the same way (the user's fully_shard), through
+    a real forward/backward loop; every rank feeds the same batch, so the sharded gradients (reduce-scatter sum,
+    then / 2: exact) equal the single-process ones and the masks can be compared bitwise. Also: a "self" teacher
+    of a sharded student is refused at attach, before any compute."""
+    from prune_callbacks.controllers.distillation import DistillationConfig, DistillationConfigError, Distiller
+
+    ref_model, model = tiny_llama(), shard(tiny_llama())
+    ref_teacher, teacher = tiny_llama(seed=1), shard(tiny_llama(seed=1))  # another model: a non-zero KD term
+    distillers = [Distiller(DistillationConfig(teacher=t, hardness=0.5)).attach(m)
+                  for t, m in ((ref_teacher, ref_model), (teacher, model))]
+    opts = [torch.optim.SGD(m.parameters(), lr=2**-4) for m in (ref_model, model)]
+    ref, pruner = (Pruner(m, config("global")).attach(o) for m, o in zip((ref_model, model), opts))
+    gen = torch.Generator().manual_seed(5)
+    result = {"updates": [], "losses": []}
+    for step in range(1, STEPS + 1):
+        ids = torch.randint(0, 64, (4, 12), generator=gen)
+        losses = []
+        for m, o in zip((ref_model, model), opts):
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            o.step()
+            o.zero_grad()
+            losses.append(float(loss.detach()))
+        result["losses"].append(losses)
+        if ref.schedule.is_update_step(step):
+            result["updates"].append({"step": step, "equal": compare(ref, pruner)})
+    result["ref"], result["sharded"] = figures(ref.report()), figures(pruner.report())
+    result["expected_pruned"] = round(ref.mask_sparsity * ref.report()["prunable_params"])
+    result["kd"] = [d.figures().get("distill/kd_loss") for d in distillers]
+    try:
+        Distiller(DistillationConfig(teacher="self", snapshot="before_pruning")).attach(shard(tiny_llama()))
+        result["self_refusal"] = None
+    except DistillationConfigError as exc:
+        result["self_refusal"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
 def refusals(rank):
     """What stays refused, and the message each gives (every rank raises alike, before any collective)."""
     from torch import nn
@@ -331,6 +369,8 @@ def run_case(out, case, rank, extra):
         result = refusals(rank)
     elif case == "attach":
         result = attach_loop(rank)
+    elif case == "distill":
+        result = distilled(rank)
     elif case == "alloc":
         result = largest_allocation(rank)
     elif case == "resume_from":  # a checkpoint written by another world size, resharded by DCP

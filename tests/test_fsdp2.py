@@ -5,6 +5,7 @@ rank with identical, seeded element-wise steps; here we assert what it recorded.
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -39,7 +40,8 @@ def assert_same_as_reference(ranks, n_updates=4):
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2_2")
     dcp = out / "dcp"
-    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume", "refusals", "guard"], nproc=2, extra=dcp), dcp
+    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume", "refusals", "guard",
+                                "distill"], nproc=2, extra=dcp), dcp
 
 
 @pytest.mark.slow
@@ -195,3 +197,16 @@ def test_step_benchmark_smoke(tmp_path):
     # taylor: 4 B EMA + 1 B mask + 4 B work buffer per local weight, half of the weights on each of 2 ranks
     assert row["pruning_bytes_per_rank"] == [9 * row["prunable_params"] // 2] * 2
     assert row["dense_ms"] > 0 and row["pruned_ms"] > 0
+
+
+@pytest.mark.slow
+def test_distillation_with_a_sharded_teacher_and_self_refused(two_ranks):
+    _, results, _ = two_ranks
+    for r in results["distill"]:
+        assert_same_as_reference([r])  # masks bitwise equal to a single process at every update
+        assert r["sharded"]["pruned_params"] == r["expected_pruned"]
+        assert all(math.isfinite(a) and a == b for a, b in r["losses"])  # the distilled loss, the same bits
+        assert r["kd"][0] == r["kd"][1] and r["kd"][1] > 0  # the KD term ran (the teacher is another model)
+        refusal = r["self_refusal"]
+        assert refusal is not None and all(w in refusal for w in ["DistillationConfigError", "teacher='self'",
+                                                                   "DTensor", "fully_shard", "teacher=<that module>"])

@@ -65,6 +65,7 @@ def snapshot(student: nn.Module, dtype: Optional[str] = None) -> nn.Module:
     itself) is left out of the copy: the teacher runs its class's plain ``forward``.
     """
     bare = unwrap_model(student)
+    check_copyable(bare)
     own_forward = bare.__dict__.pop("forward", None)
     try:
         with torch.no_grad():
@@ -74,6 +75,22 @@ def snapshot(student: nn.Module, dtype: Optional[str] = None) -> nn.Module:
             bare.__dict__["forward"] = own_forward
     teacher.__dict__.pop("_original_forward", None)
     return freeze(teacher, dtype)
+
+
+def check_copyable(student: nn.Module) -> None:
+    """Raise `DistillationConfigError` when a ``"self"`` teacher cannot be copied from ``student``: its weights
+    are sharded (FSDP2 ``fully_shard``: DTensor parameters), which FSDP2 refuses to deep-copy, and each rank
+    holds only its rows. The user builds the teacher instead and passes it as a module."""
+    from prune_callbacks.methods.sharding import is_sharded
+
+    sharded = [n for n, p in unwrap_model(student).named_parameters() if is_sharded(p)]
+    if sharded:
+        raise DistillationConfigError(
+            f"teacher='self' cannot copy a sharded student ({sharded[0]} is a DTensor: FSDP2 / fully_shard): FSDP2 "
+            "modules cannot be deep-copied and each rank holds only its rows. Build the teacher yourself on every "
+            "rank (the same model loaded again, or a fine-tuned dense one), shard it with fully_shard like the "
+            "student, and pass it as DistillationConfig(teacher=<that module>)"
+        )
 
 
 def load_from_path(student: nn.Module, path: Union[str, os.PathLike], dtype: Optional[str] = None) -> nn.Module:
@@ -99,6 +116,7 @@ def resolve(config: DistillationConfig, student: nn.Module) -> Optional[nn.Modul
     """The teacher for ``config`` now: loaded / frozen for a path or module, a snapshot for
     ``"self"`` at ``train_begin``, None for a ``"self"`` teacher taken later. Checked against the student."""
     if config.self_teacher:
+        check_copyable(student)  # before any compute, also for a "before_pruning" snapshot taken later
         return snapshot(student, config.teacher_dtype) if config.snapshot == "train_begin" else None
     if isinstance(config.teacher, str):
         teacher = load_from_path(student, config.teacher, config.teacher_dtype)
