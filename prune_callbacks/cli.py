@@ -38,6 +38,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prune-callbacks", description="Prune transformer models while fine-tuning them, from one YAML recipe.")
@@ -78,7 +85,22 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--no-fit-head", action="store_true", help="do not fit a classification head first")
     analyze.add_argument("--goal", choices=("auto", "size", "speed"), default="auto",
                          help="what suggested.yaml optimises: auto (structured when it costs nothing measurable), "
-                              "size (least one-shot damage), speed (the best structured strategy)")
+                              "size (least one-shot damage), speed (the best structured strategy; runs the latency "
+                              "probe)")
+    analyze.add_argument("--target-speedup", type=_number, metavar="X",
+                         help="goal speed: suggest the slimmed depth + width plan measured at least X times as fast "
+                              "as the dense model with the least predicted quality loss (X > 1)")
+    analyze.add_argument("--latency-batch", type=_positive_int, metavar="N",
+                         help="latency probe batch size (default 32; goal speed only)")
+    analyze.add_argument("--latency-seq", type=_positive_int, metavar="N",
+                         help="latency probe sequence length (default 128)")
+    analyze.add_argument("--latency-threads", type=_positive_int, metavar="N",
+                         help="torch threads while timing (default 1)")
+    analyze.add_argument("--latency-repeats", type=_positive_int, metavar="N",
+                         help="interleaved timing rounds, the median is kept (default 3)")
+    analyze.add_argument("--no-latency-probe", action="store_true",
+                         help="goal speed without timing slimmed models (the probe takes about 1-2 minutes on "
+                              "MiniLM at the defaults)")
 
     report = sub.add_parser("report", help="print the sparsity of a saved model, weights file or checkpoint")
     report.add_argument("path", help="model directory, weights file, sparse checkpoint or Trainer checkpoint-N/")
@@ -146,11 +168,15 @@ def _validate(args) -> int:
 
 
 def _analyze(args) -> int:
+    from prune_callbacks.analysis.latency import latency_options
     from prune_callbacks.analysis.recipe_run import run_analysis
 
+    latency = latency_options(args.goal, probe=not args.no_latency_probe, target_speedup=args.target_speedup,
+                              batch=args.latency_batch, seq=args.latency_seq, threads=args.latency_threads,
+                              repeats=args.latency_repeats)  # checked before anything is loaded
     out = run_analysis(args.recipe, args.output_dir, args.sets, calibration_rows=args.calibration_rows,
                        eval_rows=args.eval_rows, batch_size=args.batch_size, do_fit_head=not args.no_fit_head,
-                       goal=args.goal)
+                       goal=args.goal, latency=latency)
     print(f"wrote {out}/analysis.json, ANALYSIS.md, suggested.yaml and plots")
     return EXIT_OK
 

@@ -28,7 +28,10 @@ def _batches(dataset, collator, rows: int, batch_size: int) -> list[dict]:
 
 
 def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), calibration_rows: int = 256,
-                 eval_rows: int = 200, batch_size: int = 32, do_fit_head: bool = True, goal: str = "auto") -> Path:
+                 eval_rows: int = 200, batch_size: int = 32, do_fit_head: bool = True, goal: str = "auto",
+                 latency=None) -> Path:
+    """``latency``: `LatencyOptions` for the latency probe (:func:`.latency.latency_options` builds them from the
+    command line; ``--goal speed`` runs it by default), or None."""
     from transformers import set_seed
 
     from prune_callbacks.recipe.data import load_data, prepare
@@ -43,6 +46,8 @@ def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), ca
 
     if goal not in GOALS:
         raise AnalysisError(f"goal={goal!r} is unknown; allowed: {', '.join(GOALS)}")
+    if latency is not None and goal != "speed":
+        raise AnalysisError(f"the latency probe does not apply with goal={goal!r}: it runs with goal 'speed' only")
     recipe = load_recipe(recipe_path, sets)
     seed = int(recipe.training.get("seed", 42))
     set_seed(seed)
@@ -65,7 +70,7 @@ def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), ca
     config = recipe.pruning_configs[0]
     metric = recipe.metrics[0]
     result = analyze(model, calib, held, metric=metric, include=config.include, exclude=config.exclude,
-                     budget=config.final_sparsity)
+                     budget=config.final_sparsity, latency=latency)
     result["goal"] = goal
     result["head_fitted"] = fitted
     result["probe"] = probe
@@ -80,6 +85,10 @@ def run_analysis(recipe_path: str, output_dir: str, sets: Sequence[str] = (), ca
                     "measuring, so the metrics mean something. Saliency and the metrics are measured through that "
                     "pooling.\n")
     write_plots(result, out)
+    lat = result.get("latency") or {}
+    if lat.get("target_speedup") is not None and lat.get("chosen") is None:
+        (out / "suggested.yaml").unlink(missing_ok=True)  # not a stale suggestion from an earlier run
+        raise AnalysisError(f"{lat['why']}. analysis.json and ANALYSIS.md are written to {out}; no suggested.yaml")
     raw, lines = read_yaml(recipe_path)
     apply_overrides(raw, [parse_set(item) for item in sets], lines)  # the recipe as analysed, --set included
     (out / "suggested.yaml").write_text(suggested_recipe_yaml(raw, result), encoding="utf-8")

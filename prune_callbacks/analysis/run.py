@@ -16,10 +16,11 @@ from prune_callbacks.core.targets import find_targets, unwrap_model
 from prune_callbacks.analysis.architecture import map_model
 from prune_callbacks.analysis.blocks import BlockInfluence, skipped
 from prune_callbacks.analysis.errors import AnalysisError
+from prune_callbacks.analysis.latency import LatencyOptions, build_facts, check_model, probe_latency
 from prune_callbacks.analysis.metrics import HIGHER_IS_BETTER, evaluate
 from prune_callbacks.analysis.saliency_mass import bottom_overlap, mass_tables, removable_fraction
 from prune_callbacks.analysis.spectra import low_rank_candidates, spectra
-from prune_callbacks.analysis.strategies import candidates, probe
+from prune_callbacks.analysis.strategies import _heads_supported, candidates, probe
 from prune_callbacks.analysis.units import HeadOutputs, duplicate_heads, duplicate_weights, head_importance, neuron_importance
 
 
@@ -58,6 +59,7 @@ def analyze(model: nn.Module, batches: Iterable[dict], eval_batches: Optional[It
             metric: str = "accuracy", include: Optional[Sequence[str]] = None, exclude: Sequence[str] = (),
             budget: float = 0.5, loss_fn: Optional[Callable] = None, skip_blocks: bool = True,
             head_threshold: float = 0.95, weight_threshold: float = 0.95, strategies: bool = True,
+            latency: Optional[LatencyOptions] = None, time_one: Optional[Callable] = None,
             progress: bool = True) -> dict:
     """Measure where ``model`` is redundant; returns a JSON-ready dict (see ANALYSIS.md's sections).
 
@@ -66,12 +68,18 @@ def analyze(model: nn.Module, batches: Iterable[dict], eval_batches: Optional[It
     metric with each block skipped (left out: no metric figures). ``budget`` (the sparsity you aim for)
     sets the fraction at which saliency figures are quoted and the parameter budget at which every
     strategy is probed one-shot (:mod:`.strategies`; ``strategies=False`` skips that, needs eval_batches).
+    ``latency``: also time slimmed depth + width plans against the dense model (:mod:`.latency`; with a
+    ``target_speedup`` the plan to suggest is chosen); ``time_one(model, forward)`` replaces the clock (tests).
     """
     started = time.time()
     batches = _check_batches(batches, "calibration")
     if eval_batches is not None:
         eval_batches = _check_batches(eval_batches, "held-out")
     model = unwrap_model(model)
+    if latency is not None:
+        if not isinstance(latency, LatencyOptions):
+            raise AnalysisError(f"latency must be a LatencyOptions or None, got {type(latency).__name__}")
+        latency = check_model(model, latency)
     try:
         targets = find_targets(model, include, exclude)
     except ValueError as exc:
@@ -173,6 +181,15 @@ def analyze(model: nn.Module, batches: Iterable[dict], eval_batches: Optional[It
         for p in model.parameters():
             p.grad = grads.get(id(p))
         model.train(was_training)
+    # ---- latency of slimmed depth + width plans (after the gradients are restored: copies hold none)
+    if latency is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        other = {names[i]: acc / len(batches) for i, (_, acc) in extra.items()}
+        facts = build_facts(model, mm, scores, other, [b["influence"] for b in result["blocks"]],
+                            _heads_supported(model))
+        result["latency"] = probe_latency(model, facts, latency, result.get("strategies") or [], time_one,
+                                          lambda text: _log(progress, text))
+        _log(progress, f"latency probe: {len(result['latency']['rows'])} plans in {result['latency']['seconds']:.0f} s")
     result["seconds"] = time.time() - started
     _log(progress, f"done in {result['seconds']:.1f} s")
     return result

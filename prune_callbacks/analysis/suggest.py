@@ -24,6 +24,11 @@ otherwise it is dropped with that reason. Its suggested config trains with the F
 (the probe measured plain SVD), and the saved model holds rank-``r`` weights (factorise them with
 :mod:`prune_callbacks.export.low_rank`).
 
+**Latency** (``--goal speed``, :mod:`.latency`): the probe times slimmed depth + width plans against the
+dense model; each chosen structured strategy's measured speed-up is quoted. With a target speed-up the
+suggestion is instead the plan measured at or above the target with the least predicted quality loss
+(:func:`latency_plan`), whatever its parameter count; none at the target raises `AnalysisError`.
+
 **Budgets**: unstructured gets a global Taylor threshold with per-layer caps from the calibration
 saliency (:func:`unstructured_budgets`); structured strategies get the unit fractions that remove the
 budget, and ``output.slim: true``.
@@ -36,6 +41,7 @@ from typing import Optional
 
 import yaml
 
+from prune_callbacks.analysis.errors import AnalysisError
 from prune_callbacks.analysis.metrics import noise
 from prune_callbacks.analysis.strategies import STRUCTURED, is_structured
 
@@ -167,9 +173,47 @@ def _named(rows, kind):
     return next((r for r in rows if r["kind"] == kind), None)
 
 
+def latency_plan(analysis: dict) -> tuple[Optional[dict], list[str]]:
+    """``(row, reasons)``: the plan the latency probe chose for its target speed-up (:mod:`.latency`), or
+    ``(None, [])`` without a target. No plan at the target raises `AnalysisError` with the probe's reason."""
+    lat = analysis.get("latency") or {}
+    if lat.get("target_speedup") is None:
+        return None, []
+    if lat.get("chosen") is None:
+        raise AnalysisError(lat.get("why") or "the latency probe chose no plan")
+    row = next(r for r in lat["rows"] if r["name"] == lat["chosen"])
+    reasons = [f"goal speed with a target speed-up: latency probe of {len(lat['rows'])} slimmed depth + width plans "
+               f"against the dense model (batch {lat['batch']} x seq {lat['seq']}, {lat['threads']} thread(s), median "
+               f"of {lat['repeats']} interleaved rounds, {lat['seconds']:.0f} s)", lat["why"],
+               f"measured speed-up {row['speedup']:.2f}x at {row['params_ratio']:.0%} of the parameters; predicted "
+               "quality loss = share of the blocks' calibration saliency removed (blocks by least influence "
+               "1 - cos, neurons / KV groups by least saliency): it ranks plans, fine-tuning decides the accuracy"]
+    if row["blocks"]:
+        reasons.append(f"blocks the probe removed (least influence): {', '.join(row['blocks'])}; training re-chooses "
+                       "them by saliency")
+    reasons.append("the plan's parameter count replaces the analysed budget (final_sparsity) in this suggestion")
+    reasons.append("output.slim: true cuts the removed units out; the result is a plain, smaller model")
+    return row, reasons
+
+
+def _measured_speed(analysis: dict, chosen: Optional[dict]) -> list[str]:
+    """The latency probe's figure for the chosen budget strategy, where the probe timed it."""
+    lat = analysis.get("latency") or {}
+    row = next((r for r in lat.get("rows") or [] if chosen and sorted(map(str, r["configs"])) ==
+                sorted(map(str, chosen.get("configs") or []))), None)
+    if row is None:
+        return []
+    return [f"latency probe: {row['name']} measured {row['speedup']:.2f}x the dense model's speed (batch "
+            f"{lat['batch']} x seq {lat['seq']}, {lat['threads']} thread(s)); --target-speedup chooses by speed"]
+
+
 def suggest_pruning(analysis: dict) -> tuple[object, list[str]]:
     """``(pruning section: one dict or a list, reasons)`` for the analysed budget and ``analysis['goal']``."""
     budget = float(analysis["budget"])
+    row, why = latency_plan(analysis)
+    if row is not None:
+        configs = [dict(c) for c in row["configs"]]
+        return (configs[0] if len(configs) == 1 else configs), why
     reasons = [f"budget: {budget:.2f} of the targeted weights, as the analysed recipe's final_sparsity "
                "(same parameter budget)"]
     chosen, why = choose_strategy(analysis, analysis.get("goal", "auto"))
@@ -195,6 +239,7 @@ def suggest_pruning(analysis: dict) -> tuple[object, list[str]]:
             gone = [b for b, k in kept["blocks"].items() if k == 0]
             reasons.append(f"blocks the probe removed (lowest saliency): {', '.join(gone)}; training re-chooses them")
         reasons.append("output.slim: true cuts the removed units out; the result is a plain, smaller model")
+        reasons += _measured_speed(analysis, chosen)
     return (configs[0] if len(configs) == 1 else configs), reasons
 
 

@@ -1,0 +1,178 @@
+"""Latency probe (`prune_callbacks.analysis.latency`): slimmed depth + width plans timed against dense, the plan
+chosen for a target speed-up, clear errors. Not timing-based: a deterministic ``time_one`` (seconds = parameter
+count) stands in for the clock, so a plan's "speed-up" is its parameter ratio."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from prune_callbacks.analysis import AnalysisError, analyze
+from prune_callbacks.analysis import latency as lat
+from prune_callbacks.analysis.latency import LatencyOptions, choose, latency_options
+from prune_callbacks.analysis.report import markdown
+from prune_callbacks.analysis.suggest import suggest_pruning
+from prune_callbacks.cli import main
+from prune_callbacks.recipe.loading import load_recipe
+from recipe_fixtures import tiny_recipe, write_recipe
+from test_analysis_strategies import _bert, _cls_batches, _lm_batches, _llama
+
+
+def fake_time(model, forward):
+    """Deterministic 'seconds': the parameter count (the forward is not run)."""
+    return float(sum(p.numel() for p in model.parameters()))
+
+
+def _analysis(arch, target=None):
+    model = _bert() if arch == "bert" else _llama()
+    batches = _cls_batches() if arch == "bert" else _lm_batches(model)
+    metric = "accuracy" if arch == "bert" else "perplexity"
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    a = analyze(model, batches, batches, metric=metric, progress=False, time_one=fake_time,
+                latency=LatencyOptions(batch=2, seq=8, repeats=1, target_speedup=target))
+    a["goal"] = "speed"
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # the probe slims copies only
+    return a, model
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_probe_returns_a_speedup_for_every_plan(arch):
+    a, model = _analysis(arch)
+    rows = a["latency"]["rows"]
+    names = {r["name"] for r in rows}
+    assert {"ffn_neurons 50%", "ffn_neurons 75%", "blocks 1", "ffn_neurons 50% + blocks 2",
+            "ffn_neurons 75% + blocks 2"} <= names
+    assert ("ffn_neurons 50% + kv_groups 1" in names) == (arch == "llama")  # heads only where a config can say fewer
+    dense = sum(p.numel() for p in model.parameters())
+    for r in rows:
+        assert r["speedup"] == pytest.approx(dense / r["params"]) and r["speedup"] > 1.0
+        assert 0.0 < r["predicted_loss"] < 1.0 and len(r["blocks"]) == r["blocks_removed"]
+    # more removed, more predicted loss: the predicted loss is a sum over removed units
+    by = {r["name"]: r["predicted_loss"] for r in rows}
+    assert by["ffn_neurons 25%"] < by["ffn_neurons 50%"] < by["ffn_neurons 75%"] < by["ffn_neurons 75% + blocks 1"]
+    assert "chosen" not in a["latency"]  # no target: measured only
+
+
+def test_blocks_removed_are_the_least_influential():
+    a, _ = _analysis("bert")
+    order = [b["name"] for b in sorted(a["blocks"], key=lambda b: b["influence"])]
+    for r in a["latency"]["rows"]:
+        assert sorted(r["blocks"]) == sorted(order[: r["blocks_removed"]])
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("target", [1.3, 2.0])
+def test_chosen_plan_meets_the_target_with_the_least_predicted_loss(arch, target):
+    a, _ = _analysis(arch, target)
+    rows = a["latency"]["rows"]
+    chosen = next(r for r in rows if r["name"] == a["latency"]["chosen"])
+    assert chosen["speedup"] >= target
+    assert chosen["predicted_loss"] == min(r["predicted_loss"] for r in rows if r["speedup"] >= target)
+    pruning, reasons = suggest_pruning(a)
+    sections = pruning if isinstance(pruning, list) else [pruning]
+    assert sections == chosen["configs"]
+    assert any("measured speed-up" in r for r in reasons)
+    assert "(chosen)" in markdown(a)
+
+
+def test_no_plan_at_the_target_is_a_clear_error():
+    a, _ = _analysis("bert", target=100.0)
+    assert a["latency"]["chosen"] is None and "no plan reaches the target speed-up 100x" in a["latency"]["why"]
+    with pytest.raises(AnalysisError, match="fastest measured"):
+        suggest_pruning(a)
+    assert "No suggested.yaml: no plan reaches" in markdown(a)
+
+
+def test_choose_on_a_table():
+    rows = [{"name": "a", "speedup": 3.2, "predicted_loss": 0.30}, {"name": "b", "speedup": 3.0, "predicted_loss": 0.2},
+            {"name": "c", "speedup": 2.9, "predicted_loss": 0.01}, {"name": "d", "speedup": 3.0, "predicted_loss": 0.2}]
+    assert choose(rows, 3.0)[0]["name"] == "b"  # c is cheaper but too slow; b before d on equal loss and speed
+    assert choose(rows, 2.5)[0]["name"] == "c"
+    assert choose(rows, 4.0)[0] is None and choose([], 2.0)[0] is None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"target_speedup": float("nan")}, "finite"), ({"target_speedup": float("inf")}, "finite"),
+    ({"target_speedup": -2.0}, "must be > 1"), ({"target_speedup": 1.0}, "must be > 1"),
+    ({"target_speedup": True}, "finite"), ({"batch": 0}, "batch=0"), ({"seq": -1}, "seq=-1"),
+    ({"threads": 1.5}, "threads=1.5"), ({"repeats": True}, "repeats=True"),
+])
+def test_options_are_checked(kwargs, match):
+    with pytest.raises(AnalysisError, match=match):
+        LatencyOptions(**kwargs)
+
+
+def test_options_that_do_not_apply_are_refused():
+    assert latency_options("auto") is None and latency_options("speed", probe=False) is None
+    assert latency_options("speed") == LatencyOptions()
+    with pytest.raises(AnalysisError, match="target_speedup=2.0 does not apply with goal='size'"):
+        latency_options("size", target_speedup=2.0)
+    with pytest.raises(AnalysisError, match="latency_batch=8 does not apply with the latency probe turned off"):
+        latency_options("speed", probe=False, batch=8)
+
+
+def test_a_sequence_longer_than_the_model_is_refused_and_the_default_is_cut():
+    model = _bert()  # 32 positions
+    with pytest.raises(AnalysisError, match="longer than the model's 32 positions"):
+        analyze(model, _cls_batches(), _cls_batches(), progress=False, latency=LatencyOptions(seq=64))
+    assert lat.check_model(model, LatencyOptions()).seq == 32
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--goal", "size", "--target-speedup", "2"], "does not apply with goal='size'"),
+    (["--goal", "speed", "--target-speedup", "nan"], "finite number > 1"),
+    (["--goal", "speed", "--target-speedup", "0.5"], "must be > 1"),
+    (["--goal", "speed", "--no-latency-probe", "--latency-threads", "2"], "latency probe turned off"),
+])
+def test_cli_refuses_bad_latency_options_before_loading(tmp_path, capsys, argv, message):
+    missing = tmp_path / "no-such-recipe.yaml"  # never read: the options are checked first
+    assert main(["analyze", str(missing), "--output-dir", str(tmp_path / "a"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--latency-batch", "-1"], ["--latency-seq", "0"], ["--target-speedup", "x"]])
+def test_cli_parsing_refuses_non_numbers(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", "r.yaml", "--output-dir", str(tmp_path), "--goal", "speed", *argv])
+    assert exc.value.code == 2
+
+
+def test_cli_target_speedup_writes_a_depth_width_recipe_that_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lat, "default_time_one", fake_time)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, tmp_path / "run"))
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(recipe), "--output-dir", str(out), "--calibration-rows", "8", "--eval-rows", "8",
+                 "--goal", "speed", "--target-speedup", "1.02", "--latency-batch", "2", "--latency-seq", "8",
+                 "--latency-repeats", "1"]) == 0
+    a = json.loads((out / "analysis.json").read_text())
+    assert a["latency"]["batch"] == 2 and a["latency"]["seq"] == 8 and a["latency"]["threads"] == 1
+    chosen = next(r for r in a["latency"]["rows"] if r["name"] == a["latency"]["chosen"])
+    assert chosen["speedup"] >= 1.02 and math.isfinite(chosen["predicted_loss"])
+    text = (out / "suggested.yaml").read_text()
+    assert "measured speed-up" in text and "Latency probe" in (out / "ANALYSIS.md").read_text()
+    data = yaml.safe_load(text)
+    sections = data["pruning"] if isinstance(data["pruning"], list) else [data["pruning"]]
+    assert [{k: s[k] for k in c} for s, c in zip(sections, chosen["configs"])] == chosen["configs"]
+    assert data["output"]["slim"] is True
+    load_recipe(out / "suggested.yaml")
+    assert main(["validate", str(out / "suggested.yaml"), "--load"]) == 0
+
+
+def test_cli_target_nobody_reaches_exits_2_and_keeps_the_figures(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lat, "default_time_one", fake_time)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, tmp_path / "run"))
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(recipe), "--output-dir", str(out), "--calibration-rows", "8", "--eval-rows", "8",
+                 "--goal", "speed", "--target-speedup", "50", "--latency-batch", "2", "--latency-seq", "8",
+                 "--latency-repeats", "1"]) == 2
+    assert "no plan reaches the target speed-up 50x" in capsys.readouterr().err
+    assert (out / "analysis.json").is_file() and not (out / "suggested.yaml").exists()
+
+
+def test_goal_auto_runs_no_latency_probe(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, tmp_path / "run"))
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(recipe), "--output-dir", str(out), "--calibration-rows", "8", "--eval-rows", "8"]) == 0
+    assert "latency" not in json.loads((out / "analysis.json").read_text())
