@@ -8,6 +8,10 @@ Every row gets the same fine-tuning budget: ``--steps`` AdamW steps of ``--batch
 * ``ours_<s>``: prune while fine-tuning (`Pruner`, default saliency, cubic schedule);
 * ``ours_kd_<s>``: the same, plus knowledge distillation (`prune_callbacks.controllers.distillation`, `DistillationConfig`
   defaults: ``"self"`` teacher copied ``"before_pruning"``, hardness 0.5, temperature 2.0);
+* ``srste_<s>`` (N:M only): the same schedule with ``granularity="<s>-srste"`` (SR-STE: dense shadow weights,
+  straight-through gradients, ``--srste-decay`` on pruned weights, masks re-chosen at every update);
+  ``srste_full_<s>``: the same with ``initial_sparsity`` = the final one (the full N:M pattern from the first
+  update, revisited at every later update); a non-default decay is in the label (``srste_l0.002_2:4``);
 * ``oneshot_magnitude_<s>``: per-layer magnitude pruning once, then fine-tuning with the mask held fixed;
 * ``sparsegpt_<s>`` / ``wanda_<s>``: llm-compressor one-shot on ``--calib-blocks`` training blocks, run in its
   own virtual environment (``--peer-python``; llmcompressor 0.14.0.1 pins transformers<=5.17), its zeroed weights
@@ -43,7 +47,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PEER_METHODS = ("sparsegpt", "wanda")
-OURS_METHODS = ("ours", "ours_kd")
+OURS_METHODS = ("ours", "ours_kd", "srste", "srste_full")
+SRSTE_DEFAULT_DECAY = 2e-4
 ROWS = ("dense", *OURS_METHODS, "magnitude", *PEER_METHODS)
 
 
@@ -61,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-blocks", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--srste-decay", type=float, default=SRSTE_DEFAULT_DECAY,
+                   help="SR-STE decay of the srste rows (granularity_settings.decay)")
     p.add_argument("--model-cache-dir", default=None, help="float32 copy of SmolLM2 (load_smollm2 cache_dir)")
     p.add_argument("--peer-python", default=None,
                    help="python of a venv with llmcompressor==0.14.0.1 (peer rows are skipped, with the reason, without)")
@@ -334,6 +341,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for name, s in plan(args):
             label = name if s is None else f"{name}_{s if isinstance(s, str) else f'{s:g}'}"
+            if name.startswith("srste"):
+                if not isinstance(s, str):
+                    results["skipped"].append({"name": label, "reason": "SR-STE rows are N:M only"})
+                    continue
+                if args.srste_decay != SRSTE_DEFAULT_DECAY:
+                    label = f"{name}_l{args.srste_decay:g}_{s}"
             if name in PEER_METHODS and not args.peer_python:
                 results["skipped"].append({"name": label, "reason": "no --peer-python (llm-compressor venv) given"})
                 continue
@@ -352,6 +365,10 @@ def main(argv=None):
                 cfg = None
                 if name in OURS_METHODS:
                     target = {"granularity": s} if isinstance(s, str) else {"final_sparsity": s}
+                    if name.startswith("srste"):
+                        target = {"granularity": f"{s}-srste", "granularity_settings": {"decay": args.srste_decay}}
+                        if name == "srste_full":
+                            target["initial_sparsity"] = _fraction(s)
                     cfg = PruningConfig(**target, start_step=0.1, end_step=0.7, update_every=2)
                 finetune(model, train, args, cfg, distillation if name == "ours_kd" else None)
             except Exception as exc:  # a peer that cannot run here is reported, not hidden

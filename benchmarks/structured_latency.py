@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from prune_callbacks.methods.structured import mask_model, unit_map  # noqa: E402
 from prune_callbacks.export import slim
+from prune_callbacks.analysis.latency import interleaved_medians as _medians  # noqa: E402
 
 VARIANTS = {  # name: (fraction of FFN neurons removed, blocks removed); structured_accuracy.py reads it too
     "dense": (0.0, 0), "ffn50": (0.5, 0), "ffn75": (0.75, 0),
@@ -57,19 +56,9 @@ def magnitude_keep(model, ffn: float, blocks: int) -> dict:
 
 def interleaved_medians(models: dict, forward, rounds: int, label: str = "") -> dict:
     """Median seconds of ``forward(model)`` per model: one warm-up each, then ``rounds`` rounds of one call per
-    model, the order rotated every round, under ``torch.inference_mode``."""
-    names = list(models)
-    times = {n: [] for n in names}
-    with torch.inference_mode():
-        for m in models.values():
-            forward(m)
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                forward(models[name])
-                times[name].append(time.perf_counter() - t0)
-            print(f"{label}: round {r + 1}/{rounds}", flush=True)
-    return {n: statistics.median(t) for n, t in times.items()}
+    model, the order rotated every round, under ``torch.inference_mode`` (the analysis' latency probe's timer,
+    `prune_callbacks.analysis.latency.interleaved_medians`, with a progress line per round)."""
+    return _medians(models, forward, rounds, progress=lambda r: print(f"{label}: round {r}/{rounds}", flush=True))
 
 
 def build(template, ffn, blocks, ids):

@@ -349,6 +349,7 @@ def refusals(rank):
         "blocks": message(lambda: Pruner(shard(tiny_llama()), PruningConfig(granularity="blocks", final_sparsity=0.5))),
         "l1": message(lambda: Pruner(shard(tiny_llama()), PruningConfig(l1_lambda=0.1))),
         "low_rank": message(lambda: Pruner(shard(tiny_llama()), PruningConfig(granularity="low_rank", final_sparsity=0.5))),
+        "srste": message(lambda: Pruner(shard(tiny_llama()), PruningConfig(granularity="2:4-srste"))),
     }
 
 

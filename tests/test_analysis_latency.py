@@ -64,12 +64,14 @@ def test_blocks_removed_are_the_least_influential():
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 @pytest.mark.parametrize("target", [1.3, 2.0])
-def test_chosen_plan_meets_the_target_with_the_least_predicted_loss(arch, target):
+def test_chosen_plan_meets_the_target_with_the_fewest_blocks_then_least_predicted_loss(arch, target):
     a, _ = _analysis(arch, target)
     rows = a["latency"]["rows"]
     chosen = next(r for r in rows if r["name"] == a["latency"]["chosen"])
+    fast = [r for r in rows if r["speedup"] >= target]
     assert chosen["speedup"] >= target
-    assert chosen["predicted_loss"] == min(r["predicted_loss"] for r in rows if r["speedup"] >= target)
+    assert chosen["blocks_removed"] == min(r["blocks_removed"] for r in fast)
+    assert chosen["predicted_loss"] == min(r["predicted_loss"] for r in fast if r["blocks_removed"] == chosen["blocks_removed"])
     pruning, reasons = suggest_pruning(a)
     sections = pruning if isinstance(pruning, list) else [pruning]
     assert sections == chosen["configs"]
@@ -91,6 +93,12 @@ def test_choose_on_a_table():
     assert choose(rows, 3.0)[0]["name"] == "b"  # c is cheaper but too slow; b before d on equal loss and speed
     assert choose(rows, 2.5)[0]["name"] == "c"
     assert choose(rows, 4.0)[0] is None and choose([], 2.0)[0] is None
+    depth = [{"name": "blocks 2", "speedup": 2.3, "predicted_loss": 0.31, "blocks_removed": 2},
+             {"name": "ffn 87.5%", "speedup": 2.2, "predicted_loss": 0.49, "blocks_removed": 0},
+             {"name": "ffn 50% + blocks 1", "speedup": 2.0, "predicted_loss": 0.35, "blocks_removed": 1}]
+    row, why = choose(depth, 2.0)
+    assert row["name"] == "ffn 87.5%" and "fewest blocks removed (0)" in why  # depth last, then saliency
+    assert choose(depth, 2.25)[0]["name"] == "blocks 2"  # only depth reaches it
 
 
 @pytest.mark.parametrize("kwargs,match", [

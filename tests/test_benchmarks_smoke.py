@@ -117,3 +117,13 @@ def test_structured_lm_smoke_trains_slims_reloads_and_times(tmp_path):
     assert rows["blocks6"]["config_changes"] == {"num_hidden_layers": [2, 1]}
     assert all(r["reload_max_abs_logit_diff"] <= 1e-5 and r["b1_median_s"] > 0 for r in rows.values())
     assert rows["dense"]["b8_speedup"] == 1.0 and out.with_suffix(".png").is_file()
+
+
+def test_speed_plan_accuracy_smoke_chooses_by_the_library_rule(tmp_path):
+    from benchmarks import speed_plan_accuracy
+
+    data = speed_plan_accuracy.main(["--smoke", "--out", str(tmp_path / "s.json")])
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"dense", "x3", "x2"}
+    assert rows["x3"]["plan"] == rows["x2"]["plan"] == "ffn_neurons 75%"  # least predicted loss at both targets
+    assert rows["x3"]["params"] < rows["dense"]["params"] and rows["x3"]["test_accuracy"] == rows["x3"]["masked_test_accuracy"]

@@ -67,6 +67,9 @@ GRANULARITIES: list[dict[str, Any]] = [
     dict(granularity="attention_heads", registered="attention_heads", config=dict(final_sparsity=0.5), slim=True),
     dict(granularity="blocks", registered="blocks", config=dict(final_sparsity=0.5), slim=True),
     dict(granularity="low_rank", registered="low_rank", config=dict(final_sparsity=0.5), slim=False),
+    # SR-STE: pruned weights return while masks are revisited (start_step .. end_step); zeros are fixed after that
+    dict(granularity="2:4-srste", registered="N:M-srste", config=dict(granularity_settings={"decay": 0.01}),
+         slim=False, revisits=True),
 ]
 PATHS = ("plain", "trainer", "accelerate", "recipe", "fsdp2")
 CHECKS = ("exact_count", "zeros_stay_zero", "resume_exact", "report", "export", "ddp_identical_masks")
@@ -131,6 +134,8 @@ _FSDP2: dict[str, dict[str, tuple[Optional[str], str]]] = {
     "blocks": {check: (_F_REFUSED, "refused: NotImplementedError when the Pruner is built (the forward-skip hook "
                                    "is untested beside FSDP2's hooks)") for check in CHECKS},
     "low_rank": {check: (None, _F_LOW_RANK) for check in CHECKS},
+    "2:4-srste": {check: (_F_REFUSED, "refused: NotImplementedError when the Pruner is built (its dense shadow "
+                                      "copies of local rows are untested beside FSDP2)") for check in CHECKS},
 }
 #: cells proven by another test, or not run (``None`` with the reason); every other cell is tested here
 ELSEWHERE: dict[tuple[str, str, str], tuple[Optional[str], str]] = {
@@ -138,6 +143,7 @@ ELSEWHERE: dict[tuple[str, str, str], tuple[Optional[str], str]] = {
     ("ffn_neurons", "trainer", "ddp_identical_masks"): (_SLIM_DDP, "ffn_neurons + blocks in one run, slimmed"),
     ("blocks", "trainer", "ddp_identical_masks"): (_SLIM_DDP, "ffn_neurons + blocks in one run, slimmed"),
     ("2:4", "trainer", "ddp_identical_masks"): (None, _ADAPTERS_ADD_NO_MASK_LOGIC),
+    ("2:4-srste", "trainer", "ddp_identical_masks"): (None, _ADAPTERS_ADD_NO_MASK_LOGIC),
     ("attention_heads", "trainer", "ddp_identical_masks"): (None, _ADAPTERS_ADD_NO_MASK_LOGIC),
     ("unstructured", "accelerate", "ddp_identical_masks"): (_ACCELERATE_DDP, "accelerate launch, 2 CPU ranks"),
     **{(g["granularity"], "accelerate", "ddp_identical_masks"): (None, _ADAPTERS_ADD_NO_MASK_LOGIC)
@@ -211,7 +217,7 @@ def expected_pruned(granularity: str, cfg) -> int:
     block = attn + 3 * h * inter
     if granularity == "unstructured":
         return round(s * layers * block)
-    if granularity == "2:4":
+    if granularity in ("2:4", "2:4-srste"):
         return layers * block // 2
     if granularity == "ffn_neurons":
         return layers * round(s * inter) * 3 * h
@@ -265,6 +271,7 @@ def removed(weights: dict[str, torch.Tensor], granularity: str) -> tuple[int, di
 class Outcome:
     zero_counts: list = field(default_factory=list)  # zeros in the targets after each optimizer step
     revived: int = 0  # zero weights that were nonzero again after a later step
+    revived_at: list = field(default_factory=list)  # (optimizer step, zero weights nonzero again at that step)
     report: Optional[dict] = None  # the pruner's report after the last step
     masked_logits: Optional[torch.Tensor] = None  # the masked model's output after the last step
     export: dict = field(default_factory=dict)
@@ -283,7 +290,9 @@ class Observer:
     def __call__(self, model, pruner, step: int) -> None:
         count, now = removed(_target_weights(model, self.granularity), self.granularity)
         if self.previous is not None:
-            self.outcome.revived += sum(int((self.previous[n] & ~now[n]).sum()) for n in now)
+            back = sum(int((self.previous[n] & ~now[n]).sum()) for n in now)
+            self.outcome.revived += back
+            self.outcome.revived_at.append((step, back))
         self.previous = now
         self.outcome.zero_counts.append(count)
         if step == STEPS:
@@ -523,7 +532,9 @@ def run_recipe(granularity: str, tmp: Path, interrupt: bool = False) -> Outcome:
         weights = load_file(str(ckpt / "model.safetensors"))
         count, now = removed({n: weights[f"{n}.weight"] for n in _target_weights(_model(), granularity)}, granularity)
         if previous is not None:
-            outcome.revived += sum(int((previous[n] & ~now[n]).sum()) for n in now)
+            back = sum(int((previous[n] & ~now[n]).sum()) for n in now)
+            outcome.revived += back
+            outcome.revived_at.append((int(ckpt.name.split("-")[1]), back))
         previous = now
         outcome.zero_counts.append(count)
         if ckpt.name == f"checkpoint-{STEPS}":
@@ -598,7 +609,10 @@ def test_exact_count(granularity, path, tmp_path_factory):
 @pytest.mark.parametrize("granularity, path", _here("zeros_stay_zero"))
 def test_zeros_stay_zero(granularity, path, tmp_path_factory):
     out = outcome(granularity, path, tmp_path_factory)
-    assert out.revived == 0
+    if _row(granularity).get("revisits"):  # weights may return at mask updates, never after the last one
+        assert all(back == 0 for step, back in out.revived_at if step > SCHEDULE["end_step"]), out.revived_at
+    else:
+        assert out.revived == 0
     assert out.zero_counts == sorted(out.zero_counts) and out.zero_counts[-1] > 0
 
 

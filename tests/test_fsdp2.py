@@ -151,6 +151,7 @@ def test_no_rank_materialises_all_scores_or_a_full_mask(tmp_path):
     ("blocks", ["NotImplementedError", "granularity='blocks'", "FSDP2"]),
     ("l1", ["NotImplementedError", "l1_lambda=0.1"]),
     ("low_rank", ["NotImplementedError", "granularity='low_rank'", "FSDP2"]),
+    ("srste", ["NotImplementedError", "granularity='2:4-srste'", "FSDP2"]),
 ])
 def test_unsupported_sharding_refused_with_its_reason(two_ranks, case, words):
     _, results, _ = two_ranks

@@ -117,3 +117,17 @@ def test_fixed_mask_hook_holds_zeros():
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()  # without the hook AdamW moves the zeros again: the hook is what held them
     assert causal_lm_peers.measured_sparsity(model) < before
+
+
+def test_srste_rows_are_exact_2_to_4_and_skipped_for_unstructured(tmp_path):
+    from benchmarks import causal_lm_peers
+
+    out = tmp_path / "srste.json"
+    res = causal_lm_peers.main(["--smoke", "--steps", "6", "--seq-len", "32", "--eval-blocks", "4", "--threads", "1",
+                                "--sparsities", "0.5", "2:4", "--rows", "srste", "srste_full", "--srste-decay", "0.01",
+                                "--no-plot", "--out", str(out)])
+    runs = {r["name"]: r for r in res["runs"]}
+    assert set(runs) == {"srste_l0.01_2:4", "srste_full_l0.01_2:4"}
+    for r in runs.values():
+        assert r["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3) and r["perplexity"] > 1.0
+    assert [s["name"] for s in res["skipped"]] == ["srste_0.5", "srste_full_0.5"]

@@ -59,10 +59,11 @@ class PruningConfig(_Validated):
     schedule: str = Field("cubic", description="A registered schedule: cubic, linear, oneshot, or your own.")
 
     granularity: str = Field(
-        "unstructured", description="How masks are shaped: 'unstructured', 'N:M' (e.g. '2:4'), or a registered one.")
+        "unstructured", description="How masks are shaped: 'unstructured', 'N:M' (e.g. '2:4'), 'N:M-srste' "
+        "(e.g. '2:4-srste'), or a registered one.")
     granularity_settings: dict[str, Any] = Field(
         default_factory=dict, description="The granularity's own settings (its `Settings`; e.g. low_rank: "
-        "importance, projection); an error for a granularity without them.")
+        "importance, projection; N:M-srste: decay); an error for a granularity without them.")
 
     units: Optional[UnitDescription] = Field(
         None, description="Structured granularities on your own architecture: where its blocks, FFN neurons and heads "

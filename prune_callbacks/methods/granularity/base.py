@@ -13,6 +13,8 @@ Implementations:
   with min/max caps or per-layer.
 * ``N:M`` (:mod:`.nm`): N kept in every M consecutive weights along the input
   dimension.
+* ``N:M-srste`` (:mod:`.nm_srste`): the same pattern re-chosen at every update from
+  dense shadow weights (SR-STE): pruned weights may return (the one non-monotone selection).
 * structured units (FFN neurons, attention heads, blocks) mask units that span
   several tensors: ``params`` are every tensor a unit spans, ``masks`` are one
   bool per unit, ``apply`` zeroes every spanned slice.
@@ -41,7 +43,8 @@ no shared code:
   ``PruningConfig(granularity_settings={...})``; unknown keys, bad values and
   settings given to a granularity that has none are config errors naming the
   field, the value and what is allowed (`settings_problems`);
-* **gradients**: ``observe(grads)`` sees every real step's unscaled gradients
+* **gradients**: ``prepare_step()`` runs first in every real step (before gradients and weights are
+  read); ``observe(grads)`` sees every real step's unscaled gradients
   (after the saliency, only when they are finite), for statistics of its own;
   ``own_saliency`` names the per-weight saliency it needs instead of the config's;
 * **state**: ``state_dict()`` / ``load_state_dict()`` (flat ``name -> tensor``)
@@ -198,6 +201,10 @@ class Granularity:
     def mask_names(self) -> list[str]:
         """State-dict keys of ``masks`` (target names for weight-shaped masks)."""
         return [t.name for t in self.targets]
+
+    def prepare_step(self) -> None:
+        """First thing in every real step, before gradients and weights are read (``N:M-srste``: the dense shadow
+        weights go back into the parameters). Default: nothing."""
 
     def observe(self, grads: Sequence[torch.Tensor], grad_scale: Optional[float] = None) -> None:
         """One real step's gradients of ``params`` (finite; divide by ``grad_scale`` when given). Default: unused."""

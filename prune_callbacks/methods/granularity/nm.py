@@ -83,13 +83,18 @@ class NM(Granularity):
         """``round(s * numel)`` per target among the candidates: the per-layer selection of scores in which
         non-candidates rank last. Every group has exactly ``M - N`` candidates, so capping ``s`` at ``1 - N/M``
         caps every target's count at its number of candidates."""
+        return self.select_among(scores, sparsity, self.masks)
+
+    def select_among(self, scores, sparsity, pruned):
+        """`select` given which positions count as already pruned (``pruned``: they rank first in their group
+        and are never unpruned; all-False masks choose afresh, as ``N:M-srste`` does)."""
         limited = []
-        for score, old, target in zip(scores, self.masks, self.targets):
+        for score, old, target in zip(scores, pruned, self.targets):
             flat = _clean(score, old)  # already pruned = -inf: first in their group and first overall
             flat.masked_fill_(~self.candidates(flat, target, score.shape), float("inf"))
             limited.append(flat.view(score.shape))
         sparsity = min(sparsity, self.fixed_final_sparsity(self.n, self.m))
-        return per_layer_masks(limited, self.masks, sparsity, reducer=self.layout.reducer,
+        return per_layer_masks(limited, pruned, sparsity, reducer=self.layout.reducer,
                                global_numels=list(self.layout.numels))
 
     def report(self):

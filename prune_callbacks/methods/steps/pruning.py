@@ -107,6 +107,7 @@ class PruningGroup(StepComponent):
 
     # ------------------------------------------------------------ around the step
     def prepare(self, grad_scale: Optional[float]) -> bool:
+        self.granularity.prepare_step()  # e.g. N:M-srste puts its dense shadow weights back first
         grads = self.granularity.grads()  # local rows when sharded; zeros where there is none
         seen = self.received_grad
         if not all(seen):  # once every tensor got a gradient (the usual case from step 1) nothing is left to record
