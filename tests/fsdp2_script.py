@@ -319,10 +319,13 @@ def distilled(rank):
 
 def accelerated(rank, out):
     """AcceleratePruningHook on a model the user sharded with fully_shard, Accelerator(cpu=True) (MULTI_CPU, gloo):
-    only the optimizer is prepared. Masks against a single-process reference (same batch on every rank), tracker
-    logging every 2 steps (collective figures on every rank), save_state / load_state of the pruning state (DCP)."""
+    only the optimizer is prepared; AccelerateDistillationHook with a teacher sharded the same way. Masks against a
+    single-process reference (same batch on every rank, distilled alike), tracker logging every 2 steps (collective
+    figures on every rank), save_state / load_state of the pruning state (DCP)."""
     from accelerate import Accelerator
 
+    from prune_callbacks.controllers.distillation import DistillationConfig, Distiller
+    from prune_callbacks.integrations.accelerate.distillation import AccelerateDistillationHook
     from prune_callbacks.integrations.accelerate.hook import PRUNING_DCP_DIR, AcceleratePruningHook
 
     acc = Accelerator(cpu=True)
@@ -332,6 +335,9 @@ def accelerated(rank, out):
     ref = Pruner(ref_model, config("global")).attach(ref_opt)
     hook = AcceleratePruningHook(config("global"), log_every=2)
     pruner = hook.register(acc, model, opt, total_steps=STEPS)
+    Distiller(DistillationConfig(teacher=tiny_llama(seed=1), hardness=0.5)).attach(ref_model)
+    distill = AccelerateDistillationHook(DistillationConfig(teacher=shard(tiny_llama(seed=1)), hardness=0.5))
+    distill.register(acc, model, opt, pruning=hook)
     gen = torch.Generator().manual_seed(5)
     result = {"distributed_type": acc.distributed_type.value, "updates": [], "sharded_pruner": pruner.sharded}
     state_dir = Path(out, "accelerate_state")
@@ -351,6 +357,7 @@ def accelerated(rank, out):
     result["ref"], result["sharded"] = figures(ref.report()), figures(hook.report())
     result["expected_pruned"] = round(ref.mask_sparsity * ref.report()["prunable_params"])
     result["dcp_written"] = Path(state_dir, PRUNING_DCP_DIR, ".metadata").is_file()
+    result["kd"] = distill.figures().get("distill/kd_loss")
     acc.load_state(str(state_dir))  # back to step 4, on every rank's rows
     result["restored"] = pruner.step == saved[1] == 4 and all(torch.equal(a, b) for a, b in zip(pruner.pruned, saved[0]))
     try:
