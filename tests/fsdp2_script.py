@@ -8,7 +8,7 @@ multiple of 32 elements, so no element moves between a kernel's vector body and 
 
 Usage: ``fsdp2_script.py <out_dir> <case>[,<case>...] [<dcp_dir>]``; each rank writes ``<out_dir>/<case>-rank<r>.json``.
 Cases: ``global`` (caps), ``per_layer``, ``nm`` (2:4), ``attach`` (a real forward/backward loop),
-``distill`` (a sharded teacher; "self" refused), ``resume`` (DCP save at step 4, resume into a fresh pruner), ``resume_from`` (load <dcp_dir> written by
+``distill`` (a sharded teacher; "self" refused), ``accelerate`` (AcceleratePruningHook, own fully_shard), ``resume`` (DCP save at step 4, resume into a fresh pruner), ``resume_from`` (load <dcp_dir> written by
 another world size), ``alloc`` (largest tensor any op creates during a mask update).
 """
 
@@ -317,6 +317,59 @@ def distilled(rank):
     return result
 
 
+def accelerated(rank, out):
+    """AcceleratePruningHook on a model the user sharded with fully_shard, Accelerator(cpu=True) (MULTI_CPU, gloo):
+    only the optimizer is prepared; AccelerateDistillationHook with a teacher sharded the same way. Masks against a
+    single-process reference (same batch on every rank, distilled alike), tracker logging every 2 steps (collective
+    figures on every rank), save_state / load_state of the pruning state (DCP)."""
+    from accelerate import Accelerator
+
+    from prune_callbacks.controllers.distillation import DistillationConfig, Distiller
+    from prune_callbacks.integrations.accelerate.distillation import AccelerateDistillationHook
+    from prune_callbacks.integrations.accelerate.hook import PRUNING_DCP_DIR, AcceleratePruningHook
+
+    acc = Accelerator(cpu=True)
+    ref_model, model = tiny_llama(), shard(tiny_llama())
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=2**-4)
+    opt = acc.prepare(torch.optim.SGD(model.parameters(), lr=2**-4))  # not the model: DDP fails on DTensors
+    ref = Pruner(ref_model, config("global")).attach(ref_opt)
+    hook = AcceleratePruningHook(config("global"), log_every=2)
+    pruner = hook.register(acc, model, opt, total_steps=STEPS)
+    Distiller(DistillationConfig(teacher=tiny_llama(seed=1), hardness=0.5)).attach(ref_model)
+    distill = AccelerateDistillationHook(DistillationConfig(teacher=shard(tiny_llama(seed=1)), hardness=0.5))
+    distill.register(acc, model, opt, pruning=hook)
+    gen = torch.Generator().manual_seed(5)
+    result = {"distributed_type": acc.distributed_type.value, "updates": [], "sharded_pruner": pruner.sharded}
+    state_dir = Path(out, "accelerate_state")
+    for step in range(1, STEPS + 1):
+        ids = torch.randint(0, 64, (4, 12), generator=gen)  # the same batch on every rank (see distilled)
+        ref_model(input_ids=ids, labels=ids).loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        acc.backward(model(input_ids=ids, labels=ids).loss)
+        opt.step()
+        opt.zero_grad()
+        if ref.schedule.is_update_step(step):
+            result["updates"].append({"step": step, "equal": compare(ref, pruner)})
+        if step == 4:
+            acc.save_state(str(state_dir))
+            saved = ([m.clone() for m in pruner.pruned], pruner.step)
+    result["ref"], result["sharded"] = figures(ref.report()), figures(hook.report())
+    result["expected_pruned"] = round(ref.mask_sparsity * ref.report()["prunable_params"])
+    result["dcp_written"] = Path(state_dir, PRUNING_DCP_DIR, ".metadata").is_file()
+    result["kd"] = distill.figures().get("distill/kd_loss")
+    acc.load_state(str(state_dir))  # back to step 4, on every rank's rows
+    result["restored"] = pruner.step == saved[1] == 4 and all(torch.equal(a, b) for a, b in zip(pruner.pruned, saved[0]))
+    try:
+        hook.finalize(save_sparse_to=str(Path(out, "nope")))
+        result["export_refusal"] = None
+    except ValueError as exc:
+        result["export_refusal"] = str(exc)
+    hook.finalize()
+    result["zeros_after_finalize"] = all(bool((local(t.param)[m] == 0).all()) for t, m in zip(pruner.targets, pruner.pruned))
+    return result
+
+
 def refusals(rank):
     """What stays refused, and the message each gives (every rank raises alike, before any collective)."""
     from torch import nn
@@ -372,6 +425,8 @@ def run_case(out, case, rank, extra):
         result = attach_loop(rank)
     elif case == "distill":
         result = distilled(rank)
+    elif case == "accelerate":
+        result = accelerated(rank, out)
     elif case == "alloc":
         result = largest_allocation(rank)
     elif case == "resume_from":  # a checkpoint written by another world size, resharded by DCP

@@ -282,7 +282,8 @@ def _stub(distributed_type, **state):
     "accelerator, match",
     [
         (_stub(DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=1)), "FSDP"),
-        (_stub(DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=2)), r"FSDP \(fsdp_version=2\)"),
+        (_stub(DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=2)),
+         r"FSDP plugin \(fsdp_version=2\).*never for MULTI_CPU.*fully_shard"),
         (_stub("FSDP"), "FSDP"),
         (_stub(DistributedType.MULTI_GPU, fsdp_plugin=SimpleNamespace(fsdp_version=2)), "FSDP"),
         (_stub(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=3)), "ZeRO stage 3.*shards"),
@@ -310,7 +311,12 @@ def test_sharded_setups_are_refused_at_register(accelerator, match):
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
 
-def test_dtensor_parameters_are_refused_even_under_a_plain_distributed_type():
+@pytest.mark.parametrize("placement, error, match", [
+    ("Shard(1)", NotImplementedError, r"layers\.1\.down\.weight.*tensor parallel"),
+    # FSDP2-style Shard(0) is supported, but only for the whole model: one sharded target among whole ones is refused
+    ("Shard(0)", ValueError, r"some targets are sharded \(FSDP2\) and some are not"),
+])
+def test_dtensor_parameters_the_pruner_cannot_follow_are_refused_under_a_plain_distributed_type(placement, error, match):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -320,11 +326,13 @@ def test_dtensor_parameters_are_refused_even_under_a_plain_distributed_type():
         model = TinyLM()
         mesh = init_device_mesh("cpu", (1,))
         weight = model.layers[1].down.weight.detach()
-        model.layers[1].down.weight = torch.nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]))
+        dim = int(placement[-2])
+        model.layers[1].down.weight = torch.nn.Parameter(distribute_tensor(weight, mesh, [Shard(dim)]))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         hook = AcceleratePruningHook(PruningConfig(start_step=1, end_step=4))
-        with pytest.raises(NotImplementedError, match=r"sharded parameters.*layers\.1\.down\.weight"):
+        with pytest.raises(error, match=match):
             hook.register(_stub(DistributedType.MULTI_CPU), model, opt)
+        assert hook.pruner is None and not opt._optimizer_step_pre_hooks
     finally:
         dist.destroy_process_group()
 

@@ -211,3 +211,19 @@ def test_distillation_with_a_sharded_teacher_and_self_refused(two_ranks):
         refusal = r["self_refusal"]
         assert refusal is not None and all(w in refusal for w in ["DistillationConfigError", "teacher='self'",
                                                                    "DTensor", "fully_shard", "teacher=<that module>"])
+
+
+@pytest.mark.slow
+def test_accelerate_hook_on_a_model_sharded_with_fully_shard(tmp_path):
+    """Accelerator(cpu=True) under torchrun (MULTI_CPU: Accelerate's FSDP plugin never applies on CPU), the model
+    sharded by the user, only the optimizer prepared: the hook prunes the local rows like a single process, with
+    AccelerateDistillationHook and a sharded teacher."""
+    results = launch(tmp_path, ["accelerate"], nproc=2)
+    for r in results["accelerate"]:
+        assert r["distributed_type"] == "MULTI_CPU" and r["sharded_pruner"]
+        assert_same_as_reference([r])  # masks bitwise equal at every update; figures global on every rank
+        assert r["sharded"]["pruned_params"] == r["expected_pruned"]
+        assert r["dcp_written"] and r["restored"]  # save_state / load_state carry the pruning state (DCP)
+        assert r["kd"] is not None and r["kd"] > 0  # AccelerateDistillationHook with a sharded teacher ran
+        assert "save_sparse_to=" in r["export_refusal"] and "full_state_dict" in r["export_refusal"]
+        assert r["zeros_after_finalize"]

@@ -425,3 +425,28 @@ def test_evaluate_dense_rejects_unknown_values(value):
         make_callbacks(evaluate_dense=value)
     with pytest.raises(PruningConfigError, match=r"evaluate_dense="):
         GradualPruningCallback(evaluate_dense=value)
+
+
+def test_fsdp_sharded_model_refused_at_train_begin_with_the_reason():
+    """The Trainer's fsdp arguments shard the model through Accelerate's FSDP plugin, which Accelerate 1.16 enables
+    only on GPU backends (on CPU the Trainer runs DDP); a sharded model reaching the callbacks is refused."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from prune_callbacks.integrations.trainer.engine import TrainerPruningEngine
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = tiny_bert_classifier()
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer)
+        fully_shard(model)  # what the Trainer's accelerator would do with fsdp_version 2 on GPUs
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = TrainerPruningEngine(PruningConfig(start_step=1, end_step=4))
+        with pytest.raises(NotImplementedError, match=r"fsdp arguments.*never for MULTI_CPU.*fully_shard"):
+            engine.start(None, SimpleNamespace(max_steps=8, global_step=0), model, opt)
+        assert engine.pruner is None and not opt._optimizer_step_pre_hooks
+    finally:
+        dist.destroy_process_group()

@@ -152,6 +152,12 @@ class Pruner:
         return self._weighted(lambda g: g.mask_sparsity)
 
     @property
+    def sharded(self) -> bool:
+        """Whether the targets are FSDP2 shards (each rank holds rows of every weight): `report`, `finalize`
+        and the mask updates are then collective, to be called on every rank."""
+        return bool(self._layout.sharded)
+
+    @property
     def mask_updates(self) -> int:
         return max((g.mask_updates for g in self.groups), default=0)
 

@@ -40,12 +40,26 @@ Several processes (DDP, ``accelerate launch --multi_gpu``): gradients are
 all-reduced before the inner step and masks are broadcast from rank 0 at every
 mask update (``PruningConfig.sync_masks``), so every rank holds the same masks.
 
-Sharded setups. Masks are chosen globally over whole weight matrices, which
-needs every weight and its gradient on every rank:
+Sharded setups:
 
-* FSDP (1 and 2), tensor parallelism, and any DTensor / flattened parameter:
-  each rank only holds a shard, so ``register`` raises ``NotImplementedError``
-  rather than compute masks from a shard.
+* FSDP2 that you apply yourself (``torch.distributed.fsdp.fully_shard``, on every
+  rank, before building the optimizer): supported with ``Accelerator(cpu=True)`` or
+  any backend whose Accelerate state is not ``FSDP``. Pass only the optimizer (and
+  dataloader, scheduler) to ``accelerator.prepare``, not the model: Accelerate would
+  wrap it in DDP, which fails on DTensor parameters. The pruner works on each rank's
+  rows (exact global selection, :mod:`prune_callbacks.methods.sharding`);
+  ``report()``, ``finalize()`` and the tracker logging are collective, so every rank
+  calls them (the hook computes the figures on every rank at each ``log_every`` step).
+  ``accelerator.save_state`` / ``load_state`` write / read the pruning state with
+  ``torch.distributed.checkpoint`` in ``<dir>/pruning_dcp`` (every rank its rows;
+  `prune_callbacks.engine.sharded_state`); your model and optimizer shards need DCP
+  too (``get_state_dict`` / ``set_state_dict``), since ``save_state`` does not know a
+  model it did not prepare. ``finalize(slim=...)`` / ``save_sparse_to`` are refused:
+  gather the full state dict and export on rank 0 (docs/sharded-training.md).
+* Accelerate's FSDP plugin (``DistributedType.FSDP``, either version): refused; it
+  is not wired and cannot run on CPU (Accelerate 1.16 enables it for GPU-type
+  backends only), see `check_accelerator_supported`. FSDP1 flat parameters, tensor
+  parallelism and HSDP meshes are refused by the `Pruner` with their reasons.
 * DeepSpeed, every ZeRO stage: refused as well. Stage 3 shards parameters;
   at stages 1 and 2 the DeepSpeed engine steps its own optimizer over
   flattened fp32 master partitions (the ``optimizer.step()`` of the loop is a
@@ -54,10 +68,11 @@ needs every weight and its gradient on every rank:
   has not been verified against a DeepSpeed install, so it is not offered.
 * Megatron-LM: refused (it owns the optimizer and shards weights).
 * Supported: a single process and DDP (``--multi_gpu``), with or without
-  gradient accumulation and bf16/fp16 mixed precision. Tested on CPU: single
-  process, 2-process DDP over gloo, bf16 autocast, and accelerate's fp16
-  GradScaler code path driven by ``torch.amp.GradScaler("cpu")``. Not run in
-  this project's tests: CUDA/NCCL, fp16 autocast on GPU, XLA/TPU.
+  gradient accumulation and bf16/fp16 mixed precision, and FSDP2 as above. Tested on CPU: single
+  process, 2-process DDP over gloo, bf16 autocast, accelerate's fp16
+  GradScaler code path driven by ``torch.amp.GradScaler("cpu")``, and 2 FSDP2 ranks
+  over gloo (``tests/test_fsdp2.py``). Not run in this project's tests: CUDA/NCCL,
+  fp16 autocast on GPU, XLA/TPU.
 
 Run length: ``total_steps`` is what fractional ``start_step`` / ``end_step``
 resolve against. Give it, or give ``register(..., train_dataloader=loader,
@@ -89,9 +104,20 @@ from prune_callbacks.core.config import PruningConfig
 from prune_callbacks.engine.pruner import Pruner, _torch_optimizer
 from prune_callbacks.integrations.configs import ConfigLike, as_list, make_configs
 from prune_callbacks.integrations.accelerate.guard import STATE_KEY, GuardWiring
-from prune_callbacks.integrations.accelerate.support import _sharded_parameters, check_accelerator_supported, count_optimizer_steps
+from prune_callbacks.engine.sharded_state import load_sharded_state, save_sharded_state
+from prune_callbacks.integrations.accelerate.support import check_accelerator_supported, count_optimizer_steps
 
 __all__ = ["AcceleratePruningHook", "check_accelerator_supported", "count_optimizer_steps"]
+
+
+#: the folder of ``accelerator.save_state``'s output where an FSDP2-sharded pruning state goes (DCP)
+PRUNING_DCP_DIR = "pruning_dcp"
+
+
+def _dcp(output_dir: str) -> str:
+    import os
+
+    return os.path.join(output_dir, PRUNING_DCP_DIR)
 
 
 class AcceleratePruningHook:
@@ -114,9 +140,10 @@ class AcceleratePruningHook:
     mixed precision, gradient accumulation, ``save_state``/``load_state``
     (register before ``load_state``). The schedule counts optimizer steps
     really taken: accumulation micro-steps and fp16 overflow steps don't count.
-    Refused at ``register`` with ``NotImplementedError``: FSDP, DeepSpeed (all
-    ZeRO stages), Megatron-LM, tensor parallel / DTensor parameters (the masks
-    would be computed from shards or overwritten). See the module docstring.
+    FSDP2 applied by you (``fully_shard``; the model not passed to ``prepare``) is
+    supported. Refused at ``register`` with ``NotImplementedError``: Accelerate's FSDP
+    plugin, DeepSpeed (all ZeRO stages), Megatron-LM, tensor parallelism, FSDP1 flat
+    parameters. See the module docstring.
     """
 
     def __init__(
@@ -162,7 +189,9 @@ class AcceleratePruningHook:
         metrics (a mapping, or one number), called on every process; see
         :mod:`prune_callbacks.integrations.accelerate.guard` for when it runs.
         Also registers this hook for ``accelerator.save_state``/``load_state``.
-        Raises ``NotImplementedError`` for sharded setups (FSDP, DeepSpeed, TP).
+        Raises ``NotImplementedError`` for the refused sharded setups (Accelerate's FSDP plugin, DeepSpeed,
+        TP, FSDP1); an FSDP2 model you sharded yourself is pruned on each rank's rows, its pruning state
+        saved by ``save_state`` through DCP (see the module docstring).
         """
         if self.pruner is not None:
             raise RuntimeError("this AcceleratePruningHook is already registered; create one hook per model")
@@ -171,13 +200,12 @@ class AcceleratePruningHook:
             raise ValueError("accuracy_guard needs register(..., evaluate=fn) (fn() returns the metrics)" if guarded else
                              "register(..., evaluate=...) is only used with accuracy_guard, which no config sets")
         check_accelerator_supported(accelerator)
-        sharded = _sharded_parameters(model)
-        if sharded:
-            raise NotImplementedError(
-                f"AcceleratePruningHook cannot prune sharded parameters (DTensor / FSDP FlatParameter / ZeRO-3): "
-                f"{', '.join(sharded[:4])}{', ...' if len(sharded) > 4 else ''}. Global masks cannot be computed "
-                "exactly from a local shard; use DDP or a single process."
-            )
+        if total_steps is not None:
+            self.total_steps = total_steps
+        elif self.total_steps is None and train_dataloader is not None:
+            accumulation = int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1)
+            self.total_steps = count_optimizer_steps(len(train_dataloader), accumulation, num_epochs)
+        pruner = Pruner(model, self.config, total_steps=self.total_steps)  # refuses shardings it cannot follow
         from accelerate.optimizer import AcceleratedOptimizer
 
         if not isinstance(optimizer, AcceleratedOptimizer):
@@ -185,12 +213,11 @@ class AcceleratePruningHook:
                 f"register() needs the optimizer returned by accelerator.prepare(...), got {type(optimizer).__name__}: "
                 "a bare torch optimizer would let the pruner act on gradient-accumulation micro-steps"
             )
-        if total_steps is not None:
-            self.total_steps = total_steps
-        elif self.total_steps is None and train_dataloader is not None:
-            accumulation = int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1)
-            self.total_steps = count_optimizer_steps(len(train_dataloader), accumulation, num_epochs)
-        pruner = Pruner(model, self.config, total_steps=self.total_steps)
+        if pruner.sharded and guarded:
+            raise NotImplementedError(
+                "accuracy_guard in AcceleratePruningHook with an FSDP2-sharded model: not wired (the guard's checkpoint "
+                "state is per rank and save_state would keep rank 0's); run without accuracy_guard, or drive the "
+                "Pruner and its guard (prune_callbacks.controllers.guard) in a plain torch loop")
         pruner.attach(optimizer)
         if guarded:
             self._guard = GuardWiring(pruner, optimizer, evaluate)
@@ -198,7 +225,11 @@ class AcceleratePruningHook:
         self.pruner = pruner
         # Registered after the pruner's own hooks, so it runs after masks are updated.
         self._log_handle = _torch_optimizer(optimizer).register_step_post_hook(lambda opt, args, kwargs: self._after_step())
-        accelerator.register_for_checkpointing(self)
+        if pruner.sharded:  # each rank holds its rows: DCP, every rank (a custom object is saved by rank 0 only)
+            accelerator.register_save_state_pre_hook(lambda models, weights, out: save_sharded_state(pruner, _dcp(out)))
+            accelerator.register_load_state_pre_hook(lambda models, path: load_sharded_state(pruner, _dcp(path)))
+        else:
+            accelerator.register_for_checkpointing(self)
         return pruner
 
     def set_total_steps(self, total_steps: int) -> None:
@@ -247,10 +278,13 @@ class AcceleratePruningHook:
         return {f"{self.log_prefix}{k}": v for k, v in values.items()}
 
     def _log(self) -> None:
-        if not self._has_trackers():
+        sharded = self.pruner.sharded  # report() is collective: every rank computes the figures, rank 0 logs them
+        if not sharded and not self._has_trackers():
             return
         self._last_logged = self.pruner.step
-        self.accelerator.log(self.log_values(), step=self.pruner.step)
+        values = self.log_values()
+        if self._has_trackers():
+            self.accelerator.log(values, step=self.pruner.step)
 
     # ------------------------------------------------------------ results
     def report(self) -> dict:
@@ -282,6 +316,13 @@ class AcceleratePruningHook:
         (the masks are identical on every rank). ``ValueError``: ``slim`` with no granularity that
         has a compact form.
         """
+        if self._require_pruner().sharded and (slim or save_sparse_to is not None):
+            raise ValueError(
+                f"finalize(slim={slim!r}, save_sparse_to={save_sparse_to!r}) with an FSDP2-sharded model: each rank "
+                "holds only rows of every weight. Call finalize() (allowed: slim=False, save_sparse_to=None), gather "
+                "the full state dict (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))) "
+                "and slim / save_sparse an unsharded model on rank 0 (docs/sharded-training.md)"
+            )
         report = self._finalize_pruner()
         if slim:
             from prune_callbacks.integrations.exporting import export_model

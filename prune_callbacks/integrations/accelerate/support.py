@@ -8,8 +8,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from torch import nn
-
 
 def count_optimizer_steps(num_batches: int, gradient_accumulation_steps: int = 1, epochs: int = 1) -> int:
     """Optimizer steps of a run over a prepared dataloader of ``num_batches`` batches per process.
@@ -59,10 +57,13 @@ def check_accelerator_supported(accelerator: Any) -> None:
     if dtype == "FSDP" or fsdp_plugin is not None:
         version = _get(fsdp_plugin, "fsdp_version")
         raise NotImplementedError(
-            f"AcceleratePruningHook does not support FSDP{'' if version is None else f' (fsdp_version={version})'}: "
-            "each process holds only a shard of every weight (flattened FlatParameters in FSDP1, DTensor shards in "
-            "FSDP2), so global masks cannot be computed exactly from the local shard. Launch with DDP "
-            "(`accelerate launch --multi_gpu`, no FSDP plugin) instead, or prune on a single process."
+            f"AcceleratePruningHook does not support Accelerate's FSDP plugin{'' if version is None else f' (fsdp_version={version})'}: "
+            "it is not wired and could not be tested, since Accelerate (1.16, accelerate/state.py, "
+            "AcceleratorState.__init__) switches to DistributedType.FSDP only for GPU-type backends (MULTI_GPU, "
+            "MULTI_NPU, MULTI_XPU, ...), never for MULTI_CPU. Shard the model yourself with "
+            "torch.distributed.fsdp.fully_shard (FSDP2), prepare only the optimizer (and dataloader), and register "
+            "this hook (docs/sharded-training.md); or launch with DDP (`accelerate launch --multi_gpu`, no FSDP plugin). "
+            "FSDP1 (flattened FlatParameters) is not supported in any form."
         )
     if dtype == "DEEPSPEED" or ds_plugin is not None:
         stage = _get(ds_plugin, "zero_stage")
@@ -91,12 +92,3 @@ def check_accelerator_supported(accelerator: Any) -> None:
                 "data parallelism (DDP)."
             )
 
-
-def _sharded_parameters(model: nn.Module) -> list[str]:
-    """Names of parameters held as shards: DTensor (FSDP2, TP), FSDP1 FlatParameter, DeepSpeed ZeRO-3."""
-    found = []
-    for name, param in model.named_parameters():
-        kinds = {type(param).__name__, type(getattr(param, "data", param)).__name__}
-        if kinds & {"DTensor", "FlatParameter"} or hasattr(param, "ds_id"):
-            found.append(name)
-    return found

@@ -90,6 +90,15 @@ class TrainerPruningEngine:
             raise PruningConfigError(f"pruning config does not fit this Trainer run (max_steps={state.max_steps}): {exc}") from None
         except ValueError as exc:  # target patterns that match nothing, tied weights, ...
             raise PruningConfigError(f"pruning config does not fit this model: {exc}") from None
+        if pruner.sharded:
+            raise NotImplementedError(
+                "prune_callbacks: the Trainer's fsdp arguments (Accelerate's FSDP plugin) are not supported: the model's "
+                "weights are FSDP2 shards, and the Trainer callbacks' logging, checkpoints and export read whole "
+                "weights on rank 0. It is not wired and cannot be tested on CPU: Accelerate 1.16 enables its FSDP "
+                "plugin only for GPU-type backends (accelerate/state.py: never for MULTI_CPU). Train with DDP (no fsdp "
+                "arguments), or shard with torch.distributed.fsdp.fully_shard in a plain torch or Accelerate loop "
+                "(docs/sharded-training.md)"
+            )
         self.resumed_from = self.started_fresh_at = None
         if state.global_step > 0:
             self._restore(pruner, args, state)
