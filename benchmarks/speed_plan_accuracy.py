@@ -11,6 +11,8 @@ ones; run several processes on disjoint ``--only`` lists and ``--merge`` them).
     python benchmarks/speed_plan_accuracy.py --analysis benchmarks/results/analysis_minilm_speed3/analysis.json \\
         --targets 3 2 --only dense --out /tmp/a.json
     python benchmarks/speed_plan_accuracy.py --analysis .../analysis.json --targets 3 2 --only x3 x2 --out /tmp/b.json
+    python benchmarks/speed_plan_accuracy.py --analysis .../analysis.json --only ffn75+blocks2 \
+        --plan ffn75+blocks2=ffn_neurons:0.75,blocks:0.3333 --out /tmp/c.json
     python benchmarks/speed_plan_accuracy.py --merge /tmp/a.json /tmp/b.json --out benchmarks/results/speed_plan_accuracy.json
     python benchmarks/speed_plan_accuracy.py --smoke --out /tmp/s.json
 """
@@ -46,6 +48,8 @@ def main(argv=None):
     ap.add_argument("--analysis", type=Path, help="analysis.json of an analyze --goal speed run")
     ap.add_argument("--targets", nargs="+", type=float, default=[3.0, 2.0])
     ap.add_argument("--only", nargs="+", default=None, help="variants to run: dense, x3, x2, ... (default: all)")
+    ap.add_argument("--plan", nargs="+", default=[], metavar="NAME=GRANULARITY:FRACTION[,...]",
+                    help="extra variants to compare with, e.g. ffn75+blocks2=ffn_neurons:0.75,blocks:0.3333")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-eval", type=int, default=None, help="test rows (default: the whole split)")
@@ -74,6 +78,9 @@ def main(argv=None):
     else:
         analysis = json.loads(args.analysis.read_text())
     chosen = plans(analysis, args.targets)
+    for item in args.plan:
+        name, _, spec = item.partition("=")
+        sa.VARIANTS[name] = [(g, float(f)) for g, _, f in (part.partition(":") for part in spec.split(","))]
     for name, (_, row, _) in chosen.items():  # register them with the structured benchmark's variant table
         sa.VARIANTS[name] = [(c["granularity"], c["final_sparsity"]) for c in row["configs"]]
     wanted = args.only or ["dense", *chosen]

@@ -184,3 +184,11 @@ def test_goal_auto_runs_no_latency_probe(tmp_path, capsys):
     out = tmp_path / "analysis"
     assert main(["analyze", str(recipe), "--output-dir", str(out), "--calibration-rows", "8", "--eval-rows", "8"]) == 0
     assert "latency" not in json.loads((out / "analysis.json").read_text())
+
+
+def test_goal_speed_without_a_target_quotes_the_chosen_strategy_speedup():
+    a, _ = _analysis("bert")
+    pruning, reasons = suggest_pruning(a)
+    sections = pruning if isinstance(pruning, list) else [pruning]
+    row = next(r for r in a["latency"]["rows"] if sorted(map(str, r["configs"])) == sorted(map(str, sections)))
+    assert f"measured {row['speedup']:.2f}x" in next(r for r in reasons if r.startswith("latency probe:"))
