@@ -17,7 +17,9 @@ both factors counted: ``r*(m+n)`` against ``m*n``), with the same batches, optim
   dense fine-tune for 80% of the run, FWSVD ranks one-shot from the run's own Fisher, the last 20% in the subspace;
   ``*_late50``: the rank schedule from 50% to 80% of the run (the first half fine-tunes the dense model, the last
   20% the compressed one); ``*_late60``: 60% to 90%; ``low_rank_relative_oneshot80``: ``low_rank_oneshot_late`` with
-  ``allocation: relative``.
+  ``allocation: relative``;
+* ``unstructured`` / ``ffn_neurons``: pruning riding the same fine-tune (taylor, cubic 10% -> 60%) removing the same
+  number of block weights (``ffn_neurons``: ``1.5 x`` the fraction of the FFN neurons on MiniLM; not run above 2/3).
 
 ``--sparsity`` takes several values (one dense fine-tune shared by every ``*_after`` row); ``--seed`` sets the
 classifier head, the batch order and the torch seed (the data split stays seed 0, so the test set is the same).
@@ -142,6 +144,37 @@ def run_during(name, args, data, template, sparsity) -> dict:
     return row, model
 
 
+PEERS = ("unstructured", "ffn_neurons")  # pruning while fine-tuning at the same count of removed weights
+
+
+def run_peer(name, args, data, template, sparsity) -> dict:
+    """Unstructured (taylor, global) or FFN-neuron pruning riding the same fine-tune (cubic 10% -> 60%), removing
+    the same number of block weights as low rank at ``sparsity``: unstructured prunes the same targets at
+    ``sparsity``; FFN neurons only span the FFN weights, so their fraction is ``sparsity * targeted / ffn``."""
+    from prune_callbacks import Pruner
+    from prune_callbacks.core.targets import find_targets
+
+    common.seed_everything(args.seed)
+    model = copy.deepcopy(template)
+    targeted = sum(t.numel for t in find_targets(model))
+    ffn = sum(t.numel for t in find_targets(model) if t.name.endswith(("intermediate.dense", "output.dense"))
+              and ".attention." not in t.name)
+    fraction = sparsity if name == "unstructured" else sparsity * targeted / ffn
+    if fraction >= 1:
+        return {"variant": name, "not_run": f"needs {fraction:.3f} of the FFN neurons"}
+    optimizer = common.make_optimizer(model, lr=args.lr)
+    scheduler = common.linear_warmup_decay(optimizer, steps=args.steps, warmup=args.steps // 10)
+    pruner = Pruner(model, dict(granularity=name, final_sparsity=fraction, start_step=0.1, end_step=0.6),
+                    total_steps=args.steps).attach(optimizer)
+    wall = common.train(model, common.train_batches(data["train"], steps=args.steps, batch_size=16, seed=args.seed),
+                        optimizer, scheduler)
+    pruner.finalize()
+    removed = sum(int((t.param == 0).sum()) for t in find_targets(model))
+    return {"variant": name, "final_sparsity": fraction, "removed_block_weights": removed,
+            "removed_fraction_of_targeted": removed / targeted, "train_wall_s": round(wall, 1),
+            "test_accuracy": common.accuracy(model, common.eval_batches(data["test"]))}
+
+
 def run_dense(args, data, template):
     common.seed_everything(args.seed)
     model = copy.deepcopy(template)
@@ -190,6 +223,31 @@ def _latency(args, dense, exported: dict) -> dict:
     return out
 
 
+def models_from_ranks(template, paths) -> dict:
+    """``{variant@sparsity: model}`` with the shapes of every exported row in the result files ``paths``: each target
+    with a rank below break-even becomes two thin Linears of that rank (random orthonormal basis: for timing only,
+    latency depends on the shapes, not the values)."""
+    import json
+
+    from prune_callbacks.export.low_rank.factorize import _set_module, factorize_linear
+
+    g = torch.Generator().manual_seed(0)
+    models = {}
+    for path in paths:
+        for row in json.loads(Path(path).read_text())["rows"]:
+            if not row.get("ranks"):
+                continue
+            model = copy.deepcopy(template).eval()
+            for name, rank in row["ranks"].items():
+                linear = model.get_submodule(name)
+                m, n = linear.weight.shape
+                if rank is not None and rank * (m + n) < m * n:
+                    basis = torch.linalg.qr(torch.randn(n, rank, generator=g))[0]
+                    _set_module(model, name, factorize_linear(linear, basis))
+            models[f"{row['variant']}@{row['sparsity']}"] = model
+    return models
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["low_rank", "low_rank_plain", "dense", "svd_after", "fwsvd_after"])
@@ -199,6 +257,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency", action="store_true", help="CPU latency of every exported model vs dense")
     ap.add_argument("--latency-seq", type=int, default=128)
+    ap.add_argument("--latency-from", nargs="+", type=Path, default=None,
+                    help="no training: time models with the ranks of these result files' rows against dense")
     ap.add_argument("--rounds1", type=int, default=20, help="latency rounds at batch 1")
     ap.add_argument("--rounds32", type=int, default=5, help="latency rounds at batch 32")
     ap.add_argument("--lr", type=float, default=5e-5)
@@ -212,11 +272,18 @@ def main(argv=None):
         args.steps, args.calib = min(args.steps, 12), min(args.calib, 2)
     common.set_threads(args.threads)
     for name in args.variants:
-        if name not in DURING and name not in AFTER and name != "dense":
-            raise SystemExit(f"unknown variant {name!r}; valid: {', '.join([*DURING, 'dense', *AFTER])}")
+        if name not in DURING and name not in AFTER and name not in PEERS and name != "dense":
+            raise SystemExit(f"unknown variant {name!r}; valid: {', '.join([*DURING, 'dense', *AFTER, *PEERS])}")
     result = {"benchmark": "low_rank", "hardware": common.hardware_info(), "steps": args.steps, "lr": args.lr,
               "sparsity": args.sparsity, "seed": args.seed, "batch_size": 16, "max_len": 64,
               "schedule": "cubic 0.1 -> 0.6 unless the row's window says otherwise", "smoke": args.smoke, "rows": []}
+    if args.latency_from:
+        template = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=2)) if args.smoke \
+            else common.load_minilm(seed=0)[0]
+        result.update(rows=[], latency_from=[str(p) for p in args.latency_from],
+                      latency=_latency(args, template, models_from_ranks(template, args.latency_from)))
+        common.write_json(args.out, result)
+        return result
     model, data = _setup(args)
     result["test_examples"] = len(data["test"])
     dense, exported = None, {}
@@ -225,6 +292,8 @@ def main(argv=None):
             started = time.time()
             if name in DURING:
                 row, out_model = run_during(name, args, data, model, sparsity)
+            elif name in PEERS:
+                row, out_model = run_peer(name, args, data, model, sparsity), None
             else:
                 if dense is None:
                     dense, dense_row = run_dense(args, data, model)
@@ -237,7 +306,7 @@ def main(argv=None):
             row["sparsity"], row["seed"] = sparsity, args.seed
             row["wall_s"] = round(time.time() - started, 1)
             result["rows"].append(row)
-            if args.latency:
+            if args.latency and out_model is not None:
                 exported[f"{name}@{sparsity}"] = out_model.eval()
             print({k: v for k, v in row.items() if k != "ranks"}, flush=True)
             common.write_json(args.out, result)
