@@ -223,10 +223,10 @@ def _latency(args, dense, exported: dict) -> dict:
     return out
 
 
-def models_from_ranks(template, paths) -> dict:
+def models_from_ranks(template, paths, variants=None) -> dict:
     """``{variant@sparsity: model}`` with the shapes of every exported row in the result files ``paths``: each target
     with a rank below break-even becomes two thin Linears of that rank (random orthonormal basis: for timing only,
-    latency depends on the shapes, not the values)."""
+    latency depends on the shapes, not the values). ``variants``: only those rows."""
     import json
 
     from prune_callbacks.export.low_rank.factorize import _set_module, factorize_linear
@@ -234,8 +234,9 @@ def models_from_ranks(template, paths) -> dict:
     g = torch.Generator().manual_seed(0)
     models = {}
     for path in paths:
-        for row in json.loads(Path(path).read_text())["rows"]:
-            if not row.get("ranks"):
+        data = json.loads(Path(path).read_text())
+        for row in data["rows"]:
+            if not row.get("ranks") or (variants is not None and row["variant"] not in variants):
                 continue
             model = copy.deepcopy(template).eval()
             for name, rank in row["ranks"].items():
@@ -244,7 +245,8 @@ def models_from_ranks(template, paths) -> dict:
                 if rank is not None and rank * (m + n) < m * n:
                     basis = torch.linalg.qr(torch.randn(n, rank, generator=g))[0]
                     _set_module(model, name, factorize_linear(linear, basis))
-            models[f"{row['variant']}@{row['sparsity']}"] = model
+            sparsity = row.get("sparsity", data["sparsity"])  # older files: one sparsity per file
+            models[f"{row['variant']}@{sparsity}"] = model
     return models
 
 
@@ -258,7 +260,8 @@ def main(argv=None):
     ap.add_argument("--latency", action="store_true", help="CPU latency of every exported model vs dense")
     ap.add_argument("--latency-seq", type=int, default=128)
     ap.add_argument("--latency-from", nargs="+", type=Path, default=None,
-                    help="no training: time models with the ranks of these result files' rows against dense")
+                    help="no training: time models with the ranks of these result files' rows (those of "
+                         "--variants) against dense")
     ap.add_argument("--rounds1", type=int, default=20, help="latency rounds at batch 1")
     ap.add_argument("--rounds32", type=int, default=5, help="latency rounds at batch 32")
     ap.add_argument("--lr", type=float, default=5e-5)
@@ -281,7 +284,7 @@ def main(argv=None):
         template = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=2)) if args.smoke \
             else common.load_minilm(seed=0)[0]
         result.update(rows=[], latency_from=[str(p) for p in args.latency_from],
-                      latency=_latency(args, template, models_from_ranks(template, args.latency_from)))
+                      latency=_latency(args, template, models_from_ranks(template, args.latency_from, args.variants)))
         common.write_json(args.out, result)
         return result
     model, data = _setup(args)

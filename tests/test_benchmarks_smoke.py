@@ -133,7 +133,8 @@ def test_low_rank_smoke_sweeps_sparsities_and_times_exported_models(tmp_path):
         assert res["latency"]["b1_median_s"][f"{r['variant']}@{r['sparsity']}"] > 0
     assert pruned[0]["window"] == [0.5, 0.8] and len(res["latency"]["b32_median_s"]) == 7
     # timing from the result file alone: the same shapes, so the same parameter counts
-    again = low_rank.main(["--smoke", "--latency-from", str(out), "--out", str(tmp_path / "lat.json")])
+    again = low_rank.main(["--smoke", "--latency-from", str(out), "--variants", "low_rank_relative_late50", "svd_after",
+                           "fwsvd_relative_after", "--out", str(tmp_path / "lat.json")])
     assert again["latency"]["params"] == res["latency"]["params"]
 
 
