@@ -127,3 +127,35 @@ def test_speed_plan_accuracy_smoke_chooses_by_the_library_rule(tmp_path):
     assert set(rows) == {"dense", "x3", "x2"}
     assert rows["x3"]["plan"] == rows["x2"]["plan"] == "ffn_neurons 75%"  # least predicted loss at both targets
     assert rows["x3"]["params"] < rows["dense"]["params"] and rows["x3"]["test_accuracy"] == rows["x3"]["masked_test_accuracy"]
+
+
+def test_low_rank_smoke_sweeps_sparsities_and_times_exported_models(tmp_path):
+    from benchmarks import low_rank
+
+    out = tmp_path / "lr.json"
+    res = low_rank.main(["--smoke", "--sparsity", "0.25", "0.5", "--latency", "--variants", "low_rank_relative_late50",
+                         "dense", "svd_after", "fwsvd_relative_after", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows].count("dense") == 1 and len(rows) == 7  # one dense fine-tune, shared
+    pruned = [r for r in rows if r["variant"] != "dense"]
+    for r in pruned:  # every exported row removes its budget (< one rank step over) and is timed
+        assert r["sparsity"] <= r["removed_fraction"] < r["sparsity"] + 0.05 and r["params_after"] < r["params_before"]
+        assert res["latency"]["b1_median_s"][f"{r['variant']}@{r['sparsity']}"] > 0
+    assert pruned[0]["window"] == [0.5, 0.8] and len(res["latency"]["b32_median_s"]) == 7
+    # timing from the result file alone: the same shapes, so the same parameter counts
+    again = low_rank.main(["--smoke", "--latency-from", str(out), "--variants", "low_rank_relative_late50", "svd_after",
+                           "fwsvd_relative_after", "--out", str(tmp_path / "lat.json")])
+    assert again["latency"]["params"] == res["latency"]["params"]
+
+
+def test_low_rank_lm_smoke_targets_query_key_only(tmp_path):
+    from benchmarks import low_rank_lm
+
+    out = tmp_path / "lrlm.json"
+    low_rank_lm.main(["--smoke", "--sparsity", "0.5", "--variants", "pretrained", "dense", "svd_after",
+                      "fwsvd_relative_after", "low_rank_relative_late50", "--out", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows.keys() == {"pretrained", "dense", "svd_after", "fwsvd_relative_after", "low_rank_relative_late50"}
+    for name in ("svd_after", "fwsvd_relative_after", "low_rank_relative_late50"):
+        assert set(rows[name]["ranks"]) and all(k.endswith(("q_proj", "k_proj")) for k in rows[name]["ranks"])
+        assert rows[name]["removed_fraction"] >= 0.5 and rows[name]["held_out_ppl"] == pytest.approx(rows[name]["projected_ppl"], rel=1e-4)
