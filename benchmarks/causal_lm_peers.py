@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-blocks", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", nargs=2, type=float, default=[0.1, 0.7], metavar=("START", "END"),
+                   help="start_step / end_step (fractions of --steps) of the prune-while-fine-tuning rows; a "
+                        "non-default window is in the label (srste_full_w0.05-0.95_2:4)")
     p.add_argument("--srste-decay", type=float, default=SRSTE_DEFAULT_DECAY,
                    help="SR-STE decay of the srste rows (granularity_settings.decay)")
     p.add_argument("--model-cache-dir", default=None, help="float32 copy of SmolLM2 (load_smollm2 cache_dir)")
@@ -347,6 +350,8 @@ def main(argv=None):
                     continue
                 if args.srste_decay != SRSTE_DEFAULT_DECAY:
                     label = f"{name}_l{args.srste_decay:g}_{s}"
+            if name in OURS_METHODS and list(args.window) != [0.1, 0.7]:
+                label = f"{label.removesuffix(f'_{s}')}_w{args.window[0]:g}-{args.window[1]:g}_{s}"
             if name in PEER_METHODS and not args.peer_python:
                 results["skipped"].append({"name": label, "reason": "no --peer-python (llm-compressor venv) given"})
                 continue
@@ -369,7 +374,7 @@ def main(argv=None):
                         target = {"granularity": f"{s}-srste", "granularity_settings": {"decay": args.srste_decay}}
                         if name == "srste_full":
                             target["initial_sparsity"] = _fraction(s)
-                    cfg = PruningConfig(**target, start_step=0.1, end_step=0.7, update_every=2)
+                    cfg = PruningConfig(**target, start_step=args.window[0], end_step=args.window[1], update_every=2)
                 finetune(model, train, args, cfg, distillation if name == "ours_kd" else None)
             except Exception as exc:  # a peer that cannot run here is reported, not hidden
                 results["skipped"].append({"name": label, "reason": f"{type(exc).__name__}: {exc}"[:600]})

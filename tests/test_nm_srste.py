@@ -150,4 +150,8 @@ def test_settings_errors_name_field_value_and_what_is_allowed():
         PruningConfig(granularity="2:4", granularity_settings={"decay": 1e-4})
     with pytest.raises(PruningConfigError, match="0 < N < M"):
         PruningConfig(granularity="4:4-srste")
+    with pytest.raises(PruningConfigError, match=r"l1_lambda=0.1 does not apply to granularity='2:4-srste'"):
+        PruningConfig(granularity="2:4-srste", l1_lambda=0.1)
+    with pytest.raises(PruningConfigError, match=r"accuracy_guard does not apply to granularity='2:4-srste'"):
+        PruningConfig(granularity="2:4-srste", accuracy_guard={"metric": "eval_loss", "max_drop": 0.1})
     assert NMSRSTE.supports_sharding is False and NM.supports_sharding is True  # refused under FSDP2 (test_fsdp2)

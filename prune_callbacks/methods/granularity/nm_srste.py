@@ -52,6 +52,19 @@ class NMSRSTE(NM):
     supports_sharding = False  # shadow copies of local rows are untested beside FSDP2: refused
     Settings = SRSTESettings
 
+    @classmethod
+    def check_config(cls, config, n="2", m="4"):
+        """Besides N:M's checks: the accuracy guard (its rollback restores saved values of weights pruned since,
+        assuming masks only grow) and the L1 step (untested beside the shadow) are refused."""
+        problems = super().check_config(config, n, m)
+        if getattr(config, "accuracy_guard", None) is not None:
+            problems.append(f"accuracy_guard does not apply to granularity={config.granularity!r} (its rollback "
+                            "assumes masks that only grow; N:M-srste revisits them); remove it or use 'N:M'")
+        if getattr(config, "l1_lambda", 0.0):
+            problems.append(f"l1_lambda={config.l1_lambda!r} does not apply to granularity={config.granularity!r} "
+                            "(untested beside its dense shadow weights); allowed: 0")
+        return problems
+
     def __init__(self, config, targets, model=None, n: str = "2", m: str = "4"):
         super().__init__(config, targets, model, n, m)
         self.decay = self.settings_of(config).decay
