@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import launch_world  # noqa: E402
+from benchmarks.common import launch_world, write_json  # noqa: E402
 
 
 def _worker(size_m: list[float], dim: int, updates: int, steps: int, out: str) -> None:
@@ -154,8 +154,7 @@ def main(argv=None) -> dict:
         "loadavg_1_5_15": load, "note": "shared machine: other jobs ran at the same time; ratios within one run "
         "are comparable, absolute times are not", "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     return result
 
 

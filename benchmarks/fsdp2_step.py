@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import launch_world  # noqa: E402
+from benchmarks.common import launch_world, write_json  # noqa: E402
 
 #: the model of the measurement: 4 layers, hidden 256 (about 3.7M parameters, 3.1M of them prunable Linear weights)
 MODEL = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -161,8 +161,7 @@ def main(argv=None) -> dict:
         "note": "shared machine: other jobs may run at the same time; dense and pruned blocks alternate in one "
         "process group, so their ratio is comparable, absolute times are not", "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     return result
 
 
