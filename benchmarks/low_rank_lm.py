@@ -11,7 +11,8 @@ the shared budget of ``benchmarks/causal_lm_peers.py`` (``--steps`` AdamW steps 
   ``allocation: relative``);
 * ``low_rank_late50`` / ``low_rank_relative_late50``: ``granularity="low_rank"`` during the fine-tune, ranks
   shrinking from 50% to 80% of the run (cubic), the weight projected onto its subspace after every step;
-  ``low_rank`` / ``low_rank_relative``: the same with the default window, 10% to 60%.
+  ``low_rank`` / ``low_rank_relative``: the same with the default window, 10% to 60%; ``low_rank_relative_oneshot80``: all of the
+  rank cut at 80% of the run (``schedule: oneshot``), the last 20% fine-tuning the factorised-rank model.
 
 Each pruned row is exported (two thin Linears per target) and its held-out perplexity measured on the factorised
 model (``--eval-blocks`` blocks). One process, one torch thread.
@@ -41,7 +42,8 @@ TARGETS = [r"self_attn\.(q_proj|k_proj)$"]
 DURING = {"low_rank": ({"importance": "fisher"}, (0.1, 0.6)),
           "low_rank_relative": ({"importance": "fisher", "allocation": "relative"}, (0.1, 0.6)),
           "low_rank_late50": ({"importance": "fisher"}, (0.5, 0.8)),
-          "low_rank_relative_late50": ({"importance": "fisher", "allocation": "relative"}, (0.5, 0.8))}
+          "low_rank_relative_late50": ({"importance": "fisher", "allocation": "relative"}, (0.5, 0.8)),
+          "low_rank_relative_oneshot80": ({"importance": "fisher", "allocation": "relative"}, (0.8, 0.8))}
 AFTER = {"svd_after": {"importance": "none"}, "fwsvd_after": {"importance": "fisher"},
          "fwsvd_relative_after": {"importance": "fisher", "allocation": "relative"}}
 
@@ -75,7 +77,10 @@ def run_during(name, make, train, held, args, sparsity):
     torch.manual_seed(args.seed)
     model = make()
     t0 = time.time()
-    pruner = peers.finetune(model, train, args, PruningConfig(**_config(sparsity, settings, window)))
+    config = _config(sparsity, settings, window)
+    if window[0] == window[1]:
+        config["schedule"] = "oneshot"
+    pruner = peers.finetune(model, train, args, PruningConfig(**config))
     return _export(name, model, pruner, held, {"train_wall_s": round(time.time() - t0, 1), "window": list(window),
                                                "settings": settings})
 
