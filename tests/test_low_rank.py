@@ -8,7 +8,7 @@ from torch import nn
 
 from helpers import TinyLM, lm_loss, random_batches, tiny_bert_classifier
 from prune_callbacks import Pruner
-from prune_callbacks.core.config import PruningConfigError
+from prune_callbacks.core.config import PruningConfig, PruningConfigError
 from prune_callbacks.export.dispatch import export_pruned
 from prune_callbacks.methods.granularity.low_rank import kept_params, max_rank
 from prune_callbacks.export.low_rank import LowRankCheckpointError, LowRankLinear, densify, load_low_rank, save_low_rank
@@ -289,8 +289,11 @@ def test_suggestion_proposes_low_rank_only_where_the_spectra_show_it_pays(ranks,
     assert any(("low_rank considered" if pays else "low_rank left out") in r for r in reasons)
     if pays:
         pruning, why = suggest_pruning(a)
-        assert pruning == {"granularity": "low_rank", "final_sparsity": 0.5}  # trains with the Fisher default
-        assert any("Fisher-weighted" in r for r in why)
+        assert pruning == {"granularity": "low_rank", "final_sparsity": 0.5, "schedule": "oneshot",  # the late cut
+                           "start_step": 0.8, "end_step": 0.8,
+                           "granularity_settings": {"importance": "fisher", "allocation": "relative"}}
+        assert any("Fisher-weighted" in r for r in why) and any("cut late" in r for r in why)
+        PruningConfig(**pruning)  # a valid config as suggested
 
 
 def test_probe_measures_low_rank_on_the_budget_and_restores_the_weights():

@@ -44,6 +44,7 @@ import yaml
 from prune_callbacks.analysis.errors import AnalysisError
 from prune_callbacks.analysis.metrics import noise
 from prune_callbacks.analysis.strategies import STRUCTURED, is_structured
+from prune_callbacks.methods.granularity.low_rank import LATE_CUT
 
 GOALS = ("auto", "size", "speed")
 _KEEP = ("start_step", "end_step", "update_every", "schedule", "include", "exclude")
@@ -223,10 +224,13 @@ def suggest_pruning(analysis: dict) -> tuple[object, list[str]]:
         return pruning, reasons + more
     configs = [dict(c) for c in chosen["configs"]]
     if chosen["kind"] == "low_rank":
-        configs = [{k: v for k, v in c.items() if k != "granularity_settings"} for c in configs]
+        configs = [{**{k: v for k, v in c.items() if k != "granularity_settings"}, **copy.deepcopy(LATE_CUT)} for c in configs]
         reasons.append("low_rank: training allocates the ranks by Fisher-weighted SVD (the probe measured plain SVD "
                        "ranks, a pessimistic proxy); the saved weights have those ranks: factorise them with "
                        "prune_callbacks.export.low_rank (export_pruned, save_low_rank)")
+        reasons.append("low_rank cut late (schedule oneshot at 0.8 of the run, allocation relative): the ranks come "
+                       "from a model that has learnt the task and the last 20% fine-tunes the factorised model "
+                       "(docs/low-rank.md)")
         return configs[0], reasons
     if chosen["kind"] == "N:M":
         reasons.append(f"{configs[0]['granularity']}: N kept in every M consecutive weights; final sparsity follows")
