@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from prune_callbacks.analysis.errors import AnalysisError
-from prune_callbacks.analysis.strategies import _config
+from prune_callbacks.analysis.strategies import unit_config
 from prune_callbacks.export.slim import slim
 from prune_callbacks.methods.structured.units import StructuredUnitsError
 
@@ -137,11 +137,11 @@ def plan_configs(plan: Plan, n_blocks: int, n_kv: int, n_ffn: int) -> list[dict]
     """The `PruningConfig` dicts (as the strategies write them) that remove what ``plan`` removes."""
     out = []
     if plan.ffn:
-        out.append(_config("ffn_neurons", round(plan.ffn * n_ffn) / n_ffn))
+        out.append(unit_config("ffn_neurons", round(plan.ffn * n_ffn) / n_ffn))
     if plan.kv_groups:
-        out.append(_config("attention_heads", plan.kv_groups / n_kv))
+        out.append(unit_config("attention_heads", plan.kv_groups / n_kv))
     if plan.blocks:
-        out.append(_config("blocks", plan.blocks / n_blocks))
+        out.append(unit_config("blocks", plan.blocks / n_blocks))
     return out
 
 

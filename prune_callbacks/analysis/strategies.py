@@ -64,7 +64,8 @@ def _width(kind: str, fraction: float, n_units: int) -> Optional[float]:
     return k / n_units if 1 <= k <= n_units - 1 and k / n_units <= MAX_WIDTH else None
 
 
-def _config(kind: str, fraction: float) -> dict:
+def unit_config(kind: str, fraction: float) -> dict:
+    """One partial `PruningConfig` dict of a structured candidate: ``kind`` at ``fraction``, taylor saliency."""
     return {"granularity": kind, "final_sparsity": round(fraction, 4), "saliency": "taylor"}
 
 
@@ -109,27 +110,28 @@ def candidates(model: nn.Module, budget: float, targeted: Mapping[str, int], *, 
 
     f = _width("ffn_neurons", budget / ffn, n_ffn) if ffn else None
     if f is not None and fits(f * ffn):
-        out.append({"name": f"ffn_neurons {f:.0%}", "kind": "ffn_neurons", "configs": [_config("ffn_neurons", f)]})
+        out.append({"name": f"ffn_neurons {f:.0%}", "kind": "ffn_neurons", "configs": [unit_config("ffn_neurons", f)]})
     if heads:
         h = _width("attention_heads", budget / heads, n_heads)
         if h is not None and fits(h * heads):
             out.append({"name": f"attention_heads {h:.0%}", "kind": "attention_heads",
-                        "configs": [_config("attention_heads", h)]})
+                        "configs": [unit_config("attention_heads", h)]})
         h = 1 / n_heads  # one KV group (or head) per block, the rest from FFN neurons
         f = _width("ffn_neurons", (budget - h * heads) / ffn, n_ffn) if ffn and n_heads > 1 else None
         if f is not None and fits(h * heads + f * ffn):
             out.append({"name": f"attention_heads {h:.0%} + ffn_neurons {f:.0%}", "kind": "attention_heads+ffn_neurons",
-                        "configs": [_config("ffn_neurons", f), _config("attention_heads", h)]})
+                        "configs": [unit_config("ffn_neurons", f), unit_config("attention_heads", h)]})
     k = round(budget / block) if block else 0
     if 0 < k < n_blocks and fits(k * block):
-        out.append({"name": f"blocks {k}/{n_blocks}", "kind": "blocks", "configs": [_config("blocks", k / n_blocks)]})
+        out.append({"name": f"blocks {k}/{n_blocks}", "kind": "blocks",
+                    "configs": [unit_config("blocks", k / n_blocks)]})
     for k in (1, 2):  # a removed block takes its neurons along; the fraction applies to the blocks that remain
         if k >= n_blocks - 1 or not ffn:
             continue
         f = _width("ffn_neurons", (budget - k * block) / (ffn * (n_blocks - k) / n_blocks), n_ffn)
         if f is not None and f >= 0.05 and fits(k * block + f * ffn * (n_blocks - k) / n_blocks):
             out.append({"name": f"blocks {k}/{n_blocks} + ffn_neurons {f:.0%}", "kind": "blocks+ffn_neurons",
-                        "configs": [_config("ffn_neurons", f), _config("blocks", k / n_blocks)]})
+                        "configs": [unit_config("ffn_neurons", f), unit_config("blocks", k / n_blocks)]})
     return out
 
 
