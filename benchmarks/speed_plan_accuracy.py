@@ -54,6 +54,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-eval", type=int, default=None, help="test rows (default: the whole split)")
     ap.add_argument("--threads", type=int, default=1)
+    sa.add_lever_arguments(ap)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--merge", nargs="+", type=Path, default=None)
@@ -85,7 +86,8 @@ def main(argv=None):
         sa.VARIANTS[name] = [(c["granularity"], c["final_sparsity"]) for c in row["configs"]]
     wanted = args.only or ["dense", *chosen]
     run_args = argparse.Namespace(steps=args.steps, lr=args.lr, max_eval=args.max_eval, smoke=args.smoke,
-                                  save_dense=None, dense_from=None)
+                                  save_dense=None, dense_from=None, window=tuple(args.window),
+                                  hardness=args.hardness, hidden_weight=args.hidden_weight)
     results = {"benchmark": "speed_plan_accuracy", "hardware": common.hardware_info(), "threads": args.threads,
                "lr": args.lr, "batch_size": 16, "max_len": 64, "seed": 0,
                "latency": {k: v for k, v in analysis["latency"].items() if k != "rows"}, "rows": []}
@@ -93,11 +95,13 @@ def main(argv=None):
         results["rows"] = json.loads(args.out.read_text())["rows"]
     done = {r["variant"] for r in results["rows"]}
     for name in wanted:
-        if name in done:
+        if sa.label(name, run_args) in done:
             continue
         row = sa.run_variant(name, run_args)
-        if name in chosen:
-            target, plan, why = chosen[name]
+        _, suffix = sa._kinds(name)
+        plan_name = name.removesuffix(suffix) if suffix else name
+        if plan_name in chosen:
+            target, plan, why = chosen[plan_name]
             row.update(target_speedup=target, plan=plan["name"], probe_speedup=plan["speedup"],
                        predicted_loss=plan["predicted_loss"], why=why)
         results["rows"].append(row)

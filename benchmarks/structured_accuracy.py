@@ -4,8 +4,11 @@ Pruning rides the fine-tune (taylor saliency, cubic from 10% to 60% of the run, 
 `prune_callbacks.export.slim_pruned` cuts the units out; the slimmed model's test accuracy is compared
 with the masked model's (they must agree). ``+kd`` variants attach a
 `prune_callbacks.controllers.distillation.Distiller` whose teacher is the fine-tuned ``dense`` model of the same setting
-(the oBERT / SparseML arrangement; ``hardness`` 1.0, temperature 2.0). Same batches, optimizer, schedule and
-seed for every variant; rows are appended to ``--out`` as they finish (``--resume`` skips finished ones).
+(the oBERT / SparseML arrangement; ``hardness`` 1.0, temperature 2.0). ``+self`` variants need no earlier run: the
+teacher is a copy of the model taken after the last dense step of this same run (``teacher="self"``,
+``snapshot="before_pruning"``; ``--hardness`` and ``--hidden-weight`` set its loss), which knows the task when the
+pruning window opens late (``--window 0.4 0.8``). Same batches, optimizer, schedule and seed for every variant; rows
+are appended to ``--out`` as they finish (``--resume`` skips finished ones).
 
     python benchmarks/structured_accuracy.py --threads 1 --variants dense --save-dense outputs/dense150
     python benchmarks/structured_accuracy.py --threads 1 --variants ffn50+kd ffn75 --dense-from outputs/dense150
@@ -33,13 +36,24 @@ MINILM_BLOCKS = 6
 VARIANTS = {name: ([("ffn_neurons", ffn)] if ffn else []) + ([("blocks", blocks / MINILM_BLOCKS)] if blocks else [])
             for name, (ffn, blocks) in SHAPES.items()}
 KD = {"hardness": 1.0, "temperature": 2.0}
+DEFAULT_WINDOW = (0.1, 0.6)  # start_step, end_step as fractions of the run
+TEACHERS = ("+kd", "+self")  # variant suffixes: the fine-tuned dense model of --dense-from, or an in-run copy
 
 
 def _kinds(name: str):
-    base = name[: -len("+kd")] if name.endswith("+kd") else name
+    """``(units, teacher suffix or None)`` of a variant name such as ``ffn75+self``."""
+    suffix = next((t for t in TEACHERS if name.endswith(t)), None)
+    base = name[: -len(suffix)] if suffix else name
     if base not in VARIANTS:
-        raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)} (each also with +kd)")
-    return VARIANTS[base], name.endswith("+kd")
+        raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)} (each also with {' or '.join(TEACHERS)})")
+    return VARIANTS[base], suffix
+
+
+def _distillation(suffix, args) -> dict:
+    if suffix == "+kd":
+        return dict(KD, teacher=_teacher(args))
+    return {"teacher": "self", "snapshot": "before_pruning", "temperature": 2.0,
+            "hardness": getattr(args, "hardness", 0.5), "hidden_weight": getattr(args, "hidden_weight", 0.0)}
 
 
 def _setup(args):
@@ -63,12 +77,32 @@ def _teacher(args):
     return AutoModelForSequenceClassification.from_pretrained(args.dense_from).eval()
 
 
+def add_lever_arguments(ap) -> None:
+    """The pruning window and the in-run teacher's loss (shared with speed_plan_accuracy.py)."""
+    ap.add_argument("--window", nargs=2, type=float, default=DEFAULT_WINDOW, metavar=("START", "END"),
+                    help="pruning start_step / end_step as fractions of the run (default 0.1 0.6)")
+    ap.add_argument("--hardness", type=float, default=0.5, help="+self variants: weight of the KD term")
+    ap.add_argument("--hidden-weight", type=float, default=0.0, help="+self variants: hidden-state MSE weight")
+
+
+def label(name: str, args) -> str:
+    """The row's name: the variant, and its pruning window when that is not the default (``ffn75@0.4-0.8+self``)."""
+    window = tuple(getattr(args, "window", None) or DEFAULT_WINDOW)
+    units, suffix = _kinds(name)
+    if window == DEFAULT_WINDOW or not units:
+        return name
+    base = name.removesuffix(suffix) if suffix else name
+    return f"{base}@{window[0]:g}-{window[1]:g}{suffix or ''}"
+
+
 def run_variant(name: str, args) -> dict:
     from prune_callbacks import Pruner, PruningConfig
     from prune_callbacks.controllers.distillation import DistillationConfig, Distiller
+    from prune_callbacks.controllers.distillation.teacher import snapshot_step
     from prune_callbacks.export import slim_pruned
 
-    kinds, kd = _kinds(name)
+    kinds, suffix = _kinds(name)
+    start, end = getattr(args, "window", None) or DEFAULT_WINDOW
     common.seed_everything(0)
     model, data = _setup(args)
     steps = args.steps
@@ -76,13 +110,23 @@ def run_variant(name: str, args) -> dict:
     scheduler = common.linear_warmup_decay(optimizer, steps=steps, warmup=steps // 10)
     pruner = distiller = None
     if kinds:
-        configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=0.1, end_step=0.6) for k, s in kinds]
+        configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end) for k, s in kinds]
         pruner = Pruner(model, configs, total_steps=steps).attach(optimizer)
-    if kd:
-        distiller = Distiller(DistillationConfig(teacher=_teacher(args), **KD)).attach(model)
+    distillation = _distillation(suffix, args) if suffix else None
+    if distillation:
+        distiller = Distiller(DistillationConfig(**distillation)).attach(model)
+    snapshot_after = snapshot_step(pruner) if suffix == "+self" else None
+    if snapshot_after == 0:
+        distiller.take_snapshot(0)
+
+    def after_step(st):
+        if st == snapshot_after:  # the plain loop's part of snapshot="before_pruning" (the adapters do it themselves)
+            distiller.take_snapshot(st)
+        if st % 25 == 0:
+            print(f"{name}: step {st}/{steps}", flush=True)
+
     batches = common.train_batches(data["train"], steps=steps, batch_size=16, seed=0)
-    wall = common.train(model, batches, optimizer, scheduler,
-                        after_step=lambda st: print(f"{name}: step {st}/{steps}", flush=True) if st % 25 == 0 else None)
+    wall = common.train(model, batches, optimizer, scheduler, after_step=after_step)
     if distiller is not None:
         distiller.detach()
     test = common.eval_batches(data["test"])
@@ -91,8 +135,10 @@ def run_variant(name: str, args) -> dict:
     if name == "dense" and args.save_dense:
         model.save_pretrained(str(args.save_dense) + ".tmp")
         Path(str(args.save_dense) + ".tmp").rename(args.save_dense)
-    return {"variant": name, "units": [list(k) for k in kinds], "distillation": KD if kd else None,
-            "steps": steps, "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
+    if distillation:
+        distillation["teacher"] = "dense fine-tune" if suffix == "+kd" else f"self, copied after step {distiller.teacher_step}"
+    return {"variant": label(name, args), "units": [list(k) for k in kinds], "distillation": distillation,
+            "window": [start, end], "steps": steps, "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
             "masked_test_accuracy": masked_acc, "params": sum(p.numel() for p in model.parameters()),
             "config_changes": summary["config"] if summary else {}, "test_examples": len(data["test"])}
 
@@ -122,10 +168,11 @@ def plot(results: dict, latency: dict, png: Path, latency_name: str) -> None:
     ax.axvline(1.5, color="grey", ls="--", lw=0.8)
     ax.axhline(0.97, color="grey", ls="--", lw=0.8, label="target: >= 1.5x at >= 97% of dense")
     for r in results["rows"]:
-        base = r["variant"].removesuffix("+kd")
+        suffix = next((t for t in TEACHERS if r["variant"].endswith(t)), "")
+        base = r["variant"].removesuffix(suffix) if suffix else r["variant"]
         if base not in speed:
             continue
-        kd = r["variant"].endswith("+kd")
+        kd = bool(suffix)
         x, y = speed[base], r["test_accuracy"] / dense
         ax.scatter(x, y, color="#3b7dd8" if kd else "k", marker="o" if kd else "s", zorder=3)
         ax.annotate(r["variant"], (x, y), fontsize=8, xytext=(4, -10 if kd else 4), textcoords="offset points")
@@ -152,6 +199,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-dense", type=Path, default=None, help="save the dense variant's model here")
     ap.add_argument("--dense-from", type=Path, default=None, help="teacher of the +kd variants")
+    add_lever_arguments(ap)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, skip their variants")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "structured_accuracy.json")
@@ -171,7 +219,7 @@ def main(argv=None):
     for name in args.variants:
         _kinds(name)  # fail before any training on a typo
     for name in args.variants:
-        if name in done:
+        if label(name, args) in done:
             continue
         results["rows"].append(run_variant(name, args))
         print(results["rows"][-1], flush=True)

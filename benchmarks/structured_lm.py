@@ -45,12 +45,31 @@ VARIANTS = {"dense": [], "ffn25": [("ffn_neurons", 0.25)], "ffn50": [("ffn_neuro
 SMOKE_VARIANTS = {**VARIANTS, "kv1": [("attention_heads", 0.5)], "blocks6": [("blocks", 0.5)]}  # 2 blocks, 2 KV groups
 
 
+SUFFIXES = ("+kd", "+self", "+merge")  # levers a variant name may end with (any order, each at most once)
+DEFAULT_WINDOW = (0.1, 0.6)
+
+
 def _kinds(name: str, smoke: bool = False):
+    """``(units, set of lever suffixes)`` of a variant name such as ``ffn25+merge+self``."""
     variants = SMOKE_VARIANTS if smoke else VARIANTS
-    base = name[: -len("+kd")] if name.endswith("+kd") else name
-    if base not in variants:
-        raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(variants)} (each also with +kd)")
-    return variants[base], name.endswith("+kd")
+    base, levers = name, set()
+    while (suffix := next((x for x in SUFFIXES if base.endswith(x) and x not in levers), None)) is not None:
+        levers.add(suffix)
+        base = base[: -len(suffix)]
+    if base not in variants or {"+kd", "+self"} <= levers:
+        raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(variants)}, each also with "
+                         f"{', '.join(SUFFIXES)} (+kd and +self exclude each other)")
+    if levers and not variants[base]:
+        raise SystemExit(f"variant {name!r}: the levers {', '.join(SUFFIXES)} need a pruned variant")
+    return variants[base], levers
+
+
+def label(name: str, args) -> str:
+    """The row's name: the variant, with its pruning window when that is not the default."""
+    window = tuple(args.window)
+    if window == DEFAULT_WINDOW or not _kinds(name, args.smoke)[0]:
+        return name
+    return f"{name}@{window[0]:g}-{window[1]:g}"
 
 
 def _load(out: Path) -> dict:
@@ -64,26 +83,36 @@ def train_variant(name: str, make, train, held, args) -> dict:
     from prune_callbacks.controllers.distillation import DistillationConfig, Distiller
     from prune_callbacks.export import slim_pruned
 
-    kinds, kd = _kinds(name, args.smoke)
+    kinds, levers = _kinds(name, args.smoke)
     torch.manual_seed(args.seed)
     model = make()
-    configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=0.1, end_step=0.6, update_every=2)
+    start, end = args.window
+    configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end, update_every=2,
+                             merge=True if "+merge" in levers and k == "ffn_neurons" else None)
                for k, s in kinds] or None
+    kd = "+kd" in levers
     distiller = Distiller(DistillationConfig(teacher=copy.deepcopy(model))).attach(model) if kd else None
+    in_run = DistillationConfig(teacher="self", snapshot="before_pruning", hardness=args.hardness,
+                                hidden_weight=args.hidden_weight) if "+self" in levers else None
     t0 = time.time()
-    pruner = peers.finetune(model, train, args, configs)
+    pruner = peers.finetune(model, train, args, configs, distillation=in_run)
     train_s = time.time() - t0
     if distiller is not None:
         distiller.detach()
     masked_ppl = peers.held_out_perplexity(model, held)
     summary = slim_pruned(model, pruner) if pruner is not None else {"config": {}}
-    folder = Path(args.models_dir) / name
+    folder = Path(args.models_dir) / label(name, args)
     model.save_pretrained(folder)
     reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     model.eval()
     with torch.no_grad():
         diff = (model(input_ids=held[:2]).logits - reloaded(input_ids=held[:2]).logits).abs().max().item()
-    return {"variant": name, "units": [list(k) for k in kinds], "distillation": "train_begin teacher" if kd else None,
+    distillation = "train_begin teacher" if kd else None
+    if in_run is not None:
+        distillation = {"teacher": "self, copied before the first mask update", "hardness": args.hardness,
+                        "hidden_weight": args.hidden_weight}
+    return {"variant": label(name, args), "units": [list(k) for k in kinds], "distillation": distillation,
+            "merge": "+merge" in levers, "window": [start, end],
             "perplexity": peers.held_out_perplexity(reloaded, held), "masked_perplexity": masked_ppl,
             "reload_max_abs_logit_diff": diff, "params": sum(p.numel() for p in reloaded.parameters()),
             "config_changes": summary["config"], "train_s": round(train_s, 1), "model_dir": str(folder)}
@@ -93,7 +122,7 @@ def train_main(args) -> dict:
     """Fine-tune, slim and save each variant; rows go into ``--out`` (re-read before each write: parallel jobs)."""
     out = Path(args.out)
     for name in args.train:
-        _kinds(name)
+        _kinds(name, args.smoke)
     make, train, held, desc, _ = peers.build(args)
     meta = {"benchmark": "structured_lm", "model": desc, "hardware": common.hardware_info(), "threads": args.threads,
             "budget": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -103,13 +132,13 @@ def train_main(args) -> dict:
         meta["base_perplexity"] = peers.held_out_perplexity(make(), held)
         print(f"base held-out perplexity {meta['base_perplexity']:.2f}", flush=True)
     for name in args.train:
-        if any(r["variant"] == name for r in _load(out).get("rows", [])):
+        if any(r["variant"] == label(name, args) for r in _load(out).get("rows", [])):
             continue
         print(f"== {name}", flush=True)
         row = train_variant(name, make, train, held, args)
         print(row, flush=True)
         results = {"rows": [], **_load(out), **meta}
-        results["rows"] = [r for r in results["rows"] if r["variant"] != name] + [row]
+        results["rows"] = [r for r in results["rows"] if r["variant"] != row["variant"]] + [row]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
     return _load(out)
@@ -163,10 +192,14 @@ def plot(results: dict, png: Path) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", nargs="+", default=None, help=f"variants to fine-tune: {list(VARIANTS)} (+kd)")
+    ap.add_argument("--train", nargs="+", default=None, help=f"variants to fine-tune: {list(VARIANTS)}, each with any of {SUFFIXES}")
     ap.add_argument("--latency", action="store_true", help="time every saved variant (after --train)")
     ap.add_argument("--smoke", action="store_true", help="tiny LlamaConfig model and random motifs")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--window", nargs=2, type=float, default=DEFAULT_WINDOW, metavar=("START", "END"),
+                    help="pruning start_step / end_step as fractions of the run (default 0.1 0.6)")
+    ap.add_argument("--hardness", type=float, default=0.5, help="+self variants: weight of the KD term")
+    ap.add_argument("--hidden-weight", type=float, default=0.0, help="+self variants: hidden-state MSE weight")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)

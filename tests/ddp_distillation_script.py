@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import tiny_bert_classifier, toy_classification_rows  # noqa: E402
+from helpers import end_world, tiny_bert_classifier, toy_classification_rows  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from prune_callbacks.integrations.trainer.distillation import DistillationCallback  # noqa: E402
@@ -56,9 +56,7 @@ def main(out_dir: str) -> None:
         "distributed": torch.distributed.is_initialized() and torch.distributed.get_world_size() == 2,
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_world()
 
 
 if __name__ == "__main__":

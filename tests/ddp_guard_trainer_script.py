@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import digest, tiny_bert_classifier, toy_classification_rows  # noqa: E402
+from helpers import digest, end_world, tiny_bert_classifier, toy_classification_rows  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from prune_callbacks.integrations.trainer import make_callbacks  # noqa: E402
@@ -53,12 +53,7 @@ def main(out_dir: str) -> None:
               "trajectory": report["trajectory"], "final": report["final"], "local": local,
               "masks": digest(pruner.pruned), "weights": digest([p for _, p in sorted(trainer.model.state_dict().items())])}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip interpreter teardown: gloo's threads have aborted it on a loaded machine
+    end_world()
 
 
 if __name__ == "__main__":

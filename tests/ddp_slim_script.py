@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ddp_trainer_script import digest  # noqa: E402
-from helpers import tiny_bert_classifier, toy_classification_rows  # noqa: E402
+from helpers import end_world, tiny_bert_classifier, toy_classification_rows  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from prune_callbacks import PruningConfig  # noqa: E402
@@ -48,9 +48,7 @@ def main(out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     if rank == 0:
         trainer.save_model(os.path.join(out_dir, "slim"))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_world()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from prune_callbacks import Pruner, PruningConfig
 from prune_callbacks.engine.sharded_state import load_sharded_state, save_sharded_state
 from prune_callbacks.methods.sharding import ShardLayout, layout_of, local
 
+from helpers import end_world  # tests/ is this script's directory, first on sys.path
+
 STEPS = 8
 NAN_STEP = 3  # a non-finite gradient in rank 0's rows only: every rank must skip it
 
@@ -413,7 +415,7 @@ def main(out, cases, extra=None):
         torch.manual_seed(0)
         run_case(out, case, rank, extra)
         dist.barrier()
-    dist.destroy_process_group()
+    end_world()
 
 
 def run_case(out, case, rank, extra):

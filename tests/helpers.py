@@ -134,3 +134,22 @@ needs_native_attention_kernels = pytest.mark.skipif(
     os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in {"default", "avx2"},
     reason="torch's CPU attention calls pack_vnni2 (AVX-512 only) under a forced lower ATEN_CPU_CAPABILITY",
 )
+
+
+def end_world() -> None:
+    """End a torchrun test script: barrier, `destroy_process_group`, then leave without interpreter finalization.
+
+    Every result is on disk before this is called. Objects that still hold the gloo group (FSDP2's device mesh,
+    DTensor specs) are otherwise torn down during finalization, where gloo's worker threads can abort the process
+    ("terminate called without an active exception", SIGABRT: one 4-rank FSDP2 run in a fresh-clone CI), and the
+    exit status would then report that teardown instead of the script."""
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

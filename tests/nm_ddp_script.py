@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import TinyLM, lm_loss, random_batches  # noqa: E402
+from helpers import TinyLM, end_world, lm_loss, random_batches  # noqa: E402
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
 
 
@@ -38,8 +38,7 @@ def main(out: str) -> None:
     kept = [int((~m).reshape(-1, 4).sum(-1).min()) for m in pruner.pruned] + \
         [int((~m).reshape(-1, 4).sum(-1).max()) for m in pruner.pruned]
     Path(out, f"rank{rank}.json").write_text(json.dumps({"updates": hashes, "kept": sorted(set(kept))}))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_world()
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import digest, reset_accelerate_state, run_torchrun, tiny_llama_lm  # noqa: E402
+from helpers import digest, end_world, reset_accelerate_state, run_torchrun, tiny_llama_lm  # noqa: E402
 
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
 
@@ -727,8 +727,7 @@ def _ddp_main(out: str) -> None:
         results[granularity] = {"updates": updates, "zeros": zeros,
                                 "weights": digest(p for _, p in sorted(model.module.named_parameters()))}
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_world()
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--ddp":

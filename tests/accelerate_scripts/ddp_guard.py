@@ -10,7 +10,6 @@ sparsity and hashes of masks and weights.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for helpers
 
 from accelerate import Accelerator  # noqa: E402
-from helpers import TinyLM, digest, lm_loss, random_batches  # noqa: E402
+from helpers import TinyLM, digest, end_world, lm_loss, random_batches  # noqa: E402
 
 from prune_callbacks import PruningConfig  # noqa: E402
 from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook  # noqa: E402
@@ -66,11 +65,7 @@ def main(out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     acc.wait_for_everyone()
     acc.end_training()
-    # results are written and the group is destroyed: skip interpreter teardown, where a loaded machine has seen
-    # gloo's threads abort the process ("terminate called without an active exception")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_world()
 
 
 if __name__ == "__main__":

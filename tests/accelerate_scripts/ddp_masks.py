@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for helpers
 
 from accelerate import Accelerator  # noqa: E402
-from helpers import TinyLM, lm_loss, random_batches  # noqa: E402
+from helpers import TinyLM, end_world, lm_loss, random_batches  # noqa: E402
 
 import prune_callbacks.methods.steps.pruning as pruner_module  # noqa: E402  (where masks are broadcast)
 from prune_callbacks import PruningConfig  # noqa: E402
@@ -93,7 +93,8 @@ def main(out_dir: str) -> None:
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     acc.wait_for_everyone()
-    acc.end_training()  # barrier + destroy_process_group: gloo can abort at exit otherwise
+    acc.end_training()  # barrier + destroy_process_group
+    end_world()
 
 
 if __name__ == "__main__":
