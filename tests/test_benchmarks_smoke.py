@@ -129,6 +129,31 @@ def test_speed_plan_accuracy_smoke_chooses_by_the_library_rule(tmp_path):
     assert rows["x3"]["params"] < rows["dense"]["params"] and rows["x3"]["test_accuracy"] == rows["x3"]["masked_test_accuracy"]
 
 
+
+def test_speed_plan_levers_smoke_late_window_and_in_run_teacher(tmp_path):
+    from benchmarks import speed_plan_accuracy
+
+    data = speed_plan_accuracy.main(["--smoke", "--targets", "2", "--only", "dense", "x2+self", "--window", "0.5", "0.75",
+                                     "--hidden-weight", "1", "--out", str(tmp_path / "s.json")])
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"dense", "x2@0.5-0.75+self"}  # the window names pruned rows only
+    teacher = rows["x2@0.5-0.75+self"]["distillation"]
+    assert teacher["teacher"] == "self, copied after step 1" and teacher["hidden_weight"] == 1.0  # 4 steps: 1 dense
+    assert rows["x2@0.5-0.75+self"]["plan"] == "ffn_neurons 75%"
+
+
+def test_structured_lm_levers_smoke_merge_and_in_run_teacher(tmp_path):
+    from benchmarks import structured_lm
+
+    out = tmp_path / "lm.json"
+    structured_lm.main(["--smoke", "--steps", "4", "--eval-blocks", "2", "--out", str(out), "--models-dir",
+                        str(tmp_path / "m"), "--window", "0.5", "1.0", "--train", "ffn25+merge+self"])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["variant"] == "ffn25+merge+self@0.5-1" and row["merge"] and row["distillation"]["teacher"].startswith("self")
+    assert row["config_changes"] == {"intermediate_size": [64, 48]} and row["reload_max_abs_logit_diff"] <= 1e-5
+    with pytest.raises(SystemExit, match="exclude each other"):
+        structured_lm._kinds("ffn25+kd+self")
+
 def test_low_rank_smoke_sweeps_sparsities_and_times_exported_models(tmp_path):
     from benchmarks import low_rank
 
