@@ -328,3 +328,14 @@ def launch_world(script: str, world: int, worker_args: list, part: Path, timeout
             raise RuntimeError(f"world size {world} failed:\n{proc.stderr[-3000:]}")
         print(f"world size {world}: the processes aborted at teardown after writing their results; kept", file=sys.stderr)
     return json.loads(Path(part).read_text())
+
+
+DEFAULT_WINDOW = (0.1, 0.6)  # the structured benchmarks' pruning start_step, end_step (fractions of the run)
+
+
+def add_lever_arguments(ap) -> None:
+    """The pruning window and the in-run teacher's loss, shared by the structured benchmarks (MiniLM and SmolLM2)."""
+    ap.add_argument("--window", nargs=2, type=float, default=DEFAULT_WINDOW, metavar=("START", "END"),
+                    help="pruning start_step / end_step as fractions of the run (default 0.1 0.6)")
+    ap.add_argument("--hardness", type=float, default=0.5, help="+self variants: weight of the KD term")
+    ap.add_argument("--hidden-weight", type=float, default=0.0, help="+self variants: hidden-state MSE weight")

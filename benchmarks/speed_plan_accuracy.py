@@ -54,7 +54,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-eval", type=int, default=None, help="test rows (default: the whole split)")
     ap.add_argument("--threads", type=int, default=1)
-    sa.add_lever_arguments(ap)
+    common.add_lever_arguments(ap)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--merge", nargs="+", type=Path, default=None)

@@ -36,7 +36,7 @@ MINILM_BLOCKS = 6
 VARIANTS = {name: ([("ffn_neurons", ffn)] if ffn else []) + ([("blocks", blocks / MINILM_BLOCKS)] if blocks else [])
             for name, (ffn, blocks) in SHAPES.items()}
 KD = {"hardness": 1.0, "temperature": 2.0}
-DEFAULT_WINDOW = (0.1, 0.6)  # start_step, end_step as fractions of the run
+DEFAULT_WINDOW = common.DEFAULT_WINDOW
 TEACHERS = ("+kd", "+self")  # variant suffixes: the fine-tuned dense model of --dense-from, or an in-run copy
 
 
@@ -75,14 +75,6 @@ def _teacher(args):
             break
         time.sleep(15)
     return AutoModelForSequenceClassification.from_pretrained(args.dense_from).eval()
-
-
-def add_lever_arguments(ap) -> None:
-    """The pruning window and the in-run teacher's loss (shared with speed_plan_accuracy.py)."""
-    ap.add_argument("--window", nargs=2, type=float, default=DEFAULT_WINDOW, metavar=("START", "END"),
-                    help="pruning start_step / end_step as fractions of the run (default 0.1 0.6)")
-    ap.add_argument("--hardness", type=float, default=0.5, help="+self variants: weight of the KD term")
-    ap.add_argument("--hidden-weight", type=float, default=0.0, help="+self variants: hidden-state MSE weight")
 
 
 def label(name: str, args) -> str:
@@ -199,7 +191,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-dense", type=Path, default=None, help="save the dense variant's model here")
     ap.add_argument("--dense-from", type=Path, default=None, help="teacher of the +kd variants")
-    add_lever_arguments(ap)
+    common.add_lever_arguments(ap)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, skip their variants")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "structured_accuracy.json")

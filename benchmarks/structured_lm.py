@@ -46,7 +46,7 @@ SMOKE_VARIANTS = {**VARIANTS, "kv1": [("attention_heads", 0.5)], "blocks6": [("b
 
 
 SUFFIXES = ("+kd", "+self", "+merge")  # levers a variant name may end with (any order, each at most once)
-DEFAULT_WINDOW = (0.1, 0.6)
+DEFAULT_WINDOW = common.DEFAULT_WINDOW
 
 
 def _kinds(name: str, smoke: bool = False):
@@ -196,10 +196,7 @@ def main(argv=None):
     ap.add_argument("--latency", action="store_true", help="time every saved variant (after --train)")
     ap.add_argument("--smoke", action="store_true", help="tiny LlamaConfig model and random motifs")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--window", nargs=2, type=float, default=DEFAULT_WINDOW, metavar=("START", "END"),
-                    help="pruning start_step / end_step as fractions of the run (default 0.1 0.6)")
-    ap.add_argument("--hardness", type=float, default=0.5, help="+self variants: weight of the KD term")
-    ap.add_argument("--hidden-weight", type=float, default=0.0, help="+self variants: hidden-state MSE weight")
+    common.add_lever_arguments(ap)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
