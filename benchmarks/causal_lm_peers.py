@@ -15,7 +15,9 @@ Every row gets the same fine-tuning budget: ``--steps`` AdamW steps of ``--batch
 * ``oneshot_magnitude_<s>``: per-layer magnitude pruning once, then fine-tuning with the mask held fixed;
 * ``sparsegpt_<s>`` / ``wanda_<s>``: llm-compressor one-shot on ``--calib-blocks`` training blocks, run in its
   own virtual environment (``--peer-python``; llmcompressor 0.14.0.1 pins transformers<=5.17), its zeroed weights
-  handed back, then the same fine-tuning with the mask held fixed (re-zeroed after every optimizer step).
+  handed back, then the same fine-tuning with the mask held fixed (re-zeroed after every optimizer step);
+* ``sparsegpt_srste_<s>`` / ``wanda_srste_<s>`` (N:M only): the same one-shot start (pattern and reconstructed
+  weights), then the ``srste_full`` fine-tuning instead of the fixed mask: the pattern may change its mind.
 
 Every pruned row targets the same weights: the Linear layers inside the decoder blocks (not embeddings, not
 lm_head). Held-out perplexity and wall time per row go to ``--out`` (JSON) and a plot (PNG next to it).
@@ -49,7 +51,8 @@ if str(ROOT) not in sys.path:
 PEER_METHODS = ("sparsegpt", "wanda")
 OURS_METHODS = ("ours", "ours_kd", "srste", "srste_full")
 SRSTE_DEFAULT_DECAY = 2e-4
-ROWS = ("dense", *OURS_METHODS, "magnitude", *PEER_METHODS)
+RESTART_METHODS = tuple(f"{peer}_srste" for peer in PEER_METHODS)  # one-shot start, then srste_full
+ROWS = ("dense", *OURS_METHODS, "magnitude", *PEER_METHODS, *RESTART_METHODS)
 
 
 def parse_args(argv=None):
@@ -64,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--calib-blocks", type=int, default=32, help="training blocks used to calibrate one-shot peers")
     p.add_argument("--eval-blocks", type=int, default=32)
+    p.add_argument("--eval-split", choices=("validation", "test"), default="validation",
+                   help="KJV split of the held-out blocks: 'test' for rows whose settings were chosen on validation")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", nargs=2, type=float, default=[0.1, 0.7], metavar=("START", "END"),
@@ -159,7 +164,7 @@ def build(args):
     kjv = load_kjv(seed=args.seed)
     grouped = tokenize_and_group(kjv, tokenizer, block_size=args.seq_len)
     train = torch.tensor(grouped["train"]["input_ids"])
-    held = torch.tensor(grouped["validation"]["input_ids"][: args.eval_blocks])
+    held = torch.tensor(grouped[args.eval_split]["input_ids"][: args.eval_blocks])
     cfg = base.config
     del base
 
@@ -330,7 +335,8 @@ def main(argv=None):
         "model": model_desc,
         "budget": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                    "tokens": args.steps * args.batch_size * args.seq_len, "lr": args.lr,
-                   "calib_blocks": args.calib_blocks, "held_out_blocks": len(held)},
+                   "calib_blocks": args.calib_blocks, "held_out_blocks": len(held),
+                   "held_out_split": args.eval_split},
         "hardware": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                      "torch": torch.__version__, "cpus": os.cpu_count(), "load_average_start": os.getloadavg()},
         "seed": args.seed, "distillation": distillation.dump(),
@@ -344,15 +350,17 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for name, s in plan(args):
             label = name if s is None else f"{name}_{s if isinstance(s, str) else f'{s:g}'}"
-            if name.startswith("srste"):
+            peer = name.removesuffix("_srste") if name in RESTART_METHODS else name
+            srste = name.startswith("srste") or name in RESTART_METHODS
+            if srste:
                 if not isinstance(s, str):
                     results["skipped"].append({"name": label, "reason": "SR-STE rows are N:M only"})
                     continue
                 if args.srste_decay != SRSTE_DEFAULT_DECAY:
                     label = f"{name}_l{args.srste_decay:g}_{s}"
-            if name in OURS_METHODS and list(args.window) != [0.1, 0.7]:
+            if (name in OURS_METHODS or srste) and list(args.window) != [0.1, 0.7]:
                 label = f"{label.removesuffix(f'_{s}')}_w{args.window[0]:g}-{args.window[1]:g}_{s}"
-            if name in PEER_METHODS and not args.peer_python:
+            if peer in PEER_METHODS and not args.peer_python:
                 results["skipped"].append({"name": label, "reason": "no --peer-python (llm-compressor venv) given"})
                 continue
             print(f"== {label}", flush=True)
@@ -362,17 +370,17 @@ def main(argv=None):
             try:
                 if name == "magnitude":
                     oneshot_magnitude(model, s)
-                elif name in PEER_METHODS:
-                    run_peer(name, s, model, calib, args, Path(tmp), tokenizer)
+                elif peer in PEER_METHODS:
+                    run_peer(peer, s, model, calib, args, Path(tmp), tokenizer)
                 oneshot_s = time.time() - t0
                 oneshot = s is not None and name not in OURS_METHODS
                 after_oneshot = held_out_perplexity(model, held) if oneshot else None
                 cfg = None
-                if name in OURS_METHODS:
+                if name in OURS_METHODS or srste:
                     target = {"granularity": s} if isinstance(s, str) else {"final_sparsity": s}
-                    if name.startswith("srste"):
+                    if srste:
                         target = {"granularity": f"{s}-srste", "granularity_settings": {"decay": args.srste_decay}}
-                        if name == "srste_full":
+                        if name != "srste":  # srste_full and the one-shot starts: the whole pattern at once
                             target["initial_sparsity"] = _fraction(s)
                     cfg = PruningConfig(**target, start_step=args.window[0], end_step=args.window[1], update_every=2)
                 finetune(model, train, args, cfg, distillation if name == "ours_kd" else None)

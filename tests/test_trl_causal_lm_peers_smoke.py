@@ -131,3 +131,28 @@ def test_srste_rows_are_exact_2_to_4_and_skipped_for_unstructured(tmp_path):
     for r in runs.values():
         assert r["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3) and r["perplexity"] > 1.0
     assert [s["name"] for s in res["skipped"]] == ["srste_0.5", "srste_full_0.5"]
+
+
+def test_oneshot_start_then_srste_row(tmp_path, monkeypatch):
+    """``sparsegpt_srste``: the peer's one-shot model (here a stand-in: per-group magnitude) is the start, then
+    the srste fine-tuning may change the pattern; the result is an exact 2:4 pattern. 0.5 is refused as N:M-only."""
+    from benchmarks import causal_lm_peers
+
+    started = []
+
+    def fake_peer(method, sparsity, model, calib, args, workdir, tokenizer=None):
+        started.append(method)
+        causal_lm_peers.oneshot_magnitude(model, sparsity)
+
+    monkeypatch.setattr(causal_lm_peers, "run_peer", fake_peer)
+    out = tmp_path / "restart.json"
+    data = causal_lm_peers.main(["--smoke", "--steps", "6", "--seq-len", "32", "--eval-blocks", "4",
+                                 "--calib-blocks", "4", "--sparsities", "0.5", "2:4", "--threads", "1",
+                                 "--rows", "sparsegpt_srste", "--window", "0.05", "1.0",
+                                 "--peer-python", "unused", "--eval-split", "test", "--out", str(out)])
+    assert started == ["sparsegpt"]
+    (row,) = data["runs"]
+    assert row["name"] == "sparsegpt_srste_w0.05-1_2:4" and row["method"] == "sparsegpt_srste"
+    assert row["perplexity_after_oneshot"] is not None and row["achieved_sparsity"] == pytest.approx(0.5)
+    assert [s["name"] for s in data["skipped"]] == ["sparsegpt_srste_0.5"]
+    assert data["budget"]["held_out_split"] == "test"
