@@ -55,6 +55,9 @@ def main(argv=None):
     ap.add_argument("--max-eval", type=int, default=None, help="test rows (default: the whole split)")
     ap.add_argument("--threads", type=int, default=1)
     common.add_lever_arguments(ap)
+    ap.add_argument("--save-dense", type=Path, default=None, help="save the dense row's fine-tuned model here")
+    ap.add_argument("--dense-from", type=Path, default=None,
+                    help="teacher of the +kd variants: a dense model saved by --save-dense in the same setting")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--merge", nargs="+", type=Path, default=None)
@@ -86,7 +89,7 @@ def main(argv=None):
         sa.VARIANTS[name] = [(c["granularity"], c["final_sparsity"]) for c in row["configs"]]
     wanted = args.only or ["dense", *chosen]
     run_args = argparse.Namespace(steps=args.steps, lr=args.lr, max_eval=args.max_eval, smoke=args.smoke,
-                                  save_dense=None, dense_from=None, window=tuple(args.window),
+                                  save_dense=args.save_dense, dense_from=args.dense_from, window=tuple(args.window),
                                   hardness=args.hardness, hidden_weight=args.hidden_weight)
     results = {"benchmark": "speed_plan_accuracy", "hardware": common.hardware_info(), "threads": args.threads,
                "lr": args.lr, "batch_size": 16, "max_len": 64, "seed": 0,

@@ -142,6 +142,20 @@ def test_speed_plan_levers_smoke_late_window_and_in_run_teacher(tmp_path):
     assert rows["x2@0.5-0.75+self"]["plan"] == "ffn_neurons 75%"
 
 
+def test_speed_plan_fine_tuned_teacher_smoke(tmp_path):
+    """``--save-dense`` keeps the dense row's model; ``+kd`` rows distil from it (``--dense-from``)."""
+    from benchmarks import speed_plan_accuracy
+
+    dense_dir = tmp_path / "dense"
+    speed_plan_accuracy.main(["--smoke", "--only", "dense", "--save-dense", str(dense_dir), "--out", str(tmp_path / "d.json")])
+    assert (dense_dir / "config.json").is_file()
+    data = speed_plan_accuracy.main(["--smoke", "--targets", "3", "--only", "x3+kd", "--dense-from", str(dense_dir),
+                                     "--out", str(tmp_path / "k.json")])
+    (row,) = data["rows"]
+    assert row["variant"] == "x3+kd" and row["distillation"]["teacher"] == "dense fine-tune"
+    assert row["plan"] == "ffn_neurons 75%"
+
+
 def test_structured_lm_levers_smoke_merge_and_in_run_teacher(tmp_path):
     from benchmarks import structured_lm
 
