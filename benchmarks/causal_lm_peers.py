@@ -51,6 +51,7 @@ if str(ROOT) not in sys.path:
 PEER_METHODS = ("sparsegpt", "wanda")
 OURS_METHODS = ("ours", "ours_kd", "srste", "srste_full")
 SRSTE_DEFAULT_DECAY = 2e-4
+DEFAULT_WINDOW = (0.1, 0.7)  # start_step / end_step of the prune-while-fine-tuning rows; others are in the label
 RESTART_METHODS = tuple(f"{peer}_srste" for peer in PEER_METHODS)  # one-shot start, then srste_full
 ROWS = ("dense", *OURS_METHODS, "magnitude", *PEER_METHODS, *RESTART_METHODS)
 
@@ -71,7 +72,7 @@ def parse_args(argv=None):
                    help="KJV split of the held-out blocks: 'test' for rows whose settings were chosen on validation")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", nargs=2, type=float, default=[0.1, 0.7], metavar=("START", "END"),
+    p.add_argument("--window", nargs=2, type=float, default=list(DEFAULT_WINDOW), metavar=("START", "END"),
                    help="start_step / end_step (fractions of --steps) of the prune-while-fine-tuning rows; a "
                         "non-default window is in the label (srste_full_w0.05-0.95_2:4)")
     p.add_argument("--srste-decay", type=float, default=SRSTE_DEFAULT_DECAY,
@@ -358,7 +359,7 @@ def main(argv=None):
                     continue
                 if args.srste_decay != SRSTE_DEFAULT_DECAY:
                     label = f"{name}_l{args.srste_decay:g}_{s}"
-            if (name in OURS_METHODS or srste) and list(args.window) != [0.1, 0.7]:
+            if (name in OURS_METHODS or srste) and tuple(args.window) != DEFAULT_WINDOW:
                 label = f"{label.removesuffix(f'_{s}')}_w{args.window[0]:g}-{args.window[1]:g}_{s}"
             if peer in PEER_METHODS and not args.peer_python:
                 results["skipped"].append({"name": label, "reason": "no --peer-python (llm-compressor venv) given"})
