@@ -54,6 +54,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-eval", type=int, default=None, help="test rows (default: the whole split)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="training seed: head init, batch order, dropout (split fixed)")
     common.add_lever_arguments(ap)
     ap.add_argument("--save-dense", type=Path, default=None, help="save the dense row's fine-tuned model here")
     ap.add_argument("--dense-from", type=Path, default=None,
@@ -88,11 +89,11 @@ def main(argv=None):
     for name, (_, row, _) in chosen.items():  # register them with the structured benchmark's variant table
         sa.VARIANTS[name] = [(c["granularity"], c["final_sparsity"]) for c in row["configs"]]
     wanted = args.only or ["dense", *chosen]
-    run_args = argparse.Namespace(steps=args.steps, lr=args.lr, max_eval=args.max_eval, smoke=args.smoke,
+    run_args = argparse.Namespace(seed=args.seed, steps=args.steps, lr=args.lr, max_eval=args.max_eval, smoke=args.smoke,
                                   save_dense=args.save_dense, dense_from=args.dense_from, window=tuple(args.window),
                                   hardness=args.hardness, hidden_weight=args.hidden_weight)
     results = {"benchmark": "speed_plan_accuracy", "hardware": common.hardware_info(), "threads": args.threads,
-               "lr": args.lr, "batch_size": 16, "max_len": 64, "seed": 0,
+               "lr": args.lr, "batch_size": 16, "max_len": 64, "seed": args.seed,
                "latency": {k: v for k, v in analysis["latency"].items() if k != "rows"}, "rows": []}
     if args.resume and args.out.exists():
         results["rows"] = json.loads(args.out.read_text())["rows"]

@@ -56,12 +56,12 @@ def _distillation(suffix, args) -> dict:
             "hardness": getattr(args, "hardness", 0.5), "hidden_weight": getattr(args, "hidden_weight", 0.0)}
 
 
-def _setup(args):
+def _setup(args, seed: int):
     if args.smoke:
         model = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=6))
         data = {s: common.synthetic_encoded(64, seed=i) for i, s in enumerate(("train", "validation", "test"))}
         return model, data
-    model, tok = common.load_minilm(seed=0)
+    model, tok = common.load_minilm(seed=seed)  # the seed draws the classifier head; the data split stays seed 0's
     return model, common.load_rt_encoded(tok, seed=0, max_train=None, max_eval=args.max_eval, max_len=64)
 
 
@@ -78,13 +78,16 @@ def _teacher(args):
 
 
 def label(name: str, args) -> str:
-    """The row's name: the variant, and its pruning window when that is not the default (``ffn75@0.4-0.8+self``)."""
+    """The row's name: the variant, its pruning window when that is not the default (``ffn75@0.4-0.8+self``) and its
+    training seed when that is not 0 (``x2/s1``)."""
     window = tuple(getattr(args, "window", None) or DEFAULT_WINDOW)
+    seed = getattr(args, "seed", 0)
     units, suffix = _kinds(name)
-    if window == DEFAULT_WINDOW or not units:
-        return name
-    base = name.removesuffix(suffix) if suffix else name
-    return f"{base}@{window[0]:g}-{window[1]:g}{suffix or ''}"
+    out = name
+    if window != DEFAULT_WINDOW and units:
+        base = name.removesuffix(suffix) if suffix else name
+        out = f"{base}@{window[0]:g}-{window[1]:g}{suffix or ''}"
+    return f"{out}/s{seed}" if seed else out
 
 
 def run_variant(name: str, args) -> dict:
@@ -95,8 +98,9 @@ def run_variant(name: str, args) -> dict:
 
     kinds, suffix = _kinds(name)
     start, end = getattr(args, "window", None) or DEFAULT_WINDOW
-    common.seed_everything(0)
-    model, data = _setup(args)
+    seed = getattr(args, "seed", 0)  # head init, batch order and dropout; the data split and test rows stay fixed
+    common.seed_everything(seed)
+    model, data = _setup(args, seed)
     steps = args.steps
     optimizer = common.make_optimizer(model, lr=args.lr)
     scheduler = common.linear_warmup_decay(optimizer, steps=steps, warmup=steps // 10)
@@ -117,7 +121,7 @@ def run_variant(name: str, args) -> dict:
         if st % 25 == 0:
             print(f"{name}: step {st}/{steps}", flush=True)
 
-    batches = common.train_batches(data["train"], steps=steps, batch_size=16, seed=0)
+    batches = common.train_batches(data["train"], steps=steps, batch_size=16, seed=seed)
     wall = common.train(model, batches, optimizer, scheduler, after_step=after_step)
     if distiller is not None:
         distiller.detach()
@@ -129,7 +133,7 @@ def run_variant(name: str, args) -> dict:
         Path(str(args.save_dense) + ".tmp").rename(args.save_dense)
     if distillation:
         distillation["teacher"] = "dense fine-tune" if suffix == "+kd" else f"self, copied after step {distiller.teacher_step}"
-    return {"variant": label(name, args), "units": [list(k) for k in kinds], "distillation": distillation,
+    return {"variant": label(name, args), "seed": seed, "units": [list(k) for k in kinds], "distillation": distillation,
             "window": [start, end], "steps": steps, "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
             "masked_test_accuracy": masked_acc, "params": sum(p.numel() for p in model.parameters()),
             "config_changes": summary["config"] if summary else {}, "test_examples": len(data["test"])}
@@ -189,6 +193,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-eval", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="training seed: head init, batch order, dropout (split fixed)")
     ap.add_argument("--save-dense", type=Path, default=None, help="save the dense variant's model here")
     ap.add_argument("--dense-from", type=Path, default=None, help="teacher of the +kd variants")
     common.add_lever_arguments(ap)

@@ -142,6 +142,21 @@ def test_speed_plan_levers_smoke_late_window_and_in_run_teacher(tmp_path):
     assert rows["x2@0.5-0.75+self"]["plan"] == "ffn_neurons 75%"
 
 
+def test_speed_plan_seed_reaches_head_batches_and_label(tmp_path, monkeypatch):
+    """``--seed N`` draws the head, the batch order and dropout (the split stays fixed) and names the row ``/sN``."""
+    from benchmarks import common, speed_plan_accuracy
+
+    seen = []
+    real_batches, real_seed = common.train_batches, common.seed_everything
+    monkeypatch.setattr(common, "train_batches", lambda *a, **k: seen.append(("batches", k["seed"])) or real_batches(*a, **k))
+    monkeypatch.setattr(common, "seed_everything", lambda s: seen.append(("torch", s)) or real_seed(s))
+    data = speed_plan_accuracy.main(["--smoke", "--targets", "2", "--only", "x2", "--seed", "3",
+                                     "--out", str(tmp_path / "s.json")])
+    (row,) = data["rows"]
+    assert row["variant"] == "x2/s3" and row["seed"] == 3 and data["seed"] == 3
+    assert ("torch", 3) in seen and ("batches", 3) in seen and ("batches", 0) not in seen
+
+
 def test_speed_plan_fine_tuned_teacher_smoke(tmp_path):
     """``--save-dense`` keeps the dense row's model; ``+kd`` rows distil from it (``--dense-from``)."""
     from benchmarks import speed_plan_accuracy
