@@ -163,7 +163,8 @@ def _validate(args) -> int:
     if pre.model is not None:
         checked.append("model and pruning targets")
     print(f"OK {args.recipe}: {describe(recipe)}\nchecked: {', '.join(checked)}"
-          + (f"; not checked: {'; '.join(pre.notes)}" if pre.notes else ""))
+          + (f"; not checked: {'; '.join(pre.notes)}" if pre.notes else "")
+          + "".join(f"\nwarning: {line}" for line in pre.advice))
     return EXIT_OK
 
 

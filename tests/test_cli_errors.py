@@ -214,3 +214,19 @@ def test_several_pruning_configs_validate_at_the_schema_level(tmp_path):
     assert again == loaded
     single = load_recipe(write_recipe(tmp_path / "one.yaml", tiny_recipe(tmp_path, tmp_path / "o")))
     assert len(single.pruning_configs) == 1 and single.pruning_configs[0] is single.pruning
+
+
+def test_validate_load_lists_the_schedule_advice(tmp_path, capsys):
+    """Removing blocks at the very end of the run is allowed but warned: ``validate --load`` prints it after OK."""
+    recipe = tiny_recipe(tmp_path, tmp_path / "out", pruning={"granularity": "blocks", "final_sparsity": 0.5,
+                                                              "start_step": 1, "end_step": 4, "update_every": 1,
+                                                              "saliency": "magnitude"},
+                         output={"dir": str(tmp_path / "out"), "plot": False, "slim": True})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    capsys.readouterr()
+    assert main(["validate", str(path), "--load"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OK ") and "\nwarning: granularity='blocks': the last block is removed at step 4 of 4" in out
+    _set(recipe, "pruning.end_step", 2)  # half the run left: nothing to say
+    assert main(["validate", str(write_recipe(tmp_path / "r.yaml", recipe)), "--load"]) == 0
+    assert "warning:" not in capsys.readouterr().out

@@ -194,3 +194,26 @@ def test_blocks_fraction_k_over_n_removes_k_blocks(k):
     pruner = train(bert(), [cfg("blocks", k / 4)])
     kept = structured_keep(pruner)["blocks"]
     assert len(kept) == 4 and kept.count(False) == k
+
+
+@pytest.mark.parametrize("granularity, end, total, warned", [
+    ("blocks", 0.8, 100, True),  # 20% of the run left after the last block goes (the 3x plan collapsed there)
+    ("blocks", 0.6, 100, False),
+    ("blocks", 70, 100, False),  # exactly the advised 30% left
+    ("blocks", 71, 100, True),
+    ("ffn_neurons", 0.95, 100, False),  # width: no advice
+])
+def test_removing_blocks_late_in_the_run_is_warned_once_and_listed(granularity, end, total, warned, recwarn):
+    sparsity = 0.5
+    config = PruningConfig(granularity=granularity, final_sparsity=sparsity, start_step=0.1 if end < 1 else 10,
+                           end_step=end, saliency="magnitude")
+    pruner = Pruner(bert(), [config], total_steps=total)
+    for g in pruner.groups:
+        g.resolve(total)  # resolved again (the Trainer's train begin): warned once
+    messages = [str(w.message) for w in recwarn.list]
+    assert pruner.schedule_advice() == messages
+    if warned:
+        (text,) = messages
+        assert "granularity='blocks'" in text and f"of {total}" in text and "end_step <= 0.7" in text
+    else:
+        assert messages == []

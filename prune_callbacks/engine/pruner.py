@@ -228,6 +228,10 @@ class Pruner:
         ``validate`` and logs: ``["granularity='blocks': final_sparsity 0.99 -> 5 of 6 blocks"]``."""
         return [f"granularity={g.config.granularity!r}: {g.rounding}" for g in self.groups if g.rounding]
 
+    def schedule_advice(self) -> list[str]:
+        """Each group's warning about when its pruning ends (`Granularity.schedule_advice`), for ``validate``."""
+        return [g.advice for g in self.groups if g.advice]
+
     def last_dense_step(self) -> Optional[int]:
         """The optimizer step after which the model is last dense: one before `first_update_step` (0: before any
         step), None when nothing is ever pruned. The one source of "the step before the first mask update"

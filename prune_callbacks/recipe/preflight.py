@@ -37,6 +37,7 @@ class Preflight:
     model: Any = None
     tokenizer: Any = None
     notes: list[str] = field(default_factory=list)  # what was not checked, for validate's OK line
+    advice: list[str] = field(default_factory=list)  # warnings about the recipe that do not stop it (validate --load)
 
 
 def seed_of(recipe: Recipe) -> int:
@@ -75,7 +76,7 @@ def _check(recipe: Recipe, load_model: bool) -> Preflight:
 
         with quiet_transformers():
             pre.model, pre.tokenizer = _load(recipe, pre.label_names)
-        check_model(recipe, pre.model, pre.tokenizer)
+        pre.advice = check_model(recipe, pre.model, pre.tokenizer)
     else:
         pre.notes.append("model not loaded (validate --load checks the targets)")
     return pre
@@ -156,23 +157,29 @@ def check_teacher(recipe: Recipe, model) -> None:
         raise problem(str(exc)) from None
 
 
-def check_model(recipe: Recipe, model, tokenizer) -> None:
-    """What needs the loaded model: the sequence length it accepts, and the pruning targets."""
+def check_model(recipe: Recipe, model, tokenizer) -> list[str]:
+    """What needs the loaded model: the sequence length it accepts, and the pruning targets; returns the
+    Pruner's advice (`check_targets`)."""
     from prune_callbacks.recipe.models import max_positions
 
     limit = max_positions(model, tokenizer)
     if limit is not None and recipe.data.max_length > limit:
         raise RecipeError([("data.max_length", f"max_length={recipe.data.max_length} is longer than the model accepts; "
                                                f"allowed: <= {limit}")], source="data")
-    check_targets(recipe, model)
+    advice = check_targets(recipe, model)
     check_teacher(recipe, model)
+    return advice
 
 
 EPOCH_RUN_STAND_IN = 10**6
 
 
-def check_targets(recipe: Recipe, model) -> None:
-    """Build the Pruner(s) the run would build (include / exclude must match, targets must be prunable)."""
+def check_targets(recipe: Recipe, model) -> list[str]:
+    """Build the Pruner(s) the run would build (include / exclude must match, targets must be prunable); returns
+    its schedule advice (`Pruner.schedule_advice`: warnings that do not stop the run, e.g. blocks removed too late),
+    which the run itself warns again."""
+    import warnings
+
     from prune_callbacks.engine.pruner import Pruner
 
     max_steps = recipe.training.get("max_steps", -1)
@@ -181,7 +188,9 @@ def check_targets(recipe: Recipe, model) -> None:
     total = max_steps if isinstance(max_steps, int) and max_steps > 0 else EPOCH_RUN_STAND_IN
     many = isinstance(recipe.pruning, list)
     try:
-        pruner = Pruner(model, recipe.pruning if not many else list(recipe.pruning), total_steps=total)
+        with warnings.catch_warnings():  # its advice is returned, not warned twice
+            warnings.simplefilter("ignore")
+            pruner = Pruner(model, recipe.pruning if not many else list(recipe.pruning), total_steps=total)
     except (ValueError, TypeError, NotImplementedError) as exc:  # PruningConfigError is a ValueError
         what = f"the {len(recipe.pruning)} pruning configs do" if many else "the pruning config does"
         raise RecipeError([("pruning", f"{what} not fit the model {recipe.model.name!r}: {exc}")],
@@ -190,4 +199,6 @@ def check_targets(recipe: Recipe, model) -> None:
         from prune_callbacks.recipe.slimming import check_pruner
 
         check_pruner(pruner)
+    advice = pruner.schedule_advice()
     del pruner
+    return advice

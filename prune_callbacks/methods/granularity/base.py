@@ -197,6 +197,11 @@ class Granularity:
         raises `~prune_callbacks.core.config_errors.PruningConfigError` when it rounds to 0 units. None: exact."""
         return None
 
+    def schedule_advice(self, end_step: int, total_steps: int) -> Optional[str]:
+        """A warning about when this granularity's pruning ends (``blocks``: too late in the run to recover), warned
+        by the pruning group once the run's length is known and listed by ``validate --load``. None: nothing to say."""
+        return None
+
     @property
     def mask_names(self) -> list[str]:
         """State-dict keys of ``masks`` (target names for weight-shaped masks)."""

@@ -10,6 +10,7 @@ schedule's (:mod:`prune_callbacks.methods.schedule`).
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -58,6 +59,7 @@ class PruningGroup(StepComponent):
         if config.merge is not None:
             self.merger = UnitMerger(model, self.granularity.groups, config.merge, self.granularity.family)
         self._next_step = 1
+        self.advice: Optional[str] = None  # the granularity's schedule_advice for the resolved run (warned once)
         self.resolve(total_steps)
         self.mask_sparsity = 0.0  # the sparsity the current masks were computed for
         self.mask_updates = 0
@@ -96,6 +98,13 @@ class PruningGroup(StepComponent):
             self.schedule.load_state_dict(state)
         if self.merger is not None:
             self.merger.watch(self._next_step, self.schedule)
+        end = getattr(self.schedule, "end", None)  # a user's registered schedule may not have one
+        if total_steps and end is not None:
+            advice = self.granularity.schedule_advice(end, total_steps)
+            if advice and advice != self.advice:
+                logger.warning("prune_callbacks: %s", advice)
+                warnings.warn(advice, stacklevel=3)
+            self.advice = advice
 
     @property
     def params(self) -> list[torch.Tensor]:
