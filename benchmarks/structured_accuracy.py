@@ -50,8 +50,8 @@ def _kinds(name: str):
 
 
 def _distillation(suffix, args) -> dict:
-    if suffix == "+kd":
-        return dict(KD, teacher=_teacher(args))
+    if suffix == "+kd":  # --hidden-weight adds the per-block hidden-state term (a cut is matched once, at its end)
+        return dict(KD, teacher=_teacher(args), hidden_weight=getattr(args, "hidden_weight", 0.0))
     return {"teacher": "self", "snapshot": "before_pruning", "temperature": 2.0,
             "hardness": getattr(args, "hardness", 0.5), "hidden_weight": getattr(args, "hidden_weight", 0.0)}
 
@@ -79,14 +79,17 @@ def _teacher(args):
 
 def label(name: str, args) -> str:
     """The row's name: the variant, its pruning window when that is not the default (``ffn75@0.4-0.8+self``) and its
-    training seed when that is not 0 (``x2/s1``)."""
+    training seed when that is not 0 (``x2/s1``); a teacher's hidden-state weight when it is not 0 (``x3+kd/h1``)."""
     window = tuple(getattr(args, "window", None) or DEFAULT_WINDOW)
     seed = getattr(args, "seed", 0)
+    hidden = getattr(args, "hidden_weight", 0.0)
     units, suffix = _kinds(name)
     out = name
     if window != DEFAULT_WINDOW and units:
         base = name.removesuffix(suffix) if suffix else name
         out = f"{base}@{window[0]:g}-{window[1]:g}{suffix or ''}"
+    if suffix and hidden:
+        out += f"/h{hidden:g}"
     return f"{out}/s{seed}" if seed else out
 
 

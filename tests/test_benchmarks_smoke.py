@@ -136,10 +136,10 @@ def test_speed_plan_levers_smoke_late_window_and_in_run_teacher(tmp_path):
     data = speed_plan_accuracy.main(["--smoke", "--targets", "2", "--only", "dense", "x2+self", "--window", "0.5", "0.75",
                                      "--hidden-weight", "1", "--out", str(tmp_path / "s.json")])
     rows = {r["variant"]: r for r in data["rows"]}
-    assert set(rows) == {"dense", "x2@0.5-0.75+self"}  # the window names pruned rows only
-    teacher = rows["x2@0.5-0.75+self"]["distillation"]
+    assert set(rows) == {"dense", "x2@0.5-0.75+self/h1"}  # the window names pruned rows only
+    teacher = rows["x2@0.5-0.75+self/h1"]["distillation"]
     assert teacher["teacher"] == "self, copied after step 1" and teacher["hidden_weight"] == 1.0  # 4 steps: 1 dense
-    assert rows["x2@0.5-0.75+self"]["plan"] == "ffn_neurons 75%"
+    assert rows["x2@0.5-0.75+self/h1"]["plan"] == "ffn_neurons 75%"
 
 
 def test_speed_plan_seed_reaches_head_batches_and_label(tmp_path, monkeypatch):
@@ -168,7 +168,13 @@ def test_speed_plan_fine_tuned_teacher_smoke(tmp_path):
                                      "--out", str(tmp_path / "k.json")])
     (row,) = data["rows"]
     assert row["variant"] == "x3+kd" and row["distillation"]["teacher"] == "dense fine-tune"
-    assert row["plan"] == "ffn_neurons 75%"
+    assert row["plan"] == "ffn_neurons 75%" and row["distillation"]["hidden_weight"] == 0.0
+    # with blocks cut and the hidden-state term on (layer-wise distillation of the cut)
+    data = speed_plan_accuracy.main(["--smoke", "--targets", "3", "--only", "half+kd", "--plan", "half=blocks:0.5",
+                                     "--hidden-weight", "1", "--dense-from", str(dense_dir), "--out", str(tmp_path / "h.json")])
+    (row,) = data["rows"]
+    assert row["variant"] == "half+kd/h1" and row["distillation"]["hidden_weight"] == 1.0
+    assert row["config_changes"] == {"num_hidden_layers": [6, 3]}
 
 
 def test_structured_lm_levers_smoke_merge_and_in_run_teacher(tmp_path):

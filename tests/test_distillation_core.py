@@ -101,6 +101,21 @@ def test_hidden_loss_is_normalised_mse_per_block():
         hidden_loss((emb, s1), (emb, t1, t2))
 
 
+def test_hidden_loss_matches_a_run_of_removed_blocks_once_at_the_next_kept_block():
+    """A skipped block hands on the same tensor: states 1 and 2 are one object, matched only at index 2."""
+    emb = torch.zeros(1, 2, 2)
+    t1, t2 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[2.0, 0.0], [0.0, 2.0]]])
+    s1 = t2.clone()  # equals the teacher's state after the removed block
+    t3 = torch.tensor([[[0.0, 3.0], [3.0, 0.0]]])
+    s3 = torch.zeros(1, 2, 2)
+    cut = hidden_loss((emb, s1, s1, s3), (emb, t1, t2, t3)).item()
+    assert cut == pytest.approx((0.0 + 1.0) / 2)  # index 1 dropped; index 2 exact; index 3 all wrong
+    copy = hidden_loss((emb, s1, s1.clone(), s3), (emb, t1, t2, t3)).item()  # equal values, not the same tensor
+    assert copy == pytest.approx((1.0 + 0.0 + 1.0) / 3)  # every index counts: index 1 is 2 * t1 against t1
+    last = hidden_loss((emb, t1, s1, s1), (emb, t1, t3, t2)).item()  # the final block removed: matched at the end
+    assert last == pytest.approx(0.0)
+
+
 # ---------------------------------------------------------------- teacher
 def test_snapshot_is_frozen_separate_and_sized():
     student = tiny_bert_classifier()

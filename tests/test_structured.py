@@ -217,3 +217,17 @@ def test_removing_blocks_late_in_the_run_is_warned_once_and_listed(granularity, 
         assert "granularity='blocks'" in text and f"of {total}" in text and "end_step <= 0.7" in text
     else:
         assert messages == []
+
+
+@pytest.mark.parametrize("make", [bert, llama], ids=["bert", "llama"])
+def test_a_skipped_block_hands_on_the_very_tensor_it_got(make):
+    """What the hidden-state distillation loss relies on to match a cut once (`losses.hidden_loss`): in the
+    ``hidden_states`` transformers returns, a removed block's output is the same tensor as its input."""
+    from prune_callbacks.methods.structured.masking import skip_block
+    from prune_callbacks.methods.structured.units import block_layout
+
+    model = make().eval()
+    layout = block_layout(model)
+    skip_block(layout.modules[layout.stacks[0][1][1]])  # the second block
+    states = model(input_ids=torch.randint(3, 90, (2, 5)), output_hidden_states=True).hidden_states
+    assert [states[k + 1] is states[k] for k in range(3)] == [False, True, False]

@@ -78,11 +78,21 @@ def hidden_loss(student_states: Sequence[torch.Tensor], teacher_states: Sequence
 
     ``student_states`` / ``teacher_states``: the models' ``hidden_states`` tuples (embeddings
     first, then one per block); the embedding output is skipped. Shapes must match.
+
+    Removed blocks (``granularity="blocks"``): a skipped block passes its input on, so the student
+    gives the very same tensor at two or more consecutive indices. Such a run is matched once, at
+    its last index: the state entering the next kept block (or the final one) is matched to the
+    teacher's state there, so the kept block before the cut learns to produce what the removed
+    blocks produced (layer-wise distillation of the cut, as TinyBERT maps a shallow student's
+    layers onto a deeper teacher's); matching it at every index would pull one tensor towards two
+    different targets.
     """
     if len(student_states) != len(teacher_states):
         raise ValueError(f"hidden-state loss: the student has {len(student_states)} hidden states, the teacher "
                          f"{len(teacher_states)}: hidden_weight needs the same number of blocks")
-    pairs = list(zip(student_states, teacher_states))[1:] or list(zip(student_states, teacher_states))
+    n = len(student_states)
+    kept = [k for k in range(1, n) if not (k + 1 < n and student_states[k + 1] is student_states[k])]
+    pairs = [(student_states[k], teacher_states[k]) for k in kept] or list(zip(student_states, teacher_states))
     losses = []
     for s, t in pairs:
         if s.shape != t.shape:
