@@ -219,3 +219,43 @@ def test_low_rank_lm_smoke_targets_query_key_only(tmp_path):
     for name in ("svd_after", "fwsvd_relative_after", "low_rank_relative_late50"):
         assert set(rows[name]["ranks"]) and all(k.endswith(("q_proj", "k_proj")) for k in rows[name]["ranks"])
         assert rows[name]["removed_fraction"] >= 0.5 and rows[name]["held_out_ppl"] == pytest.approx(rows[name]["projected_ppl"], rel=1e-4)
+
+
+def test_merge_blocks_fold_brings_the_cut_model_closer_to_the_dense_one(tmp_path):
+    """The fold refits the kept block before a removed run so that the cut model's last hidden state is nearer the
+    dense model's than dropping gives (the calibration batches themselves: a least-squares fit cannot do worse there
+    than the projection it replaces, up to the ridge); and the smoke run pairs drop / fold on the same blocks."""
+    import copy
+
+    from benchmarks import common, merge_blocks
+
+    torch.manual_seed(0)
+    dense = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=3)).eval()
+    data = common.synthetic_encoded(64, seed=0)
+    batches = common.train_batches(data, steps=4, batch_size=16, seed=0)
+
+    def last_states(model):
+        with torch.no_grad():
+            return torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                    output_hidden_states=True).hidden_states[-1][b["attention_mask"].bool()]
+                              for b in batches])
+
+    want = last_states(dense)
+    errors = {}
+    for fold in (False, True):
+        model = copy.deepcopy(dense)
+        if fold:
+            info = merge_blocks.fold_run(model, [2], batches, damping=1e-6)
+            assert info["into"] == 1 and info["tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)
+        merge_blocks.cut(model, [2])
+        assert len(model.bert.encoder.layer) == 2 and model.config.num_hidden_layers == 2
+        errors[fold] = float((last_states(model) - want).pow(2).mean())
+    assert errors[True] < 0.5 * errors[False]
+    assert merge_blocks.runs_of([4, 1, 3]) == [[1], [3, 4]]
+
+    out = tmp_path / "mb.json"
+    res = merge_blocks.main(["--smoke", "--out", str(out)])
+    assert [(r["removed_blocks"], r["fold"]) for r in res["rows"]][:2] == [(res["paired"][0]["removed_blocks"], False),
+                                                                          (res["paired"][0]["removed_blocks"], True)]
+    merge_blocks.main(["--pool", str(out), str(out), "--out", str(tmp_path / "p.json")])
+    assert [r["blocks_removed"] for r in json.loads((tmp_path / "p.json").read_text())["rows"]] == [1, 2]
