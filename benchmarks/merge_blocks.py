@@ -173,6 +173,8 @@ def pooled(files: list[Path]) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", nargs="+", type=int, default=[1, 2, 3], help="how many of the 6 blocks to remove")
+    ap.add_argument("--removed", nargs="+", default=None, metavar="I,J,...",
+                    help="block sets to remove instead of the library's choice, e.g. 1,3,5 (compares which blocks)")
     ap.add_argument("--dense-steps", type=int, default=150)
     ap.add_argument("--calib", type=int, default=16, help="batches of statistics (and lr-0 steps of the choice)")
     ap.add_argument("--finetune", type=int, default=100)
@@ -209,8 +211,9 @@ def main(argv=None):
                "seed": args.seed, "dense_steps": args.dense_steps, "lr": args.lr, "damping": args.damping,
                "batch_size": 16, "max_len": 64, "test_rows": n, "dense_accuracy": sum(dense_correct) / n,
                "dense_train_wall_s": round(dense_wall, 1), "rows": [], "paired": []}
-    for count in args.blocks:
-        removed = library_choice(dense_state, template, data, count, args)
+    given = [[int(i) for i in item.split(",")] for item in args.removed] if args.removed else None
+    for count, removed in ([(len(r), r) for r in given] if given else [(c, None) for c in args.blocks]):
+        removed = removed or library_choice(dense_state, template, data, count, args)
         pair = {}
         for fold in (False, True):
             row = run_variant(dense_state, template, data, test, removed, fold, args)
@@ -218,6 +221,7 @@ def main(argv=None):
             results["rows"].append(row)
             print(row, flush=True)
         results["paired"].append({"blocks_removed": count, "removed_blocks": removed,
+                                  "chosen_by": "--removed" if given else "library (blocks saliency)",
                                   "oneshot_fold_minus_drop": paired(pair[False]["oneshot"], pair[True]["oneshot"]),
                                   "finetuned_fold_minus_drop": paired(pair[False]["finetuned"], pair[True]["finetuned"])})
         common.write_json(args.out, results)

@@ -259,3 +259,6 @@ def test_merge_blocks_fold_brings_the_cut_model_closer_to_the_dense_one(tmp_path
                                                                           (res["paired"][0]["removed_blocks"], True)]
     merge_blocks.main(["--pool", str(out), str(out), "--out", str(tmp_path / "p.json")])
     assert [r["blocks_removed"] for r in json.loads((tmp_path / "p.json").read_text())["rows"]] == [1, 2]
+    given = merge_blocks.main(["--smoke", "--removed", "1,3", "--out", str(tmp_path / "g.json")])
+    assert [(p["removed_blocks"], p["chosen_by"]) for p in given["paired"]] == [([1, 3], "--removed")]
+    assert [f["into"] for f in given["rows"][1]["folds"]] == [0, 2]  # two runs, each into the block before it
