@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.merge_units import correct, dense_model, paired  # noqa: E402
+from benchmarks.merge_units import _setup, add_one_shot_arguments, correct, dense_model, paired  # noqa: E402
 
 
 def runs_of(removed: list[int]) -> list[list[int]]:
@@ -175,31 +175,18 @@ def main(argv=None):
     ap.add_argument("--blocks", nargs="+", type=int, default=[1, 2, 3], help="how many of the 6 blocks to remove")
     ap.add_argument("--removed", nargs="+", default=None, metavar="I,J,...",
                     help="block sets to remove instead of the library's choice, e.g. 1,3,5 (compares which blocks)")
-    ap.add_argument("--dense-steps", type=int, default=150)
-    ap.add_argument("--calib", type=int, default=16, help="batches of statistics (and lr-0 steps of the choice)")
-    ap.add_argument("--finetune", type=int, default=100)
-    ap.add_argument("--damping", type=float, default=0.01)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--max-eval", type=int, default=None, help="rows per eval split (None: the whole test split)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0, help="head init + dense batches; the pruned runs use seed + 1, + 2")
-    ap.add_argument("--smoke", action="store_true")
+    add_one_shot_arguments(ap, calib_help="batches of statistics (and lr-0 steps of the choice)",
+                           seed_help="head init + dense batches; the pruned runs use seed + 1, + 2")
     ap.add_argument("--pool", nargs="+", type=Path, default=None, help="result files of several seeds -> --out")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "merge_blocks.json")
     args = ap.parse_args(argv)
     if args.pool:
         return common.write_json(args.out, pooled(args.pool))
-    from benchmarks.merge_units import _setup
-
     if args.smoke:
         args.dense_steps, args.calib, args.finetune, args.blocks = 4, 2, 2, [1, 2]
     common.set_threads(args.threads)
     start = time.perf_counter()
-    if args.smoke:
-        model = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=4))
-        data = {s: common.synthetic_encoded(64, seed=i) for i, s in enumerate(("train", "validation", "test"))}
-    else:
-        model, data = _setup(args)
+    model, data = _setup(args, smoke_blocks=4)
     template = copy.deepcopy(model)
     dense_wall = dense_model(model, data, args)
     test = common.eval_batches(data["test"])

@@ -54,9 +54,9 @@ def paired(a: list[int], b: list[int]) -> dict:
     return {"diff": round(float(d.mean()), 4), "se": round(float(d.std(unbiased=True) / math.sqrt(n)), 4)}
 
 
-def _setup(args):
+def _setup(args, smoke_blocks: int = 2):
     if args.smoke:
-        model = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=2))
+        model = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=smoke_blocks))
         data = {s: common.synthetic_encoded(64, seed=i) for i, s in enumerate(("train", "validation", "test"))}
         return model, data
     model, tok = common.load_minilm(seed=args.seed)
@@ -173,18 +173,25 @@ def pooled(files: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fractions", nargs="+", type=float, default=[0.5, 0.75])
+def add_one_shot_arguments(ap, *, calib_help: str, seed_help: str) -> None:
+    """The setting shared by the one-shot merge benchmarks (this one and ``merge_blocks.py``): dense fine-tune,
+    calibration, fold, fine-tune."""
     ap.add_argument("--dense-steps", type=int, default=150)
-    ap.add_argument("--calib", type=int, default=16, help="lr-0 steps before the one-shot update (statistics)")
+    ap.add_argument("--calib", type=int, default=16, help=calib_help)
     ap.add_argument("--finetune", type=int, default=100)
     ap.add_argument("--damping", type=float, default=0.01)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-eval", type=int, default=None, help="rows per eval split (None: the whole test split)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0, help="head init + dense batches; the pruned runs use seed + 1")
+    ap.add_argument("--seed", type=int, default=0, help=seed_help)
     ap.add_argument("--smoke", action="store_true")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fractions", nargs="+", type=float, default=[0.5, 0.75])
+    add_one_shot_arguments(ap, calib_help="lr-0 steps before the one-shot update (statistics)",
+                           seed_help="head init + dense batches; the pruned runs use seed + 1")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "merge_units.json")
     ap.add_argument("--table", type=Path, default=None, help="only write the markdown table of this result file")
     ap.add_argument("--pool", nargs="+", type=Path, default=None, help="result files of several seeds: write the "
