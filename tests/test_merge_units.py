@@ -200,11 +200,11 @@ def test_pruner_oneshot_merge_reduces_output_error_keeps_masks_and_slims(arch, t
 
 
 # ------------------------------------------------------------------ the setting
-@pytest.mark.parametrize("granularity", ["unstructured", "2:4", "attention_heads", "blocks"])
+@pytest.mark.parametrize("granularity", ["unstructured", "2:4", "attention_heads"])
 def test_merge_refused_where_it_does_not_apply(granularity):
     extra = {} if granularity == "2:4" else {"final_sparsity": 0.5}
     with pytest.raises(ValueError, match=rf"merge=.*does not apply to granularity='{granularity}' "
-                                         r"\(allowed with: ffn_neurons\)"):
+                                         r"\(allowed with: ffn_neurons, blocks\)"):
         PruningConfig(granularity=granularity, merge={}, **extra)
 
 

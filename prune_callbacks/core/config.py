@@ -70,9 +70,9 @@ class PruningConfig(_Validated):
         "are (module-name regexes; prune_callbacks.core.unit_description). None = the built-in family table.")
 
     merge: Optional[MergeConfig] = Field(
-        None, description="ffn_neurons: fold removed neurons into the kept ones by a least-squares refit of the FFN "
-        "output projection at each mask update ({} or true for the defaults; prune_callbacks.methods.structured.merging). "
-        "None = drop them.")
+        None, description="ffn_neurons / blocks: fold removed neurons into the kept ones, removed blocks into the kept "
+        "block before them, by a least-squares refit of an FFN output projection at each mask update ({} or true for "
+        "the defaults; prune_callbacks.methods.structured.merging / block_merging). None = drop them.")
 
     saliency: str = Field("taylor", description="A registered saliency: taylor, platon, magnitude, movement, or your own.")
     beta: FiniteFloat = Field(0.85, description="EMA factor of the taylor score and of platon's importance.")

@@ -27,7 +27,14 @@ A `Family` says, declaratively, where a model keeps its structured units:
 * ``stack_owned``: modules of a stack's first block that the whole stack uses (T5's
   relative position bias), kept out of the ``blocks`` unit and moved to the new first
   block when the first one is removed; ``block_refusals``: config flags under which
-  blocks cannot be removed.
+  blocks cannot be removed;
+* **the residual form** the block fold (``merge`` with ``blocks``,
+  :mod:`prune_callbacks.methods.structured.block_merging`) relies on: a block ends either
+  in ``stream + FFN output`` (pre-LN: GPT-2, Llama, T5, ViT; ``post_norm`` None) or in a
+  norm over that sum (post-LN: ``post_norm``, BERT's ``output.LayerNorm``);
+  ``fold_refusals`` name the modules (relative to a block) and ``fold_flag_refusals`` the
+  config values under which neither holds (a norm on the FFN output before the add:
+  Gemma 2/3, OLMo-2; post-LN OPT).
 
 `FAMILIES` is the table the masks (:mod:`.units`, :mod:`.masking`), `slim`
 (:mod:`.slim`) and the analysis (:mod:`prune_callbacks.analysis.architecture`) read; a
@@ -89,6 +96,9 @@ class Family:
     stack_owned: tuple[tuple[str, str], ...] = ()  # (module relative to a block, flag set on its new parent)
     block_refusals: tuple[tuple[str, str], ...] = ()  # (truthy config flag, why blocks cannot be removed)
     geometry: Optional[tuple[int, int, int]] = None  # (heads, kv heads, head size) where no config says
+    post_norm: Optional[str] = None  # post-LN: the norm over FFN output + residual that ends a block (relative)
+    fold_refusals: tuple[tuple[str, str], ...] = ()  # (module regex relative to a block, why blocks cannot fold)
+    fold_flag_refusals: tuple[tuple[str, object, str], ...] = ()  # (config field, value, why blocks cannot fold)
 
     @property
     def attention_in(self) -> tuple[str, ...]:
@@ -99,7 +109,8 @@ class Family:
         return next((f for pattern, f in self.layers_fields if re.search(pattern, stack)), None)
 
 
-_BERT_FFN = dict(ffn_in=(r"intermediate\.dense",), ffn_out=r"output\.dense", ffn_field="intermediate_size")
+_BERT_FFN = dict(ffn_in=(r"intermediate\.dense",), ffn_out=r"output\.dense", ffn_field="intermediate_size",
+                 post_norm=r"output\.LayerNorm")
 _LLAMA_FFN = dict(ffn_in=(r"mlp\.gate_proj", r"mlp\.up_proj"), ffn_out=r"mlp\.down_proj", ffn_field="intermediate_size")
 _LLAMA_HEADS = dict(kv_field="num_key_value_heads", head_size_field="head_dim")
 
@@ -121,7 +132,7 @@ FAMILIES: tuple[Family, ...] = (
            head_size_field="head_dim"),
     Family("distilbert", (r"(.+\.)?transformer\.layer",), (r"ffn\.lin1",), r"ffn\.lin2", "hidden_dim",
            q=r"attention\.q_lin", k=r"attention\.k_lin", v=r"attention\.v_lin", o=r"attention\.out_lin",
-           hidden_field="dim", heads_field="n_heads", layers_fields=(("", "n_layers"),),
+           hidden_field="dim", heads_field="n_heads", layers_fields=(("", "n_layers"),), post_norm=r"output_layer_norm",
            heads_refusal="DistilBERT attention " + _DERIVED.format(hidden="dim", heads="n_heads")),
     Family("gpt2", (r"(.+\.)?h",), (r"mlp\.c_fc",), r"mlp\.c_proj", "n_inner", qkv=r"attn\.c_attn", o=r"attn\.c_proj",
            hidden_field="n_embd", heads_field="n_head", layers_fields=(("", "n_layer"),),
@@ -130,6 +141,8 @@ FAMILIES: tuple[Family, ...] = (
            block_refusals=(("scale_attn_by_inverse_layer_idx",
                             "its attention scale depends on the layer index, which changes when blocks are removed"),)),
     Family("opt", (r"(.+\.)?decoder\.layers",), (r"fc1",), r"fc2", "ffn_dim",
+           fold_flag_refusals=(("do_layer_norm_before", False, "post-LN OPT (do_layer_norm_before=False) normalises "
+                                "after the residual add with a norm the family table does not name"),),
            q=r"self_attn\.q_proj", k=r"self_attn\.k_proj", v=r"self_attn\.v_proj", o=r"self_attn\.out_proj",
            heads_refusal="OPT attention " + _DERIVED.format(hidden="hidden_size", heads="num_attention_heads")),
     # Phi-3: fused qkv_proj and gate_up_proj
@@ -138,7 +151,10 @@ FAMILIES: tuple[Family, ...] = (
     # Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite, SmolLM3, OLMo-2 (q_norm/k_norm over the whole projection)
     Family("llama", (r"(.+\.)?layers",), **_LLAMA_FFN,
            q=r"self_attn\.q_proj", k=r"self_attn\.k_proj", v=r"self_attn\.v_proj", o=r"self_attn\.o_proj",
-           head_norms=(("q_norm", "q"), ("k_norm", "kv")), **_LLAMA_HEADS),
+           head_norms=(("q_norm", "q"), ("k_norm", "kv")), **_LLAMA_HEADS,
+           fold_refusals=((r"post_feedforward_layernorm", "the FFN output is normalised before the residual add "
+                           "(Gemma 2/3, OLMo-2), so the kept block's output is not linear in its FFN output "
+                           "projection"),)),
     # T5 / mT5 / Flan-T5: encoder and decoder block lists; heads describable through d_kv
     Family("t5", (r"(.+\.)?encoder\.block", r"(.+\.)?decoder\.block"),
            (r"layer\.\d+\.DenseReluDense\.wi(_\d)?",), r"layer\.\d+\.DenseReluDense\.wo", "d_ff",

@@ -1,5 +1,6 @@
-"""`MergeConfig`: the ``merge:`` setting of a pruning config (fold removed FFN neurons into the kept ones;
-:mod:`prune_callbacks.methods.structured.merging` does it). A config model only, so the core config can embed it."""
+"""`MergeConfig`: the ``merge:`` setting of a pruning config (fold removed FFN neurons into the kept ones,
+removed blocks into the kept block before them; :mod:`prune_callbacks.methods.structured.merging` and
+:mod:`~prune_callbacks.methods.structured.block_merging` do it). A config model only, so the core config can embed it."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class MergeConfig(BaseModel):
-    """``merge:`` of a pruning config (granularity ``ffn_neurons``); ``merge: true`` takes the defaults."""
+    """``merge:`` of a pruning config (granularity ``ffn_neurons`` or ``blocks``); ``merge: true`` takes the defaults."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    damping: float = Field(0.01, description="Ridge term as a fraction of the mean diagonal of E[h_K h_K^T], > 0.")
+    damping: float = Field(0.01, description="Ridge term as a fraction of the mean diagonal of the inputs' second moments, > 0.")
     calibration_steps: int = Field(
         4, description="Optimizer steps before each mask update whose forward passes give the statistics (>= 1).")
 

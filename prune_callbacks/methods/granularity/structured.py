@@ -291,6 +291,7 @@ class Blocks(StructuredUnits):
                 f"{1 - self.RECOVERY_SHARE:g} of the run")
 
     supports_sharding = False  # a removed block is skipped by a forward hook, not tested beside FSDP2's own hooks
+    config_fields = StructuredUnits.config_fields | {"merge"}  # prune_callbacks.methods.structured.block_merging
 
     @classmethod
     def final_sparsity_hint(cls, value, *args: str) -> Optional[str]:
@@ -302,10 +303,14 @@ class Blocks(StructuredUnits):
                     f"to remove {k} of n blocks give {k}/n (e.g. {k} of 12 blocks: {round(value / 12, 4)})")
         return None
 
+    def removed_at(self, sparsity: float) -> int:
+        """Blocks removed at ``sparsity`` (the one rounding rule, `units_removed`)."""
+        return units_removed(sparsity, len(self.groups))
+
     def select(self, scores, sparsity):
         per_block = torch.cat([s.cpu() for s in self.unit_scores(scores)])
         old = torch.cat([m.cpu() for m in self.masks])
-        k = max(units_removed(sparsity, len(self.groups)), int(old.sum()))
+        k = max(self.removed_at(sparsity), int(old.sum()))
         chosen = _lowest(per_block, old, k)
         return [chosen[i : i + 1].to(m.device) for i, m in enumerate(self.masks)]
 

@@ -21,7 +21,7 @@ from prune_callbacks.core.distributed import broadcast_masks
 from prune_callbacks.core.registry import GRANULARITIES, SALIENCIES
 from prune_callbacks.methods.saliency import all_finite, gradient_products, make_saliency
 from prune_callbacks.methods.sharding import check_shardable, is_sharded, local_bytes
-from prune_callbacks.methods.structured.merging import UnitMerger
+from prune_callbacks.methods.structured.mergers import make_merger
 from prune_callbacks.core.targets import drop_frozen, find_targets
 from prune_callbacks.methods.steps.base import StepComponent
 
@@ -55,9 +55,9 @@ class PruningGroup(StepComponent):
             uncertainty_beta=config.uncertainty_beta,
         )
         self.schedule = None
-        self.merger = None  # merge: removed FFN neurons folded into kept ones at each update (structured.merging)
+        self.merger = None  # merge: removed units folded into kept ones at each update (structured.mergers)
         if config.merge is not None:
-            self.merger = UnitMerger(model, self.granularity.groups, config.merge, self.granularity.family)
+            self.merger = make_merger(model, self.granularity, config.merge)
         self._next_step = 1
         self.advice: Optional[str] = None  # the granularity's schedule_advice for the resolved run (warned once)
         self.resolve(total_steps)

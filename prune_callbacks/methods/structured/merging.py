@@ -29,8 +29,9 @@ update one ``|K|+1`` square solve per block (float64 where the device has it). N
 kept between updates. Under ``torch.distributed`` the statistics are all-reduced first, so
 every rank folds the same correction.
 
-Only ``ffn_neurons``: a removed head / block would need its attention output refit the same
-way (not built). Which tensors a neuron spans, and which module is the output projection,
+``ffn_neurons`` here; removed blocks fold into the kept block before them in
+:mod:`.block_merging`; a removed head would need its attention output refit the same way (not
+built). Which tensors a neuron spans, and which module is the output projection,
 come from the unit description (`unit_map` / `BlockLayout.ffn_modules`), never from
 per-architecture code.
 """
@@ -73,18 +74,28 @@ def least_squares_fold(w_removed: torch.Tensor, gram: torch.Tensor, total: torch
     w = w_removed.to(dtype)
     a = e.index_select(0, kept).index_select(1, kept)
     c = e.index_select(0, removed).index_select(1, kept)  # E[h_R h~_K^T]
-    scale = float(a.diagonal().mean()) if a.numel() else 0.0
-    lam = damping * (scale if scale > 0 else 1.0)
-    damped = a + lam * torch.eye(a.shape[0], dtype=dtype, device=a.device)
     b = w @ c  # [out, |K~|]
-    chol, info = torch.linalg.cholesky_ex(damped)
-    fold = torch.cholesky_solve(b.T, chol).T if int(info) == 0 else torch.linalg.lstsq(damped, b.T).solution.T
+    fold = ridge_solve(a, b.T, damping).T
     energy = float((w @ e.index_select(0, removed).index_select(1, removed) * w).sum())
     residual = energy - 2 * float((fold * b).sum()) + float((fold @ a * fold).sum())
     recovered = 1.0 - residual / energy if energy > 0 else 1.0
     if bias:
         return fold[:, :-1], fold[:, -1], recovered
     return fold, None, recovered
+
+
+def _solve(damped: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``damped^-1 rhs`` for a symmetric positive (semi)definite ``damped``: Cholesky, least squares where it fails."""
+    chol, info = torch.linalg.cholesky_ex(damped)
+    return torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.lstsq(damped, rhs).solution
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(gram + lambda I)^-1 cross`` with ``lambda = damping * mean(diag gram)`` (1 where that is 0): the ridge
+    least-squares fit ``X`` of targets whose cross term with the inputs is ``cross`` (``[in, out]``)."""
+    scale = float(gram.diagonal().mean()) if gram.numel() else 0.0
+    lam = damping * (scale if scale > 0 else 1.0)
+    return _solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross)
 
 
 # ------------------------------------------------------------------ statistics
