@@ -339,3 +339,6 @@ def add_lever_arguments(ap) -> None:
                     help="pruning start_step / end_step as fractions of the run (default 0.1 0.6)")
     ap.add_argument("--hardness", type=float, default=0.5, help="+self variants: weight of the KD term")
     ap.add_argument("--hidden-weight", type=float, default=0.0, help="+self variants: hidden-state MSE weight")
+    ap.add_argument("--fold", nargs="+", default=[], choices=["ffn_neurons", "blocks"],
+                    help="merge what these granularities remove into what stays (PruningConfig(merge=True)); "
+                         "rows are named /fold=...")

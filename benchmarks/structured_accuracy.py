@@ -79,7 +79,8 @@ def _teacher(args):
 
 def label(name: str, args) -> str:
     """The row's name: the variant, its pruning window when that is not the default (``ffn75@0.4-0.8+self``) and its
-    training seed when that is not 0 (``x2/s1``); a teacher's hidden-state weight when it is not 0 (``x3+kd/h1``)."""
+    training seed when that is not 0 (``x2/s1``); a teacher's hidden-state weight when it is not 0 (``x3+kd/h1``); the
+    granularities whose removed units are merged (``x3/fold=blocks``)."""
     window = tuple(getattr(args, "window", None) or DEFAULT_WINDOW)
     seed = getattr(args, "seed", 0)
     hidden = getattr(args, "hidden_weight", 0.0)
@@ -90,6 +91,9 @@ def label(name: str, args) -> str:
         out = f"{base}@{window[0]:g}-{window[1]:g}{suffix or ''}"
     if suffix and hidden:
         out += f"/h{hidden:g}"
+    fold = [k for k, _ in units if k in (getattr(args, "fold", None) or ())]
+    if fold:
+        out += f"/fold={','.join(fold)}"
     return f"{out}/s{seed}" if seed else out
 
 
@@ -114,7 +118,9 @@ def run_variant(name: str, args) -> dict:
     scheduler = common.linear_warmup_decay(optimizer, steps=steps, warmup=steps // 10)
     pruner = distiller = None
     if kinds:
-        configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end) for k, s in kinds]
+        fold = getattr(args, "fold", None) or ()
+        configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end,
+                                 merge=True if k in fold else None) for k, s in kinds]
         pruner = Pruner(model, configs, total_steps=steps).attach(optimizer)
     distillation = _distillation(suffix, args) if suffix else None
     if distillation:
@@ -144,7 +150,9 @@ def run_variant(name: str, args) -> dict:
     return {"variant": label(name, args), "seed": seed, "units": [list(k) for k in kinds], "distillation": distillation,
             "window": [start, end], "steps": steps, "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
             "masked_test_accuracy": masked_acc, "params": sum(p.numel() for p in model.parameters()),
-            "config_changes": summary["config"] if summary else {}, "test_examples": len(data["test"])}
+            "config_changes": summary["config"] if summary else {}, "test_examples": len(data["test"]),
+            "merge": [g.get("merge") for g in pruner.report()["groups"]] if pruner is not None and getattr(args, "fold", None)
+            else None}
 
 
 def merge(files: list[Path], out: Path) -> dict:

@@ -34,8 +34,8 @@ tokens' shape, padding tokens are left out. Statistics come from forward passes 
 they run (training: dropout adds zero-mean noise to the targets).
 
 Cost while armed: per kept block an ``[I+1, I+1]`` Gram matrix and an ``[I+1, H]`` cross term,
-and per pair one more ``[I+1, H]`` (float32; MiniLM, 3 of 6 blocks one-shot: 12 pairs, 40 MB in
-all; one block per update: as many pairs as blocks); per forward pass the blocks' ``g`` and
+and per pair one more ``[I+1, H]`` (float32; MiniLM, 3 of 6 blocks one-shot: 12 pairs, about
+100 MB in all; one block per update: about as many pairs as blocks); per forward pass the blocks' ``g`` and
 targets of that pass; per fold one ``I+1`` square solve per run (float64 where the device has it).
 
 Where neither form holds (a norm on the FFN output before the residual add: Gemma 2/3, OLMo-2;
