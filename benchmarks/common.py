@@ -342,3 +342,5 @@ def add_lever_arguments(ap) -> None:
     ap.add_argument("--fold", nargs="+", default=[], choices=["ffn_neurons", "blocks"],
                     help="merge what these granularities remove into what stays (PruningConfig(merge=True)); "
                          "rows are named /fold=...")
+    ap.add_argument("--fold-steps", type=int, default=None,
+                    help="merge calibration_steps (default: MergeConfig's); rows are named /fold=.../cN")

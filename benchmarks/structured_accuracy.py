@@ -94,7 +94,15 @@ def label(name: str, args) -> str:
     fold = [k for k, _ in units if k in (getattr(args, "fold", None) or ())]
     if fold:
         out += f"/fold={','.join(fold)}"
+        if getattr(args, "fold_steps", None):
+            out += f"/c{args.fold_steps}"
     return f"{out}/s{seed}" if seed else out
+
+
+def _merge(args) -> dict:
+    """The ``merge`` setting of the ``--fold`` granularities."""
+    steps = getattr(args, "fold_steps", None)
+    return {"calibration_steps": steps} if steps else {}
 
 
 def add_seed_argument(ap) -> None:
@@ -120,7 +128,7 @@ def run_variant(name: str, args) -> dict:
     if kinds:
         fold = getattr(args, "fold", None) or ()
         configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end,
-                                 merge=True if k in fold else None) for k, s in kinds]
+                                 merge=_merge(args) if k in fold else None) for k, s in kinds]
         pruner = Pruner(model, configs, total_steps=steps).attach(optimizer)
     distillation = _distillation(suffix, args) if suffix else None
     if distillation:

@@ -14,7 +14,10 @@ where it has a bias) and ``o = W g + b`` its output, per token:
   (``z`` the norm's input), and ``q``'s norm weight / bias are copied into ``p``'s (the
   per-token affine change is invisible through the norm, which then gives ``y_q``)::
 
-    [W', b'] = E[t g~^T] (E[g~ g~^T] + lambda I)^-1,    lambda = damping * mean(diag E[g~ g~^T])
+    [W', b'] = [W, b] + E[(t - o) g~^T] (E[g~ g~^T] + lambda I)^-1,    lambda = damping * mean(diag E[g~ g~^T])
+
+(the ridge pulls towards the current projection, so directions the calibration tokens do not
+determine keep their weights rather than shrink to 0.)
 
 A run is the blocks an update newly removes, joined through the blocks already removed (which
 are skipped, i.e. the identity); ``q`` is its last newly removed block and ``p`` the nearest kept
@@ -338,11 +341,19 @@ class BlockMerger:
         dtype = torch.float32 if p.gram.device.type == "mps" else torch.float64
         gram = p.gram.to(dtype)
         cross = (p.own + pair.cross).to(dtype)  # sum g~ t^T
-        solution = ridge_solve(gram, cross, self.config.damping)  # [I(+1), H]
+        weight = p.out.weight
+        current = (weight if is_transposed(p.out) else weight.T).to(device=gram.device, dtype=dtype)  # [I, H]
+        if p.bias:
+            current = torch.cat([current, p.out.bias.to(device=gram.device, dtype=dtype)[None]], 0)
+        # the ridge pulls towards the current projection, not towards 0: where the tokens say little, keep it
+        solution = current + ridge_solve(gram, cross - gram @ current, self.config.damping)  # [I(+1), H]
         energy = p.own_energy + pair.energy  # sum ||t||^2
         residual = energy - 2 * float((solution * cross).sum()) + float((solution * (gram @ solution)).sum())
-        weight = p.out.weight
         n_in = solution.shape[0] - (1 if p.bias else 0)
+        if pair.count < solution.shape[0]:
+            logger.warning("merge: the fold of %s into %s had %d calibration tokens for %d inputs per output; raise "
+                           "calibration_steps (or the batch size) for a fit that generalises", q.group.block,
+                           p.group.block, pair.count, solution.shape[0])
         new = solution[:n_in] if is_transposed(p.out) else solution[:n_in].T
         weight.copy_(new.to(device=weight.device, dtype=weight.dtype))
         if p.bias:
