@@ -80,10 +80,10 @@ class _Block:
     out: nn.Module  # the FFN output projection
     norm: Optional[nn.Module]  # post-LN: the norm that ends the block
     # this forward pass
-    g: Optional[torch.Tensor] = None  # [rows, I(+1)] the projection's input (with a ones column where it has a bias)
+    g: Optional[torch.Tensor] = None  # [rows, I(+1)] the projection's input (a ones column where it has a bias), / scale
     o: Optional[torch.Tensor] = None  # [rows, H] its output
-    u: Optional[torch.Tensor] = None  # [rows, H] the target's own part: o - y (pre-LN) or o + mu - z (post-LN)
-    w: Optional[torch.Tensor] = None  # [rows, 1] per-token scale of the other block's part (1 / sigma)
+    u: Optional[torch.Tensor] = None  # [rows, H] the target's own part: o - y (pre-LN) or o + mu - z (post-LN), / scale
+    w: Optional[torch.Tensor] = None  # [rows, 1] the factor of the other block's part (1 pre-LN, sigma post-LN), / scale
     v: Optional[torch.Tensor] = None  # [rows, H] this block's part of a target ending here: y or n
     # accumulated over the window
     gram: Optional[torch.Tensor] = None
@@ -234,8 +234,8 @@ class BlockMerger:
         if not self.window.active or not isinstance(y, torch.Tensor):
             return
         y = self._flat(y)
-        if b.o is not None:
-            self._own(b, b.o - y, torch.ones(len(y), 1, device=y.device))
+        if b.o is not None:  # rows weighted by the stream's per-token RMS: the next block normalises it
+            self._own(b, b.o - y, torch.ones(len(y), 1, device=y.device), y.pow(2).mean(-1, keepdim=True).sqrt())
         b.v = y
         self._targets(b)
 
@@ -246,14 +246,17 @@ class BlockMerger:
         eps = float(getattr(b.norm, "eps", getattr(b.norm, "variance_epsilon", 1e-5)))
         mu = z.mean(-1, keepdim=True)
         sigma = (z.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
-        if b.o is not None:
-            self._own(b, b.o + mu - z, sigma)
+        if b.o is not None:  # rows weighted by 1 / sigma: the fit's error as the norm's output sees it
+            self._own(b, b.o + mu - z, sigma, sigma)
         b.v = F.layer_norm(z, z.shape[-1:], eps=eps)
         self._targets(b)
 
-    def _own(self, b: _Block, u: torch.Tensor, w: torch.Tensor) -> None:
+    def _own(self, b: _Block, u: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> None:
+        """Block ``b``'s own part of its targets, ``t = u + w * v_q``, each row divided by its ``scale``."""
         if b.g is None or len(b.g) != len(u):
             return
+        scale = scale.clamp_min(torch.finfo(scale.dtype).tiny)
+        b.g, u, w = b.g / scale, u / scale, w / scale
         if b.gram is None:
             b.gram = torch.zeros(b.g.shape[1], b.g.shape[1], device=u.device)
             b.own = torch.zeros(b.g.shape[1], u.shape[1], device=u.device)
