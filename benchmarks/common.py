@@ -344,3 +344,5 @@ def add_lever_arguments(ap) -> None:
                          "rows are named /fold=...")
     ap.add_argument("--fold-steps", type=int, default=None,
                     help="merge calibration_steps (default: MergeConfig's); rows are named /fold=.../cN")
+    ap.add_argument("--fold-select", choices=["saliency", "fold"], default="saliency",
+                    help="merge.select of --fold blocks (which blocks go); 'fold' rows are named /fold=.../select")

@@ -96,13 +96,17 @@ def label(name: str, args) -> str:
         out += f"/fold={','.join(fold)}"
         if getattr(args, "fold_steps", None):
             out += f"/c{args.fold_steps}"
+        if getattr(args, "fold_select", "saliency") != "saliency" and "blocks" in fold:
+            out += f"/{args.fold_select}"
     return f"{out}/s{seed}" if seed else out
 
 
-def _merge(args) -> dict:
-    """The ``merge`` setting of the ``--fold`` granularities."""
+def _merge(args, granularity: str) -> dict:
+    """The ``merge`` setting of a ``--fold`` granularity (``--fold-select`` is for blocks)."""
     steps = getattr(args, "fold_steps", None)
-    return {"calibration_steps": steps} if steps else {}
+    return {**({"calibration_steps": steps} if steps else {}),
+            **({"select": args.fold_select} if granularity == "blocks" and getattr(args, "fold_select", "saliency")
+               != "saliency" else {})}
 
 
 def add_seed_argument(ap) -> None:
@@ -128,7 +132,7 @@ def run_variant(name: str, args) -> dict:
     if kinds:
         fold = getattr(args, "fold", None) or ()
         configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end,
-                                 merge=_merge(args) if k in fold else None) for k, s in kinds]
+                                 merge=_merge(args, k) if k in fold else None) for k, s in kinds]
         pruner = Pruner(model, configs, total_steps=steps).attach(optimizer)
     distillation = _distillation(suffix, args) if suffix else None
     if distillation:

@@ -167,3 +167,39 @@ def test_update_without_statistics_drops_with_a_warning(caplog):
 def test_merge_config_accepted_for_blocks():
     config = PruningConfig(granularity="blocks", final_sparsity=0.5, merge=True)
     assert config.merge == MergeConfig()
+
+
+def test_select_fold_removes_the_blocks_whose_fold_errs_least():
+    """merge.select='fold': with more tokens than neurons the fits are not exact; one block out of five is chosen
+    with the least fold error of all candidates (exhaustive), never more than the saliency's choice."""
+    model = _llama(layers=6, seed=1)
+    ids = torch.randint(3, 64, (4, 32), generator=torch.Generator().manual_seed(1))  # 128 rows > 65 inputs
+    config = PruningConfig(granularity="blocks", final_sparsity=0.2, schedule="oneshot", start_step=3,
+                           merge={"select": "fold"}, exclude=_first_blocks(model))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    pruner = Pruner(model, config, total_steps=10).attach(optimizer)
+    merger = pruner.groups[0].merger
+    model.eval()
+    for _ in range(2):  # inside the window, before the update at step 3
+        model(input_ids=ids).logits.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    masks = [torch.zeros(1, dtype=torch.bool) for _ in merger._scope]
+    costs = {}
+    for i, block in enumerate(merger._scope):
+        trial = [m.clone() for m in masks]
+        trial[i][0] = True
+        (p, q), = merger._runs(merger._removed(masks), merger._removed(trial))
+        costs[i] = merger._cost(p, q, {})
+    assert len(set(costs.values())) == len(costs) and all(0 < c < float("inf") for c in costs.values())
+    for saliency_choice in costs:
+        new = [m.clone() for m in masks]
+        new[saliency_choice][0] = True
+        chosen = merger.choose(masks, new)
+        assert [bool(m) for m in chosen] == [i == min(costs, key=costs.get) for i in costs]
+
+
+def test_select_fold_refused_for_neurons():
+    with pytest.raises(ValueError, match=r"merge.select='fold' does not apply to granularity='ffn_neurons' "
+                                         r"\(allowed with: blocks\)"):
+        PruningConfig(granularity="ffn_neurons", final_sparsity=0.5, merge={"select": "fold"})

@@ -5,7 +5,7 @@ removed blocks into the kept block before them; :mod:`prune_callbacks.methods.st
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,6 +18,9 @@ class MergeConfig(BaseModel):
     damping: float = Field(0.01, description="Ridge term as a fraction of the mean diagonal of the inputs' second moments, > 0.")
     calibration_steps: int = Field(
         4, description="Optimizer steps before each mask update whose forward passes give the statistics (>= 1).")
+    select: Literal["saliency", "fold"] = Field(
+        "saliency", description="blocks: which blocks an update removes: 'saliency' (the pruning saliency's choice) or "
+        "'fold' (the ones whose fold leaves the least error on the calibration tokens, greedily).")
 
     @model_validator(mode="before")
     @classmethod

@@ -172,6 +172,8 @@ class PruningGroup(StepComponent):
         scores = self.saliency.scores(self.params)
         self._check_informative(scores, sparsity)
         masks = self.granularity.select(scores, sparsity)
+        if self.merger is not None:  # a merger may choose the units its fold keeps best (merge.select)
+            masks = self.merger.choose(self.masks, masks)
         if self.config.sync_masks and not self.granularity.layout.sharded:  # shards differ per rank by design
             broadcast_masks(masks)
         if self.merger is not None:  # before the new masks zero the removed neurons' output columns

@@ -158,6 +158,7 @@ class BlockMerger:
         position = {b.group.block: b.index for b in self.blocks}
         self._scope = [position[g.block] for g in granularity.groups]  # granularity mask i -> block
         self.window: Optional[_Window] = None
+        self._reduced = False  # this window's statistics were all-reduced (choose, then fold)
         self.folds: list[dict] = []  # per update: runs folded / dropped and the fit error (mean over runs)
 
     # ------------------------------------------------------------ arming
@@ -186,6 +187,7 @@ class BlockMerger:
             for q in later[:removing]:
                 pairs[(p.index, q.index)] = _Pair()
         window = _Window(pairs)
+        self._reduced = False
         window.handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
         window.handles.append(self.model.register_forward_hook(self._end))
         sources = {i for pair in pairs for i in pair}
@@ -279,6 +281,43 @@ class BlockMerger:
             pair.energy += float((2 * p.u * wv + wv * wv).sum())
             pair.count += len(wv)
 
+    # ------------------------------------------------------------ the choice (merge.select)
+    @torch.no_grad()
+    def choose(self, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The masks of this update. ``select='saliency'``: ``new``, the saliency's choice. ``select='fold'``: as many
+        newly removed blocks, added one at a time, each the block whose removal makes the runs' summed fold error
+        (`_cost`) least; ties and blocks without statistics follow the saliency's order."""
+        if self.config.select != "fold":
+            return list(new)
+        was, now = self._removed(old), self._removed(new)
+        count = sum(now) - sum(was)
+        if count <= 0 or self.window is None:
+            return list(new)
+        self._all_reduce()
+        saliency_first = [i for i in self._scope if now[i] and not was[i]] + [i for i in self._scope if not now[i]]
+        chosen = list(was)
+        costs: dict = {}
+        for _ in range(count):
+            def total(b: int) -> float:
+                trial = chosen.copy()
+                trial[b] = True
+                return sum(self._cost(p, q, costs) for p, q in self._runs(was, trial))
+            best = min((b for b in saliency_first if not chosen[b]), key=total)
+            chosen[best] = True
+        return [torch.tensor([chosen[i]], dtype=m.dtype, device=m.device) for i, m in zip(self._scope, new)]
+
+    def _cost(self, p: Optional[int], q: int, cache: dict) -> float:
+        """The weighted squared error per token block ``p`` leaves when it takes over the run ending at ``q``
+        (infinite where the run cannot be folded: at the start of a block list, or without statistics)."""
+        if (p, q) not in cache:
+            pair = self.window.pairs.get((p, q)) if p is not None else None
+            if pair is None or pair.count == 0 or self.blocks[p].count == 0:
+                cache[(p, q)] = float("inf")
+            else:
+                _, residual = self._fit(self.blocks[p], pair)
+                cache[(p, q)] = residual / pair.count
+        return cache[(p, q)]
+
     # ------------------------------------------------------------ the fold
     @torch.no_grad()
     def fold(self, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> None:
@@ -339,8 +378,10 @@ class BlockMerger:
             runs.append((kept, current))
         return runs
 
-    def _refit(self, p: _Block, q: _Block, pair: _Pair) -> float:
-        """Replace ``p``'s output projection by the ridge fit to the run's target; return the relative fit error."""
+    @torch.no_grad()
+    def _fit(self, p: _Block, pair: _Pair) -> tuple[torch.Tensor, float]:
+        """``(solution [I(+1), H], summed weighted squared error on the calibration tokens)`` of folding ``pair``'s
+        run into ``p``."""
         dtype = torch.float32 if p.gram.device.type == "mps" else torch.float64
         gram = p.gram.to(dtype)
         cross = (p.own + pair.cross).to(dtype)  # sum g~ t^T
@@ -349,9 +390,16 @@ class BlockMerger:
         if p.bias:
             current = torch.cat([current, p.out.bias.to(device=gram.device, dtype=dtype)[None]], 0)
         # the ridge pulls towards the current projection, not towards 0: where the tokens say little, keep it
-        solution = current + ridge_solve(gram, cross - gram @ current, self.config.damping)  # [I(+1), H]
+        solution = current + ridge_solve(gram, cross - gram @ current, self.config.damping)
         energy = p.own_energy + pair.energy  # sum ||t||^2
         residual = energy - 2 * float((solution * cross).sum()) + float((solution * (gram @ solution)).sum())
+        return solution, max(residual, 0.0)
+
+    def _refit(self, p: _Block, q: _Block, pair: _Pair) -> float:
+        """Replace ``p``'s output projection by the ridge fit to the run's target; return the relative fit error."""
+        solution, residual = self._fit(p, pair)
+        energy = p.own_energy + pair.energy
+        weight = p.out.weight
         n_in = solution.shape[0] - (1 if p.bias else 0)
         if pair.count < solution.shape[0]:
             logger.warning("merge: the fold of %s into %s had %d calibration tokens for %d inputs per output; raise "
@@ -366,11 +414,12 @@ class BlockMerger:
                 mine, theirs = getattr(p.norm, name, None), getattr(q.norm, name, None)
                 if mine is not None and theirs is not None:
                     mine.copy_(theirs)
-        return max(residual, 0.0) / energy if energy > 0 else 0.0
+        return residual / energy if energy > 0 else 0.0
 
     def _all_reduce(self) -> None:
-        if not is_distributed() or self.window is None:
+        if not is_distributed() or self.window is None or self._reduced:
             return
+        self._reduced = True
         for b in self.blocks:
             if b.gram is not None:
                 for t in (b.gram, b.own):
@@ -400,7 +449,7 @@ class BlockMerger:
 
     def report(self) -> dict:
         errors = [f["fit_error"] for f in self.folds if f["fit_error"] is not None]
-        return {"merge": {"updates": len(self.folds), "blocks": sum(len(f["runs"]) for f in self.folds),
+        return {"merge": {"select": self.config.select, "updates": len(self.folds), "blocks": sum(len(f["runs"]) for f in self.folds),
                           "runs": [r for f in self.folds for r in f["runs"]],
                           "dropped": [d for f in self.folds for d in f["dropped"]],
                           "fit_error": [round(e, 4) for e in errors]}}

@@ -162,6 +162,10 @@ class UnitMerger:
                 b.handle.remove()
                 b.handle = None
 
+    def choose(self, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """The masks of this update: the saliency's (``new``); neurons are not chosen by their fold."""
+        return new
+
     @torch.no_grad()
     def fold(self, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> None:
         """Fold the neurons ``new`` prunes and ``old`` did not (bool ``[n_units]`` per group, True = pruned) into the
