@@ -23,6 +23,11 @@ into the Pruner's mask updates.
     python benchmarks/merge_blocks.py --threads 1 --seed 0 --out benchmarks/results/merge_blocks_s0.json
     python benchmarks/merge_blocks.py --pool benchmarks/results/merge_blocks_s*.json --out benchmarks/results/merge_blocks.json
     python benchmarks/merge_blocks.py --smoke --out /tmp/merge_blocks.json
+
+``--engine`` folds with the Pruner's own ``merge`` (:mod:`prune_callbacks.methods.structured.block_merging`: the
+same fit with the ridge towards the current projection and rows weighted by the normalised scale, statistics from
+the lr-0 steps in training mode), which also chooses the blocks (``--select saliency`` or ``fold``); the drop row
+removes the same blocks.
 """
 
 from __future__ import annotations
@@ -123,24 +128,51 @@ def library_choice(dense_state, template, data, n_blocks_removed: int, args) -> 
     return [i for i, kept in enumerate(keep) if not kept]
 
 
-def run_variant(dense_state, template, data, test, removed: list[int], fold: bool, args) -> dict:
+def engine_fold(model, data, count: int, args) -> tuple[list[int], dict]:
+    """The Pruner's own fold (``merge`` with ``blocks``): one-shot after ``--calib`` lr-0 steps in training mode, whose
+    forward passes are the statistics; ``--select`` chooses the blocks; then ``slim_pruned`` cuts them."""
+    from prune_callbacks import Pruner, PruningConfig
+    from prune_callbacks.export import slim_pruned
+
+    n = len(model.bert.encoder.layer)
+    config = PruningConfig(granularity="blocks", final_sparsity=count / n, schedule="oneshot", start_step=args.calib,
+                           merge={"calibration_steps": args.calib, "damping": args.damping, "select": args.select})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    pruner = Pruner(model, config, total_steps=args.calib).attach(optimizer)
+    common.train(model, common.train_batches(data["train"], steps=args.calib, batch_size=16, seed=args.seed + 1),
+                 optimizer, scheduler)
+    removed = [i for i, kept in enumerate(pruner.groups[0].granularity.keep()) if not kept]
+    report = pruner.report()["groups"][0]["merge"]
+    pruner.detach()
+    slim_pruned(model, pruner)
+    return removed, report
+
+
+def run_variant(dense_state, template, data, test, removed, fold: bool, args) -> dict:
+    """``removed``: the blocks (drop, or the script's own fold) or, with ``--engine`` and ``fold``, how many the
+    Pruner removes."""
     common.seed_everything(args.seed + 1)
     model = copy.deepcopy(template)
     model.load_state_dict(dense_state)
     calib = common.train_batches(data["train"], steps=args.calib, batch_size=16, seed=args.seed + 1)
     folds = []
-    if fold:
+    if fold and args.engine:
+        removed, report = engine_fold(model, data, removed, args)
+        folds.append(report)
+    elif fold:
         for run in runs_of(removed):
             if run[0] > 0:
                 folds.append(fold_run(model, run, calib, args.damping))
-    cut(model, removed)
+    if not (fold and args.engine):
+        cut(model, removed)
     rows = {"oneshot": correct(model, test)}
     optimizer = common.make_optimizer(model, lr=args.lr)
     scheduler = common.linear_warmup_decay(optimizer, steps=args.finetune, warmup=max(1, args.finetune // 10))
     batches = common.train_batches(data["train"], steps=args.finetune, batch_size=16, seed=args.seed + 2)
     wall = common.train(model, batches, optimizer, scheduler)
     rows["finetuned"] = correct(model, test)
-    return {"removed_blocks": removed, "fold": fold, "folds": folds, "calib_steps": args.calib,
+    return {"removed_blocks": removed, "fold": fold, "engine": bool(fold and args.engine), "folds": folds, "calib_steps": args.calib,
             "finetune_steps": args.finetune, "oneshot_accuracy": sum(rows["oneshot"]) / len(rows["oneshot"]),
             "finetuned_accuracy": sum(rows["finetuned"]) / len(rows["finetuned"]), "wall_s": round(wall, 1),
             "params": sum(p.numel() for p in model.parameters()), "_correct": rows}
@@ -177,6 +209,9 @@ def main(argv=None):
                     help="block sets to remove instead of the library's choice, e.g. 1,3,5 (compares which blocks)")
     add_one_shot_arguments(ap, calib_help="batches of statistics (and lr-0 steps of the choice)",
                            seed_help="head init + dense batches; the pruned runs use seed + 1, + 2")
+    ap.add_argument("--engine", action="store_true",
+                    help="fold with the Pruner's merge (blocks) instead of this script's procedure; it chooses the blocks")
+    ap.add_argument("--select", choices=["saliency", "fold"], default="saliency", help="--engine: merge.select")
     ap.add_argument("--pool", nargs="+", type=Path, default=None, help="result files of several seeds -> --out")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "merge_blocks.json")
     args = ap.parse_args(argv)
@@ -199,16 +234,23 @@ def main(argv=None):
                "batch_size": 16, "max_len": 64, "test_rows": n, "dense_accuracy": sum(dense_correct) / n,
                "dense_train_wall_s": round(dense_wall, 1), "rows": [], "paired": []}
     given = [[int(i) for i in item.split(",")] for item in args.removed] if args.removed else None
+    if given and args.engine:
+        raise SystemExit("--engine chooses the blocks itself; leave --removed out")
+    results.update(engine=args.engine, select=args.select if args.engine else None)
     for count, removed in ([(len(r), r) for r in given] if given else [(c, None) for c in args.blocks]):
+        pair, rows = {}, {}
+        if args.engine:  # the Pruner chooses while it folds; drop the same blocks
+            rows[True] = run_variant(dense_state, template, data, test, count, True, args)
+            removed = rows[True]["removed_blocks"]
         removed = removed or library_choice(dense_state, template, data, count, args)
-        pair = {}
         for fold in (False, True):
-            row = run_variant(dense_state, template, data, test, removed, fold, args)
+            row = rows.get(fold) or run_variant(dense_state, template, data, test, removed, fold, args)
             pair[fold] = row.pop("_correct")
             results["rows"].append(row)
             print(row, flush=True)
         results["paired"].append({"blocks_removed": count, "removed_blocks": removed,
-                                  "chosen_by": "--removed" if given else "library (blocks saliency)",
+                                  "chosen_by": "--removed" if given else f"library (merge.select={args.select})" if
+                                  args.engine else "library (blocks saliency)",
                                   "oneshot_fold_minus_drop": paired(pair[False]["oneshot"], pair[True]["oneshot"]),
                                   "finetuned_fold_minus_drop": paired(pair[False]["finetuned"], pair[True]["finetuned"])})
         common.write_json(args.out, results)
