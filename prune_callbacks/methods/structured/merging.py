@@ -172,7 +172,7 @@ class UnitMerger:
         kept ones of their block, then drop the statistics. Without statistics (an update outside the watched
         window, e.g. after resuming mid-window) the neurons are dropped, with a warning."""
         self._all_reduce()
-        recovered, folded, missing = [], 0, 0
+        recovered, folded, missing, short = [], 0, 0, []
         for b, was, now in zip(self.blocks, old, new):
             removed_units = (now & ~was).nonzero().reshape(-1)
             if removed_units.numel() == 0:
@@ -182,6 +182,8 @@ class UnitMerger:
                 continue
             kept_units = (~now).nonzero().reshape(-1)
             removed, kept = b.span.unit_index(removed_units), b.span.unit_index(kept_units)
+            if b.count <= kept.numel():
+                short.append((b.group.block, b.count, kept.numel() + 1))
             weight = b.span.param
             columns = weight.movedim(b.span.dim, -1)  # [out, I] view of the weight
             bias = getattr(b.module, "bias", None)
@@ -197,6 +199,11 @@ class UnitMerger:
         if missing:
             logger.warning("merge: %d block(s) had no calibration statistics at this mask update (resumed inside the "
                            "calibration window?); their removed neurons are dropped, not merged", missing)
+        if short:
+            block, tokens, inputs = short[0]
+            logger.warning("merge: %d block(s) were refit from fewer calibration tokens than inputs (%s: %d tokens for "
+                           "%d inputs): such a fit can follow noise; raise calibration_steps (or the batch size)",
+                           len(short), block, tokens, inputs)
         if folded:
             self.folds.append({"neurons": folded, "recovered": sum(recovered) / len(recovered)})
         for b in self.blocks:
