@@ -45,7 +45,9 @@ VARIANTS = {"dense": [], "ffn25": [("ffn_neurons", 0.25)], "ffn50": [("ffn_neuro
 SMOKE_VARIANTS = {**VARIANTS, "kv1": [("attention_heads", 0.5)], "blocks6": [("blocks", 0.5)]}  # 2 blocks, 2 KV groups
 
 
-SUFFIXES = ("+kd", "+self", "+merge")  # levers a variant name may end with (any order, each at most once)
+# levers a variant name may end with (any order, each at most once); +merge folds removed FFN neurons / blocks,
+# +select lets the block fold choose the blocks (merge.select='fold')
+SUFFIXES = ("+kd", "+self", "+merge", "+select")
 DEFAULT_WINDOW = common.DEFAULT_WINDOW
 
 
@@ -61,7 +63,16 @@ def _kinds(name: str, smoke: bool = False):
                          f"{', '.join(SUFFIXES)} (+kd and +self exclude each other)")
     if levers and not variants[base]:
         raise SystemExit(f"variant {name!r}: the levers {', '.join(SUFFIXES)} need a pruned variant")
+    if "+select" in levers and ("+merge" not in levers or all(k != "blocks" for k, _ in variants[base])):
+        raise SystemExit(f"variant {name!r}: +select is the block fold's choice; it needs blocks and +merge")
     return variants[base], levers
+
+
+def _merge(granularity: str, levers: set):
+    """The ``merge`` setting of one granularity of a variant (None: drop)."""
+    if "+merge" not in levers or granularity not in ("ffn_neurons", "blocks"):
+        return None
+    return {"select": "fold"} if granularity == "blocks" and "+select" in levers else {}
 
 
 def label(name: str, args) -> str:
@@ -88,7 +99,7 @@ def train_variant(name: str, make, train, held, args) -> dict:
     model = make()
     start, end = args.window
     configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end, update_every=2,
-                             merge=True if "+merge" in levers and k == "ffn_neurons" else None)
+                             merge=_merge(k, levers))
                for k, s in kinds] or None
     kd = "+kd" in levers
     distiller = Distiller(DistillationConfig(teacher=copy.deepcopy(model))).attach(model) if kd else None
@@ -112,7 +123,8 @@ def train_variant(name: str, make, train, held, args) -> dict:
         distillation = {"teacher": "self, copied before the first mask update", "hardness": args.hardness,
                         "hidden_weight": args.hidden_weight}
     return {"variant": label(name, args), "units": [list(k) for k in kinds], "distillation": distillation,
-            "merge": "+merge" in levers, "window": [start, end],
+            "merge": "+merge" in levers, "select": "+select" in levers, "window": [start, end],
+            "merge_report": [g.get("merge") for g in pruner.report()["groups"]] if pruner is not None else None,
             "perplexity": peers.held_out_perplexity(reloaded, held), "masked_perplexity": masked_ppl,
             "reload_max_abs_logit_diff": diff, "params": sum(p.numel() for p in reloaded.parameters()),
             "config_changes": summary["config"], "train_s": round(train_s, 1), "model_dir": str(folder)}
