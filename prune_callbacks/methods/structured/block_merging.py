@@ -33,8 +33,9 @@ model are counted: a gradient-checkpointing recomputation in backward is not). W
 update removes is only known at the update, so statistics are gathered for every pair ``(p, q)``
 the update could fold: ``q`` within ``k`` kept blocks after ``p``, ``k`` the number of blocks the
 update removes. Rows are tokens; where the model is called with a 2-D ``attention_mask`` of the
-tokens' shape, padding tokens are left out. Statistics come from forward passes in whatever mode
-they run (training: dropout adds zero-mean noise to the targets).
+tokens' shape, padding tokens are left out (models with one block list; an encoder-decoder keeps
+every row). Statistics come from forward passes in whatever mode they run (training: dropout adds
+zero-mean noise to the targets).
 
 Cost while armed: per kept block an ``[I+1, I+1]`` Gram matrix and an ``[I+1, H]`` cross term,
 and per pair one more ``[I+1, H]`` (float32; MiniLM, 3 of 6 blocks one-shot: 12 pairs, about
@@ -145,8 +146,10 @@ class BlockMerger:
             _, out = layout.ffn_modules(g.block)
             refused = [why for pattern, why in fam.fold_refusals if layout.matches(g.block, pattern)]
             norms = layout.matches(g.block, fam.post_norm)
-            if out is None or refused or (fam.post_norm is not None and len(norms) != 1):
-                offenders.append(f"{g.block} ({refused[0] if refused else 'no FFN output projection' if out is None else f'no single post-LN norm {fam.post_norm!r}'})")
+            why = refused[0] if refused else "no FFN output projection" if out is None else \
+                f"no single post-LN norm {fam.post_norm!r}" if fam.post_norm is not None and len(norms) != 1 else None
+            if why:
+                offenders.append(f"{g.block} ({why})")
                 continue
             self.blocks.append(_Block(len(self.blocks), layout.stack_of(g.block), g, layout.modules[g.block],
                                       layout.modules[out], layout.modules[norms[0]] if norms else None))
@@ -155,6 +158,8 @@ class BlockMerger:
                 f"merge with granularity='blocks' cannot fold these blocks: {'; '.join(offenders)}; remove merge to "
                 "drop the blocks instead")
         self.post_ln = fam.post_norm is not None
+        # the attention mask describes the rows of one block list only (an encoder-decoder's two differ): use it there
+        self._mask_rows = len(layout.stacks) == 1
         position = {b.group.block: b.index for b in self.blocks}
         self._scope = [position[g.block] for g in granularity.groups]  # granularity mask i -> block
         self.window: Optional[_Window] = None
@@ -206,7 +211,7 @@ class BlockMerger:
     def _begin(self, module, args, kwargs) -> None:
         w = self.window
         w.active = True
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get("attention_mask") if self._mask_rows else None
         w.rows = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def _end(self, module, args, output) -> None:
