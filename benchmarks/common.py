@@ -344,5 +344,8 @@ def add_lever_arguments(ap) -> None:
                          "rows are named /fold=...")
     ap.add_argument("--fold-steps", type=int, default=None,
                     help="merge calibration_steps (default: MergeConfig's); rows are named /fold=.../cN")
+    ap.add_argument("--blocks-oneshot", type=float, default=None, metavar="FRACTION",
+                    help="remove the blocks one-shot at this fraction of the run instead of on the window's schedule; "
+                         "rows are named /blocks@F")
     ap.add_argument("--fold-select", choices=["saliency", "fold"], default="saliency",
                     help="merge.select of --fold blocks (which blocks go); 'fold' rows are named /fold=.../select")

@@ -92,7 +92,8 @@ def main(argv=None):
     run_args = argparse.Namespace(seed=args.seed, steps=args.steps, lr=args.lr, max_eval=args.max_eval, smoke=args.smoke,
                                   save_dense=args.save_dense, dense_from=args.dense_from, window=tuple(args.window),
                                   hardness=args.hardness, hidden_weight=args.hidden_weight, fold=args.fold,
-                                  fold_steps=args.fold_steps, fold_select=args.fold_select)
+                                  fold_steps=args.fold_steps, fold_select=args.fold_select,
+                                  blocks_oneshot=args.blocks_oneshot)
     results = {"benchmark": "speed_plan_accuracy", "hardware": common.hardware_info(), "threads": args.threads,
                "lr": args.lr, "batch_size": 16, "max_len": 64, "seed": args.seed,
                "latency": {k: v for k, v in analysis["latency"].items() if k != "rows"}, "rows": []}

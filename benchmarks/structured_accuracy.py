@@ -91,6 +91,9 @@ def label(name: str, args) -> str:
         out = f"{base}@{window[0]:g}-{window[1]:g}{suffix or ''}"
     if suffix and hidden:
         out += f"/h{hidden:g}"
+    oneshot = getattr(args, "blocks_oneshot", None)
+    if oneshot is not None and any(k == "blocks" for k, _ in units):
+        out += f"/blocks@{oneshot:g}"
     fold = [k for k, _ in units if k in (getattr(args, "fold", None) or ())]
     if fold:
         out += f"/fold={','.join(fold)}"
@@ -131,8 +134,10 @@ def run_variant(name: str, args) -> dict:
     pruner = distiller = None
     if kinds:
         fold = getattr(args, "fold", None) or ()
-        configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end,
-                                 merge=_merge(args, k) if k in fold else None) for k, s in kinds]
+        oneshot = getattr(args, "blocks_oneshot", None)
+        configs = [PruningConfig(granularity=k, final_sparsity=s, merge=_merge(args, k) if k in fold else None,
+                                 **(dict(schedule="oneshot", start_step=oneshot) if k == "blocks" and oneshot is not None
+                                    else dict(start_step=start, end_step=end))) for k, s in kinds]
         pruner = Pruner(model, configs, total_steps=steps).attach(optimizer)
     distillation = _distillation(suffix, args) if suffix else None
     if distillation:
