@@ -139,7 +139,7 @@ def train_main(args) -> dict:
     meta = {"benchmark": "structured_lm", "model": desc, "hardware": common.hardware_info(), "threads": args.threads,
             "budget": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                        "tokens": args.steps * args.batch_size * args.seq_len, "lr": args.lr,
-                       "held_out_blocks": len(held), "seed": args.seed}}
+                       "held_out_blocks": len(held), "held_out_split": args.eval_split, "seed": args.seed}}
     if "base_perplexity" not in _load(out):
         meta["base_perplexity"] = peers.held_out_perplexity(make(), held)
         print(f"base held-out perplexity {meta['base_perplexity']:.2f}", flush=True)
@@ -213,6 +213,8 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--eval-blocks", type=int, default=16)
+    ap.add_argument("--eval-split", choices=("validation", "test"), default="validation",
+                    help="held-out books (causal_lm_peers.build reads it)")
     ap.add_argument("--rounds1", type=int, default=15)
     ap.add_argument("--rounds8", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
