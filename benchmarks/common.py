@@ -333,6 +333,11 @@ def launch_world(script: str, world: int, worker_args: list, part: Path, timeout
 DEFAULT_WINDOW = (0.1, 0.6)  # the structured benchmarks' pruning start_step, end_step (fractions of the run)
 
 
+def add_seed_argument(ap) -> None:
+    """``--seed``: the training seed `structured_accuracy.run_variant` reads (also the speed-plan benchmark's)."""
+    ap.add_argument("--seed", type=int, default=0, help="training seed: head init, batch order, dropout (split fixed)")
+
+
 def add_lever_arguments(ap) -> None:
     """The pruning window and the in-run teacher's loss, shared by the structured benchmarks (MiniLM and SmolLM2)."""
     ap.add_argument("--window", nargs=2, type=float, default=DEFAULT_WINDOW, metavar=("START", "END"),

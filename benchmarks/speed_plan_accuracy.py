@@ -54,7 +54,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-eval", type=int, default=None, help="test rows (default: the whole split)")
     ap.add_argument("--threads", type=int, default=1)
-    sa.add_seed_argument(ap)
+    common.add_seed_argument(ap)
     common.add_lever_arguments(ap)
     ap.add_argument("--save-dense", type=Path, default=None, help="save the dense row's fine-tuned model here")
     ap.add_argument("--dense-from", type=Path, default=None,

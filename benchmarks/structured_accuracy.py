@@ -112,11 +112,6 @@ def _merge(args, granularity: str) -> dict:
                != "saliency" else {})}
 
 
-def add_seed_argument(ap) -> None:
-    """``--seed``: the training seed `run_variant` reads (also the speed-plan benchmark's)."""
-    ap.add_argument("--seed", type=int, default=0, help="training seed: head init, batch order, dropout (split fixed)")
-
-
 def run_variant(name: str, args) -> dict:
     from prune_callbacks import Pruner, PruningConfig
     from prune_callbacks.controllers.distillation import DistillationConfig, Distiller
@@ -226,7 +221,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-eval", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
-    add_seed_argument(ap)
+    common.add_seed_argument(ap)
     ap.add_argument("--save-dense", type=Path, default=None, help="save the dense variant's model here")
     ap.add_argument("--dense-from", type=Path, default=None, help="teacher of the +kd variants")
     common.add_lever_arguments(ap)

@@ -262,3 +262,27 @@ def test_merge_blocks_fold_brings_the_cut_model_closer_to_the_dense_one(tmp_path
     given = merge_blocks.main(["--smoke", "--removed", "1,3", "--out", str(tmp_path / "g.json")])
     assert [(p["removed_blocks"], p["chosen_by"]) for p in given["paired"]] == [([1, 3], "--removed")]
     assert [f["into"] for f in given["rows"][1]["folds"]] == [0, 2]  # two runs, each into the block before it
+
+
+def test_speed_plan_fold_levers_smoke(tmp_path):
+    """--fold / --fold-select / --blocks-oneshot reach the Pruner (merge reports) and name the row."""
+    from benchmarks import speed_plan_accuracy
+
+    data = speed_plan_accuracy.main(["--smoke", "--only", "mix", "--plan", "mix=ffn_neurons:0.5,blocks:0.5",
+                                     "--fold", "blocks", "--fold-select", "fold", "--blocks-oneshot", "0.3",
+                                     "--out", str(tmp_path / "f.json")])
+    row = data["rows"][-1]
+    assert row["variant"] == "mix/blocks@0.3/fold=blocks/fold"
+    ffn, blocks = row["merge"]
+    assert ffn is None and blocks["select"] == "fold" and blocks["updates"] == 1 and blocks["blocks"] >= 1
+
+
+def test_merge_blocks_engine_smoke(tmp_path):
+    from benchmarks import merge_blocks
+
+    data = merge_blocks.main(["--smoke", "--engine", "--select", "fold", "--out", str(tmp_path / "m.json")])
+    engine = [r for r in data["rows"] if r["engine"]]
+    assert engine and all(r["folds"][0]["select"] == "fold" for r in engine)
+    for pair in data["paired"]:  # the drop row removes the blocks the engine chose
+        same = [r for r in data["rows"] if r["removed_blocks"] == pair["removed_blocks"]]
+        assert sorted(r["fold"] for r in same) == [False, True] and pair["chosen_by"] == "library (merge.select=fold)"
