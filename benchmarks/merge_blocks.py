@@ -108,43 +108,39 @@ def cut(model, removed: list[int]) -> None:
     model.config.num_hidden_layers = len(enc.layer)
 
 
-def library_choice(dense_state, template, data, n_blocks_removed: int, args) -> list[int]:
-    """The blocks a ``blocks`` Pruner removes one-shot after ``--calib`` lr-0 steps (taylor saliency)."""
+def oneshot_blocks(model, data, count: int, args, merge=None):
+    """A ``blocks`` Pruner removing ``count`` blocks one-shot after ``--calib`` lr-0 steps (taylor saliency; with
+    ``merge``, those steps' forward passes are the fold's statistics), detached; ``(removed blocks, pruner)``."""
     from prune_callbacks import Pruner, PruningConfig
 
-    common.seed_everything(args.seed + 1)
-    model = copy.deepcopy(template)
-    model.load_state_dict(dense_state)
     n = len(model.bert.encoder.layer)
-    config = PruningConfig(granularity="blocks", final_sparsity=n_blocks_removed / n, schedule="oneshot",
-                           start_step=args.calib)
+    config = PruningConfig(granularity="blocks", final_sparsity=count / n, schedule="oneshot", start_step=args.calib,
+                           merge=merge)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     pruner = Pruner(model, config, total_steps=args.calib).attach(optimizer)
     common.train(model, common.train_batches(data["train"], steps=args.calib, batch_size=16, seed=args.seed + 1),
                  optimizer, scheduler)
-    keep = pruner.groups[0].granularity.keep()
     pruner.detach()
-    return [i for i, kept in enumerate(keep) if not kept]
+    return [i for i, kept in enumerate(pruner.groups[0].granularity.keep()) if not kept], pruner
+
+
+def library_choice(dense_state, template, data, n_blocks_removed: int, args) -> list[int]:
+    """The blocks a ``blocks`` Pruner removes one-shot after ``--calib`` lr-0 steps (taylor saliency)."""
+    common.seed_everything(args.seed + 1)
+    model = copy.deepcopy(template)
+    model.load_state_dict(dense_state)
+    return oneshot_blocks(model, data, n_blocks_removed, args)[0]
 
 
 def engine_fold(model, data, count: int, args) -> tuple[list[int], dict]:
     """The Pruner's own fold (``merge`` with ``blocks``): one-shot after ``--calib`` lr-0 steps in training mode, whose
     forward passes are the statistics; ``--select`` chooses the blocks; then ``slim_pruned`` cuts them."""
-    from prune_callbacks import Pruner, PruningConfig
     from prune_callbacks.export import slim_pruned
 
-    n = len(model.bert.encoder.layer)
-    config = PruningConfig(granularity="blocks", final_sparsity=count / n, schedule="oneshot", start_step=args.calib,
-                           merge={"calibration_steps": args.calib, "damping": args.damping, "select": args.select})
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    pruner = Pruner(model, config, total_steps=args.calib).attach(optimizer)
-    common.train(model, common.train_batches(data["train"], steps=args.calib, batch_size=16, seed=args.seed + 1),
-                 optimizer, scheduler)
-    removed = [i for i, kept in enumerate(pruner.groups[0].granularity.keep()) if not kept]
+    removed, pruner = oneshot_blocks(model, data, count, args, merge={"calibration_steps": args.calib,
+                                                                      "damping": args.damping, "select": args.select})
     report = pruner.report()["groups"][0]["merge"]
-    pruner.detach()
     slim_pruned(model, pruner)
     return removed, report
 

@@ -120,6 +120,7 @@ class _Window:
     handles: list = field(default_factory=list)
     rows: Optional[torch.Tensor] = None  # bool [rows] tokens kept this pass (None: all)
     active: bool = False  # inside a forward pass of the whole model
+    reduced: bool = False  # the sums were all-reduced (choose, then fold, at one update)
 
 
 class BlockMerger:
@@ -163,7 +164,6 @@ class BlockMerger:
         position = {b.group.block: b.index for b in self.blocks}
         self._scope = [position[g.block] for g in granularity.groups]  # granularity mask i -> block
         self.window: Optional[_Window] = None
-        self._reduced = False  # this window's statistics were all-reduced (choose, then fold)
         self.folds: list[dict] = []  # per update: runs folded / dropped and the fit error (mean over runs)
 
     # ------------------------------------------------------------ arming
@@ -192,7 +192,6 @@ class BlockMerger:
             for q in later[:removing]:
                 pairs[(p.index, q.index)] = _Pair()
         window = _Window(pairs)
-        self._reduced = False
         window.handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
         window.handles.append(self.model.register_forward_hook(self._end))
         sources = {i for pair in pairs for i in pair}
@@ -315,12 +314,8 @@ class BlockMerger:
         """The weighted squared error per token block ``p`` leaves when it takes over the run ending at ``q``
         (infinite where the run cannot be folded: at the start of a block list, or without statistics)."""
         if (p, q) not in cache:
-            pair = self.window.pairs.get((p, q)) if p is not None else None
-            if pair is None or pair.count == 0 or self.blocks[p].count == 0:
-                cache[(p, q)] = float("inf")
-            else:
-                _, residual = self._fit(self.blocks[p], pair)
-                cache[(p, q)] = residual / pair.count
+            pair = self._pair(p, q)
+            cache[(p, q)] = float("inf") if pair is None else self._fit(self.blocks[p], pair)[1] / pair.count
         return cache[(p, q)]
 
     # ------------------------------------------------------------ the fold
@@ -333,13 +328,12 @@ class BlockMerger:
         if not runs:
             return
         self._all_reduce()
-        pairs = self.window.pairs if self.window is not None else {}
         folded, dropped, missing, errors = [], [], [], []
         for p, q in runs:
-            pair = pairs.get((p, q)) if p is not None else None
+            pair = self._pair(p, q)
             if p is None:
                 dropped.append(q)
-            elif pair is None or pair.count == 0 or self.blocks[p].count == 0:
+            elif pair is None:
                 missing.append(q)
             else:
                 errors.append(self._refit(self.blocks[p], self.blocks[q], pair))
@@ -352,6 +346,12 @@ class BlockMerger:
                            "dropped": [self.blocks[q].group.block for q in dropped + missing],
                            "fit_error": sum(errors) / len(errors) if errors else None})
         self.release()
+
+    def _pair(self, p: Optional[int], q: int) -> Optional[_Pair]:
+        """The statistics of folding the run ending at ``q`` into ``p``; None where there are none (no kept block
+        before the run, no window, or no token seen)."""
+        pair = self.window.pairs.get((p, q)) if p is not None and self.window is not None else None
+        return pair if pair is not None and pair.count and self.blocks[p].count else None
 
     def _removed(self, masks: Sequence[torch.Tensor]) -> list[bool]:
         """Per block of the model: removed by ``masks`` (the granularity's, one per block in its scope)."""
@@ -383,35 +383,37 @@ class BlockMerger:
             runs.append((kept, current))
         return runs
 
+    @staticmethod
+    def _in_out(p: _Block) -> torch.Tensor:
+        """``p``'s output projection weight as an ``[I, H]`` view (Linear stores ``[H, I]``, GPT-2 Conv1D ``[I, H]``)."""
+        return p.out.weight if is_transposed(p.out) else p.out.weight.T
+
     @torch.no_grad()
-    def _fit(self, p: _Block, pair: _Pair) -> tuple[torch.Tensor, float]:
-        """``(solution [I(+1), H], summed weighted squared error on the calibration tokens)`` of folding ``pair``'s
-        run into ``p``."""
+    def _fit(self, p: _Block, pair: _Pair) -> tuple[torch.Tensor, float, float]:
+        """``(solution [I(+1), H], summed weighted squared error on the calibration tokens, summed ||t||^2)`` of
+        folding ``pair``'s run into ``p``."""
         dtype = torch.float32 if p.gram.device.type == "mps" else torch.float64
         gram = p.gram.to(dtype)
         cross = (p.own + pair.cross).to(dtype)  # sum g~ t^T
-        weight = p.out.weight
-        current = (weight if is_transposed(p.out) else weight.T).to(device=gram.device, dtype=dtype)  # [I, H]
+        current = self._in_out(p).to(device=gram.device, dtype=dtype)
         if p.bias:
             current = torch.cat([current, p.out.bias.to(device=gram.device, dtype=dtype)[None]], 0)
         # the ridge pulls towards the current projection, not towards 0: where the tokens say little, keep it
         solution = current + ridge_solve(gram, cross - gram @ current, self.config.damping)
         energy = p.own_energy + pair.energy  # sum ||t||^2
         residual = energy - 2 * float((solution * cross).sum()) + float((solution * (gram @ solution)).sum())
-        return solution, max(residual, 0.0)
+        return solution, max(residual, 0.0), energy
 
     def _refit(self, p: _Block, q: _Block, pair: _Pair) -> float:
         """Replace ``p``'s output projection by the ridge fit to the run's target; return the relative fit error."""
-        solution, residual = self._fit(p, pair)
-        energy = p.own_energy + pair.energy
-        weight = p.out.weight
+        solution, residual, energy = self._fit(p, pair)
         n_in = solution.shape[0] - (1 if p.bias else 0)
         if pair.count < solution.shape[0]:
             logger.warning("merge: the fold of %s into %s had %d calibration tokens for %d inputs per output; raise "
                            "calibration_steps (or the batch size) for a fit that generalises", q.group.block,
                            p.group.block, pair.count, solution.shape[0])
-        new = solution[:n_in] if is_transposed(p.out) else solution[:n_in].T
-        weight.copy_(new.to(device=weight.device, dtype=weight.dtype))
+        weight = self._in_out(p)
+        weight.copy_(solution[:n_in].to(device=weight.device, dtype=weight.dtype))
         if p.bias:
             p.out.bias.copy_(solution[n_in].to(device=p.out.bias.device, dtype=p.out.bias.dtype))
         if p.norm is not None:
@@ -422,9 +424,9 @@ class BlockMerger:
         return residual / energy if energy > 0 else 0.0
 
     def _all_reduce(self) -> None:
-        if not is_distributed() or self.window is None or self._reduced:
+        if not is_distributed() or self.window is None or self.window.reduced:
             return
-        self._reduced = True
+        self.window.reduced = True
         for b in self.blocks:
             if b.gram is not None:
                 for t in (b.gram, b.own):
@@ -454,7 +456,8 @@ class BlockMerger:
 
     def report(self) -> dict:
         errors = [f["fit_error"] for f in self.folds if f["fit_error"] is not None]
-        return {"merge": {"select": self.config.select, "updates": len(self.folds), "blocks": sum(len(f["runs"]) for f in self.folds),
+        return {"merge": {"select": self.config.select, "updates": len(self.folds),
+                          "blocks": sum(len(f["runs"]) for f in self.folds),
                           "runs": [r for f in self.folds for r in f["runs"]],
                           "dropped": [d for f in self.folds for d in f["dropped"]],
                           "fit_error": [round(e, 4) for e in errors]}}
