@@ -21,13 +21,18 @@ def rank() -> int:
     return torch.distributed.get_rank() if is_distributed() else 0
 
 
+def collective_device() -> torch.device:
+    """Where a tensor made for a collective must live: the current GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def broadcast_masks(masks: Sequence[torch.Tensor]) -> None:
     """Overwrite every rank's masks with rank 0's, in place (one flat uint8 broadcast)."""
     if not is_distributed() or not masks:
         return
-    backend = torch.distributed.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    flat = torch.cat([m.reshape(-1) for m in masks]).to(device=device, dtype=torch.uint8)
+    flat = torch.cat([m.reshape(-1) for m in masks]).to(device=collective_device(), dtype=torch.uint8)
     torch.distributed.broadcast(flat, src=0)
     for mask, part in zip(masks, flat.split([m.numel() for m in masks])):
         mask.copy_(part.view(mask.shape).to(device=mask.device, dtype=torch.bool))

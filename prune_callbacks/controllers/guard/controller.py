@@ -41,6 +41,7 @@ from typing import Any, Optional
 
 import torch
 
+from prune_callbacks.core.distributed import collective_device
 from prune_callbacks.core.config_errors import PruningConfigError
 from prune_callbacks.methods.schedule import Schedule
 from prune_callbacks.methods.steps.base import StepComponent
@@ -142,9 +143,7 @@ class AccuracyGuard(StepComponent):
     # ------------------------------------------------------------ decisions
     def _broadcast(self, value: float) -> float:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            backend = torch.distributed.get_backend()
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-            t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+            t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
             torch.distributed.broadcast(t, src=0)
             return float(t.item())
         return float(value)

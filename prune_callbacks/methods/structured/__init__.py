@@ -3,7 +3,10 @@
 * :mod:`.units`: which tensor slices one FFN neuron / KV group / block spans (`unit_map`), read from the
   family table (:mod:`prune_callbacks.core.families`) or the user's own description
   (:mod:`prune_callbacks.core.unit_description`);
-* :mod:`.masking`: zeroing / skipping removed units while training (`mask_model`).
+* :mod:`.masking`: zeroing / skipping removed units while training (`mask_model`);
+* :mod:`.mergers`: folding what removed units did into what stays (``PruningConfig(merge=...)``): FFN neurons in
+  :mod:`.merging`, blocks in :mod:`.block_merging` (their statistics: :mod:`.block_statistics`); the calibration
+  window both gather through is :mod:`.calibration`, the solve :mod:`.ridge`.
 
 Cutting them out afterwards is an export: :mod:`prune_callbacks.export.slim` (`slim`) and
 :mod:`prune_callbacks.export.slim_pruned` (`slim_pruned(model, pruner)`).

@@ -28,14 +28,14 @@ BENCHMARKS.md, "Merge, not only drop, for depth").
 
 When it runs: like the FFN-neuron fold (:mod:`.merging`), at the mask update, between selecting
 the new masks and applying them, from statistics gathered by hooks during the forward passes of
-the ``calibration_steps`` optimizer steps before the update (only forward passes of the whole
-model are counted: a gradient-checkpointing recomputation in backward is not). Which blocks an
-update removes is only known at the update, so statistics are gathered for every pair ``(p, q)``
-the update could fold: ``q`` within ``k`` kept blocks after ``p``, ``k`` the number of blocks the
-update removes. Rows are tokens; where the model is called with a 2-D ``attention_mask`` of the
-tokens' shape, padding tokens are left out (models with one block list; an encoder-decoder keeps
-every row). Statistics come from forward passes in whatever mode they run (training: dropout adds
-zero-mean noise to the targets).
+the ``calibration_steps`` optimizer steps before the update (:mod:`.block_statistics`: only forward
+passes of the whole model are counted, a gradient-checkpointing recomputation in backward is not).
+Which blocks an update removes is only known at the update, so statistics are gathered for every
+pair ``(p, q)`` the update could fold: ``q`` within ``k`` kept blocks after ``p``, ``k`` the number
+of blocks the update removes. Rows are tokens; where the model is called with a 2-D
+``attention_mask`` of the tokens' shape, padding tokens are left out (models with one block list;
+an encoder-decoder keeps every row). Statistics come from forward passes in whatever mode they run
+(training: dropout adds zero-mean noise to the targets).
 
 Cost while armed: per kept block an ``[I+1, I+1]`` Gram matrix and an ``[I+1, H]`` cross term,
 and per pair one more ``[I+1, H]`` (float32; MiniLM, 3 of 6 blocks one-shot: 12 pairs, about
@@ -49,78 +49,18 @@ post-LN OPT) ``merge`` is refused when the Pruner is built (``Family.fold_refusa
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from prune_callbacks.core.distributed import is_distributed
 from prune_callbacks.core.merge_config import MergeConfig
-from prune_callbacks.core.targets import is_transposed
-from prune_callbacks.methods.structured.merging import ridge_solve
-from prune_callbacks.methods.structured.units import StructuredUnitsError, UnitGroup, block_layout, unit_map
+from prune_callbacks.methods.structured.block_statistics import BlockStatistics, BlockSums, FoldBlock, PairSums
+from prune_callbacks.methods.structured.calibration import next_update
+from prune_callbacks.methods.structured.ridge import ridge_solve, solve_dtype
+from prune_callbacks.methods.structured.units import StructuredUnitsError, block_layout, unit_map
 
 logger = logging.getLogger(__name__)
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-@dataclass
-class _Block:
-    """One block: its output projection (and post-LN norm) and what a forward pass showed of it."""
-
-    index: int  # position in `BlockMerger.blocks`
-    stack: str
-    group: UnitGroup
-    block: nn.Module
-    out: nn.Module  # the FFN output projection
-    norm: Optional[nn.Module]  # post-LN: the norm that ends the block
-    # this forward pass
-    g: Optional[torch.Tensor] = None  # [rows, I(+1)] the projection's input (a ones column where it has a bias), / scale
-    o: Optional[torch.Tensor] = None  # [rows, H] its output
-    u: Optional[torch.Tensor] = None  # [rows, H] the target's own part: o - y (pre-LN) or o + mu - z (post-LN), / scale
-    w: Optional[torch.Tensor] = None  # [rows, 1] the factor of the other block's part (1 pre-LN, sigma post-LN), / scale
-    v: Optional[torch.Tensor] = None  # [rows, H] this block's part of a target ending here: y or n
-    # accumulated over the window
-    gram: Optional[torch.Tensor] = None
-    own: Optional[torch.Tensor] = None  # sum g~ u^T
-    own_energy: float = 0.0  # sum ||u||^2
-    count: int = 0
-
-    @property
-    def bias(self) -> bool:
-        return getattr(self.out, "bias", None) is not None
-
-    def reset_pass(self) -> None:
-        self.g = self.o = self.u = self.w = self.v = None
-
-    def reset(self) -> None:
-        self.reset_pass()
-        self.gram = self.own = None
-        self.own_energy, self.count = 0.0, 0
-
-
-@dataclass
-class _Pair:
-    cross: Optional[torch.Tensor] = None  # sum (w g~) v_q^T
-    energy: float = 0.0  # sum 2 u_p . (w v_q) + ||w v_q||^2: with own_energy, sum ||t||^2
-    count: int = 0
-
-
-@dataclass
-class _Window:
-    """The statistics of one calibration window (hooks, per-pass state, sums)."""
-
-    pairs: dict[tuple[int, int], _Pair]
-    handles: list = field(default_factory=list)
-    rows: Optional[torch.Tensor] = None  # bool [rows] tokens kept this pass (None: all)
-    active: bool = False  # inside a forward pass of the whole model
-    reduced: bool = False  # the sums were all-reduced (choose, then fold, at one update)
 
 
 class BlockMerger:
@@ -141,7 +81,7 @@ class BlockMerger:
             if getattr(layout.config, flag, None) == value:
                 raise StructuredUnitsError(f"merge with granularity='blocks': {flag}={value!r}: {why}; remove merge "
                                            "to drop the blocks instead")
-        self.blocks: list[_Block] = []
+        self.blocks: list[FoldBlock] = []
         offenders = []
         for g in groups:
             _, out = layout.ffn_modules(g.block)
@@ -152,8 +92,8 @@ class BlockMerger:
             if why:
                 offenders.append(f"{g.block} ({why})")
                 continue
-            self.blocks.append(_Block(len(self.blocks), layout.stack_of(g.block), g, layout.modules[g.block],
-                                      layout.modules[out], layout.modules[norms[0]] if norms else None))
+            self.blocks.append(FoldBlock(len(self.blocks), layout.stack_of(g.block), g, layout.modules[g.block],
+                                         layout.modules[out], layout.modules[norms[0]] if norms else None))
         if offenders:
             raise StructuredUnitsError(
                 f"merge with granularity='blocks' cannot fold these blocks: {'; '.join(offenders)}; remove merge to "
@@ -163,7 +103,7 @@ class BlockMerger:
         self._mask_rows = len(layout.stacks) == 1
         position = {b.group.block: b.index for b in self.blocks}
         self._scope = [position[g.block] for g in granularity.groups]  # granularity mask i -> block
-        self.window: Optional[_Window] = None
+        self.window: Optional[BlockStatistics] = None
         self.folds: list[dict] = []  # per update: runs folded / dropped and the fit error (mean over runs)
 
     # ------------------------------------------------------------ arming
@@ -174,116 +114,25 @@ class BlockMerger:
     def watch(self, next_step: int, schedule) -> None:
         """Collect during the forward passes of optimizer step ``next_step`` iff a mask update falls within the next
         ``calibration_steps`` steps (for the pairs that update can fold: it removes ``k`` more blocks)."""
-        update = next((s for s in range(next_step, next_step + self.config.calibration_steps)
-                       if schedule.is_update_step(s)), None)
+        update = next_update(next_step, schedule, self.config.calibration_steps)
         if update is not None and self.window is None:
             removed = self._removed(self.granularity.masks)
             removing = self.granularity.removed_at(schedule.value(update)) - sum(removed)
-            self._arm(removed, max(removing, 1))
+            self.window = BlockStatistics(self.model, self.blocks, self._pairs(removed, max(removing, 1)),
+                                          post_ln=self.post_ln, mask_rows=self._mask_rows)
         elif update is None and self.window is not None:
             self.release()
 
-    def _arm(self, removed: list[bool], removing: int) -> None:
-        pairs = {}
+    def _pairs(self, removed: list[bool], removing: int) -> list[tuple[int, int]]:
+        """Every ``(p, q)`` an update that removes ``removing`` more blocks could fold: ``p`` kept, ``q`` one of the
+        next ``removing`` kept blocks of its block list."""
+        pairs = []
         for p in self.blocks:
             if removed[p.index]:
                 continue
             later = [q for q in self.blocks[p.index + 1:] if q.stack == p.stack and not removed[q.index]]
-            for q in later[:removing]:
-                pairs[(p.index, q.index)] = _Pair()
-        window = _Window(pairs)
-        window.handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
-        window.handles.append(self.model.register_forward_hook(self._end))
-        sources = {i for pair in pairs for i in pair}
-        for b in self.blocks:
-            if b.index not in sources:
-                continue
-            window.handles.append(b.out.register_forward_pre_hook(lambda m, a, b=b: self._ffn_in(b, a)))
-            window.handles.append(b.out.register_forward_hook(lambda m, a, o, b=b: self._ffn_out(b, o)))
-            if self.post_ln:
-                window.handles.append(b.norm.register_forward_pre_hook(lambda m, a, b=b: self._norm_in(b, a[0])))
-            else:
-                window.handles.append(b.block.register_forward_hook(lambda m, a, o, b=b: self._block_out(b, _hidden(o))))
-        self.window = window
-
-    # ------------------------------------------------------------ hooks (one forward pass)
-    def _begin(self, module, args, kwargs) -> None:
-        w = self.window
-        w.active = True
-        mask = kwargs.get("attention_mask") if self._mask_rows else None
-        w.rows = mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-    def _end(self, module, args, output) -> None:
-        self.window.active = False
-        self.window.rows = None
-        for b in self.blocks:
-            b.reset_pass()
-
-    def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        rows = self.window.rows
-        if rows is not None and rows.numel() == x.shape[0]:
-            x = x[rows.to(x.device)]
-        return x
-
-    def _ffn_in(self, b: _Block, args) -> None:
-        if not self.window.active or not args or not isinstance(args[0], torch.Tensor):
-            return
-        g = self._flat(args[0])
-        b.g = torch.cat([g, g.new_ones(len(g), 1)], 1) if b.bias else g
-
-    def _ffn_out(self, b: _Block, output) -> None:
-        if self.window.active and b.g is not None:
-            b.o = self._flat(_hidden(output))
-
-    def _block_out(self, b: _Block, y: torch.Tensor) -> None:  # pre-LN: y = stream + o
-        if not self.window.active or not isinstance(y, torch.Tensor):
-            return
-        y = self._flat(y)
-        if b.o is not None:  # rows weighted by the stream's per-token RMS: the next block normalises it
-            self._own(b, b.o - y, torch.ones(len(y), 1, device=y.device), y.pow(2).mean(-1, keepdim=True).sqrt())
-        b.v = y
-        self._targets(b)
-
-    def _norm_in(self, b: _Block, z: torch.Tensor) -> None:  # post-LN: y = norm(z), z = stream + o
-        if not self.window.active or not isinstance(z, torch.Tensor):
-            return
-        z = self._flat(z)
-        eps = float(getattr(b.norm, "eps", getattr(b.norm, "variance_epsilon", 1e-5)))
-        mu = z.mean(-1, keepdim=True)
-        sigma = (z.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
-        if b.o is not None:  # rows weighted by 1 / sigma: the fit's error as the norm's output sees it
-            self._own(b, b.o + mu - z, sigma, sigma)
-        b.v = F.layer_norm(z, z.shape[-1:], eps=eps)
-        self._targets(b)
-
-    def _own(self, b: _Block, u: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> None:
-        """Block ``b``'s own part of its targets, ``t = u + w * v_q``, each row divided by its ``scale``."""
-        if b.g is None or len(b.g) != len(u):
-            return
-        scale = scale.clamp_min(torch.finfo(scale.dtype).tiny)
-        b.g, u, w = b.g / scale, u / scale, w / scale
-        if b.gram is None:
-            b.gram = torch.zeros(b.g.shape[1], b.g.shape[1], device=u.device)
-            b.own = torch.zeros(b.g.shape[1], u.shape[1], device=u.device)
-        b.gram.addmm_(b.g.T, b.g)
-        b.own.addmm_(b.g.T, u)
-        b.own_energy += float((u * u).sum())
-        b.count += len(u)
-        b.u, b.w = u, w
-
-    def _targets(self, q: _Block) -> None:
-        """Block ``q``'s part of the target of every pair ``(p, q)`` whose ``p`` ran in this pass."""
-        for (pi, qi), pair in self.window.pairs.items():
-            p = self.blocks[pi]
-            if qi != q.index or p.u is None or len(p.u) != len(q.v):
-                continue
-            wv = p.w * q.v
-            if pair.cross is None:
-                pair.cross = torch.zeros(p.g.shape[1], q.v.shape[1], device=q.v.device)
-            pair.cross.addmm_(p.g.T, wv)
-            pair.energy += float((2 * p.u * wv + wv * wv).sum())
-            pair.count += len(wv)
+            pairs += [(p.index, q.index) for q in later[:removing]]
+        return pairs
 
     # ------------------------------------------------------------ the choice (merge.select)
     @torch.no_grad()
@@ -297,7 +146,7 @@ class BlockMerger:
         count = sum(now) - sum(was)
         if count <= 0 or self.window is None:
             return list(new)
-        self._all_reduce()
+        self.window.all_reduce()
         saliency_first = [i for i in self._scope if now[i] and not was[i]] + [i for i in self._scope if not now[i]]
         chosen = list(was)
         costs: dict = {}
@@ -314,8 +163,8 @@ class BlockMerger:
         """The weighted squared error per token block ``p`` leaves when it takes over the run ending at ``q``
         (infinite where the run cannot be folded: at the start of a block list, or without statistics)."""
         if (p, q) not in cache:
-            pair = self._pair(p, q)
-            cache[(p, q)] = float("inf") if pair is None else self._fit(self.blocks[p], pair)[1] / pair.count
+            sums = self._pair(p, q)
+            cache[(p, q)] = float("inf") if sums is None else self._fit(self.blocks[p], *sums)[1] / sums[1].count
         return cache[(p, q)]
 
     # ------------------------------------------------------------ the fold
@@ -327,16 +176,17 @@ class BlockMerger:
         runs = self._runs(was, now)
         if not runs:
             return
-        self._all_reduce()
+        if self.window is not None:
+            self.window.all_reduce()
         folded, dropped, missing, errors = [], [], [], []
         for p, q in runs:
-            pair = self._pair(p, q)
+            sums = self._pair(p, q)
             if p is None:
                 dropped.append(q)
-            elif pair is None:
+            elif sums is None:
                 missing.append(q)
             else:
-                errors.append(self._refit(self.blocks[p], self.blocks[q], pair))
+                errors.append(self._refit(self.blocks[p], self.blocks[q], *sums))
                 folded.append((p, q))
         if missing:
             logger.warning("merge: no calibration statistics for the run(s) ending at block(s) %s at this mask update "
@@ -347,11 +197,10 @@ class BlockMerger:
                            "fit_error": sum(errors) / len(errors) if errors else None})
         self.release()
 
-    def _pair(self, p: Optional[int], q: int) -> Optional[_Pair]:
+    def _pair(self, p: Optional[int], q: int) -> Optional[tuple[BlockSums, PairSums]]:
         """The statistics of folding the run ending at ``q`` into ``p``; None where there are none (no kept block
         before the run, no window, or no token seen)."""
-        pair = self.window.pairs.get((p, q)) if p is not None and self.window is not None else None
-        return pair if pair is not None and pair.count and self.blocks[p].count else None
+        return self.window.pair(p, q) if self.window is not None else None
 
     def _removed(self, masks: Sequence[torch.Tensor]) -> list[bool]:
         """Per block of the model: removed by ``masks`` (the granularity's, one per block in its scope)."""
@@ -383,36 +232,31 @@ class BlockMerger:
             runs.append((kept, current))
         return runs
 
-    @staticmethod
-    def _in_out(p: _Block) -> torch.Tensor:
-        """``p``'s output projection weight as an ``[I, H]`` view (Linear stores ``[H, I]``, GPT-2 Conv1D ``[I, H]``)."""
-        return p.out.weight if is_transposed(p.out) else p.out.weight.T
-
     @torch.no_grad()
-    def _fit(self, p: _Block, pair: _Pair) -> tuple[torch.Tensor, float, float]:
+    def _fit(self, p: FoldBlock, sums: BlockSums, pair: PairSums) -> tuple[torch.Tensor, float, float]:
         """``(solution [I(+1), H], summed weighted squared error on the calibration tokens, summed ||t||^2)`` of
         folding ``pair``'s run into ``p``."""
-        dtype = torch.float32 if p.gram.device.type == "mps" else torch.float64
-        gram = p.gram.to(dtype)
-        cross = (p.own + pair.cross).to(dtype)  # sum g~ t^T
-        current = self._in_out(p).to(device=gram.device, dtype=dtype)
+        dtype = solve_dtype(sums.gram.device)
+        gram = sums.gram.to(dtype)
+        cross = (sums.own + pair.cross).to(dtype)  # sum g~ t^T
+        current = p.in_out().to(device=gram.device, dtype=dtype)
         if p.bias:
             current = torch.cat([current, p.out.bias.to(device=gram.device, dtype=dtype)[None]], 0)
         # the ridge pulls towards the current projection, not towards 0: where the tokens say little, keep it
         solution = current + ridge_solve(gram, cross - gram @ current, self.config.damping)
-        energy = p.own_energy + pair.energy  # sum ||t||^2
+        energy = sums.own_energy + pair.energy  # sum ||t||^2
         residual = energy - 2 * float((solution * cross).sum()) + float((solution * (gram @ solution)).sum())
         return solution, max(residual, 0.0), energy
 
-    def _refit(self, p: _Block, q: _Block, pair: _Pair) -> float:
+    def _refit(self, p: FoldBlock, q: FoldBlock, sums: BlockSums, pair: PairSums) -> float:
         """Replace ``p``'s output projection by the ridge fit to the run's target; return the relative fit error."""
-        solution, residual, energy = self._fit(p, pair)
+        solution, residual, energy = self._fit(p, sums, pair)
         n_in = solution.shape[0] - (1 if p.bias else 0)
         if pair.count < solution.shape[0]:
             logger.warning("merge: the fold of %s into %s had %d calibration tokens for %d inputs per output; raise "
                            "calibration_steps (or the batch size) for a fit that generalises", q.group.block,
                            p.group.block, pair.count, solution.shape[0])
-        weight = self._in_out(p)
+        weight = p.in_out()
         weight.copy_(solution[:n_in].to(device=weight.device, dtype=weight.dtype))
         if p.bias:
             p.out.bias.copy_(solution[n_in].to(device=p.out.bias.device, dtype=p.out.bias.dtype))
@@ -423,36 +267,11 @@ class BlockMerger:
                     mine.copy_(theirs)
         return residual / energy if energy > 0 else 0.0
 
-    def _all_reduce(self) -> None:
-        if not is_distributed() or self.window is None or self.window.reduced:
-            return
-        self.window.reduced = True
-        for b in self.blocks:
-            if b.gram is not None:
-                for t in (b.gram, b.own):
-                    torch.distributed.all_reduce(t)
-        for pair in self.window.pairs.values():
-            if pair.cross is not None:
-                torch.distributed.all_reduce(pair.cross)
-        # every rank ran the same forward passes over its own data; the scalars are summed alike
-        scalars = [v for b in self.blocks for v in (b.own_energy, float(b.count))] + \
-                  [v for pair in self.window.pairs.values() for v in (pair.energy, float(pair.count))]
-        flat = torch.tensor(scalars, dtype=torch.float64)
-        torch.distributed.all_reduce(flat)
-        values = iter(flat.tolist())
-        for b in self.blocks:
-            b.own_energy, b.count = next(values), int(next(values))
-        for pair in self.window.pairs.values():
-            pair.energy, pair.count = next(values), int(next(values))
-
     def release(self) -> None:
         """Remove the hooks and drop the statistics."""
         if self.window is not None:
-            for h in self.window.handles:
-                h.remove()
+            self.window.remove()
             self.window = None
-        for b in self.blocks:
-            b.reset()
 
     def report(self) -> dict:
         errors = [f["fit_error"] for f in self.folds if f["fit_error"] is not None]

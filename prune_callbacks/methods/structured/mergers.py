@@ -1,7 +1,8 @@
 """Which merger folds what a structured granularity removes (``PruningConfig(merge=...)``): one entry per unit kind.
 
 A merger has one contract: ``watch(next_step, schedule)`` after every optimizer step (and once before the first),
-``fold(old_masks, new_masks)`` at every mask update before the masks apply, ``release()``, ``report()``. The pruning
+``choose(old_masks, new_masks)`` then ``fold(old_masks, new_masks)`` at every mask update before the masks apply,
+``release()``, ``report()``. The pruning
 group (:mod:`prune_callbacks.methods.steps.pruning`) builds one with `make_merger`; a new kind that can merge is a new
 entry here (and ``"merge"`` in its granularity's ``config_fields``).
 """

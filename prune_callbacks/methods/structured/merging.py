@@ -19,7 +19,8 @@ zeros). The fold therefore happens *at the mask update* (`UnitMerger.fold`, call
 pruning group between selecting the new masks and applying them), from the second moments
 of ``h`` gathered by a forward pre-hook on every output projection during the
 ``calibration_steps`` optimizer steps just before each update (every forward pass of those
-steps, gradient-accumulation micro-steps included; the hooks exist only then). The one-shot
+steps, gradient-accumulation micro-steps included; the hooks exist only then: the window's
+mechanism, shared with the block fold, is :mod:`.calibration`; the solve, :mod:`.ridge`). The one-shot
 schedule is the same thing once: prune at ``start_step``, refit, fine-tune on.
 
 Cost: while armed, per block an ``[I, I]`` float32 Gram matrix (``I`` intermediate neurons:
@@ -39,14 +40,16 @@ per-architecture code.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from prune_callbacks.core.distributed import is_distributed
 from prune_callbacks.core.merge_config import MergeConfig  # noqa: F401 (re-exported)
+from prune_callbacks.methods.structured.calibration import Hooks, all_reduce_sums, next_update, rows
+from prune_callbacks.methods.structured.ridge import ridge_solve, solve_dtype
 from prune_callbacks.methods.structured.units import Span, StructuredUnitsError, UnitGroup, block_layout
 
 logger = logging.getLogger(__name__)
@@ -64,7 +67,7 @@ def least_squares_fold(w_removed: torch.Tensor, gram: torch.Tensor, total: torch
     ``[out, |K|]``, ``d`` ``[out]`` (None without ``bias``); ``recovered``: the fraction of the removed features'
     output energy ``E||W_R h_R||^2`` the fold puts back (1 = the layer's output is unchanged on this data).
     """
-    dtype = torch.float32 if gram.device.type == "mps" else torch.float64
+    dtype = solve_dtype(gram.device)
     n = max(float(count), 1.0)
     e = gram.to(dtype) / n
     if bias:
@@ -84,20 +87,6 @@ def least_squares_fold(w_removed: torch.Tensor, gram: torch.Tensor, total: torch
     return fold, None, recovered
 
 
-def _solve(damped: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``damped^-1 rhs`` for a symmetric positive (semi)definite ``damped``: Cholesky, least squares where it fails."""
-    chol, info = torch.linalg.cholesky_ex(damped)
-    return torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.lstsq(damped, rhs).solution
-
-
-def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
-    """``(gram + lambda I)^-1 cross`` with ``lambda = damping * mean(diag gram)`` (1 where that is 0): the ridge
-    least-squares fit ``X`` of targets whose cross term with the inputs is ``cross`` (``[in, out]``)."""
-    scale = float(gram.diagonal().mean()) if gram.numel() else 0.0
-    lam = damping * (scale if scale > 0 else 1.0)
-    return _solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross)
-
-
 # ------------------------------------------------------------------ statistics
 @dataclass
 class _Block:
@@ -107,13 +96,12 @@ class _Block:
     gram: Optional[torch.Tensor] = None
     total: Optional[torch.Tensor] = None
     count: int = 0
-    handle: Any = field(default=None, repr=False)
 
-    def collect(self, module, args, kwargs=None) -> None:
+    def collect(self, module, args) -> None:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor):
             return
-        h = x.detach().reshape(-1, x.shape[-1]).float()
+        h = rows(x)
         if self.gram is None:
             self.gram = torch.zeros(h.shape[1], h.shape[1], dtype=torch.float32, device=h.device)
             self.total = torch.zeros(h.shape[1], dtype=torch.float32, device=h.device)
@@ -145,22 +133,22 @@ class UnitMerger:
                     f"merge: block {g.block!r} has no FFN output projection with one input feature per neuron "
                     f"(found {out!r}); merge needs one (remove merge to drop the neurons instead)")
             self.blocks.append(_Block(g, layout.modules[out], span))
+        self.hooks = Hooks()  # one forward pre-hook per output projection, inside a calibration window only
         self.folds: list[dict] = []  # per update: neurons folded and the output energy recovered (mean over blocks)
 
     @property
     def armed(self) -> bool:
-        return any(b.handle is not None for b in self.blocks)
+        return bool(self.hooks)
 
     def watch(self, next_step: int, schedule) -> None:
         """Collect during the forward passes of optimizer step ``next_step`` iff a mask update falls within the
         next ``calibration_steps`` steps."""
-        soon = any(schedule.is_update_step(s) for s in range(next_step, next_step + self.config.calibration_steps))
-        for b in self.blocks:
-            if soon and b.handle is None:
-                b.handle = b.module.register_forward_pre_hook(b.collect)
-            elif not soon and b.handle is not None:
-                b.handle.remove()
-                b.handle = None
+        soon = next_update(next_step, schedule, self.config.calibration_steps) is not None
+        if soon and not self.hooks:
+            for b in self.blocks:
+                self.hooks.add(b.module.register_forward_pre_hook(b.collect))
+        elif not soon and self.hooks:
+            self.hooks.remove()
 
     def choose(self, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """The masks of this update: the saliency's (``new``); neurons are not chosen by their fold."""
@@ -218,17 +206,14 @@ class UnitMerger:
             if b.gram is None:
                 b.gram = torch.zeros(width, width, device=device)
                 b.total = torch.zeros(width, device=device)
-            count = torch.tensor([float(b.count)], device=b.gram.device)
-            for t in (b.gram, b.total, count):
-                torch.distributed.all_reduce(t)
-            b.count = int(count.item())
+        counts = all_reduce_sums([t for b in self.blocks for t in (b.gram, b.total)], [b.count for b in self.blocks])
+        for b, count in zip(self.blocks, counts):
+            b.count = int(count)
 
     def release(self) -> None:
         """Remove the hooks and drop the statistics (the group is finalized)."""
+        self.hooks.remove()
         for b in self.blocks:
-            if b.handle is not None:
-                b.handle.remove()
-                b.handle = None
             b.reset()
 
     def report(self) -> dict:
