@@ -14,9 +14,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import end_world, tiny_llama_lm  # noqa: E402
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
 
-CONFIGS = {  # magnitude saliency: the same masks on every rank and in one process, whatever the data
-    "ffn_neurons": dict(granularity="ffn_neurons", final_sparsity=0.25),
-    "blocks": dict(granularity="blocks", final_sparsity=0.4, exclude=[r"^model\.layers\.0\."]),
+ONESHOT = dict(schedule="oneshot", start_step=2)
+CONFIGS = {  # magnitude saliency: the same masks on every rank and in one process, whatever the data; the run
+    # lasts until the last update (start_step of the one-shot ones, end_step of the gradual one)
+    "ffn_neurons": dict(granularity="ffn_neurons", final_sparsity=0.25, **ONESHOT),
+    "blocks": dict(granularity="blocks", final_sparsity=0.4, exclude=[r"^model\.layers\.0\."], **ONESHOT),
+    # updates at steps 4, 6, 8 inside one calibration window: the second fold adds new tokens to the summed ones
+    "ffn_neurons, gradual": dict(granularity="ffn_neurons", final_sparsity=0.5, schedule="linear", start_step=4,
+                                 end_step=8, update_every=2),
 }
 
 
@@ -24,12 +29,13 @@ def tokens(rank: int) -> torch.Tensor:
     return torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(10 + rank))
 
 
-def fold(granularity: str, ids: torch.Tensor, steps: int = 2) -> dict:
-    """A one-shot fold at lr 0 after ``steps`` calibration passes over ``ids``: the FFN output projections."""
+def fold(name: str, ids: torch.Tensor) -> dict:
+    """Prune at lr 0 with ``merge``, calibrating on ``ids`` at every step: the report and the FFN output
+    projections."""
     model = tiny_llama_lm(seed=0, num_hidden_layers=6)
     model.eval()
-    config = PruningConfig(**CONFIGS[granularity], saliency="magnitude", schedule="oneshot", start_step=steps,
-                           merge={"damping": 1e-3})
+    config = PruningConfig(**CONFIGS[name], saliency="magnitude", merge={"damping": 1e-3, "calibration_steps": 4})
+    steps = config.start_step if config.schedule == "oneshot" else config.end_step
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     pruner = Pruner(model, config, total_steps=steps + 1).attach(optimizer)
     for _ in range(steps):
@@ -43,7 +49,7 @@ def fold(granularity: str, ids: torch.Tensor, steps: int = 2) -> dict:
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    result = {g: fold(g, tokens(rank)) for g in CONFIGS}
+    result = {name: fold(name, tokens(rank)) for name in CONFIGS}
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     end_world()
 

@@ -138,9 +138,9 @@ def test_merged_copies_leave_the_model_unchanged_dropped_ones_do_not(arch):
     assert merger.armed
     _out(model, ids)  # calibration pass (the hooks collect in any mode)
     merger.fold([torch.zeros(24, dtype=torch.bool)] * len(groups), [pruned] * len(groups))
-    assert all(b.gram is None for b in merger.blocks)  # statistics dropped after the fold
+    assert all(b.count == 4 * 16 for b in merger.blocks)  # kept for the window's next update
     merger.release()
-    assert not merger.armed
+    assert not merger.armed and all(b.gram is None for b in merger.blocks)  # dropped with the window
     for group in groups:
         zero_units(group, pruned)
     merged_err = (_out(model, ids) - dense).abs().max()
@@ -173,6 +173,28 @@ def _run(arch, merge, steps=6, lr=0.0, start=4):
         if step == start:
             outputs["after"] = _out(model, batches[start - 1])
     return model, auto, pruner, armed, outputs, batches
+
+
+def test_statistics_accumulate_over_the_updates_of_one_window():
+    """Updates every 2 steps with calibration_steps 4: one window from step 1 to the last update; each fold uses
+    every token since it opened (a fold does not change its projection's inputs), and the window closes after."""
+    torch.manual_seed(0)
+    model, _ = ARCHS["llama"]()
+    config = PruningConfig(granularity="ffn_neurons", final_sparsity=0.5, schedule="linear", start_step=4,
+                           end_step=8, update_every=2, merge={"calibration_steps": 4})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    pruner = Pruner(model, config, total_steps=10).attach(optimizer)
+    armed = []
+    for ids in torch.randint(0, 100, (10, 4, 16), generator=torch.Generator().manual_seed(0)):
+        model(input_ids=ids).logits.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        armed.append(pruner.groups[0].merger.armed)
+    report = pruner.report()["groups"][0]["merge"]
+    # updates at steps 4 (sparsity 0: nothing to fold), 6 and 8; 64 tokens a step, collected from step 1
+    assert report["updates"] == 2 and report["tokens"] == [6 * 64, 8 * 64]
+    assert armed == [True] * 7 + [False] * 3  # open for steps 1-8 (armed after step 7 for step 8's forward)
+    assert all(b.gram is None for b in pruner.groups[0].merger.blocks)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

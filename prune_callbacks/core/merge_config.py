@@ -17,8 +17,9 @@ class MergeConfig(BaseModel):
 
     damping: float = Field(0.01, description="Ridge term as a fraction of the mean diagonal of the inputs' second moments, > 0.")
     calibration_steps: int = Field(
-        16, description="Optimizer steps before each mask update whose forward passes give the statistics (>= 1; "
-        "at most the steps since the previous update count). 4 collapsed a MiniLM run (too few tokens per input).")
+        16, description="Optimizer steps before a mask update whose forward passes give the statistics (>= 1). "
+        "ffn_neurons: updates closer than this share one window, each fold using all its tokens so far; blocks: at "
+        "most the steps since the previous update count. 4 collapsed a MiniLM run (too few tokens per input).")
     select: Literal["saliency", "fold"] = Field(
         "saliency", description="blocks: which blocks an update removes: 'saliency' (the pruning saliency's choice) or "
         "'fold' (the ones whose fold leaves the least error on the calibration tokens, greedily).")
