@@ -353,4 +353,5 @@ def add_lever_arguments(ap) -> None:
                     help="remove the blocks one-shot at this fraction of the run instead of on the window's schedule; "
                          "rows are named /blocks@F")
     ap.add_argument("--fold-select", choices=["saliency", "fold"], default="saliency",
-                    help="merge.select of --fold blocks (which blocks go); 'fold' rows are named /fold=.../select")
+                    help="merge.select of the --fold granularities (which units go); 'fold' rows are named "
+                         "/fold=.../fold")

@@ -99,17 +99,15 @@ def label(name: str, args) -> str:
         out += f"/fold={','.join(fold)}"
         if getattr(args, "fold_steps", None):
             out += f"/c{args.fold_steps}"
-        if getattr(args, "fold_select", "saliency") != "saliency" and "blocks" in fold:
+        if getattr(args, "fold_select", "saliency") != "saliency":
             out += f"/{args.fold_select}"
     return f"{out}/s{seed}" if seed else out
 
 
 def _merge(args, granularity: str) -> dict:
-    """The ``merge`` setting of a ``--fold`` granularity (``--fold-select`` is for blocks)."""
-    steps = getattr(args, "fold_steps", None)
-    return {**({"calibration_steps": steps} if steps else {}),
-            **({"select": args.fold_select} if granularity == "blocks" and getattr(args, "fold_select", "saliency")
-               != "saliency" else {})}
+    """The ``merge`` setting of a ``--fold`` granularity."""
+    steps, select = getattr(args, "fold_steps", None), getattr(args, "fold_select", "saliency")
+    return {**({"calibration_steps": steps} if steps else {}), **({"select": select} if select != "saliency" else {})}
 
 
 def run_variant(name: str, args) -> dict:

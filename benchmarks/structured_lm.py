@@ -46,7 +46,7 @@ SMOKE_VARIANTS = {**VARIANTS, "kv1": [("attention_heads", 0.5)], "blocks6": [("b
 
 
 # levers a variant name may end with (any order, each at most once); +merge folds removed FFN neurons / blocks,
-# +select lets the block fold choose the blocks (merge.select='fold')
+# +select lets the fold choose the units it removes (merge.select='fold')
 SUFFIXES = ("+kd", "+self", "+merge", "+select")
 DEFAULT_WINDOW = common.DEFAULT_WINDOW
 
@@ -63,8 +63,8 @@ def _kinds(name: str, smoke: bool = False):
                          f"{', '.join(SUFFIXES)} (+kd and +self exclude each other)")
     if levers and not variants[base]:
         raise SystemExit(f"variant {name!r}: the levers {', '.join(SUFFIXES)} need a pruned variant")
-    if "+select" in levers and ("+merge" not in levers or all(k != "blocks" for k, _ in variants[base])):
-        raise SystemExit(f"variant {name!r}: +select is the block fold's choice; it needs blocks and +merge")
+    if "+select" in levers and "+merge" not in levers:
+        raise SystemExit(f"variant {name!r}: +select is the fold's choice; it needs +merge")
     return variants[base], levers
 
 
@@ -72,7 +72,7 @@ def _merge(granularity: str, levers: set):
     """The ``merge`` setting of one granularity of a variant (None: drop)."""
     if "+merge" not in levers or granularity not in ("ffn_neurons", "blocks"):
         return None
-    return {"select": "fold"} if granularity == "blocks" and "+select" in levers else {}
+    return {"select": "fold"} if "+select" in levers else {}
 
 
 def label(name: str, args) -> str:

@@ -182,9 +182,10 @@ def test_structured_lm_levers_smoke_merge_and_in_run_teacher(tmp_path):
 
     out = tmp_path / "lm.json"
     structured_lm.main(["--smoke", "--steps", "4", "--eval-blocks", "2", "--out", str(out), "--models-dir",
-                        str(tmp_path / "m"), "--window", "0.5", "1.0", "--train", "ffn25+merge+self"])
+                        str(tmp_path / "m"), "--window", "0.5", "1.0", "--train", "ffn25+merge+select+self"])
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["variant"] == "ffn25+merge+self@0.5-1" and row["merge"] and row["distillation"]["teacher"].startswith("self")
+    assert row["variant"] == "ffn25+merge+select+self@0.5-1" and row["distillation"]["teacher"].startswith("self")
+    assert row["merge"] and row["select"] and all(r["select"] == "fold" for r in row["merge_report"])
     assert row["config_changes"] == {"intermediate_size": [64, 48]} and row["reload_max_abs_logit_diff"] <= 1e-5
     with pytest.raises(SystemExit, match="exclude each other"):
         structured_lm._kinds("ffn25+kd+self")
@@ -269,12 +270,13 @@ def test_speed_plan_fold_levers_smoke(tmp_path):
     from benchmarks import speed_plan_accuracy
 
     data = speed_plan_accuracy.main(["--smoke", "--only", "mix", "--plan", "mix=ffn_neurons:0.5,blocks:0.5",
-                                     "--fold", "blocks", "--fold-select", "fold", "--blocks-oneshot", "0.3",
-                                     "--out", str(tmp_path / "f.json")])
+                                     "--fold", "ffn_neurons", "blocks", "--fold-select", "fold", "--blocks-oneshot",
+                                     "0.3", "--out", str(tmp_path / "f.json")])
     row = data["rows"][-1]
-    assert row["variant"] == "mix/blocks@0.3/fold=blocks/fold"
+    assert row["variant"] == "mix/blocks@0.3/fold=ffn_neurons,blocks/fold"
     ffn, blocks = row["merge"]
-    assert ffn is None and blocks["select"] == "fold" and blocks["updates"] == 1 and blocks["blocks"] >= 1
+    assert ffn["select"] == "fold" and ffn["updates"] >= 1 and ffn["neurons"] > 0
+    assert blocks["select"] == "fold" and blocks["updates"] == 1 and blocks["blocks"] >= 1
 
 
 def test_merge_blocks_engine_smoke(tmp_path):

@@ -198,8 +198,3 @@ def test_select_fold_removes_the_blocks_whose_fold_errs_least():
         chosen = merger.choose(masks, new)
         assert [bool(m) for m in chosen] == [i == min(costs, key=costs.get) for i in costs]
 
-
-def test_select_fold_refused_for_neurons():
-    with pytest.raises(ValueError, match=r"merge.select='fold' does not apply to granularity='ffn_neurons' "
-                                         r"\(allowed with: blocks\)"):
-        PruningConfig(granularity="ffn_neurons", final_sparsity=0.5, merge={"select": "fold"})

@@ -8,7 +8,8 @@ transformers = pytest.importorskip("transformers")
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
 from prune_callbacks.methods.structured import unit_map, zero_units  # noqa: E402
 from prune_callbacks.export import slim_pruned
-from prune_callbacks.methods.structured.merging import MergeConfig, UnitMerger, least_squares_fold  # noqa: E402
+from prune_callbacks.methods.structured.merging import (  # noqa: E402
+    MergeConfig, UnitMerger, fold_choice, least_squares_fold)
 from prune_callbacks.methods.structured.units import block_layout  # noqa: E402
 
 
@@ -98,6 +99,37 @@ def test_fold_beats_dropping_on_random_activations():
     assert recovered == pytest.approx(1 - float(merged_err / dropped_err), abs=1e-3)  # the reported figure
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_fold_choice_removes_the_feature_whose_fold_errs_least(bias):
+    """One feature: the greedy surgeon's choice is the exhaustive argmin of the fold's residual."""
+    torch.manual_seed(0)
+    mix = torch.randn(10, 10) * torch.linspace(0.1, 2, 10)
+    h = torch.randn(300, 10) @ mix + torch.randn(10)  # correlated features with a mean
+    w = torch.randn(6, 10)
+    gram, total = h.T @ h, h.sum(0)
+    residual = {}
+    for j in range(10):
+        kept = torch.tensor([i for i in range(10) if i != j])
+        _, _, recovered = least_squares_fold(w[:, [j]], gram, total, 300, torch.tensor([j]), kept, bias=bias,
+                                             damping=1e-9)
+        energy = float((w[:, [j]] @ (h[:, [j]].T @ h[:, [j]]) / 300 * w[:, [j]]).sum())
+        residual[j] = (1 - recovered) * energy
+    picked = fold_choice(w, gram, total, 300, torch.arange(10), 1, bias=bias, damping=1e-9)
+    assert picked.tolist() == [min(residual, key=residual.get)]
+    assert sorted(residual.values())[0] < 0.9 * sorted(residual.values())[1]  # a clear winner: not a tie
+
+
+def test_fold_choice_takes_one_of_each_pair_of_copies():
+    """Features 6-9 copy 0-3: removing a copy costs nothing while its twin stays, so four removals take one of each
+    pair, never both (greedy: a twin's cost rises once its copy is gone)."""
+    torch.manual_seed(0)
+    h = torch.randn(400, 10)
+    h[:, 6:] = h[:, :4]
+    w = torch.randn(5, 10)
+    picked = fold_choice(w, h.T @ h, h.sum(0), 400, torch.arange(10), 4, bias=False, damping=1e-9).tolist()
+    assert len(picked) == 4 and all((i in picked) != (i + 6 in picked) for i in range(4))
+
+
 # ------------------------------------------------------------------ in a model, from the unit description
 def _plant_copies(model, removed_of):
     """Make neuron i of every block an exact copy of neuron removed_of[i] on its input side (the rows / columns of
@@ -173,6 +205,32 @@ def _run(arch, merge, steps=6, lr=0.0, start=4):
         if step == start:
             outputs["after"] = _out(model, batches[start - 1])
     return model, auto, pruner, armed, outputs, batches
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_select_fold_removes_copies_and_keeps_the_output(arch):
+    """Four neurons per block copy kept ones: with merge.select='fold' the update removes one of each pair (whatever
+    the saliency prefers) and the folded model's output is unchanged; the saliency's own choice is not."""
+    outputs = {}
+    for select in ("fold", "saliency"):
+        torch.manual_seed(0)
+        model, _ = ARCHS[arch]()
+        _plant_copies(model, {20: 3, 21: 5, 22: 7, 23: 11})
+        ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+        dense = _out(model, ids)
+        config = PruningConfig(granularity="ffn_neurons", final_sparsity=4 / 24, schedule="oneshot", start_step=2,
+                               saliency="magnitude", merge={"select": select, "damping": 1e-7})
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        pruner = Pruner(model, config, total_steps=3).attach(optimizer)
+        for _ in range(2):
+            _out(model, ids)
+            optimizer.step()
+        outputs[select] = (_out(model, ids) - dense).abs().max()
+        for mask in pruner.groups[0].masks:
+            assert mask.sum() == 4
+            if select == "fold":
+                assert all(bool(mask[a]) != bool(mask[b]) for a, b in ((20, 3), (21, 5), (22, 7), (23, 11)))
+    assert outputs["fold"] <= 1e-4 < outputs["saliency"]
 
 
 def test_statistics_accumulate_over_the_updates_of_one_window():

@@ -21,8 +21,9 @@ class MergeConfig(BaseModel):
         "ffn_neurons: updates closer than this share one window, each fold using all its tokens so far; blocks: at "
         "most the steps since the previous update count. 4 collapsed a MiniLM run (too few tokens per input).")
     select: Literal["saliency", "fold"] = Field(
-        "saliency", description="blocks: which blocks an update removes: 'saliency' (the pruning saliency's choice) or "
-        "'fold' (the ones whose fold leaves the least error on the calibration tokens, greedily).")
+        "saliency", description="Which units an update removes: 'saliency' (the pruning saliency's choice) or 'fold' "
+        "(as many, the ones whose fold leaves the least error on the calibration tokens, greedily; ffn_neurons: in "
+        "each block, by optimal brain surgeon on the output projection).")
 
     @model_validator(mode="before")
     @classmethod

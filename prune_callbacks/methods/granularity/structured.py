@@ -256,13 +256,6 @@ class FFNNeurons(StructuredUnits):
     unit_words = ("FFN neurons", " per block")
     config_fields = StructuredUnits.config_fields | {"merge"}  # prune_callbacks.methods.structured.merging
 
-    @classmethod
-    def check_config(cls, config, *args: str) -> list[str]:
-        if config.merge is not None and config.merge.select != "saliency":
-            return [f"merge.select={config.merge.select!r} does not apply to granularity='ffn_neurons' (allowed with: "
-                    "blocks); neurons are chosen by the saliency, remove it"]
-        return []
-
 
 @register_granularity("attention_heads")
 class AttentionHeads(StructuredUnits):

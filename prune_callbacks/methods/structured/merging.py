@@ -92,6 +92,48 @@ def least_squares_fold(w_removed: torch.Tensor, gram: torch.Tensor, total: torch
     return fold, None, recovered
 
 
+@torch.no_grad()
+def fold_choice(columns: torch.Tensor, gram: torch.Tensor, total: torch.Tensor, count: float, features: torch.Tensor,
+                k: int, *, bias: bool, damping: float) -> torch.Tensor:
+    """Positions (into ``features``) of the ``k`` features whose removal, each folded into the rest, errs least.
+
+    Optimal brain surgeon over the features of one output projection, greedily: with ``A`` the damped second
+    moments of the candidate inputs (and the ones column where there is a bias, never removed), removing feature
+    ``j`` and refitting the others costs ``||W_j||^2 / [A^-1]_jj``; the cheapest goes, ``W`` takes its fold and
+    ``A^-1`` its downdate, and so on ``k`` times. ``columns``: ``[out, len(features)]`` the weight's columns of the
+    candidates; ``gram`` / ``total`` / ``count`` as in `least_squares_fold`. The fold itself is then
+    `least_squares_fold` on the chosen set (the same solution, in exact arithmetic).
+    """
+    dtype = solve_dtype(gram.device)
+    n = max(float(count), 1.0)
+    e = gram.to(dtype).index_select(0, features).index_select(1, features) / n
+    w = columns.to(device=gram.device, dtype=dtype, copy=True)  # updated in place below
+    if bias:
+        mean = total.to(dtype).index_select(0, features) / n
+        e = torch.cat([torch.cat([e, mean[:, None]], 1), torch.cat([mean, mean.new_ones(1)])[None]], 0)
+        w = torch.cat([w, w.new_zeros(len(w), 1)], 1)
+    scale = float(e.diagonal().mean())
+    e = e + damping * (scale if scale > 0 else 1.0) * torch.eye(len(e), dtype=dtype, device=e.device)
+    inv = torch.linalg.inv(e)
+    norms = (w * w).sum(0)  # ||W_j||^2, kept current below
+    gone = torch.zeros(len(e), dtype=torch.bool, device=e.device)
+    if bias:
+        gone[-1] = True  # the ones column stays
+    picked = []
+    for _ in range(k):
+        cost = norms.clamp_min(0) / inv.diagonal().clamp_min(torch.finfo(dtype).tiny)
+        cost[gone] = float("inf")
+        j = int(torch.argmin(cost))
+        root = float(inv[j, j]) ** 0.5
+        u, v = inv[:, j] / root, w[:, j] / root  # W -= v u^T (the fold), A^-1 -= u u^T (the downdate)
+        norms += u * (u * float(v @ v) - 2 * (v @ w))
+        w.addr_(v, u, alpha=-1)
+        inv.addr_(u, u, alpha=-1)
+        gone[j] = True
+        picked.append(j)
+    return torch.tensor(sorted(picked), dtype=torch.long)
+
+
 # ------------------------------------------------------------------ statistics
 @dataclass
 class _Block:
@@ -139,6 +181,7 @@ class UnitMerger:
                     f"(found {out!r}); merge needs one (remove merge to drop the neurons instead)")
             self.blocks.append(_Block(g, layout.modules[out], span))
         self.hooks = Hooks()  # one forward pre-hook per output projection, inside a calibration window only
+        self._reduced = False  # the statistics are summed across ranks (between `choose` and `fold`)
         self.folds: list[dict] = []  # per update: neurons folded, output energy recovered (mean), tokens (fewest)
 
     @property
@@ -156,8 +199,27 @@ class UnitMerger:
             self.release()
 
     def choose(self, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-        """The masks of this update: the saliency's (``new``); neurons are not chosen by their fold."""
-        return new
+        """The masks of this update. ``select='saliency'``: ``new``, the saliency's choice. ``select='fold'``: in each
+        block as many newly removed neurons as the saliency removes there, chosen by their fold (`fold_choice`)
+        from this window's statistics; a block without statistics keeps the saliency's choice."""
+        if self.config.select != "fold":
+            return new
+        self._all_reduce()
+        chosen = []
+        for b, was, now in zip(self.blocks, old, new):
+            count = int(now.sum()) - int(was.sum())
+            if count <= 0 or b.count == 0:
+                chosen.append(now)
+                continue
+            candidates = (~was).nonzero().reshape(-1)
+            features = b.span.unit_index(candidates).to(b.gram.device)
+            columns = b.span.param.movedim(b.span.dim, -1).index_select(1, features.to(b.span.param.device))
+            picked = fold_choice(columns, b.gram, b.total, b.count, features, count, damping=self.config.damping,
+                                 bias=getattr(b.module, "bias", None) is not None)
+            mask = was.clone()
+            mask[candidates[picked.to(candidates.device)]] = True
+            chosen.append(mask)
+        return chosen
 
     @torch.no_grad()
     def fold(self, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> None:
@@ -205,8 +267,10 @@ class UnitMerger:
         self._share()
 
     def _all_reduce(self) -> None:
-        if not is_distributed():
+        """Sum the statistics across ranks, once per update (`choose`, then `fold`; `_share` re-opens it)."""
+        if not is_distributed() or self._reduced:
             return
+        self._reduced = True
         for b in self.blocks:  # every rank must have the tensors: zeros where a rank saw nothing
             width = b.span.param.shape[b.span.dim]
             device = b.span.param.device
@@ -223,6 +287,7 @@ class UnitMerger:
         rank."""
         if not is_distributed():
             return
+        self._reduced = False
         world = torch.distributed.get_world_size()
         for b in self.blocks:
             if b.gram is not None:
@@ -231,12 +296,13 @@ class UnitMerger:
                 b.count /= world
 
     def release(self) -> None:
-        """Remove the hooks and drop the statistics (the group is finalized)."""
+        """Remove the hooks and drop the statistics (the window closed, or the group is finalized)."""
         self.hooks.remove()
+        self._reduced = False
         for b in self.blocks:
             b.reset()
 
     def report(self) -> dict:
-        return {"merge": {"updates": len(self.folds), "neurons": sum(f["neurons"] for f in self.folds),
+        return {"merge": {"select": self.config.select, "updates": len(self.folds), "neurons": sum(f["neurons"] for f in self.folds),
                           "recovered": [round(f["recovered"], 4) for f in self.folds],
                           "tokens": [round(f["tokens"]) for f in self.folds]}}
