@@ -22,6 +22,8 @@ CONFIGS = {  # magnitude saliency: the same masks on every rank and in one proce
     # updates at steps 4, 6, 8 inside one calibration window: the second fold adds new tokens to the summed ones
     "ffn_neurons, gradual": dict(granularity="ffn_neurons", final_sparsity=0.5, schedule="linear", start_step=4,
                                  end_step=8, update_every=2),
+    # the fold chooses the neurons (merge.select='fold'), from the summed statistics, then folds them
+    "ffn_neurons, select": dict(granularity="ffn_neurons", final_sparsity=0.25, **ONESHOT),
 }
 
 
@@ -34,7 +36,8 @@ def fold(name: str, ids: torch.Tensor) -> dict:
     projections."""
     model = tiny_llama_lm(seed=0, num_hidden_layers=6)
     model.eval()
-    config = PruningConfig(**CONFIGS[name], saliency="magnitude", merge={"damping": 1e-3, "calibration_steps": 4})
+    merge = {"damping": 1e-3, "calibration_steps": 4, **({"select": "fold"} if name.endswith("select") else {})}
+    config = PruningConfig(**CONFIGS[name], saliency="magnitude", merge=merge)
     steps = config.start_step if config.schedule == "oneshot" else config.end_step
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     pruner = Pruner(model, config, total_steps=steps + 1).attach(optimizer)
@@ -42,7 +45,7 @@ def fold(name: str, ids: torch.Tensor) -> dict:
         model(input_ids=ids).logits.pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    return {"report": pruner.report()["groups"][0]["merge"],
+    return {"report": pruner.report()["groups"][0]["merge"], "masks": [m.tolist() for m in pruner.groups[0].masks],
             "down_proj": [layer.mlp.down_proj.weight.tolist() for layer in model.model.layers]}
 
 

@@ -25,6 +25,7 @@ def test_two_processes_fold_from_the_statistics_of_both(tmp_path):
         exact = [{k: v for k, v in x["report"].items() if k not in ("recovered", "fit_error")}  # floats: rounding
                  for x in (r0[name], r1[name], both)]
         assert exact[0] == exact[1] == exact[2]
+        assert r0[name]["masks"] == r1[name]["masks"] == both["masks"]  # select='fold' chose from the summed statistics
         folded0, folded1, reference, own = (torch.tensor(x["down_proj"]) for x in (r0[name],
                                                                                     r1[name], both, alone))
         assert torch.equal(folded0, folded1)  # identical sums on both ranks: identical fits
