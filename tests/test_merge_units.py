@@ -317,3 +317,19 @@ def test_update_without_statistics_drops_with_a_warning(caplog):
     assert "no calibration statistics" in caplog.text
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert merger.report()["merge"]["updates"] == 0
+
+
+def test_a_fold_from_fewer_tokens_than_inputs_warns_and_reports_its_tokens(caplog):
+    torch.manual_seed(0)
+    model, _ = ARCHS["llama"]()
+    groups = unit_map(model, "ffn_neurons")
+    merger = UnitMerger(model, groups, MergeConfig())
+    merger.watch(1, _Every)
+    _out(model, torch.randint(0, 100, (1, 8)))  # 8 tokens for 20 kept neurons + 1
+    pruned = torch.zeros(24, dtype=torch.bool)
+    pruned[:4] = True
+    with caplog.at_level("WARNING", logger="prune_callbacks.methods.structured.merging"):
+        merger.fold([torch.zeros(24, dtype=torch.bool)] * len(groups), [pruned] * len(groups))
+    assert f"{len(groups)} block(s) were refit from fewer calibration tokens than inputs" in caplog.text
+    assert "8 tokens for 21 inputs" in caplog.text
+    assert merger.report()["merge"]["tokens"] == [8]

@@ -165,7 +165,7 @@ class UnitMerger:
     """Gathers FFN output-projection statistics before mask updates and folds removed neurons into kept ones.
 
     Owned by a pruning group (:mod:`prune_callbacks.methods.steps.pruning`), which calls `watch` after every optimizer
-    step (and once before the first) and `fold` at every mask update, before the masks are applied.
+    step (and once before the first) and `choose`, then `fold`, at every mask update, before the masks are applied.
     """
 
     def __init__(self, model: nn.Module, groups: Sequence[UnitGroup], config: MergeConfig, family=None):
@@ -258,10 +258,10 @@ class UnitMerger:
             logger.warning("merge: %d block(s) had no calibration statistics at this mask update (resumed inside the "
                            "calibration window?); their removed neurons are dropped, not merged", missing)
         if short:
-            block, tokens, inputs = short[0]
+            block, seen, inputs = short[0]
             logger.warning("merge: %d block(s) were refit from fewer calibration tokens than inputs (%s: %d tokens for "
                            "%d inputs): such a fit can follow noise; raise calibration_steps (or the batch size)",
-                           len(short), block, tokens, inputs)
+                           len(short), block, seen, inputs)
         if folded:
             self.folds.append({"neurons": folded, "recovered": sum(recovered) / len(recovered), "tokens": min(tokens)})
         self._share()
@@ -303,6 +303,7 @@ class UnitMerger:
             b.reset()
 
     def report(self) -> dict:
-        return {"merge": {"select": self.config.select, "updates": len(self.folds), "neurons": sum(f["neurons"] for f in self.folds),
+        return {"merge": {"select": self.config.select, "updates": len(self.folds),
+                          "neurons": sum(f["neurons"] for f in self.folds),
                           "recovered": [round(f["recovered"], 4) for f in self.folds],
                           "tokens": [round(f["tokens"]) for f in self.folds]}}
