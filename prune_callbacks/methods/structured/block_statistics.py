@@ -93,9 +93,10 @@ class BlockStatistics:
         self.post_ln = post_ln
         self.mask_rows = mask_rows
         pairs = list(pairs)
-        sources = sorted({i for pair in pairs for i in pair})
+        kept = sorted({p for p, _ in pairs})  # the blocks a fold would refit: their projection's sums
+        ends = sorted({q for _, q in pairs})  # the blocks whose output a fold would take over
         self.sums: dict[int, BlockSums] = {}
-        for i in sources:
+        for i in kept:
             n_in, width = self._shape(blocks[i])
             self.sums[i] = BlockSums(blocks[i].out.weight.new_zeros(n_in, n_in, dtype=torch.float32),
                                      blocks[i].out.weight.new_zeros(n_in, width, dtype=torch.float32))
@@ -108,10 +109,11 @@ class BlockStatistics:
         self.hooks = Hooks()
         self.hooks.add(model.register_forward_pre_hook(self._begin, with_kwargs=True))
         self.hooks.add(model.register_forward_hook(self._end))
-        for i in sources:
+        for i in sorted(set(kept) | set(ends)):
             b = blocks[i]
-            self.hooks.add(b.out.register_forward_pre_hook(lambda m, a, b=b: self._ffn_in(b, a)))
-            self.hooks.add(b.out.register_forward_hook(lambda m, a, o, b=b: self._ffn_out(b, o)))
+            if i in self.sums:
+                self.hooks.add(b.out.register_forward_pre_hook(lambda m, a, b=b: self._ffn_in(b, a)))
+                self.hooks.add(b.out.register_forward_hook(lambda m, a, o, b=b: self._ffn_out(b, o)))
             if post_ln:
                 self.hooks.add(b.norm.register_forward_pre_hook(lambda m, a, b=b: self._norm_in(b, a[0])))
             else:
