@@ -54,13 +54,30 @@ from torch import nn
 from prune_callbacks.core.distributed import is_distributed
 from prune_callbacks.core.merge_config import MergeConfig  # noqa: F401 (re-exported)
 from prune_callbacks.methods.structured.calibration import Hooks, all_reduce_sums, next_update, rows
-from prune_callbacks.methods.structured.ridge import ridge_solve, solve_dtype
+from prune_callbacks.methods.structured.ridge import damped, ridge_solve, solve_dtype
 from prune_callbacks.methods.structured.units import Span, StructuredUnitsError, UnitGroup, block_layout
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ the math (one block)
+def _moments(gram: torch.Tensor, total: torch.Tensor, count: float, bias: bool) -> torch.Tensor:
+    """``E[h~ h~^T]`` in the solve dtype: ``gram / count``, with the ones column ``h~ = [h; 1]`` (index ``I``) appended
+    where the projection has a bias."""
+    dtype = solve_dtype(gram.device)
+    n = max(float(count), 1.0)
+    e = gram.to(dtype) / n
+    if bias:
+        mean = total.to(dtype) / n
+        e = torch.cat([torch.cat([e, mean[:, None]], 1), torch.cat([mean, mean.new_ones(1)])[None]], 0)
+    return e
+
+
+def _with_ones(index: torch.Tensor, width: int) -> torch.Tensor:
+    """``index`` and the ones column of `_moments` (index ``width``)."""
+    return torch.cat([index, index.new_full((1,), width)])
+
+
 @torch.no_grad()
 def least_squares_fold(w_removed: torch.Tensor, gram: torch.Tensor, total: torch.Tensor, count: float,
                        removed: torch.Tensor, kept: torch.Tensor, *, bias: bool, damping: float
@@ -72,14 +89,10 @@ def least_squares_fold(w_removed: torch.Tensor, gram: torch.Tensor, total: torch
     ``[out, |K|]``, ``d`` ``[out]`` (None without ``bias``); ``recovered``: the fraction of the removed features'
     output energy ``E||W_R h_R||^2`` the fold puts back (1 = the layer's output is unchanged on this data).
     """
-    dtype = solve_dtype(gram.device)
-    n = max(float(count), 1.0)
-    e = gram.to(dtype) / n
+    e = _moments(gram, total, count, bias)
     if bias:
-        mean = total.to(dtype) / n
-        e = torch.cat([torch.cat([e, mean[:, None]], 1), torch.cat([mean, mean.new_ones(1)])[None]], 0)
-        kept = torch.cat([kept, kept.new_full((1,), gram.shape[0])])
-    w = w_removed.to(dtype)
+        kept = _with_ones(kept, gram.shape[0])
+    w = w_removed.to(e.dtype)
     a = e.index_select(0, kept).index_select(1, kept)
     c = e.index_select(0, removed).index_select(1, kept)  # E[h_R h~_K^T]
     b = w @ c  # [out, |K~|]
@@ -104,17 +117,13 @@ def fold_choice(columns: torch.Tensor, gram: torch.Tensor, total: torch.Tensor, 
     candidates; ``gram`` / ``total`` / ``count`` as in `least_squares_fold`. The fold itself is then
     `least_squares_fold` on the chosen set (the same solution, in exact arithmetic).
     """
-    dtype = solve_dtype(gram.device)
-    n = max(float(count), 1.0)
-    e = gram.to(dtype).index_select(0, features).index_select(1, features) / n
+    e = _moments(gram, total, count, bias)
+    dtype = e.dtype
+    index = _with_ones(features, gram.shape[0]) if bias else features
     w = columns.to(device=gram.device, dtype=dtype, copy=True)  # updated in place below
     if bias:
-        mean = total.to(dtype).index_select(0, features) / n
-        e = torch.cat([torch.cat([e, mean[:, None]], 1), torch.cat([mean, mean.new_ones(1)])[None]], 0)
         w = torch.cat([w, w.new_zeros(len(w), 1)], 1)
-    scale = float(e.diagonal().mean())
-    e = e + damping * (scale if scale > 0 else 1.0) * torch.eye(len(e), dtype=dtype, device=e.device)
-    inv = torch.linalg.inv(e)
+    inv = torch.linalg.inv(damped(e.index_select(0, index).index_select(1, index), damping))
     norms = (w * w).sum(0)  # ||W_j||^2, kept current below
     gone = torch.zeros(len(e), dtype=torch.bool, device=e.device)
     if bias:
@@ -143,6 +152,10 @@ class _Block:
     gram: Optional[torch.Tensor] = None
     total: Optional[torch.Tensor] = None
     count: float = 0  # tokens (a 1 / world share of the summed count between updates under torch.distributed)
+
+    def columns(self) -> torch.Tensor:
+        """The output projection's weight as an ``[out, I]`` view (one column per input feature)."""
+        return self.span.param.movedim(self.span.dim, -1)
 
     def collect(self, module, args) -> None:
         x = args[0] if args else None
@@ -213,7 +226,7 @@ class UnitMerger:
                 continue
             candidates = (~was).nonzero().reshape(-1)
             features = b.span.unit_index(candidates).to(b.gram.device)
-            columns = b.span.param.movedim(b.span.dim, -1).index_select(1, features.to(b.span.param.device))
+            columns = b.columns().index_select(1, features.to(b.span.param.device))
             picked = fold_choice(columns, b.gram, b.total, b.count, features, count, damping=self.config.damping,
                                  bias=getattr(b.module, "bias", None) is not None)
             mask = was.clone()
@@ -242,7 +255,7 @@ class UnitMerger:
             if b.count <= kept.numel():
                 short.append((b.group.block, b.count, kept.numel() + 1))
             weight = b.span.param
-            columns = weight.movedim(b.span.dim, -1)  # [out, I] view of the weight
+            columns = b.columns()
             bias = getattr(b.module, "bias", None)
             delta, shift, rec = least_squares_fold(
                 columns.index_select(1, removed.to(weight.device)), b.gram, b.total, b.count,

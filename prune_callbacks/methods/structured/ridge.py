@@ -10,12 +10,17 @@ def solve_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
-    """``(gram + lambda I)^-1 cross`` with ``lambda = damping * mean(diag gram)`` (1 where that is 0): the ridge
-    least-squares fit ``X`` of targets whose cross term with the inputs is ``cross`` (``[in, out]``)."""
+def damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """``gram + lambda I`` with ``lambda = damping * mean(diag gram)`` (``damping`` where that is 0)."""
     scale = float(gram.diagonal().mean()) if gram.numel() else 0.0
     lam = damping * (scale if scale > 0 else 1.0)
-    return _solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross)
+    return gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, damping: float) -> torch.Tensor:
+    """``damped(gram)^-1 cross``: the ridge least-squares fit ``X`` of targets whose cross term with the inputs is
+    ``cross`` (``[in, out]``)."""
+    return _solve(damped(gram, damping), cross)
 
 
 def _solve(damped: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
