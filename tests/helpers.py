@@ -87,6 +87,14 @@ def toy_classification_rows(n: int = 64, seq: int = 12, vocab: int = 101, seed: 
     return rows
 
 
+def rank_results(out_dir, nproc: int = 2, prefix: str = "") -> list:
+    """What each rank of a multi-process test script wrote to ``out_dir`` as ``<prefix>rank<r>.json``, by rank."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(Path(out_dir, f"{prefix}rank{r}.json").read_text()) for r in range(nproc)]
+
+
 def run_torchrun(script, *args, timeout: int = 170):
     """Run ``script`` under ``torchrun --standalone --nproc_per_node 2`` (CPU, gloo) with this checkout on the
     path; skips the test when torchrun is missing, fails it with the output tail when a rank fails."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -10,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import rank_results
 
 pytest.importorskip("accelerate")
 
@@ -38,7 +39,7 @@ def test_two_processes_hold_identical_masks_at_every_update(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    results = rank_results(tmp_path)
     r0, r1 = results
     # two processes really ran, in one process group
     assert [r["rank"] for r in results] == [0, 1]

@@ -51,7 +51,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import digest, end_world, reset_accelerate_state, run_torchrun, tiny_llama_lm  # noqa: E402
+from helpers import digest, end_world, rank_results, reset_accelerate_state, run_torchrun, tiny_llama_lm  # noqa: E402
 
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
 
@@ -683,7 +683,7 @@ def test_resume_exact(granularity, path, tmp_path_factory):
 def ddp_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     run_torchrun(Path(__file__), "--ddp", out, timeout=240)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return rank_results(out)
 
 
 @pytest.mark.slow

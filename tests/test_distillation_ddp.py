@@ -1,12 +1,11 @@
 """Two CPU processes under torchrun (gloo): each rank's teacher is the same dense copy; the teacher file
 is written once; training stays in lock step."""
 
-import json
 from pathlib import Path
 
 import pytest
 
-from helpers import run_torchrun
+from helpers import rank_results, run_torchrun
 
 pytest.importorskip("transformers")
 
@@ -18,7 +17,7 @@ SCRIPT = Path(__file__).with_name("ddp_distillation_script.py")
 @pytest.mark.slow
 def test_ddp_ranks_distil_from_identical_teachers(tmp_path):
     run_torchrun(SCRIPT, tmp_path, timeout=240)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = rank_results(tmp_path)
     assert r0["distributed"] and r1["distributed"]
     assert r0["teacher_step"] == r1["teacher_step"] == 2
     assert r0["teacher"] == r1["teacher"] and r0["weights"] == r1["weights"]

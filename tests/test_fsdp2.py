@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import rank_results
+
 SCRIPT = Path(__file__).with_name("fsdp2_script.py")
 
 
@@ -25,7 +27,7 @@ def launch(out, cases, nproc=2, extra=None, timeout=300):
            str(SCRIPT), str(out), ",".join(cases), *([str(extra)] if extra else [])]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    return {c: [json.loads(Path(out, f"{c}-rank{r}.json").read_text()) for r in range(nproc)] for c in cases}
+    return {c: rank_results(out, nproc, prefix=f"{c}-") for c in cases}
 
 
 def assert_same_as_reference(ranks, n_updates=4):

@@ -5,12 +5,11 @@ broadcasts rank 0's value before each decision, so both ranks end with the same 
 masks and weights, and rank 1 ends where rank 0's metric put it, not where its own would have.
 """
 
-import json
 from pathlib import Path
 
 import pytest
 
-from helpers import run_torchrun
+from helpers import rank_results, run_torchrun
 
 HERE = Path(__file__).parent
 SCRIPTS = {"accelerate": HERE / "accelerate_scripts" / "ddp_guard.py", "trainer": HERE / "ddp_guard_trainer_script.py"}
@@ -21,7 +20,7 @@ SCRIPTS = {"accelerate": HERE / "accelerate_scripts" / "ddp_guard.py", "trainer"
 def test_both_ranks_take_rank0s_decisions(tmp_path, adapter):
     pytest.importorskip("accelerate" if adapter == "accelerate" else "transformers")
     run_torchrun(SCRIPTS[adapter], tmp_path, timeout=170)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = rank_results(tmp_path)
     assert r0["distributed"] and r1["distributed"] and r0["world_size"] == 2
     assert r0["trajectory"] == r1["trajectory"] and r0["final"] == r1["final"]
     assert r0["masks"] == r1["masks"] and r0["weights"] == r1["weights"]

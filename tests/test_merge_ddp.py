@@ -1,6 +1,5 @@
 """Merging under two CPU processes (torchrun, gloo): both ranks fold the same correction, from both ranks' tokens."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import run_torchrun  # noqa: E402
+from helpers import rank_results, run_torchrun  # noqa: E402
 from merge_ddp_script import CONFIGS, fold, tokens  # noqa: E402
 
 SCRIPT = Path(__file__).with_name("merge_ddp_script.py")
@@ -17,7 +16,7 @@ SCRIPT = Path(__file__).with_name("merge_ddp_script.py")
 @pytest.mark.slow
 def test_two_processes_fold_from_the_statistics_of_both(tmp_path):
     run_torchrun(SCRIPT, tmp_path, timeout=170)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = rank_results(tmp_path)
     for name in CONFIGS:
         alone = fold(name, tokens(0))  # what rank 0 would fold from its own tokens
         both = fold(name, torch.cat([tokens(0), tokens(1)]))  # one process, both ranks' tokens

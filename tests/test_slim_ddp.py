@@ -1,12 +1,11 @@
 """Structured pruning + slim under 2-process DDP (torchrun, CPU gloo): every rank ends with the same slim model."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import run_torchrun
+from helpers import rank_results, run_torchrun
 
 pytest.importorskip("transformers")
 
@@ -18,7 +17,7 @@ def test_ddp_ranks_end_with_identical_slimmed_weights(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     run_torchrun(SCRIPT, tmp_path, timeout=170)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = rank_results(tmp_path)
     assert r0["distributed"] and r1["distributed"]
     assert r0["config"] == r1["config"] == {"intermediate_size": 19, "num_hidden_layers": 3}
     assert r0["weights"] == r1["weights"] and r0["params"] == r1["params"]

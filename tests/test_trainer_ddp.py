@@ -1,11 +1,10 @@
 """Two CPU processes under torchrun (gloo): every rank holds the same masks at every update."""
 
-import json
 from pathlib import Path
 
 import pytest
 
-from helpers import run_torchrun
+from helpers import rank_results, run_torchrun
 
 pytest.importorskip("transformers")
 
@@ -17,7 +16,7 @@ SCRIPT = Path(__file__).with_name("ddp_trainer_script.py")
 @pytest.mark.slow
 def test_ddp_ranks_hold_identical_masks(tmp_path):
     run_torchrun(SCRIPT, tmp_path, timeout=170)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = rank_results(tmp_path)
     assert r0["distributed"] and r1["distributed"] and r0["world_size"] == 2
     assert [u["step"] for u in r0["updates"]] == [1, 2, 3, 4, 5, 6]
     assert r0["updates"] == r1["updates"]  # same masks after every update
