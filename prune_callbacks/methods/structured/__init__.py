@@ -1,5 +1,6 @@
 """Structured units while training (pure torch; never imports transformers).
 
+* :mod:`.layout`: where a model's blocks and their projections are (`block_layout`);
 * :mod:`.units`: which tensor slices one FFN neuron / KV group / block spans (`unit_map`), read from the
   family table (:mod:`prune_callbacks.core.families`) or the user's own description
   (:mod:`prune_callbacks.core.unit_description`);
