@@ -119,6 +119,20 @@ def test_fold_choice_removes_the_feature_whose_fold_errs_least(bias):
     assert sorted(residual.values())[0] < 0.9 * sorted(residual.values())[1]  # a clear winner: not a tie
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_fold_choice_among_some_features_is_the_choice_on_their_statistics_alone(bias):
+    """Candidates a subset of the features (a later update of a gradual schedule): the positions chosen are those the
+    same choice makes on the candidates' own statistics."""
+    torch.manual_seed(0)
+    h = torch.randn(300, 10) @ torch.randn(10, 10) + torch.randn(10)
+    w = torch.randn(6, 10)
+    some = torch.tensor([0, 2, 3, 5, 7, 8, 9])
+    sub = h[:, some]
+    picked = fold_choice(w[:, some], h.T @ h, h.sum(0), 300, some, 3, bias=bias, damping=1e-3)
+    alone = fold_choice(w[:, some], sub.T @ sub, sub.sum(0), 300, torch.arange(len(some)), 3, bias=bias, damping=1e-3)
+    assert picked.tolist() == alone.tolist() and len(picked) == 3
+
+
 def test_fold_choice_takes_one_of_each_pair_of_copies():
     """Features 6-9 copy 0-3: removing a copy costs nothing while its twin stays, so four removals take one of each
     pair, never both (greedy: a twin's cost rises once its copy is gone)."""

@@ -125,7 +125,7 @@ def fold_choice(columns: torch.Tensor, gram: torch.Tensor, total: torch.Tensor, 
         w = torch.cat([w, w.new_zeros(len(w), 1)], 1)
     inv = torch.linalg.inv(damped(e.index_select(0, index).index_select(1, index), damping))
     norms = (w * w).sum(0)  # ||W_j||^2, kept current below
-    gone = torch.zeros(len(e), dtype=torch.bool, device=e.device)
+    gone = torch.zeros(len(index), dtype=torch.bool, device=e.device)
     if bias:
         gone[-1] = True  # the ones column stays
     picked = []
