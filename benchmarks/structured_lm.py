@@ -9,7 +9,9 @@ Two steps (separate processes, so each bench job stays short):
   ``save_pretrained`` to ``--models-dir/<variant>``, reloaded with plain ``AutoModelForCausalLM.from_pretrained``
   and compared with the in-memory model (max |logit diff| stored); held-out perplexity of the reloaded model.
   ``+kd``: distillation (`prune_callbacks.controllers.distillation`, default hardness 0.5, temperature 2.0) from the
-  pretrained model (a ``train_begin`` teacher).
+  pretrained model (a ``train_begin`` teacher), or with ``--dense-from DIR`` from the dense model fine-tuned in the
+  same setting (``--train dense`` saves it to ``--models-dir/dense``) at ``--hardness`` / ``--hidden-weight``;
+  such rows are named ``.../ft-teacher``.
 * ``--latency``: every saved variant loaded in one process; one forward per variant per round, variants
   interleaved (rotated order), median over rounds at batch 1 and batch 8, seq ``--seq-len``,
   ``torch.inference_mode``, ``use_cache=False``. Rows of ``--out`` get the timings; a plot is written.
@@ -78,13 +80,28 @@ def _merge(granularity: str, levers: set):
 def label(name: str, args) -> str:
     """The row's name: the variant, with its pruning window when that is not the default."""
     window = tuple(args.window)
-    if window == DEFAULT_WINDOW or not _kinds(name, args.smoke)[0]:
+    kinds, levers = _kinds(name, args.smoke)
+    if "+kd" in levers and args.dense_from is not None:
+        name = f"{name}/ft-teacher-h{args.hardness:g}" + (f"-hw{args.hidden_weight:g}" if args.hidden_weight else "")
+    if window == DEFAULT_WINDOW or not kinds:
         return name
     return f"{name}@{window[0]:g}-{window[1]:g}"
 
 
 def _load(out: Path) -> dict:
     return json.loads(out.read_text()) if out.exists() else {}
+
+
+def _kd_config(model, args):
+    """The ``+kd`` distillation: from the pretrained model, or from ``--dense-from`` (the dense row's saved model)."""
+    from prune_callbacks.controllers.distillation import DistillationConfig
+
+    if args.dense_from is None:
+        return DistillationConfig(teacher=copy.deepcopy(model))
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(args.dense_from).eval()
+    return DistillationConfig(teacher=teacher, hardness=args.hardness, hidden_weight=args.hidden_weight)
 
 
 def train_variant(name: str, make, train, held, args) -> dict:
@@ -102,7 +119,7 @@ def train_variant(name: str, make, train, held, args) -> dict:
                              merge=_merge(k, levers))
                for k, s in kinds] or None
     kd = "+kd" in levers
-    distiller = Distiller(DistillationConfig(teacher=copy.deepcopy(model))).attach(model) if kd else None
+    distiller = Distiller(_kd_config(model, args)).attach(model) if kd else None
     in_run = DistillationConfig(teacher="self", snapshot="before_pruning", hardness=args.hardness,
                                 hidden_weight=args.hidden_weight) if "+self" in levers else None
     t0 = time.time()
@@ -119,6 +136,9 @@ def train_variant(name: str, make, train, held, args) -> dict:
     with torch.no_grad():
         diff = (model(input_ids=held[:2]).logits - reloaded(input_ids=held[:2]).logits).abs().max().item()
     distillation = "train_begin teacher" if kd else None
+    if kd and args.dense_from is not None:
+        distillation = {"teacher": f"dense fine-tuned in this setting ({args.dense_from})", "hardness": args.hardness,
+                        "hidden_weight": args.hidden_weight}
     if in_run is not None:
         distillation = {"teacher": "self, copied before the first mask update", "hardness": args.hardness,
                         "hidden_weight": args.hidden_weight}
@@ -135,6 +155,8 @@ def train_main(args) -> dict:
     out = Path(args.out)
     for name in args.train:
         _kinds(name, args.smoke)
+    if args.dense_from is not None and not (Path(args.dense_from) / "config.json").is_file():
+        raise SystemExit(f"--dense-from {args.dense_from}: no saved model there (run --train dense first)")
     make, train, held, desc, _ = peers.build(args)
     meta = {"benchmark": "structured_lm", "model": desc, "hardware": common.hardware_info(), "threads": args.threads,
             "budget": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -221,6 +243,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-cache-dir", default=None, help="float32 copy of SmolLM2 (load_smollm2 cache_dir)")
     ap.add_argument("--models-dir", default="outputs/structured_lm")
+    ap.add_argument("--dense-from", type=Path, default=None,
+                    help="teacher of the +kd variants: the dense row's saved model (--models-dir/dense) in the same "
+                         "setting; default: the pretrained model")
     ap.add_argument("--out", default=str(common.RESULTS / "structured_lm.json"))
     args = ap.parse_args(argv)
     common.set_threads(args.threads)

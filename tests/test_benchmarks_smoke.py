@@ -190,6 +190,21 @@ def test_structured_lm_levers_smoke_merge_and_in_run_teacher(tmp_path):
     with pytest.raises(SystemExit, match="exclude each other"):
         structured_lm._kinds("ffn25+kd+self")
 
+
+def test_structured_lm_kd_from_the_dense_row_names_and_records_its_teacher(tmp_path):
+    from benchmarks import structured_lm
+
+    out, models = tmp_path / "lm.json", tmp_path / "m"
+    args = ["--smoke", "--steps", "4", "--eval-blocks", "2", "--out", str(out), "--models-dir", str(models)]
+    with pytest.raises(SystemExit, match="no saved model"):
+        structured_lm.main([*args, "--train", "ffn25+kd", "--dense-from", str(models / "dense")])
+    structured_lm.main([*args, "--train", "dense"])
+    structured_lm.main([*args, "--train", "ffn25+kd", "--dense-from", str(models / "dense"), "--hardness", "1",
+                        "--hidden-weight", "0.5"])
+    row = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}["ffn25+kd/ft-teacher-h1-hw0.5"]
+    assert row["distillation"]["hardness"] == 1.0 and row["distillation"]["hidden_weight"] == 0.5
+    assert str(models / "dense") in row["distillation"]["teacher"] and row["reload_max_abs_logit_diff"] <= 1e-5
+
 def test_low_rank_smoke_sweeps_sparsities_and_times_exported_models(tmp_path):
     from benchmarks import low_rank
 
