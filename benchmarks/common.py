@@ -86,6 +86,17 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def saved_model_ready(folder, wait_s: float = 0.0) -> bool:
+    """Whether ``folder`` holds a model saved by ``save_pretrained`` (its ``config.json``), waiting up to ``wait_s``
+    seconds for a parallel job that is still writing it. The one test the benchmarks' teacher options share."""
+    deadline = time.monotonic() + wait_s
+    while not (Path(folder) / "config.json").is_file():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(15.0, max(0.0, deadline - time.monotonic())))
+    return True
+
+
 # --------------------------------------------------------------------------- models
 def tiny_bert_config(**overrides):
     from transformers import BertConfig

@@ -239,8 +239,8 @@ def main(argv=None) -> dict:
     if args.dense_from:
         from transformers import AutoModelForSequenceClassification
 
-        while not (args.dense_from / "config.json").is_file():  # written by a parallel --save-dense process
-            time.sleep(15)
+        if not common.saved_model_ready(args.dense_from, wait_s=3600):  # a parallel --save-dense process writes it
+            raise SystemExit(f"--dense-from {args.dense_from}: no saved model there after an hour")
         time.sleep(5)
         dense_model = AutoModelForSequenceClassification.from_pretrained(args.dense_from).to(args.device)
     for name in args.runs:

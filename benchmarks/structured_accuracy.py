@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -70,10 +69,9 @@ def _teacher(args):
 
     if args.dense_from is None:
         raise SystemExit("+kd variants need --dense-from DIR (a dense model saved by --save-dense)")
-    for _ in range(120):  # a parallel job may still be writing it (saved via a .tmp folder, then renamed)
-        if (args.dense_from / "config.json").is_file():
-            break
-        time.sleep(15)
+    # a parallel job may still be writing it (saved via a .tmp folder, then renamed)
+    if not common.saved_model_ready(args.dense_from, wait_s=1800):
+        raise SystemExit(f"--dense-from {args.dense_from}: no saved model there after 30 minutes")
     return AutoModelForSequenceClassification.from_pretrained(args.dense_from).eval()
 
 

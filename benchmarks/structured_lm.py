@@ -92,16 +92,23 @@ def _load(out: Path) -> dict:
     return json.loads(out.read_text()) if out.exists() else {}
 
 
+def _record(teacher: str, config) -> dict:
+    """What the row says about its distillation, read from the config that ran."""
+    return {"teacher": teacher, "hardness": config.hardness, "hidden_weight": config.hidden_weight}
+
+
 def _kd_config(model, args):
-    """The ``+kd`` distillation: from the pretrained model, or from ``--dense-from`` (the dense row's saved model)."""
+    """The ``+kd`` distillation and its record: from the pretrained model, or from ``--dense-from`` (the dense row's
+    saved model)."""
     from prune_callbacks.controllers.distillation import DistillationConfig
 
     if args.dense_from is None:
-        return DistillationConfig(teacher=copy.deepcopy(model))
+        return DistillationConfig(teacher=copy.deepcopy(model)), "train_begin teacher"
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(args.dense_from).eval()
-    return DistillationConfig(teacher=teacher, hardness=args.hardness, hidden_weight=args.hidden_weight)
+    config = DistillationConfig(teacher=teacher, hardness=args.hardness, hidden_weight=args.hidden_weight)
+    return config, _record(f"dense fine-tuned in this setting ({args.dense_from})", config)
 
 
 def train_variant(name: str, make, train, held, args) -> dict:
@@ -118,10 +125,14 @@ def train_variant(name: str, make, train, held, args) -> dict:
     configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end, update_every=2,
                              merge=_merge(k, levers))
                for k, s in kinds] or None
-    kd = "+kd" in levers
-    distiller = Distiller(_kd_config(model, args)).attach(model) if kd else None
+    distiller, distillation = None, None
+    if "+kd" in levers:
+        kd_config, distillation = _kd_config(model, args)
+        distiller = Distiller(kd_config).attach(model)
     in_run = DistillationConfig(teacher="self", snapshot="before_pruning", hardness=args.hardness,
                                 hidden_weight=args.hidden_weight) if "+self" in levers else None
+    if in_run is not None:
+        distillation = _record("self, copied before the first mask update", in_run)
     t0 = time.time()
     pruner = peers.finetune(model, train, args, configs, distillation=in_run)
     train_s = time.time() - t0
@@ -135,13 +146,6 @@ def train_variant(name: str, make, train, held, args) -> dict:
     model.eval()
     with torch.no_grad():
         diff = (model(input_ids=held[:2]).logits - reloaded(input_ids=held[:2]).logits).abs().max().item()
-    distillation = "train_begin teacher" if kd else None
-    if kd and args.dense_from is not None:
-        distillation = {"teacher": f"dense fine-tuned in this setting ({args.dense_from})", "hardness": args.hardness,
-                        "hidden_weight": args.hidden_weight}
-    if in_run is not None:
-        distillation = {"teacher": "self, copied before the first mask update", "hardness": args.hardness,
-                        "hidden_weight": args.hidden_weight}
     return {"variant": label(name, args), "units": [list(k) for k in kinds], "distillation": distillation,
             "merge": "+merge" in levers, "select": "+select" in levers, "window": [start, end],
             "merge_report": [g.get("merge") for g in pruner.report()["groups"]] if pruner is not None else None,
@@ -155,7 +159,7 @@ def train_main(args) -> dict:
     out = Path(args.out)
     for name in args.train:
         _kinds(name, args.smoke)
-    if args.dense_from is not None and not (Path(args.dense_from) / "config.json").is_file():
+    if args.dense_from is not None and not common.saved_model_ready(args.dense_from):
         raise SystemExit(f"--dense-from {args.dense_from}: no saved model there (run --train dense first)")
     make, train, held, desc, _ = peers.build(args)
     meta = {"benchmark": "structured_lm", "model": desc, "hardware": common.hardware_info(), "threads": args.threads,

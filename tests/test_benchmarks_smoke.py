@@ -205,6 +205,22 @@ def test_structured_lm_kd_from_the_dense_row_names_and_records_its_teacher(tmp_p
     assert row["distillation"]["hardness"] == 1.0 and row["distillation"]["hidden_weight"] == 0.5
     assert str(models / "dense") in row["distillation"]["teacher"] and row["reload_max_abs_logit_diff"] <= 1e-5
 
+
+def test_saved_model_ready_waits_for_a_parallel_writer_and_gives_up_in_time(tmp_path):
+    import threading
+
+    from benchmarks import common
+
+    folder = tmp_path / "dense"
+    assert not common.saved_model_ready(folder)  # no folder at all: no wait by default
+    assert not common.saved_model_ready(folder, wait_s=0.05)
+    folder.mkdir()
+    writer = threading.Timer(0.05, (folder / "config.json").write_text, args=("{}",))
+    writer.start()
+    assert common.saved_model_ready(folder, wait_s=2.0)  # written while it waited
+    writer.join()
+
+
 def test_low_rank_smoke_sweeps_sparsities_and_times_exported_models(tmp_path):
     from benchmarks import low_rank
 
