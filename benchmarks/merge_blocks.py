@@ -47,7 +47,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.merge_units import _setup, add_one_shot_arguments, correct, dense_model, paired  # noqa: E402
+from benchmarks.merge_units import add_one_shot_arguments, correct, dense_baseline, paired  # noqa: E402
 
 
 def runs_of(removed: list[int]) -> list[list[int]]:
@@ -217,18 +217,8 @@ def main(argv=None):
         args.dense_steps, args.calib, args.finetune, args.blocks = 4, 2, 2, [1, 2]
     common.set_threads(args.threads)
     start = time.perf_counter()
-    model, data = _setup(args, smoke_blocks=4)
-    template = copy.deepcopy(model)
-    dense_wall = dense_model(model, data, args)
-    test = common.eval_batches(data["test"])
-    dense_correct = correct(model, test)
-    dense_state = copy.deepcopy(model.state_dict())
-    n = len(dense_correct)
-    results = {"benchmark": "merge_blocks", "hardware": common.hardware_info(), "threads": args.threads,
-               "load_avg_start": list(os.getloadavg()), "model": "smoke" if args.smoke else "MiniLM",
-               "seed": args.seed, "dense_steps": args.dense_steps, "lr": args.lr, "damping": args.damping,
-               "batch_size": 16, "max_len": 64, "test_rows": n, "dense_accuracy": sum(dense_correct) / n,
-               "dense_train_wall_s": round(dense_wall, 1), "rows": [], "paired": []}
+    template, data, test, dense_state, results = dense_baseline(args, "merge_blocks", smoke_blocks=4,
+                                                                damping=args.damping)
     given = [[int(i) for i in item.split(",")] for item in args.removed] if args.removed else None
     if given and args.engine:
         raise SystemExit("--engine chooses the blocks itself; leave --removed out")

@@ -72,6 +72,23 @@ def dense_model(model, data, args):
     return wall
 
 
+def dense_baseline(args, benchmark: str, smoke_blocks: int = 2, **fields):
+    """What the one-shot merge benchmarks start from: the untouched model (``template``), the data, the test
+    batches, the dense fine-tune's state, and the results header that records it (``fields`` after ``lr``)."""
+    model, data = _setup(args, smoke_blocks=smoke_blocks)
+    template = copy.deepcopy(model)
+    dense_wall = dense_model(model, data, args)
+    test = common.eval_batches(data["test"])
+    dense_correct = correct(model, test)
+    n = len(dense_correct)
+    results = {"benchmark": benchmark, "hardware": common.hardware_info(), "threads": args.threads,
+               "load_avg_start": list(os.getloadavg()), "model": "smoke" if args.smoke else "MiniLM",
+               "seed": args.seed, "dense_steps": args.dense_steps, "lr": args.lr, **fields, "batch_size": 16,
+               "max_len": 64, "test_rows": n, "dense_accuracy": sum(dense_correct) / n,
+               "dense_train_wall_s": round(dense_wall, 1), "rows": [], "paired": []}
+    return template, data, test, copy.deepcopy(model.state_dict()), results
+
+
 def run_variant(dense_state, template, data, test, fraction: float, merge: bool, args) -> dict:
     from prune_callbacks import Pruner, PruningConfig
     from prune_callbacks.export import slim_pruned
@@ -207,18 +224,7 @@ def main(argv=None):
         args.dense_steps, args.calib, args.finetune = 4, 2, 2
     common.set_threads(args.threads)
     start = time.perf_counter()
-    model, data = _setup(args)
-    template = copy.deepcopy(model)
-    dense_wall = dense_model(model, data, args)
-    test = common.eval_batches(data["test"])
-    dense_correct = correct(model, test)
-    dense_state = copy.deepcopy(model.state_dict())
-    n = len(dense_correct)
-    results = {"benchmark": "merge_units", "hardware": common.hardware_info(), "threads": args.threads,
-               "load_avg_start": list(os.getloadavg()), "model": "smoke" if args.smoke else "MiniLM",
-               "seed": args.seed, "dense_steps": args.dense_steps, "lr": args.lr, "batch_size": 16, "max_len": 64,
-               "test_rows": n, "dense_accuracy": sum(dense_correct) / n, "dense_train_wall_s": round(dense_wall, 1),
-               "rows": [], "paired": []}
+    template, data, test, dense_state, results = dense_baseline(args, "merge_units")
     for fraction in args.fractions:
         pair = {}
         for merge in (False, True):
