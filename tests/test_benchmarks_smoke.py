@@ -221,6 +221,34 @@ def test_saved_model_ready_waits_for_a_parallel_writer_and_gives_up_in_time(tmp_
     writer.join()
 
 
+def test_merge_units_smoke_pairs_drop_and_merge_on_the_same_neurons(tmp_path):
+    from benchmarks import merge_units
+
+    out = tmp_path / "mu.json"
+    res = merge_units.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["dense_steps"] == 4 and out.with_suffix(".md").is_file()
+    assert [(r["ffn_fraction_removed"], r["merge"]) for r in res["rows"]] == [(0.5, False), (0.5, True),
+                                                                              (0.75, False), (0.75, True)]
+    assert all(p["same_neurons_removed"] for p in res["paired"]) and len(res["paired"]) == 2
+    for r in res["rows"]:  # the tiny model has 2 blocks of 48 neurons: the merge folds exactly the removed ones
+        assert (r["merge_report"] is None) != r["merge"]
+        if r["merge"]:
+            assert r["merge_report"]["neurons"] == round(r["ffn_fraction_removed"] * 96)
+            assert all(-1e-4 <= x <= 1 + 1e-4 for x in r["merge_report"]["recovered"])  # a ridge fit never adds
+
+
+def test_structured_latency_smoke_slims_exactly_and_times_every_variant(tmp_path):
+    from benchmarks import structured_latency
+
+    out = tmp_path / "sl.json"
+    structured_latency.main(["--smoke", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["variant"] == "dense" and rows[0]["params_ratio"] == 1.0 and len(rows) > 3
+    for r in rows[1:]:  # every slim model answers as its masked twin, is smaller and was timed
+        assert r["masked_vs_slim_max_abs_diff"] <= 1e-5 and r["params_ratio"] < 1.0
+        assert r["b1_median_s"] > 0 and r["b32_median_s"] > 0
+
+
 def test_low_rank_smoke_sweeps_sparsities_and_times_exported_models(tmp_path):
     from benchmarks import low_rank
 
