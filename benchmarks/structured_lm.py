@@ -6,12 +6,13 @@ Two steps (separate processes, so each bench job stays short):
   ``--batch-size`` blocks of ``--seq-len`` tokens, warm-up then cosine, the same batches for every variant;
   whole KJV books held out), pruning riding it (taylor saliency, cubic from 10% to 60% of the run,
   ``update_every`` 2, uniform per block), then `slim_pruned`. The slim model is saved with
-  ``save_pretrained`` to ``--models-dir/<variant>``, reloaded with plain ``AutoModelForCausalLM.from_pretrained``
+  ``save_pretrained`` to ``--models-dir/<row name>`` (the variant, ``/sN`` for ``--seed N``), reloaded with plain ``AutoModelForCausalLM.from_pretrained``
   and compared with the in-memory model (max |logit diff| stored); held-out perplexity of the reloaded model.
   ``+kd``: distillation (`prune_callbacks.controllers.distillation`, default hardness 0.5, temperature 2.0) from the
   pretrained model (a ``train_begin`` teacher), or with ``--dense-from DIR`` from the dense model fine-tuned in the
-  same setting (``--train dense`` saves it to ``--models-dir/dense``) at ``--hardness`` / ``--hidden-weight``;
-  such rows are named ``.../ft-teacher``.
+  same setting (``--train dense`` saves it to ``--models-dir/dense``, ``dense/sN`` for seed N) at ``--hardness`` / ``--hidden-weight``;
+  such rows are named ``.../ft-teacher``. One ``--out`` holds one budget and seed (the seed also draws the held-out
+  blocks): a run with another is refused before any compute.
 * ``--latency``: every saved variant loaded in one process; one forward per variant per round, variants
   interleaved (rotated order), median over rounds at batch 1 and batch 8, seq ``--seq-len``,
   ``torch.inference_mode``, ``use_cache=False``. Rows of ``--out`` get the timings; a plot is written.
@@ -78,14 +79,16 @@ def _merge(granularity: str, levers: set):
 
 
 def label(name: str, args) -> str:
-    """The row's name: the variant, with its pruning window when that is not the default."""
+    """The row's name, which is also its saved folder's: the variant, its teacher where ``--dense-from`` gives one,
+    its pruning window when that is not the default, and its seed when that is not 0 (``ffn25/s1``, as in
+    ``speed_plan_accuracy``), so that seeds sharing a ``--models-dir`` do not overwrite each other's models."""
     window = tuple(args.window)
     kinds, levers = _kinds(name, args.smoke)
     if "+kd" in levers and args.dense_from is not None:
         name = f"{name}/ft-teacher-h{args.hardness:g}" + (f"-hw{args.hidden_weight:g}" if args.hidden_weight else "")
-    if window == DEFAULT_WINDOW or not kinds:
-        return name
-    return f"{name}@{window[0]:g}-{window[1]:g}"
+    if window != DEFAULT_WINDOW and kinds:
+        name = f"{name}@{window[0]:g}-{window[1]:g}"
+    return f"{name}/s{args.seed}" if args.seed else name
 
 
 def _load(out: Path) -> dict:
@@ -161,11 +164,17 @@ def train_main(args) -> dict:
         _kinds(name, args.smoke)
     if args.dense_from is not None and not common.saved_model_ready(args.dense_from):
         raise SystemExit(f"--dense-from {args.dense_from}: no saved model there (run --train dense first)")
+    budget = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "tokens": args.steps * args.batch_size * args.seq_len, "lr": args.lr, "held_out_split": args.eval_split,
+              "seed": args.seed}
+    recorded = _load(out).get("budget", {})
+    clash = {k: (recorded[k], v) for k, v in budget.items() if k in recorded and recorded[k] != v}
+    if clash:  # the seed also draws the training and held-out blocks: rows of two budgets do not compare
+        differences = ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in clash.items())
+        raise SystemExit(f"--out {out} holds rows of another budget ({differences}): give this run its own --out")
     make, train, held, desc, _ = peers.build(args)
     meta = {"benchmark": "structured_lm", "model": desc, "hardware": common.hardware_info(), "threads": args.threads,
-            "budget": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                       "tokens": args.steps * args.batch_size * args.seq_len, "lr": args.lr,
-                       "held_out_blocks": len(held), "held_out_split": args.eval_split, "seed": args.seed}}
+            "budget": {**budget, "held_out_blocks": len(held)}}
     if "base_perplexity" not in _load(out):
         meta["base_perplexity"] = peers.held_out_perplexity(make(), held)
         print(f"base held-out perplexity {meta['base_perplexity']:.2f}", flush=True)

@@ -204,6 +204,10 @@ def test_structured_lm_kd_from_the_dense_row_names_and_records_its_teacher(tmp_p
     row = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}["ffn25+kd/ft-teacher-h1-hw0.5"]
     assert row["distillation"]["hardness"] == 1.0 and row["distillation"]["hidden_weight"] == 0.5
     assert str(models / "dense") in row["distillation"]["teacher"] and row["reload_max_abs_logit_diff"] <= 1e-5
+    with pytest.raises(SystemExit, match="seed 0 there, 1 here"):  # other held-out blocks: refused before compute
+        structured_lm.main([*args, "--train", "dense", "--seed", "1"])
+    structured_lm.main([*args, "--train", "dense", "--seed", "1", "--out", str(tmp_path / "s1.json")])
+    assert (models / "dense" / "s1" / "config.json").is_file() and (models / "dense" / "config.json").is_file()
 
 
 def test_saved_model_ready_waits_for_a_parallel_writer_and_gives_up_in_time(tmp_path):
