@@ -5,14 +5,15 @@ Two steps (separate processes, so each bench job stays short):
 * ``--train VARIANT...``: the shared budget of ``benchmarks/causal_lm_peers.py`` (``--steps`` AdamW steps of
   ``--batch-size`` blocks of ``--seq-len`` tokens, warm-up then cosine, the same batches for every variant;
   whole KJV books held out), pruning riding it (taylor saliency, cubic from 10% to 60% of the run,
-  ``update_every`` 2, uniform per block), then `slim_pruned`. The slim model is saved with
-  ``save_pretrained`` to ``--models-dir/<row name>`` (the variant, ``/sN`` for ``--seed N``), reloaded with plain ``AutoModelForCausalLM.from_pretrained``
-  and compared with the in-memory model (max |logit diff| stored); held-out perplexity of the reloaded model.
+  ``update_every`` 2, uniform per block), then `slim_pruned`. The slim model is saved with ``save_pretrained``
+  to ``--models-dir/<row name>`` (the variant; ``/sN`` for ``--seed N``), reloaded with plain
+  ``AutoModelForCausalLM.from_pretrained`` and compared with the in-memory model (max |logit diff| stored);
+  held-out perplexity of the reloaded model.
   ``+kd``: distillation (`prune_callbacks.controllers.distillation`, default hardness 0.5, temperature 2.0) from the
   pretrained model (a ``train_begin`` teacher), or with ``--dense-from DIR`` from the dense model fine-tuned in the
-  same setting (``--train dense`` saves it to ``--models-dir/dense``, ``dense/sN`` for seed N) at ``--hardness`` / ``--hidden-weight``;
-  such rows are named ``.../ft-teacher``. One ``--out`` holds one budget and seed (the seed also draws the held-out
-  blocks): a run with another is refused before any compute.
+  same setting (``--train dense`` saves it to ``--models-dir/dense``, ``dense/sN`` for seed N) at ``--hardness`` /
+  ``--hidden-weight``; such rows are named ``.../ft-teacher``. One ``--out`` holds one budget and seed (the seed
+  also draws the held-out blocks): a run with another is refused before any compute.
 * ``--latency``: every saved variant loaded in one process; one forward per variant per round, variants
   interleaved (rotated order), median over rounds at batch 1 and batch 8, seq ``--seq-len``,
   ``torch.inference_mode``, ``use_cache=False``. Rows of ``--out`` get the timings; a plot is written.
