@@ -86,6 +86,12 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def with_seed(name: str, seed: int) -> str:
+    """A row's name with its training seed when that is not 0 (``x2/s1``): the rule ``structured_accuracy`` (and so
+    ``speed_plan_accuracy``) and ``structured_lm`` name their rows and saved folders by."""
+    return f"{name}/s{seed}" if seed else name
+
+
 def saved_model_ready(folder, wait_s: float = 0.0) -> bool:
     """Whether ``folder`` holds a model saved by ``save_pretrained`` (its ``config.json``), waiting up to ``wait_s``
     seconds for a parallel job that is still writing it. The one test the benchmarks' teacher options share."""

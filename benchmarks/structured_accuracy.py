@@ -99,7 +99,7 @@ def label(name: str, args) -> str:
             out += f"/c{args.fold_steps}"
         if getattr(args, "fold_select", "saliency") != "saliency":
             out += f"/{args.fold_select}"
-    return f"{out}/s{seed}" if seed else out
+    return common.with_seed(out, seed)
 
 
 def _merge(args, granularity: str) -> dict:

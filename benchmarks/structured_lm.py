@@ -89,7 +89,7 @@ def label(name: str, args) -> str:
         name = f"{name}/ft-teacher-h{args.hardness:g}" + (f"-hw{args.hidden_weight:g}" if args.hidden_weight else "")
     if window != DEFAULT_WINDOW and kinds:
         name = f"{name}@{window[0]:g}-{window[1]:g}"
-    return f"{name}/s{args.seed}" if args.seed else name
+    return common.with_seed(name, args.seed)
 
 
 def _load(out: Path) -> dict:
