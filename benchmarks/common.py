@@ -218,6 +218,23 @@ def train_batches(data: Encoded, *, steps: int, batch_size: int, seed: int) -> l
     return [collate(data, order[i * batch_size:(i + 1) * batch_size]) for i in range(steps)]
 
 
+def masked_copies(batches: list[dict], p: float, *, mask_id: int, special=(0, 101, 102), share: float = 0.5,
+                  seed: int = 0) -> list[dict]:
+    """The batches with ``share`` of their rows augmented: each real token of such a row (not one of ``special``:
+    BERT's [PAD], [CLS], [SEP]) replaced by ``mask_id`` with probability ``p``, drawn by a seeded generator (the
+    masking augmentation of Tang et al. 2019, for distillation on more inputs than the labelled ones). Labels are
+    kept; the teacher's soft labels are what the student learns from on the masked rows."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for batch in batches:
+        ids = batch["input_ids"].clone()
+        rows = torch.rand(ids.shape[0], 1, generator=g) < share
+        hit = (torch.rand(ids.shape, generator=g) < p) & rows & ~torch.isin(ids, torch.tensor(special))
+        ids[hit] = mask_id
+        out.append(dict(batch, input_ids=ids))
+    return out
+
+
 def eval_batches(data: Encoded, batch_size: int = 128) -> list[dict]:
     """Sorted by length so padding is small; accuracy does not depend on the order."""
     order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
@@ -247,8 +264,12 @@ def make_optimizer(model, *, lr: float, weight_decay: float = 0.01) -> torch.opt
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
-def linear_warmup_decay(optimizer, *, steps: int, warmup: int):
+def linear_warmup_decay(optimizer, *, steps: int, warmup: int, start: int = 0):
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``steps``; ``start``: the schedule resumes
+    at that step (a run that continues with a new optimizer)."""
+
     def factor(step: int) -> float:
+        step += start
         if step < warmup:
             return (step + 1) / max(1, warmup)
         return max(0.0, (steps - step) / max(1, steps - warmup))

@@ -59,6 +59,9 @@ def main(argv=None):
     ap.add_argument("--save-dense", type=Path, default=None, help="save the dense row's fine-tuned model here")
     ap.add_argument("--dense-from", type=Path, default=None,
                     help="teacher of the +kd variants: a dense model saved by --save-dense in the same setting")
+    ap.add_argument("--augment", type=float, default=None, metavar="P",
+                    help="half the training rows with each token masked with probability P (for +kd rows: the "
+                         "teacher labels them); rows are named /augP")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--merge", nargs="+", type=Path, default=None)
@@ -93,7 +96,7 @@ def main(argv=None):
                                   save_dense=args.save_dense, dense_from=args.dense_from, window=tuple(args.window),
                                   hardness=args.hardness, hidden_weight=args.hidden_weight, fold=args.fold,
                                   fold_steps=args.fold_steps, fold_select=args.fold_select,
-                                  blocks_oneshot=args.blocks_oneshot)
+                                  blocks_oneshot=args.blocks_oneshot, augment=args.augment)
     results = {"benchmark": "speed_plan_accuracy", "hardware": common.hardware_info(), "threads": args.threads,
                "lr": args.lr, "batch_size": 16, "max_len": 64, "seed": args.seed,
                "latency": {k: v for k, v in analysis["latency"].items() if k != "rows"}, "rows": []}

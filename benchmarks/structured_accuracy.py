@@ -36,6 +36,7 @@ VARIANTS = {name: ([("ffn_neurons", ffn)] if ffn else []) + ([("blocks", blocks 
             for name, (ffn, blocks) in SHAPES.items()}
 KD = {"hardness": 1.0, "temperature": 2.0}
 DEFAULT_WINDOW = common.DEFAULT_WINDOW
+MASK_ID = 103  # BERT's [MASK]: --augment replaces tokens with it (MiniLM's vocabulary)
 TEACHERS = ("+kd", "+self")  # variant suffixes: the fine-tuned dense model of --dense-from, or an in-run copy
 
 
@@ -99,6 +100,8 @@ def label(name: str, args) -> str:
             out += f"/c{args.fold_steps}"
         if getattr(args, "fold_select", "saliency") != "saliency":
             out += f"/{args.fold_select}"
+    if getattr(args, "augment", None):
+        out += f"/aug{args.augment:g}"
     return common.with_seed(out, seed)
 
 
@@ -144,6 +147,8 @@ def run_variant(name: str, args) -> dict:
             print(f"{name}: step {st}/{steps}", flush=True)
 
     batches = common.train_batches(data["train"], steps=steps, batch_size=16, seed=seed)
+    if getattr(args, "augment", None):
+        batches = common.masked_copies(batches, args.augment, mask_id=1 if args.smoke else MASK_ID, seed=seed)
     wall = common.train(model, batches, optimizer, scheduler, after_step=after_step)
     if distiller is not None:
         distiller.detach()
@@ -156,7 +161,7 @@ def run_variant(name: str, args) -> dict:
     if distillation:
         distillation["teacher"] = "dense fine-tune" if suffix == "+kd" else f"self, copied after step {distiller.teacher_step}"
     return {"variant": label(name, args), "seed": seed, "units": [list(k) for k in kinds], "distillation": distillation,
-            "window": [start, end], "steps": steps, "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
+            "window": [start, end], "steps": steps, "augment": getattr(args, "augment", None), "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
             "masked_test_accuracy": masked_acc, "params": sum(p.numel() for p in model.parameters()),
             "config_changes": summary["config"] if summary else {}, "test_examples": len(data["test"]),
             "merge": [g.get("merge") for g in pruner.report()["groups"]] if pruner is not None and getattr(args, "fold", None)

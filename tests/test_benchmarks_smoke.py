@@ -351,3 +351,43 @@ def test_merge_blocks_engine_smoke(tmp_path):
     for pair in data["paired"]:  # the drop row removes the blocks the engine chose
         same = [r for r in data["rows"] if r["removed_blocks"] == pair["removed_blocks"]]
         assert sorted(r["fold"] for r in same) == [False, True] and pair["chosen_by"] == "library (merge.select=fold)"
+
+
+def test_width_cut_is_exact_at_full_width_and_runs_a_cut(tmp_path):
+    """The width cut keeps a model unchanged when it keeps every channel, dimension, neuron and block (the slicing
+    rules cover every tensor and the head-size scale is 1); a real cut trains on, its optimizer moments cut too."""
+    from benchmarks import common, width_cut
+
+    model = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=3, num_attention_heads=4)).eval()
+    batches = common.train_batches(common.synthetic_encoded(32), steps=2, batch_size=16, seed=0)
+    keep = width_cut.choose(model, width_cut.Stats(model).collect(model, batches), 32, 48, 3)
+    same, _ = width_cut.cut_model(model, keep, 32, 48)
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, same.eval()(**inputs).logits)
+    keep = width_cut.choose(model, width_cut.Stats(model).collect(model, batches), 24, 16, 2)
+    assert len(keep["blocks"]) == 2 and all(len(q) == 24 for q in keep["qk"])
+    slim, _ = width_cut.cut_model(model, keep, 24, 16)
+    assert slim.config.hidden_size == 24 and slim.bert.encoder.layer[0].attention.self.attention_head_size == 6
+    row = width_cut.main(["--smoke", "--out", str(tmp_path / "w.json")])["rows"][0]
+    assert row["shape"] == {"hidden_size": 24, "intermediate_size": 16, "num_hidden_layers": 3}
+    assert row["params"] < row["params_before"] and row["cut_at_step"] == 2
+
+
+def test_masked_copies_mask_only_real_tokens_of_the_chosen_rows(tmp_path):
+    from benchmarks import common, speed_plan_accuracy
+
+    batches = common.train_batches(common.synthetic_encoded(64), steps=4, batch_size=16, seed=0)
+    for b in batches:  # BERT's [CLS] ... [SEP] framing, so the special ids are there to be spared
+        b["input_ids"][:, 0] = 101
+    masked = common.masked_copies(batches, 0.5, mask_id=7, share=0.5, seed=0)
+    changed_rows = 0
+    for old, new in zip(batches, masked):
+        hit = old["input_ids"] != new["input_ids"]
+        assert bool((new["input_ids"][hit] == 7).all()) and not bool(hit[:, 0].any())  # [CLS] never masked
+        assert not bool((hit & (old["attention_mask"] == 0)).any())  # nor padding
+        assert torch.equal(old["labels"], new["labels"])
+        changed_rows += int(hit.any(dim=1).sum())
+    assert 16 < changed_rows < 48  # about half of the 64 rows
+    row = speed_plan_accuracy.main(["--smoke", "--only", "ffn75", "--augment", "0.2", "--out", str(tmp_path / "a.json")])
+    assert row["rows"][0]["variant"] == "ffn75/aug0.2" and row["rows"][0]["augment"] == 0.2
