@@ -91,12 +91,24 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(score, k).indices.sort().values
 
 
+def check_shape(config, hidden: int, intermediate: int, layers: int) -> None:
+    """Refuse a shape the model cannot be cut to, before any training."""
+    heads = config.num_attention_heads
+    problems = []
+    if hidden % heads:
+        problems.append(f"hidden {hidden} is not a multiple of the {heads} heads (head size = hidden / heads)")
+    for what, value, most in (("hidden", hidden, config.hidden_size), ("intermediate", intermediate,
+                              config.intermediate_size), ("layers", layers, config.num_hidden_layers)):
+        if not 0 < value <= most:
+            problems.append(f"{what} {value} is not in 1..{most}")
+    if problems:
+        raise SystemExit(f"--shape {hidden},{intermediate},{layers}: " + "; ".join(problems))
+
+
 def choose(model, stats: Stats, hidden: int, intermediate: int, layers: int) -> dict:
     """What the cut keeps: ``channels``, ``blocks`` and per kept block ``qk``, ``v``, ``ffn`` indices."""
     config = model.config
     heads = config.num_attention_heads
-    if hidden % heads:
-        raise SystemExit(f"--shape: hidden {hidden} is not a multiple of the {heads} heads (head size = hidden / heads)")
     old_head, new_head = config.hidden_size // heads, hidden // heads
     channels = _top(sum(v for k, v in stats.sums.items() if "ln" in k), hidden)
     influence = torch.tensor(stats.blocks.influence())
@@ -199,6 +211,7 @@ def run(args) -> dict:
     else:
         model, tok = common.load_minilm(seed=args.seed)
         data = common.load_rt_encoded(tok, seed=0, max_train=None, max_eval=args.max_eval, max_len=64)
+    check_shape(model.config, hidden, intermediate, layers)
     steps = args.steps
     at = round(args.cut_at * steps)
     batches = common.train_batches(data["train"], steps=steps, batch_size=16, seed=args.seed)

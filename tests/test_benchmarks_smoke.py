@@ -369,6 +369,8 @@ def test_width_cut_is_exact_at_full_width_and_runs_a_cut(tmp_path):
     assert len(keep["blocks"]) == 2 and all(len(q) == 24 for q in keep["qk"])
     slim, _ = width_cut.cut_model(model, keep, 24, 16)
     assert slim.config.hidden_size == 24 and slim.bert.encoder.layer[0].attention.self.attention_head_size == 6
+    with pytest.raises(SystemExit, match="hidden 30 is not a multiple of the 4 heads.*layers 5 is not in 1..3"):
+        width_cut.check_shape(model.config, 30, 16, 5)
     row = width_cut.main(["--smoke", "--out", str(tmp_path / "w.json")])["rows"][0]
     assert row["shape"] == {"hidden_size": 24, "intermediate_size": 16, "num_hidden_layers": 3}
     assert row["params"] < row["params_before"] and row["cut_at_step"] == 2
@@ -389,5 +391,6 @@ def test_masked_copies_mask_only_real_tokens_of_the_chosen_rows(tmp_path):
         assert torch.equal(old["labels"], new["labels"])
         changed_rows += int(hit.any(dim=1).sum())
     assert 16 < changed_rows < 48  # about half of the 64 rows
-    row = speed_plan_accuracy.main(["--smoke", "--only", "ffn75", "--augment", "0.2", "--out", str(tmp_path / "a.json")])
+    out = str(tmp_path / "a.json")
+    row = speed_plan_accuracy.main(["--smoke", "--only", "ffn75", "--augment", "0.2", "--out", out])
     assert row["rows"][0]["variant"] == "ffn75/aug0.2" and row["rows"][0]["augment"] == 0.2
