@@ -35,6 +35,8 @@ VARIANTS = {  # name: (fraction of FFN neurons removed, blocks removed); structu
     # what `analyze --set pruning.final_sparsity=0.3333 recipes/quickstart.yaml` suggested first, and the
     # candidates it probes at 0.5: the same parameter budgets (BENCHMARKS.md, "Redundancy analysis")
     "ffn30+blocks1": (0.3001, 1), "ffn60+blocks1": (0.6003, 1), "ffn38+blocks2": (0.375, 2),
+    # the 2x and 3x plans of `analyze --goal speed` and the 4-block plans issue 28's eighth pass measured against them
+    "ffn87.5": (0.875, 0), "ffn62.5+blocks3": (0.625, 3), "ffn75+blocks2": (0.75, 2), "ffn87.5+blocks2": (0.875, 2),
 }
 
 
@@ -110,6 +112,8 @@ def main(argv=None):
     ap.add_argument("--rounds1", type=int, default=30, help="rounds at batch 1")
     ap.add_argument("--rounds32", type=int, default=5, help="rounds at batch 32")
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="variants to time (dense is always timed: the speed-ups are against it)")
     ap.add_argument("--out", default=str(common.RESULTS / "structured_latency.json"))
     args = ap.parse_args(argv)
     common.set_threads(args.threads)
@@ -122,7 +126,8 @@ def main(argv=None):
     vocab = template.config.vocab_size
     ids = torch.randint(0, vocab, (2, args.seq), generator=torch.Generator().manual_seed(0))
     models, diffs, params = {}, {}, {}
-    for name, (ffn, blocks) in VARIANTS.items():
+    for name in dict.fromkeys(["dense", *args.variants]):
+        ffn, blocks = VARIANTS[name]
         models[name], diffs[name] = build(template, ffn, blocks, ids)
         params[name] = sum(p.numel() for p in models[name].parameters())
         print(f"{name}: {params[name] / 1e6:.2f}M params, masked-vs-slim max diff {diffs[name]:.2e}", flush=True)

@@ -251,6 +251,8 @@ def test_structured_latency_smoke_slims_exactly_and_times_every_variant(tmp_path
     for r in rows[1:]:  # every slim model answers as its masked twin, is smaller and was timed
         assert r["masked_vs_slim_max_abs_diff"] <= 1e-5 and r["params_ratio"] < 1.0
         assert r["b1_median_s"] > 0 and r["b32_median_s"] > 0
+    structured_latency.main(["--smoke", "--variants", "ffn75+blocks2", "--out", str(out)])
+    assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == ["dense", "ffn75+blocks2"]
 
 
 def test_low_rank_smoke_sweeps_sparsities_and_times_exported_models(tmp_path):
