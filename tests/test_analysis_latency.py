@@ -99,6 +99,19 @@ def test_choose_on_a_table():
     row, why = choose(depth, 2.0)
     assert row["name"] == "ffn 87.5%" and "fewest blocks removed (0)" in why  # depth last, then saliency
     assert choose(depth, 2.25)[0]["name"] == "blocks 2"  # only depth reaches it
+    assert "within timing noise" not in why
+
+
+def test_choose_names_a_shallower_plan_just_below_the_target():
+    rows = [{"name": "ffn 62.5% + blocks 3", "speedup": 3.09, "predicted_loss": 0.63, "blocks_removed": 3},
+            {"name": "ffn 87.5% + blocks 2", "speedup": 2.995, "predicted_loss": 0.65, "blocks_removed": 2},
+            {"name": "ffn 87.5% + blocks 1", "speedup": 2.33, "predicted_loss": 0.56, "blocks_removed": 1}]
+    row, why = choose(rows, 3.0)
+    assert row["name"] == "ffn 62.5% + blocks 3"  # the choice itself is unchanged
+    assert "ffn 87.5% + blocks 2 removes fewer blocks (2) and measured 3.00x, within timing noise" in why
+    assert "--target-speedup 2.99" in why and choose(rows, 2.99)[0]["name"] == "ffn 87.5% + blocks 2"
+    rows[1]["speedup"] = 2.84  # more than 5% below the target: not named
+    assert choose(rows, 3.0)[0]["name"] == "ffn 62.5% + blocks 3" and "timing noise" not in choose(rows, 3.0)[1]
 
 
 @pytest.mark.parametrize("kwargs,match", [
