@@ -161,7 +161,8 @@ def run_variant(name: str, args) -> dict:
     if distillation:
         distillation["teacher"] = "dense fine-tune" if suffix == "+kd" else f"self, copied after step {distiller.teacher_step}"
     return {"variant": label(name, args), "seed": seed, "units": [list(k) for k in kinds], "distillation": distillation,
-            "window": [start, end], "steps": steps, "augment": getattr(args, "augment", None), "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
+            "window": [start, end], "steps": steps, "augment": getattr(args, "augment", None),
+            "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
             "masked_test_accuracy": masked_acc, "params": sum(p.numel() for p in model.parameters()),
             "config_changes": summary["config"] if summary else {}, "test_examples": len(data["test"]),
             "merge": [g.get("merge") for g in pruner.report()["groups"]] if pruner is not None and getattr(args, "fold", None)
