@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
+from prune_callbacks.methods.structured.calibration import rows  # noqa: E402
 
 
 class Stats:
@@ -64,10 +65,9 @@ class Stats:
         self.blocks = BlockInfluence([(str(i), layer) for i, layer in enumerate(bert.encoder.layer)])
 
     def _hook(self, name):
-        def hook(module, args, output):
-            x = output.detach().abs()
-            real = self.mask.to(x.dtype).unsqueeze(-1)
-            self.sums[name] = self.sums.get(name, 0) + (x * real).sum(dim=(0, 1)) / real.sum()
+        def hook(module, args, output):  # the mergers' rows: float32, one per real token
+            x = rows(output, self.mask.reshape(-1).bool()).abs().mean(dim=0)
+            self.sums[name] = self.sums.get(name, 0) + x
         return hook
 
     @torch.no_grad()
