@@ -129,7 +129,6 @@ def choose(model, stats: Stats, hidden: int, intermediate: int, layers: int) -> 
 def _slicer(keep: dict, old_head: int, new_head: int):
     """``slice(name, tensor) -> tensor`` of the cut model: applied to parameters and to their optimizer moments."""
     c = keep["channels"]
-    block_of = {new: old for new, old in enumerate(keep["blocks"])}
 
     def cut(name: str, t: torch.Tensor, param: bool = True) -> torch.Tensor:
         parts = name.split(".")
@@ -142,7 +141,6 @@ def _slicer(keep: dict, old_head: int, new_head: int):
         if name.startswith("classifier."):
             return t[:, c] if t.dim() == 2 else t
         new = int(parts[3])
-        k = block_of[new]
         sub = ".".join(parts[4:])
         rows = {"attention.self.query": keep["qk"][new], "attention.self.key": keep["qk"][new],
                 "attention.self.value": keep["v"][new], "intermediate.dense": keep["ffn"][new]}
@@ -158,7 +156,7 @@ def _slicer(keep: dict, old_head: int, new_head: int):
             return t[c][:, keep["ffn"][new]] if t.dim() == 2 else t[c]
         if "LayerNorm" in sub:
             return t[c]
-        raise KeyError(f"no cut rule for {name} (block {k})")
+        raise KeyError(f"no cut rule for {name}")
 
     return cut
 
@@ -174,16 +172,14 @@ def cut_model(model, keep: dict, hidden: int, intermediate: int, optimizer=None,
     config.hidden_size, config.intermediate_size = hidden, intermediate
     config.num_hidden_layers = len(keep["blocks"])
     new_head = hidden // config.num_attention_heads
-    old_names = {}
-    for new, old in enumerate(keep["blocks"]):
-        old_names[f"bert.encoder.layer.{new}."] = f"bert.encoder.layer.{old}."
     source = model.state_dict()
 
     def old_name(name: str) -> str:
-        for new_prefix, old_prefix in old_names.items():
-            if name.startswith(new_prefix):
-                return old_prefix + name[len(new_prefix):]
-        return name
+        """The cut model's tensor name in the original model: block ``i`` of the cut is kept block ``blocks[i]``."""
+        parts = name.split(".")
+        if name.startswith("bert.encoder.layer."):
+            parts[3] = str(keep["blocks"][int(parts[3])])
+        return ".".join(parts)
 
     cut = _slicer(keep, old_head, new_head)
     slim = BertForSequenceClassification(config)
