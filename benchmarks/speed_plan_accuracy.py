@@ -15,12 +15,16 @@ ones; run several processes on disjoint ``--only`` lists and ``--merge`` them).
         --plan ffn75+blocks2=ffn_neurons:0.75,blocks:0.3333 --out /tmp/c.json
     python benchmarks/speed_plan_accuracy.py --merge /tmp/a.json /tmp/b.json --out benchmarks/results/speed_plan_accuracy.json
     python benchmarks/speed_plan_accuracy.py --smoke --out /tmp/s.json
+    python benchmarks/speed_plan_accuracy.py --frontier results/speed_plan_*.json --steps 1600 \\
+        --latency results/structured_latency_x3.json --out results/speed_plan_frontier.json   # table + PNG
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -41,6 +45,79 @@ def plans(analysis: dict, targets) -> dict:
             raise SystemExit(why)
         out[f"x{t:g}"] = (t, row, why)
     return out
+
+
+def _shape_name(units) -> str | None:
+    """The `structured_latency` variant with the shape ``units`` describe (FFN fraction, blocks of MiniLM's 6)."""
+    ffn = next((f for g, f in units if g == "ffn_neurons"), 0.0)
+    blocks = round(next((f for g, f in units if g == "blocks"), 0.0) * sa.MINILM_BLOCKS)
+    return next((n for n, (f, b) in sa.SHAPES.items() if abs(f - ffn) < 1e-3 and b == blocks), None)
+
+
+def frontier(files, latency_files, steps: int) -> dict:
+    """Per plan and lever (a row name without its seed): the batch-32 speed-up of its shape (mean over
+    ``latency_files``, `structured_latency.py` results) and its test accuracy as a share of the same seed's dense
+    row, per seed, with mean and standard error over seeds. Rows of another ``steps`` are left out; the first row of
+    a name wins (as in ``--merge``)."""
+    rows: dict = {}
+    for f in files:
+        for row in json.loads(Path(f).read_text())["rows"]:
+            if row.get("steps") == steps:
+                rows.setdefault(row["variant"], row)
+    for row in rows.values():
+        row.setdefault("seed", 0)  # rows written before the seed was recorded ran seed 0
+    dense = {r["seed"]: r["test_accuracy"] for r in rows.values() if not r["units"]}
+    speed: dict = {}
+    for f in latency_files:
+        for row in json.loads(Path(f).read_text())["rows"]:
+            speed.setdefault(row["variant"], []).append(row["b32_speedup"])
+    out: dict = {}
+    for row in rows.values():
+        if not row["units"] or row["seed"] not in dense:
+            continue
+        base = row["variant"].removesuffix(f"/s{row['seed']}") if row["seed"] else row["variant"]
+        shape = _shape_name(row["units"])
+        entry = out.setdefault(base, {"shape": shape, "speedups": speed.get(shape, []), "seeds": {}})
+        entry["seeds"][row["seed"]] = row["test_accuracy"] / dense[row["seed"]]
+    for entry in out.values():
+        shares = list(entry["seeds"].values())
+        entry["speedup"] = statistics.mean(entry["speedups"]) if entry["speedups"] else None
+        entry["mean"] = statistics.mean(shares)
+        entry["se"] = statistics.stdev(shares) / math.sqrt(len(shares)) if len(shares) > 1 else None
+    return {"steps": steps, "dense": dense, "files": [str(f) for f in files],
+            "latency_files": [str(f) for f in latency_files], "plans": out}
+
+
+def plot_frontier(data: dict, png: Path) -> Path:
+    """Share of dense accuracy against speed-up: one dot per seed, the mean with its standard error, the targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    at: dict = {}  # entries at one speed-up are drawn side by side
+    for (x, y), label in (((2.0, 99.0), "target 2x at 99%"), ((3.0, 97.0), "target 3x at 97%")):
+        ax.plot([x, x, 4.0], [100.5, y, y], color="grey", ls="--", lw=0.8)
+        ax.annotate(label, (x, y), xytext=(3, -10), textcoords="offset points", fontsize=7, color="grey")
+    for name, entry in sorted(data["plans"].items()):
+        if entry["speedup"] is None:
+            continue
+        shares = [100 * v for v in entry["seeds"].values()]
+        x = entry["speedup"] + 0.015 * at.setdefault(round(entry["speedup"], 1), []).__len__()
+        at[round(entry["speedup"], 1)].append(name)
+        points = ax.scatter([x] * len(shares), shares, s=10, alpha=0.5)
+        ax.errorbar(x, 100 * entry["mean"], yerr=100 * (entry["se"] or 0), fmt="o",
+                    color=points.get_facecolor()[0][:3], capsize=3)
+        short = name.replace("/blocks@0.33/fold=blocks/fold", ", blocks folded one-shot")
+        ax.annotate(f"{short} (n={len(shares)})", (x, 100 * entry["mean"]), xytext=(5, 2),
+                    textcoords="offset points", fontsize=6.5)
+    ax.set_xlabel("batch-32 speed-up over dense (structured_latency.py, mean of runs)")
+    ax.set_ylabel("test accuracy, % of the same seed's dense")
+    ax.set_title(f"MiniLM / Rotten Tomatoes, {data['steps']} steps: speed plans per seed (mean ± s.e.)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return png
 
 
 def main(argv=None):
@@ -65,10 +142,24 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--merge", nargs="+", type=Path, default=None)
+    ap.add_argument("--frontier", nargs="+", type=Path, default=None, metavar="RESULTS",
+                    help="summarise the rows of these results files trained for --steps steps per plan and lever "
+                         "(share of dense per seed) against the speed-ups of --latency; writes --out and a PNG "
+                         "beside it")
+    ap.add_argument("--latency", nargs="+", type=Path, default=[], help="structured_latency.py results for --frontier")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "speed_plan_accuracy.json")
     args = ap.parse_args(argv)
     if args.merge:
         return sa.merge(args.merge, args.out)
+    if args.frontier:
+        data = frontier(args.frontier, args.latency, args.steps)
+        common.write_json(args.out, data)
+        for name, e in sorted(data["plans"].items(), key=lambda kv: (kv[1]["speedup"] or 0, kv[0])):
+            seeds = " / ".join(f"{100 * v:.1f}" for _, v in sorted(e["seeds"].items()))
+            print(f"| {name} | {e['speedup'] or float('nan'):.2f}x | {seeds} | {100 * e['mean']:.1f}%"
+                  + (f" ± {100 * e['se']:.1f}" if e["se"] else "") + " |")
+        print("plot:", plot_frontier(data, args.out.with_suffix(".png")))
+        return data
     common.set_threads(args.threads)
     if args.smoke:
         n = 6

@@ -37,6 +37,8 @@ VARIANTS = {  # name: (fraction of FFN neurons removed, blocks removed); structu
     "ffn30+blocks1": (0.3001, 1), "ffn60+blocks1": (0.6003, 1), "ffn38+blocks2": (0.375, 2),
     # the 2x and 3x plans of `analyze --goal speed` and the 4-block plans issue 28's eighth pass measured against them
     "ffn87.5": (0.875, 0), "ffn62.5+blocks3": (0.625, 3), "ffn75+blocks2": (0.75, 2), "ffn87.5+blocks2": (0.875, 2),
+    # issue 28, ninth pass: between the two 4-block plans
+    "ffn81.25+blocks2": (0.8125, 2),
 }
 
 

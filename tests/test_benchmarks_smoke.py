@@ -396,3 +396,35 @@ def test_masked_copies_mask_only_real_tokens_of_the_chosen_rows(tmp_path):
     out = str(tmp_path / "a.json")
     row = speed_plan_accuracy.main(["--smoke", "--only", "ffn75", "--augment", "0.2", "--out", out])
     assert row["rows"][0]["variant"] == "ffn75/aug0.2" and row["rows"][0]["augment"] == 0.2
+
+
+def test_speed_plan_frontier_shares_of_the_same_seeds_dense(tmp_path):
+    """``--frontier``: each plan row as a share of its own seed's dense row, the speed-up of its shape from the
+    latency results; rows of another step count and later duplicates are left out; a PNG beside the table."""
+    import json
+
+    from benchmarks import speed_plan_accuracy
+
+    def row(variant, seed, acc, units, steps=1600):
+        return {"variant": variant, "seed": seed, "test_accuracy": acc, "units": units, "steps": steps}
+
+    plan = [["ffn_neurons", 0.875], ["blocks", 2 / 6]]
+    (tmp_path / "a.json").write_text(json.dumps({"rows": [
+        {k: v for k, v in row("dense", 0, 0.80, []).items() if k != "seed"},  # an old row: no seed recorded
+        row("dense/s1", 1, 0.90, []), row("p", 0, 0.78, plan), row("p/s1", 1, 0.90, plan),
+        row("p/s2", 2, 0.5, plan),  # no dense row of seed 2: left out
+        row("p/s3", 3, 0.1, plan, steps=150), row("dense/s3", 3, 0.2, [], steps=150)]}))
+    (tmp_path / "b.json").write_text(json.dumps({"rows": [row("p", 0, 0.10, plan)]}))  # a later duplicate
+    (tmp_path / "lat.json").write_text(json.dumps({"rows": [{"variant": "ffn87.5+blocks2", "b32_speedup": 3.0},
+                                                            {"variant": "ffn75", "b32_speedup": 9.0}]}))
+    (tmp_path / "lat2.json").write_text(json.dumps({"rows": [{"variant": "ffn87.5+blocks2", "b32_speedup": 3.4}]}))
+    out = tmp_path / "f.json"
+    data = speed_plan_accuracy.main(["--frontier", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--steps", "1600",
+                                     "--latency", str(tmp_path / "lat.json"), str(tmp_path / "lat2.json"),
+                                     "--out", str(out)])
+    (name, entry), = data["plans"].items()
+    assert name == "p" and entry["shape"] == "ffn87.5+blocks2"
+    assert entry["seeds"] == {0: pytest.approx(0.975), 1: pytest.approx(1.0)}
+    assert entry["speedup"] == pytest.approx(3.2) and entry["mean"] == pytest.approx(0.9875)
+    assert entry["se"] == pytest.approx(0.0125)
+    assert out.is_file() and out.with_suffix(".png").is_file()
