@@ -9,14 +9,24 @@ Timings: one forward per variant per round, variants interleaved (order rotated
 each round), median over rounds; ``torch.inference_mode``; batch 1 and 32, seq 128.
 
     python benchmarks/structured_latency.py                 # 1 thread
+    python benchmarks/structured_latency.py --runs 6        # six fresh processes: the spread between runs
     python benchmarks/structured_latency.py --smoke --out /tmp/s.json
+
+A speed-up moves 5-10% between runs of the same models on the shared benchmark machine, far more than between
+rounds of one run; ``--runs N`` times the variants in N fresh processes, one after another, and reports per
+variant the median, the range and each run's speed-up, and the time of each variant against the first non-dense
+one timed in the same rounds (a paired ratio, which moves far less).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -107,6 +117,54 @@ def plot(json_path: Path) -> Path:
     return out
 
 
+def over_runs(args, argv) -> dict:
+    """``--runs N``: this script without ``--runs`` in N fresh processes; per variant the median of the runs'
+    speed-ups, their range, and the time relative to the first non-dense variant in the same rounds."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs):
+            out = Path(tmp) / f"run{i}.json"
+            cmd = [sys.executable, __file__, *_without_runs(argv), "--out", str(out)]
+            print(f"run {i + 1}/{args.runs}", flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            runs.append(json.loads(out.read_text()))
+    first = runs[0]
+    names = [r["variant"] for r in first["rows"]]
+    reference = next((n for n in names if n != "dense"), None)
+    rows = []
+    for name in names:
+        per_run = [next(r for r in run["rows"] if r["variant"] == name) for run in runs]
+        row = dict(per_run[0])
+        for b in ("1", "32"):
+            speedups = [r[f"b{b}_speedup"] for r in per_run]
+            row[f"b{b}_speedup"] = statistics.median(speedups)
+            row[f"b{b}_speedup_runs"] = speedups
+            row[f"b{b}_median_s"] = statistics.median(r[f"b{b}_median_s"] for r in per_run)
+            if reference:
+                row[f"b{b}_time_vs_{reference}_runs"] = [
+                    r[f"b{b}_median_s"] / next(x for x in run["rows"] if x["variant"] == reference)[f"b{b}_median_s"]
+                    for r, run in zip(per_run, runs)]
+        rows.append(row)
+        times = row.get(f"b32_time_vs_{reference}_runs", [])
+        print(f"| {name} | {row['b32_speedup']:.2f}x ({min(row['b32_speedup_runs']):.2f}-"
+              f"{max(row['b32_speedup_runs']):.2f}) |" + (f" {statistics.median(times):.3f} "
+                                                          f"({min(times):.3f}-{max(times):.3f}) |" if times else ""))
+    return {**{k: v for k, v in first.items() if k != "rows"}, "runs": args.runs, "reference": reference, "rows": rows}
+
+
+def _without_runs(argv) -> list:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--runs", "--out"):
+            skip = True
+        elif not a.startswith(("--runs=", "--out=")):
+            out.append(a)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
@@ -116,8 +174,16 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                     help="variants to time (dense is always timed: the speed-ups are against it)")
+    ap.add_argument("--runs", type=int, default=1, help="time in this many fresh processes, one after another")
     ap.add_argument("--out", default=str(common.RESULTS / "structured_latency.json"))
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error(f"--runs {args.runs}: give 1 or more")
+    if args.runs > 1:
+        data = over_runs(args, argv)
+        common.write_json(Path(args.out), data)
+        print("plot:", plot(Path(args.out)))
+        return data
     common.set_threads(args.threads)
     if args.smoke:
         template = common.classifier_from_config(common.tiny_bert_config(num_hidden_layers=4))

@@ -255,6 +255,24 @@ def test_structured_latency_smoke_slims_exactly_and_times_every_variant(tmp_path
     assert [r["variant"] for r in json.loads(out.read_text())["rows"]] == ["dense", "ffn75+blocks2"]
 
 
+def test_structured_latency_runs_in_fresh_processes(tmp_path):
+    """``--runs N``: N processes, each run's speed-up kept, the median reported, and the time of every variant
+    against the first slim one timed in the same rounds."""
+    from benchmarks import structured_latency
+
+    out = tmp_path / "runs.json"
+    data = structured_latency.main(["--smoke", "--variants", "ffn75+blocks2", "ffn50", "--runs", "2", "--out", str(out)])
+    assert data["runs"] == 2 and data["reference"] == "ffn75+blocks2"
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["dense", "ffn75+blocks2", "ffn50"]
+    for r in rows.values():
+        assert len(r["b32_speedup_runs"]) == 2 and r["b32_speedup"] == pytest.approx(sum(r["b32_speedup_runs"]) / 2)
+    assert rows["ffn75+blocks2"]["b32_time_vs_ffn75+blocks2_runs"] == [1.0, 1.0]
+    assert rows["dense"]["b32_speedup_runs"] == [1.0, 1.0]
+    with pytest.raises(SystemExit):
+        structured_latency.main(["--smoke", "--runs", "0", "--out", str(out)])
+
+
 def test_low_rank_smoke_sweeps_sparsities_and_times_exported_models(tmp_path):
     from benchmarks import low_rank
 
