@@ -56,35 +56,33 @@ def _shape_name(units) -> str | None:
 
 def frontier(files, latency_files, steps: int) -> dict:
     """Per plan and lever (a row name without its seed): the batch-32 speed-up of its shape (mean over
-    ``latency_files``, `structured_latency.py` results) and its test accuracy as a share of the same seed's dense
-    row, per seed, with mean and standard error over seeds. Rows of another ``steps`` are left out; the first row of
+    ``latency_files``, `structured_latency.py` results) and its test accuracy as a share of the dense row of the
+    same seed and learning rate, per seed, with mean and standard error over seeds. Rows of another ``steps`` are left out; the first row of
     a name wins (as in ``--merge``)."""
     rows: dict = {}
     for f in files:
-        for row in json.loads(Path(f).read_text())["rows"]:
+        for row in sa.rows_of(json.loads(Path(f).read_text())):
             if row.get("steps") == steps:
                 rows.setdefault(row["variant"], row)
-    for row in rows.values():
-        row.setdefault("seed", 0)  # rows written before the seed was recorded ran seed 0
-    dense = {r["seed"]: r["test_accuracy"] for r in rows.values() if not r["units"]}
+    dense = {(r["seed"], r["lr"]): r["test_accuracy"] for r in rows.values() if not r["units"]}
     speed: dict = {}
     for f in latency_files:
         for row in json.loads(Path(f).read_text())["rows"]:
             speed.setdefault(row["variant"], []).append(row["b32_speedup"])
     out: dict = {}
     for row in rows.values():
-        if not row["units"] or row["seed"] not in dense:
+        if not row["units"] or (row["seed"], row["lr"]) not in dense:
             continue
         base = row["variant"].removesuffix(f"/s{row['seed']}") if row["seed"] else row["variant"]
         shape = _shape_name(row["units"])
         entry = out.setdefault(base, {"shape": shape, "speedups": speed.get(shape, []), "seeds": {}})
-        entry["seeds"][row["seed"]] = row["test_accuracy"] / dense[row["seed"]]
+        entry["seeds"][row["seed"]] = row["test_accuracy"] / dense[row["seed"], row["lr"]]
     for entry in out.values():
         shares = list(entry["seeds"].values())
         entry["speedup"] = statistics.mean(entry["speedups"]) if entry["speedups"] else None
         entry["mean"] = statistics.mean(shares)
         entry["se"] = statistics.stdev(shares) / math.sqrt(len(shares)) if len(shares) > 1 else None
-    return {"steps": steps, "dense": dense, "files": [str(f) for f in files],
+    return {"steps": steps, "dense": {f"{s}/lr{lr:g}": v for (s, lr), v in dense.items()}, "files": [str(f) for f in files],
             "latency_files": [str(f) for f in latency_files], "plans": out}
 
 
@@ -128,7 +126,7 @@ def main(argv=None):
     ap.add_argument("--plan", nargs="+", default=[], metavar="NAME=GRANULARITY:FRACTION[,...]",
                     help="extra variants to compare with, e.g. ffn75+blocks2=ffn_neurons:0.75,blocks:0.3333")
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=sa.DEFAULT_LR)
     ap.add_argument("--max-eval", type=int, default=None, help="test rows (default: the whole split)")
     ap.add_argument("--threads", type=int, default=1)
     common.add_seed_argument(ap)

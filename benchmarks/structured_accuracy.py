@@ -36,6 +36,7 @@ VARIANTS = {name: ([("ffn_neurons", ffn)] if ffn else []) + ([("blocks", blocks 
             for name, (ffn, blocks) in SHAPES.items()}
 KD = {"hardness": 1.0, "temperature": 2.0}
 DEFAULT_WINDOW = common.DEFAULT_WINDOW
+DEFAULT_LR = 5e-5  # the reduced and full settings' learning rate; rows trained with another are named /lrX
 MASK_ID = 103  # BERT's [MASK]: --augment replaces tokens with it (MiniLM's vocabulary)
 TEACHERS = ("+kd", "+self")  # variant suffixes: the fine-tuned dense model of --dense-from, or an in-run copy
 
@@ -102,7 +103,12 @@ def label(name: str, args) -> str:
             out += f"/{args.fold_select}"
     if getattr(args, "augment", None):
         out += f"/aug{args.augment:g}"
-    return common.with_seed(out, seed)
+    return common.with_seed(out + lr_suffix(getattr(args, "lr", DEFAULT_LR)), seed)
+
+
+def lr_suffix(lr: float) -> str:
+    """``/lrX`` for a learning rate other than `DEFAULT_LR` (a row's name, before its seed), else ''."""
+    return "" if lr == DEFAULT_LR else f"/lr{lr:g}"
 
 
 def _merge(args, granularity: str) -> dict:
@@ -160,7 +166,7 @@ def run_variant(name: str, args) -> dict:
         Path(str(args.save_dense) + ".tmp").rename(args.save_dense)
     if distillation:
         distillation["teacher"] = "dense fine-tune" if suffix == "+kd" else f"self, copied after step {distiller.teacher_step}"
-    return {"variant": label(name, args), "seed": seed, "units": [list(k) for k in kinds], "distillation": distillation,
+    return {"variant": label(name, args), "seed": seed, "lr": args.lr, "units": [list(k) for k in kinds], "distillation": distillation,
             "window": [start, end], "steps": steps, "augment": getattr(args, "augment", None),
             "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
             "masked_test_accuracy": masked_acc, "params": sum(p.numel() for p in model.parameters()),
@@ -169,12 +175,27 @@ def run_variant(name: str, args) -> dict:
             else None}
 
 
+def rows_of(part: dict) -> list[dict]:
+    """A results file's rows with their seed and learning rate filled in where they were written before those were
+    recorded per row (seed 0; the file's ``lr``), the rate named in the row (`lr_suffix`) when not the default."""
+    rows = []
+    for row in part["rows"]:
+        row = dict(row)
+        seed = row.setdefault("seed", 0)
+        if "lr" not in row:
+            row["lr"] = part.get("lr", DEFAULT_LR)
+            base = row["variant"].removesuffix(f"/s{seed}") if seed else row["variant"]
+            row["variant"] = common.with_seed(base + lr_suffix(row["lr"]), seed)
+        rows.append(row)
+    return rows
+
+
 def merge(files: list[Path], out: Path) -> dict:
     """One result file from several jobs' files (the first row of each variant wins)."""
     parts = [json.loads(Path(f).read_text()) for f in files]
     rows: dict = {}
     for part in parts:
-        for row in part["rows"]:
+        for row in rows_of(part):
             rows.setdefault(row["variant"], row)
     merged = dict(parts[0], rows=list(rows.values()), merged_from=[str(f) for f in files])
     common.write_json(out, merged)
@@ -220,7 +241,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["dense", "ffn50", "ffn50+kd"])
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--max-eval", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
     common.add_seed_argument(ap)

@@ -433,16 +433,29 @@ def test_speed_plan_frontier_shares_of_the_same_seeds_dense(tmp_path):
         row("p/s2", 2, 0.5, plan),  # no dense row of seed 2: left out
         row("p/s3", 3, 0.1, plan, steps=150), row("dense/s3", 3, 0.2, [], steps=150)]}))
     (tmp_path / "b.json").write_text(json.dumps({"rows": [row("p", 0, 0.10, plan)]}))  # a later duplicate
+    # another learning rate, recorded only in the file (rows written before it was recorded per row)
+    (tmp_path / "c.json").write_text(json.dumps({"lr": 1e-4, "rows": [row("dense/s1", 1, 0.80, []),
+                                                                      row("p/s1", 1, 0.76, plan)]}))
     (tmp_path / "lat.json").write_text(json.dumps({"rows": [{"variant": "ffn87.5+blocks2", "b32_speedup": 3.0},
                                                             {"variant": "ffn75", "b32_speedup": 9.0}]}))
     (tmp_path / "lat2.json").write_text(json.dumps({"rows": [{"variant": "ffn87.5+blocks2", "b32_speedup": 3.4}]}))
     out = tmp_path / "f.json"
-    data = speed_plan_accuracy.main(["--frontier", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--steps", "1600",
+    data = speed_plan_accuracy.main(["--frontier", *(str(tmp_path / f) for f in ("a.json", "b.json", "c.json")),
+                                     "--steps", "1600",
                                      "--latency", str(tmp_path / "lat.json"), str(tmp_path / "lat2.json"),
                                      "--out", str(out)])
-    (name, entry), = data["plans"].items()
-    assert name == "p" and entry["shape"] == "ffn87.5+blocks2"
+    assert set(data["plans"]) == {"p", "p/lr0.0001"}
+    assert data["plans"]["p/lr0.0001"]["seeds"] == {1: pytest.approx(0.95)}  # against dense at the same rate
+    entry = data["plans"]["p"]
+    assert entry["shape"] == "ffn87.5+blocks2"
     assert entry["seeds"] == {0: pytest.approx(0.975), 1: pytest.approx(1.0)}
     assert entry["speedup"] == pytest.approx(3.2) and entry["mean"] == pytest.approx(0.9875)
     assert entry["se"] == pytest.approx(0.0125)
     assert out.is_file() and out.with_suffix(".png").is_file()
+    # a run at another rate names its rows so (before the seed), as the merge names old rows
+    from argparse import Namespace
+
+    from benchmarks import structured_accuracy
+
+    assert structured_accuracy.label("ffn75+blocks2", Namespace(lr=1e-4, seed=2)) == "ffn75+blocks2/lr0.0001/s2"
+    assert structured_accuracy.label("ffn75+blocks2", Namespace(lr=5e-5, seed=2)) == "ffn75+blocks2/s2"
