@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def _shape_name(units) -> str | None:
     return next((n for n, (f, b) in sa.SHAPES.items() if abs(f - ffn) < 1e-3 and b == blocks), None)
 
 
-def frontier(files, latency_files, steps: int) -> dict:
+def frontier(files, latency_files, steps: int, include: str | None = None) -> dict:
     """Per plan and lever (a row name without its seed): the batch-32 speed-up of its shape (mean over
     ``latency_files``, `structured_latency.py` results) and its test accuracy as a share of the dense row of the
     same seed and learning rate, per seed, with mean and standard error over seeds. Rows of another ``steps`` are left out; the first row of
@@ -74,6 +75,8 @@ def frontier(files, latency_files, steps: int) -> dict:
         if not row["units"] or (row["seed"], row["lr"]) not in dense:
             continue
         base = row["variant"].removesuffix(f"/s{row['seed']}") if row["seed"] else row["variant"]
+        if include and not re.search(include, base):
+            continue
         shape = _shape_name(row["units"])
         entry = out.setdefault(base, {"shape": shape, "speedups": speed.get(shape, []), "seeds": {}})
         entry["seeds"][row["seed"]] = row["test_accuracy"] / dense[row["seed"], row["lr"]]
@@ -145,12 +148,13 @@ def main(argv=None):
                          "(share of dense per seed) against the speed-ups of --latency; writes --out and a PNG "
                          "beside it")
     ap.add_argument("--latency", nargs="+", type=Path, default=[], help="structured_latency.py results for --frontier")
+    ap.add_argument("--include", default=None, metavar="REGEX", help="--frontier: only the plans whose name matches")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "speed_plan_accuracy.json")
     args = ap.parse_args(argv)
     if args.merge:
         return sa.merge(args.merge, args.out)
     if args.frontier:
-        data = frontier(args.frontier, args.latency, args.steps)
+        data = frontier(args.frontier, args.latency, args.steps, args.include)
         common.write_json(args.out, data)
         for name, e in sorted(data["plans"].items(), key=lambda kv: (kv[1]["speedup"] or 0, kv[0])):
             seeds = " / ".join(f"{100 * v:.1f}" for _, v in sorted(e["seeds"].items()))

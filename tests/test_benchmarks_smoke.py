@@ -452,6 +452,9 @@ def test_speed_plan_frontier_shares_of_the_same_seeds_dense(tmp_path):
     assert entry["speedup"] == pytest.approx(3.2) and entry["mean"] == pytest.approx(0.9875)
     assert entry["se"] == pytest.approx(0.0125)
     assert out.is_file() and out.with_suffix(".png").is_file()
+    only = speed_plan_accuracy.main(["--frontier", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--steps", "1600",
+                                     "--include", "lr0\\.0001$", "--out", str(tmp_path / "g.json")])
+    assert list(only["plans"]) == ["p/lr0.0001"] and only["plans"]["p/lr0.0001"]["speedup"] is None
     # a run at another rate names its rows so (before the seed), as the merge names old rows
     from argparse import Namespace
 
