@@ -114,7 +114,7 @@ def plot_frontier(data: dict, png: Path) -> Path:
         ax.annotate(f"{short} (n={len(shares)})", (x, 100 * entry["mean"]), xytext=(5, 2),
                     textcoords="offset points", fontsize=6.5)
     ax.set_xlabel("batch-32 speed-up over dense (structured_latency.py, mean of runs)")
-    ax.set_ylabel("test accuracy, % of the same seed's dense")
+    ax.set_ylabel("test accuracy, % of dense (same seed and rate)")
     ax.set_title(f"MiniLM / Rotten Tomatoes, {data['steps']} steps: speed plans per seed (mean ± s.e.)", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
