@@ -58,7 +58,8 @@ def _shape_name(units) -> str | None:
 def frontier(files, latency_files, steps: int, include: str | None = None) -> dict:
     """Per plan and lever (a row name without its seed): the batch-32 speed-up of its shape (mean over
     ``latency_files``, `structured_latency.py` results) and its test accuracy as a share of the dense row of the
-    same seed and learning rate, per seed, with mean and standard error over seeds. Rows of another ``steps`` are left out; the first row of
+    same seed and learning rate, per seed, with mean and standard error over seeds. Rows of another ``steps``, and
+    plans whose name does not match the regular expression ``include`` (when given), are left out; the first row of
     a name wins (as in ``--merge``)."""
     rows: dict = {}
     for f in files:
@@ -85,7 +86,8 @@ def frontier(files, latency_files, steps: int, include: str | None = None) -> di
         entry["speedup"] = statistics.mean(entry["speedups"]) if entry["speedups"] else None
         entry["mean"] = statistics.mean(shares)
         entry["se"] = statistics.stdev(shares) / math.sqrt(len(shares)) if len(shares) > 1 else None
-    return {"steps": steps, "dense": {f"{s}/lr{lr:g}": v for (s, lr), v in dense.items()}, "files": [str(f) for f in files],
+    return {"steps": steps, "dense": {f"{s}/lr{lr:g}": v for (s, lr), v in dense.items()},
+            "files": [str(f) for f in files],
             "latency_files": [str(f) for f in latency_files], "plans": out}
 
 

@@ -166,7 +166,8 @@ def run_variant(name: str, args) -> dict:
         Path(str(args.save_dense) + ".tmp").rename(args.save_dense)
     if distillation:
         distillation["teacher"] = "dense fine-tune" if suffix == "+kd" else f"self, copied after step {distiller.teacher_step}"
-    return {"variant": label(name, args), "seed": seed, "lr": args.lr, "units": [list(k) for k in kinds], "distillation": distillation,
+    return {"variant": label(name, args), "seed": seed, "lr": args.lr, "units": [list(k) for k in kinds],
+            "distillation": distillation,
             "window": [start, end], "steps": steps, "augment": getattr(args, "augment", None),
             "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
             "masked_test_accuracy": masked_acc, "params": sum(p.numel() for p in model.parameters()),
