@@ -92,6 +92,11 @@ def with_seed(name: str, seed: int) -> str:
     return f"{name}/s{seed}" if seed else name
 
 
+def without_seed(name: str, seed: int) -> str:
+    """`with_seed`'s inverse: the row's name with its ``/sN`` taken off (``x2/s1`` -> ``x2``)."""
+    return name.removesuffix(f"/s{seed}") if seed else name
+
+
 def saved_model_ready(folder, wait_s: float = 0.0) -> bool:
     """Whether ``folder`` holds a model saved by ``save_pretrained`` (its ``config.json``), waiting up to ``wait_s``
     seconds for a parallel job that is still writing it. The one test the benchmarks' teacher options share."""

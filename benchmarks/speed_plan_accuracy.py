@@ -22,6 +22,7 @@ ones; run several processes on disjoint ``--only`` lists and ``--merge`` them).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import re
@@ -75,7 +76,7 @@ def frontier(files, latency_files, steps: int, include: str | None = None) -> di
     for row in rows.values():
         if not row["units"] or (row["seed"], row["lr"]) not in dense:
             continue
-        base = row["variant"].removesuffix(f"/s{row['seed']}") if row["seed"] else row["variant"]
+        base = common.without_seed(row["variant"], row["seed"])
         if include and not re.search(include, base):
             continue
         shape = _shape_name(row["units"])
@@ -99,7 +100,7 @@ def plot_frontier(data: dict, png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    at: dict = {}  # entries at one speed-up are drawn side by side
+    at = collections.Counter()  # entries at one speed-up (to 0.1) are drawn side by side
     for (x, y), label in (((2.0, 99.0), "target 2x at 99%"), ((3.0, 97.0), "target 3x at 97%")):
         ax.plot([x, x, 4.0], [100.5, y, y], color="grey", ls="--", lw=0.8)
         ax.annotate(label, (x, y), xytext=(3, -10), textcoords="offset points", fontsize=7, color="grey")
@@ -107,8 +108,8 @@ def plot_frontier(data: dict, png: Path) -> Path:
         if entry["speedup"] is None:
             continue
         shares = [100 * v for v in entry["seeds"].values()]
-        x = entry["speedup"] + 0.015 * at.setdefault(round(entry["speedup"], 1), []).__len__()
-        at[round(entry["speedup"], 1)].append(name)
+        x = entry["speedup"] + 0.015 * at[round(entry["speedup"], 1)]
+        at[round(entry["speedup"], 1)] += 1
         points = ax.scatter([x] * len(shares), shares, s=10, alpha=0.5)
         ax.errorbar(x, 100 * entry["mean"], yerr=100 * (entry["se"] or 0), fmt="o",
                     color=points.get_facecolor()[0][:3], capsize=3)

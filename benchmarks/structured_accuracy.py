@@ -185,8 +185,7 @@ def rows_of(part: dict) -> list[dict]:
         seed = row.setdefault("seed", 0)
         if "lr" not in row:
             row["lr"] = part.get("lr", DEFAULT_LR)
-            base = row["variant"].removesuffix(f"/s{seed}") if seed else row["variant"]
-            row["variant"] = common.with_seed(base + lr_suffix(row["lr"]), seed)
+            row["variant"] = common.with_seed(common.without_seed(row["variant"], seed) + lr_suffix(row["lr"]), seed)
         rows.append(row)
     return rows
 

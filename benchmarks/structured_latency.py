@@ -129,11 +129,12 @@ def over_runs(args, argv) -> dict:
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             runs.append(json.loads(out.read_text()))
     first = runs[0]
-    names = [r["variant"] for r in first["rows"]]
+    by_name = [{r["variant"]: r for r in run["rows"]} for run in runs]  # per run: variant -> row
+    names = list(by_name[0])
     reference = next((n for n in names if n != "dense"), None)
     rows = []
     for name in names:
-        per_run = [next(r for r in run["rows"] if r["variant"] == name) for run in runs]
+        per_run = [run[name] for run in by_name]
         row = dict(per_run[0])
         for b in ("1", "32"):
             speedups = [r[f"b{b}_speedup"] for r in per_run]
@@ -142,8 +143,7 @@ def over_runs(args, argv) -> dict:
             row[f"b{b}_median_s"] = statistics.median(r[f"b{b}_median_s"] for r in per_run)
             if reference:
                 row[f"b{b}_time_vs_{reference}_runs"] = [
-                    r[f"b{b}_median_s"] / next(x for x in run["rows"] if x["variant"] == reference)[f"b{b}_median_s"]
-                    for r, run in zip(per_run, runs)]
+                    r[f"b{b}_median_s"] / run[reference][f"b{b}_median_s"] for r, run in zip(per_run, by_name)]
         rows.append(row)
         times = row.get(f"b32_time_vs_{reference}_runs", [])
         print(f"| {name} | {row['b32_speedup']:.2f}x ({min(row['b32_speedup_runs']):.2f}-"
