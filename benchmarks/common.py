@@ -269,15 +269,30 @@ def make_optimizer(model, *, lr: float, weight_decay: float = 0.01) -> torch.opt
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
+def warmup_decay_factor(step: int, *, steps: int, warmup: int) -> float:
+    """The rate's multiple after ``step`` optimizer steps: linear warm-up over ``warmup`` steps, then linear decay to
+    0 at ``steps`` (the one source of the benchmarks' schedule shape)."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
 def linear_warmup_decay(optimizer, *, steps: int, warmup: int, start: int = 0):
     """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``steps``; ``start``: the schedule resumes
     at that step (a run that continues with a new optimizer)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_decay_factor(step + start, steps=steps, warmup=warmup))
+
+
+def warm_restart(optimizer, *, steps: int, warmup: int, at: int, peak: float):
+    """`linear_warmup_decay` until optimizer step ``at``, then the same shape again over the remaining steps (warm-up
+    over a tenth of them) peaking at ``peak`` times the base rate: a rate of its own for the model a cut leaves."""
+    rest = steps - at
 
     def factor(step: int) -> float:
-        step += start
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (steps - step) / max(1, steps - warmup))
+        if step < at:
+            return warmup_decay_factor(step, steps=steps, warmup=warmup)
+        return peak * warmup_decay_factor(step - at, steps=rest, warmup=max(1, rest // 10))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -387,6 +402,10 @@ def add_lever_arguments(ap) -> None:
                     help="pruning start_step / end_step as fractions of the run (default 0.1 0.6)")
     ap.add_argument("--hardness", type=float, default=0.5, help="+self variants: weight of the KD term")
     ap.add_argument("--hidden-weight", type=float, default=0.0, help="+self variants: hidden-state MSE weight")
+
+
+def add_cut_arguments(ap) -> None:
+    """How the MiniLM structured benchmarks remove units: merged or dropped, blocks one-shot, the rate after the cut."""
     ap.add_argument("--fold", nargs="+", default=[], choices=["ffn_neurons", "blocks"],
                     help="merge what these granularities remove into what stays (PruningConfig(merge=True)); "
                          "rows are named /fold=...")
@@ -398,3 +417,14 @@ def add_lever_arguments(ap) -> None:
     ap.add_argument("--fold-select", choices=["saliency", "fold"], default="saliency",
                     help="merge.select of the --fold granularities (which units go); 'fold' rows are named "
                          "/fold=.../fold")
+    ap.add_argument("--slim-lr", type=float, default=None, metavar="LR",
+                    help="with --blocks-oneshot: after the blocks are cut the rate warms up again to LR and decays to 0 "
+                         "at the end (common.warm_restart); rows are named /slrX")
+
+
+def check_cut_arguments(ap, args) -> None:
+    """Refuse a cut option that would not apply (`add_cut_arguments`)."""
+    if args.slim_lr is not None and args.blocks_oneshot is None:
+        ap.error(f"--slim-lr {args.slim_lr:g} applies from the step the blocks are cut: give --blocks-oneshot FRACTION")
+    if args.slim_lr is not None and not (math.isfinite(args.slim_lr) and args.slim_lr > 0):
+        ap.error(f"--slim-lr {args.slim_lr}: a finite rate above 0")

@@ -137,6 +137,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     common.add_seed_argument(ap)
     common.add_lever_arguments(ap)
+    common.add_cut_arguments(ap)
     ap.add_argument("--save-dense", type=Path, default=None, help="save the dense row's fine-tuned model here")
     ap.add_argument("--dense-from", type=Path, default=None,
                     help="teacher of the +kd variants: a dense model saved by --save-dense in the same setting")
@@ -154,6 +155,7 @@ def main(argv=None):
     ap.add_argument("--include", default=None, metavar="REGEX", help="--frontier: only the plans whose name matches")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "speed_plan_accuracy.json")
     args = ap.parse_args(argv)
+    common.check_cut_arguments(ap, args)
     if args.merge:
         return sa.merge(args.merge, args.out)
     if args.frontier:
@@ -192,7 +194,8 @@ def main(argv=None):
                                   save_dense=args.save_dense, dense_from=args.dense_from, window=tuple(args.window),
                                   hardness=args.hardness, hidden_weight=args.hidden_weight, fold=args.fold,
                                   fold_steps=args.fold_steps, fold_select=args.fold_select,
-                                  blocks_oneshot=args.blocks_oneshot, augment=args.augment)
+                                  blocks_oneshot=args.blocks_oneshot, slim_lr=args.slim_lr,
+                                  augment=args.augment)
     results = {"benchmark": "speed_plan_accuracy", "hardware": common.hardware_info(), "threads": args.threads,
                "lr": args.lr, "batch_size": 16, "max_len": 64, "seed": args.seed,
                "latency": {k: v for k, v in analysis["latency"].items() if k != "rows"}, "rows": []}

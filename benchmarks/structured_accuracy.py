@@ -101,6 +101,8 @@ def label(name: str, args) -> str:
             out += f"/c{args.fold_steps}"
         if getattr(args, "fold_select", "saliency") != "saliency":
             out += f"/{args.fold_select}"
+    if getattr(args, "slim_lr", None) is not None and oneshot is not None and any(k == "blocks" for k, _ in units):
+        out += f"/slr{args.slim_lr:g}"
     if getattr(args, "augment", None):
         out += f"/aug{args.augment:g}"
     return common.with_seed(out + lr_suffix(getattr(args, "lr", DEFAULT_LR)), seed)
@@ -117,6 +119,16 @@ def _merge(args, granularity: str) -> dict:
     return {**({"calibration_steps": steps} if steps else {}), **({"select": select} if select != "saliency" else {})}
 
 
+def _scheduler(optimizer, pruner, args):
+    """The benchmark's warm-up/decay schedule; with ``--slim-lr`` it restarts when the blocks are cut."""
+    steps, slim_lr = args.steps, getattr(args, "slim_lr", None)
+    cut = next((g.schedule.first_update_step() for g in (pruner.groups if pruner else ()) if g.config.granularity == "blocks"),
+               None)
+    if slim_lr is None or cut is None:
+        return common.linear_warmup_decay(optimizer, steps=steps, warmup=steps // 10)
+    return common.warm_restart(optimizer, steps=steps, warmup=steps // 10, at=cut, peak=slim_lr / args.lr)
+
+
 def run_variant(name: str, args) -> dict:
     from prune_callbacks import Pruner, PruningConfig
     from prune_callbacks.controllers.distillation import DistillationConfig, Distiller
@@ -130,7 +142,6 @@ def run_variant(name: str, args) -> dict:
     model, data = _setup(args, seed)
     steps = args.steps
     optimizer = common.make_optimizer(model, lr=args.lr)
-    scheduler = common.linear_warmup_decay(optimizer, steps=steps, warmup=steps // 10)
     pruner = distiller = None
     if kinds:
         fold = getattr(args, "fold", None) or ()
@@ -139,6 +150,7 @@ def run_variant(name: str, args) -> dict:
                                  **(dict(schedule="oneshot", start_step=oneshot) if k == "blocks" and oneshot is not None
                                     else dict(start_step=start, end_step=end))) for k, s in kinds]
         pruner = Pruner(model, configs, total_steps=steps).attach(optimizer)
+    scheduler = _scheduler(optimizer, pruner, args)
     distillation = _distillation(suffix, args) if suffix else None
     if distillation:
         distiller = Distiller(DistillationConfig(**distillation)).attach(model)
@@ -166,7 +178,8 @@ def run_variant(name: str, args) -> dict:
         Path(str(args.save_dense) + ".tmp").rename(args.save_dense)
     if distillation:
         distillation["teacher"] = "dense fine-tune" if suffix == "+kd" else f"self, copied after step {distiller.teacher_step}"
-    return {"variant": label(name, args), "seed": seed, "lr": args.lr, "units": [list(k) for k in kinds],
+    return {"variant": label(name, args), "seed": seed, "lr": args.lr, "slim_lr": getattr(args, "slim_lr", None),
+            "units": [list(k) for k in kinds],
             "distillation": distillation,
             "window": [start, end], "steps": steps, "augment": getattr(args, "augment", None),
             "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),
@@ -248,12 +261,14 @@ def main(argv=None):
     ap.add_argument("--save-dense", type=Path, default=None, help="save the dense variant's model here")
     ap.add_argument("--dense-from", type=Path, default=None, help="teacher of the +kd variants")
     common.add_lever_arguments(ap)
+    common.add_cut_arguments(ap)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, skip their variants")
     ap.add_argument("--out", type=Path, default=common.RESULTS / "structured_accuracy.json")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, help="merge these result files into --out, plot")
     ap.add_argument("--latency", type=Path, default=common.RESULTS / "structured_latency.json")
     args = ap.parse_args(argv)
+    common.check_cut_arguments(ap, args)
     if args.merge:
         merged = merge(args.merge, args.out)
         plot(merged, json.loads(args.latency.read_text()), args.out.with_suffix(".png"), args.latency.name)

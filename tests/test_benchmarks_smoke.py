@@ -362,6 +362,41 @@ def test_speed_plan_fold_levers_smoke(tmp_path):
     assert blocks["select"] == "fold" and blocks["updates"] == 1 and blocks["blocks"] >= 1
 
 
+def test_warm_restart_schedule():
+    """Until the cut the rate follows linear_warmup_decay; from it, the same shape again up to ``peak`` times the base."""
+    import torch
+
+    from benchmarks import common
+
+    def rates(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = make(opt), []
+        for _ in range(20):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    plain = rates(lambda o: common.linear_warmup_decay(o, steps=20, warmup=2))
+    again = rates(lambda o: common.warm_restart(o, steps=20, warmup=2, at=10, peak=3.0))
+    assert again[:10] == plain[:10] and plain[:3] == [0.5, 1.0, 1.0] and plain[10] == pytest.approx(10 / 18)
+    assert again[10:13] == pytest.approx([3.0, 3.0, 3.0 * 8 / 9]) and again[-1] == pytest.approx(3.0 / 9)
+
+
+def test_speed_plan_slim_lr_smoke(tmp_path, capsys):
+    """--slim-lr restarts the schedule where the blocks are cut and names the row /slrX; without --blocks-oneshot it is
+    refused before any training."""
+    from benchmarks import speed_plan_accuracy
+
+    base = ["--smoke", "--only", "mix", "--plan", "mix=ffn_neurons:0.5,blocks:0.5", "--slim-lr", "1e-4"]
+    data = speed_plan_accuracy.main([*base, "--blocks-oneshot", "0.5", "--out", str(tmp_path / "s.json")])
+    row = data["rows"][-1]
+    assert row["variant"] == "mix/blocks@0.5/slr0.0001" and row["slim_lr"] == 1e-4
+    with pytest.raises(SystemExit):
+        speed_plan_accuracy.main([*base, "--out", str(tmp_path / "t.json")])
+    assert "--slim-lr 0.0001 applies from the step the blocks are cut" in capsys.readouterr().err
+
+
 def test_merge_blocks_engine_smoke(tmp_path):
     from benchmarks import merge_blocks
 
