@@ -418,13 +418,19 @@ def add_cut_arguments(ap) -> None:
                     help="merge.select of the --fold granularities (which units go); 'fold' rows are named "
                          "/fold=.../fold")
     ap.add_argument("--slim-lr", type=float, default=None, metavar="LR",
-                    help="with --blocks-oneshot: after the blocks are cut the rate warms up again to LR and decays to 0 "
-                         "at the end (common.warm_restart); rows are named /slrX")
+                    help="after the blocks are cut (--blocks-oneshot) or at --slim-lr-at, the rate warms up again to LR "
+                         "and decays to 0 at the end (common.warm_restart); rows are named /slrX")
+    ap.add_argument("--slim-lr-at", type=float, default=None, metavar="FRACTION",
+                    help="--slim-lr from this fraction of the run (default: the step --blocks-oneshot cuts the blocks); "
+                         "rows are named /slrX@F")
 
 
 def check_cut_arguments(ap, args) -> None:
     """Refuse a cut option that would not apply (`add_cut_arguments`)."""
-    if args.slim_lr is not None and args.blocks_oneshot is None:
-        ap.error(f"--slim-lr {args.slim_lr:g} applies from the step the blocks are cut: give --blocks-oneshot FRACTION")
+    if args.slim_lr is not None and args.blocks_oneshot is None and args.slim_lr_at is None:
+        ap.error(f"--slim-lr {args.slim_lr:g} applies from the step the blocks are cut: give --blocks-oneshot FRACTION "
+                 "or --slim-lr-at FRACTION")
+    if args.slim_lr_at is not None and (args.slim_lr is None or not 0 < args.slim_lr_at < 1):
+        ap.error(f"--slim-lr-at {args.slim_lr_at}: a fraction of the run in (0, 1), with --slim-lr")
     if args.slim_lr is not None and not (math.isfinite(args.slim_lr) and args.slim_lr > 0):
         ap.error(f"--slim-lr {args.slim_lr}: a finite rate above 0")

@@ -194,7 +194,7 @@ def main(argv=None):
                                   save_dense=args.save_dense, dense_from=args.dense_from, window=tuple(args.window),
                                   hardness=args.hardness, hidden_weight=args.hidden_weight, fold=args.fold,
                                   fold_steps=args.fold_steps, fold_select=args.fold_select,
-                                  blocks_oneshot=args.blocks_oneshot, slim_lr=args.slim_lr,
+                                  blocks_oneshot=args.blocks_oneshot, slim_lr=args.slim_lr, slim_lr_at=args.slim_lr_at,
                                   augment=args.augment)
     results = {"benchmark": "speed_plan_accuracy", "hardware": common.hardware_info(), "threads": args.threads,
                "lr": args.lr, "batch_size": 16, "max_len": 64, "seed": args.seed,

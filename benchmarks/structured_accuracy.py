@@ -101,8 +101,10 @@ def label(name: str, args) -> str:
             out += f"/c{args.fold_steps}"
         if getattr(args, "fold_select", "saliency") != "saliency":
             out += f"/{args.fold_select}"
-    if getattr(args, "slim_lr", None) is not None and oneshot is not None and any(k == "blocks" for k, _ in units):
-        out += f"/slr{args.slim_lr:g}"
+    at = getattr(args, "slim_lr_at", None)
+    if getattr(args, "slim_lr", None) is not None and units and (at is not None or oneshot is not None and any(
+            k == "blocks" for k, _ in units)):
+        out += f"/slr{args.slim_lr:g}" + (f"@{at:g}" if at is not None else "")
     if getattr(args, "augment", None):
         out += f"/aug{args.augment:g}"
     return common.with_seed(out + lr_suffix(getattr(args, "lr", DEFAULT_LR)), seed)
@@ -120,10 +122,14 @@ def _merge(args, granularity: str) -> dict:
 
 
 def _scheduler(optimizer, pruner, args):
-    """The benchmark's warm-up/decay schedule; with ``--slim-lr`` it restarts when the blocks are cut."""
-    steps, slim_lr = args.steps, getattr(args, "slim_lr", None)
-    cut = next((g.schedule.first_update_step() for g in (pruner.groups if pruner else ()) if g.config.granularity == "blocks"),
-               None)
+    """The benchmark's warm-up/decay schedule; with ``--slim-lr`` it restarts at ``--slim-lr-at`` or, without it,
+    when the blocks are cut."""
+    from prune_callbacks.core.resolution import absolute_step
+
+    steps, slim_lr, at = args.steps, getattr(args, "slim_lr", None), getattr(args, "slim_lr_at", None)
+    groups = pruner.groups if pruner else ()
+    cut = (absolute_step(at, steps) if at is not None and groups else
+           next((g.schedule.first_update_step() for g in groups if g.config.granularity == "blocks"), None))
     if slim_lr is None or cut is None:
         return common.linear_warmup_decay(optimizer, steps=steps, warmup=steps // 10)
     return common.warm_restart(optimizer, steps=steps, warmup=steps // 10, at=cut, peak=slim_lr / args.lr)
@@ -179,6 +185,7 @@ def run_variant(name: str, args) -> dict:
     if distillation:
         distillation["teacher"] = "dense fine-tune" if suffix == "+kd" else f"self, copied after step {distiller.teacher_step}"
     return {"variant": label(name, args), "seed": seed, "lr": args.lr, "slim_lr": getattr(args, "slim_lr", None),
+            "slim_lr_at": getattr(args, "slim_lr_at", None),
             "units": [list(k) for k in kinds],
             "distillation": distillation,
             "window": [start, end], "steps": steps, "augment": getattr(args, "augment", None),

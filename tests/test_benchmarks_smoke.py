@@ -384,8 +384,8 @@ def test_warm_restart_schedule():
 
 
 def test_speed_plan_slim_lr_smoke(tmp_path, capsys):
-    """--slim-lr restarts the schedule where the blocks are cut and names the row /slrX; without --blocks-oneshot it is
-    refused before any training."""
+    """--slim-lr restarts the schedule where the blocks are cut, or at --slim-lr-at, and names the row /slrX[@F];
+    without either it is refused before any training, as is a --slim-lr-at outside the run."""
     from benchmarks import speed_plan_accuracy
 
     base = ["--smoke", "--only", "mix", "--plan", "mix=ffn_neurons:0.5,blocks:0.5", "--slim-lr", "1e-4"]
@@ -395,6 +395,12 @@ def test_speed_plan_slim_lr_smoke(tmp_path, capsys):
     with pytest.raises(SystemExit):
         speed_plan_accuracy.main([*base, "--out", str(tmp_path / "t.json")])
     assert "--slim-lr 0.0001 applies from the step the blocks are cut" in capsys.readouterr().err
+    at = speed_plan_accuracy.main(["--smoke", "--only", "w", "--plan", "w=ffn_neurons:0.5", "--slim-lr", "1e-4",
+                                   "--slim-lr-at", "0.5", "--out", str(tmp_path / "a.json")])
+    assert at["rows"][-1]["variant"] == "w/slr0.0001@0.5" and at["rows"][-1]["slim_lr_at"] == 0.5
+    with pytest.raises(SystemExit):
+        speed_plan_accuracy.main([*base, "--slim-lr-at", "1.5", "--out", str(tmp_path / "u.json")])
+    assert "--slim-lr-at 1.5: a fraction of the run in (0, 1)" in capsys.readouterr().err
 
 
 def test_merge_blocks_engine_smoke(tmp_path):
