@@ -423,6 +423,9 @@ def add_cut_arguments(ap) -> None:
     ap.add_argument("--slim-lr-at", type=float, default=None, metavar="FRACTION",
                     help="--slim-lr from this fraction of the run (default: the step --blocks-oneshot cuts the blocks); "
                          "rows are named /slrX@F")
+    ap.add_argument("--recovery-lr-scale", type=float, default=None, metavar="X",
+                    help="the library's PruningConfig.recovery_lr_scale on the blocks config (else the last one): the "
+                         "rate times X after its last mask update, ramped in; rows are named /rlrX")
 
 
 def check_cut_arguments(ap, args) -> None:
@@ -430,6 +433,8 @@ def check_cut_arguments(ap, args) -> None:
     if args.slim_lr is not None and args.blocks_oneshot is None and args.slim_lr_at is None:
         ap.error(f"--slim-lr {args.slim_lr:g} applies from the step the blocks are cut: give --blocks-oneshot FRACTION "
                  "or --slim-lr-at FRACTION")
+    if args.slim_lr is not None and args.recovery_lr_scale is not None:
+        ap.error("--slim-lr and --recovery-lr-scale both restart the rate after the cut: give one")
     if args.slim_lr_at is not None and (args.slim_lr is None or not 0 < args.slim_lr_at < 1):
         ap.error(f"--slim-lr-at {args.slim_lr_at}: a fraction of the run in (0, 1), with --slim-lr")
     if args.slim_lr is not None and not (math.isfinite(args.slim_lr) and args.slim_lr > 0):

@@ -105,6 +105,8 @@ def label(name: str, args) -> str:
     if getattr(args, "slim_lr", None) is not None and units and (at is not None or oneshot is not None and any(
             k == "blocks" for k, _ in units)):
         out += f"/slr{args.slim_lr:g}" + (f"@{at:g}" if at is not None else "")
+    if getattr(args, "recovery_lr_scale", None) is not None and units:
+        out += f"/rlr{args.recovery_lr_scale:g}"
     if getattr(args, "augment", None):
         out += f"/aug{args.augment:g}"
     return common.with_seed(out + lr_suffix(getattr(args, "lr", DEFAULT_LR)), seed)
@@ -155,6 +157,10 @@ def run_variant(name: str, args) -> dict:
         configs = [PruningConfig(granularity=k, final_sparsity=s, merge=_merge(args, k) if k in fold else None,
                                  **(dict(schedule="oneshot", start_step=oneshot) if k == "blocks" and oneshot is not None
                                     else dict(start_step=start, end_step=end))) for k, s in kinds]
+        recovery = getattr(args, "recovery_lr_scale", None)
+        if recovery is not None:  # the library's warm restart after the blocks' cut (else after the last config's)
+            i = next((i for i, (k, _) in enumerate(kinds) if k == "blocks"), len(configs) - 1)
+            configs[i] = configs[i].model_copy(update={"recovery_lr_scale": recovery})
         pruner = Pruner(model, configs, total_steps=steps).attach(optimizer)
     scheduler = _scheduler(optimizer, pruner, args)
     distillation = _distillation(suffix, args) if suffix else None
@@ -185,7 +191,7 @@ def run_variant(name: str, args) -> dict:
     if distillation:
         distillation["teacher"] = "dense fine-tune" if suffix == "+kd" else f"self, copied after step {distiller.teacher_step}"
     return {"variant": label(name, args), "seed": seed, "lr": args.lr, "slim_lr": getattr(args, "slim_lr", None),
-            "slim_lr_at": getattr(args, "slim_lr_at", None),
+            "slim_lr_at": getattr(args, "slim_lr_at", None), "recovery_lr_scale": getattr(args, "recovery_lr_scale", None),
             "units": [list(k) for k in kinds],
             "distillation": distillation,
             "window": [start, end], "steps": steps, "augment": getattr(args, "augment", None),

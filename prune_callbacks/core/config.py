@@ -90,6 +90,12 @@ class PruningConfig(_Validated):
     l1_lambda: FiniteFloat = Field(0.0, description="Strength of the proximal L1 step on targeted weights (0 = off).")
     l1_ramp_steps: Step = Field(0, description="L1 strength grows linearly from 0 over this many steps (or fraction).")
 
+    recovery_lr_scale: FiniteFloat = Field(
+        1.0, description="After this config's last mask update, the optimizer's learning rate is multiplied by this "
+        "for the rest of the run, ramped in from 0 over a tenth of the steps left: a warm restart for the model the cut "
+        "leaves, on top of the run's own schedule (prune_callbacks.methods.steps.recovery; needs the run's length and "
+        "an attached optimizer, which the adapters always have). 1 = off.")
+
     sync_masks: bool = Field(True, description="Under torch.distributed, broadcast masks from rank 0 at every update.")
 
     accuracy_guard: Optional[AccuracyGuardConfig] = Field(
@@ -124,6 +130,13 @@ class PruningConfig(_Validated):
     def _beta(cls, v: float, info) -> float:
         if not (0.0 <= v < 1.0):
             raise ValueError(f"{info.field_name}={v!r} is invalid: an EMA factor must be in [0, 1)")
+        return v
+
+    @field_validator("recovery_lr_scale")
+    @classmethod
+    def _scale(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"recovery_lr_scale={v!r} is invalid: a learning-rate multiple must be > 0 (1 = off)")
         return v
 
     @field_validator("update_every")

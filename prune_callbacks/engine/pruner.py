@@ -41,6 +41,7 @@ from prune_callbacks.core.report import build_report
 from prune_callbacks.methods.steps.base import PHASES, StepComponent
 from prune_callbacks.methods.steps.l1 import L1Component
 from prune_callbacks.methods.steps.pruning import PruningGroup
+from prune_callbacks.methods.steps.recovery import RecoveryRate
 from prune_callbacks.methods.sharding import layout_of
 from prune_callbacks.core.targets import (  # _preview: the one "a, b, ..." list
     _preview, check_not_sharded, drop_frozen, find_targets, frozen, unwrap_model,
@@ -74,8 +75,9 @@ class Pruner:
             if g.config.l1_lambda > 0:  # the group's own resolved ramp (resolved with its schedule)
                 l1.append(L1Component(g.targets, g.config.l1_lambda, lambda _total, g=g: g.steps.l1_ramp_steps))
         self.l1 = l1
+        self.recovery = [RecoveryRate(g, total_steps) for g in self.groups if g.config.recovery_lr_scale != 1.0]
         self.components: list[StepComponent] = []
-        for component in [*l1, *self.groups]:
+        for component in [*l1, *self.groups, *self.recovery]:
             self.add_component(component)
         self.step = 0  # completed real optimizer steps
         self.skipped_steps = 0  # steps whose gradients were not finite
@@ -83,6 +85,7 @@ class Pruner:
         self._skip_pending = False
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._hooks: list = []
+        self._saved_lr: Optional[list] = None  # the rates a component's lr_factor scaled for this step
 
     def add_component(self, component: StepComponent) -> None:
         """Add a step component (a controller, say); it runs in its phase's place (see :mod:`.steps.base`)."""
@@ -190,7 +193,7 @@ class Pruner:
         self._optimizer = inner
         self._hooks = [
             inner.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step_hook(opt)),
-            inner.register_step_post_hook(lambda opt, args, kwargs: self.after_optimizer_step(opt)),
+            inner.register_step_post_hook(lambda opt, args, kwargs: self._post_step_hook(opt)),
         ]
         return self
 
@@ -205,6 +208,29 @@ class Pruner:
             return
         scale = getattr(optimizer, "grad_scale", None)
         self.before_optimizer_step(grad_scale=None if scale is None else float(scale))
+        if not self._skip_pending:
+            self._scale_lr(optimizer)
+
+    def _post_step_hook(self, optimizer: torch.optim.Optimizer) -> None:
+        try:
+            self.after_optimizer_step(optimizer)
+        finally:
+            self._restore_lr(optimizer)
+
+    def _scale_lr(self, optimizer: torch.optim.Optimizer) -> None:
+        """Multiply every param group's rate by the components' `lr_factor` for the coming step (put back by
+        `_restore_lr` after it, so the run's scheduler never sees it)."""
+        factor = math.prod(c.lr_factor(self.step + 1) for c in self.components)
+        if factor != 1.0:
+            self._saved_lr = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * factor
+
+    def _restore_lr(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._saved_lr is not None:
+            for group, lr in zip(optimizer.param_groups, self._saved_lr):
+                group["lr"] = lr
+            self._saved_lr = None
 
     def detach(self) -> None:
         for handle in self._hooks:
@@ -215,7 +241,7 @@ class Pruner:
         """Resolve fractional steps for a run of ``total_steps`` optimizer steps (validates the config)."""
         for group in self.groups:
             group.resolve(total_steps)
-        for component in self.l1:  # after the groups: a group's L1 ramp is resolved with its schedule
+        for component in [*self.l1, *self.recovery]:  # after the groups: both read a group's resolved schedule
             component.resolve(total_steps)
         self.total_steps = total_steps
 
@@ -245,6 +271,9 @@ class Pruner:
         """Fold this step's gradients into the saliency. Pass ``grad_scale`` if grads are still loss-scaled."""
         if self.finalized:
             return
+        if self.recovery and self._optimizer is None:
+            raise RuntimeError("recovery_lr_scale changes the optimizer's learning rate on each step, which needs "
+                               "pruner.attach(optimizer) (the Trainer and Accelerate adapters attach)")
         finite = [c.prepare(grad_scale) for c in self.components]
         self._skip_pending = not self._layout.all_true(all(finite))  # the same on every rank of a sharded model
         for c in self.components:

@@ -49,6 +49,11 @@ class StepComponent:
     def after_step(self, step: int, optimizer: Any) -> None:
         """Act after optimizer step number ``step`` (1-based)."""
 
+    def lr_factor(self, step: int) -> float:
+        """The multiple of the optimizer's learning rate for optimizer step ``step`` (1-based), applied by an
+        attached `Pruner` for that step only (:mod:`.recovery`); 1.0 = unchanged."""
+        return 1.0
+
     def apply(self) -> None:
         """Re-impose masks after everything else ran."""
 
