@@ -450,3 +450,22 @@ def test_fsdp_sharded_model_refused_at_train_begin_with_the_reason():
         assert engine.pruner is None and not opt._optimizer_step_pre_hooks
     finally:
         dist.destroy_process_group()
+
+
+def test_recovery_lr_scale_rides_the_trainers_optimizer(tmp_path):
+    """PruningConfig.recovery_lr_scale through make_callbacks: the optimizer steps at the Trainer's scheduled rate
+    times the factor after the cut, and the rate the Trainer logs is its scheduler's own (max_steps 8: cut after step
+    4, ramp 1 step)."""
+    cbs = make_callbacks(PruningConfig(final_sparsity=0.5, schedule="oneshot", start_step=4, recovery_lr_scale=3.0))
+    trainer = build(tmp_path, cbs, lr_scheduler_type="constant", learning_rate=1e-3)
+    stepped = []
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            inner = optimizer.optimizer  # Accelerate's wrapper; the Pruner's hooks are on the torch optimizer
+            inner.register_step_pre_hook(lambda o, a, k: stepped.append(o.param_groups[0]["lr"]))
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert stepped == pytest.approx([1e-3] * 4 + [3e-3] * 4)
+    assert [e["learning_rate"] for e in train_logs(trainer)] == pytest.approx([1e-3] * 8)

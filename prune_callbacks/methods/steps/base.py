@@ -9,6 +9,9 @@ before ``optimizer.step()`` (gradients accumulated, unscaled)
        whether they are finite;
     2. only if *all* were finite, every component's :meth:`commit` folds them in
        (saliency EMAs); otherwise the step is marked skipped and nothing changes.
+    3. on a step that is not skipped, an attached Pruner multiplies every param group's
+       learning rate by the product of the components' :meth:`lr_factor` (1.0 unless a
+       `~.recovery.RecoveryRate` is on) and puts the rates back right after the step.
 
 after ``optimizer.step()``, in phase order (``PHASES``), list order within a phase
     1. ``regularize``: the proximal L1 step (:mod:`.l1`);
