@@ -516,3 +516,27 @@ def test_a_list_of_configs_reaches_the_pruner():
     report = hook.finalize()
     assert [g["mask_sparsity"] for g in report["groups"]] == [0.5, 0.25]
     assert report["per_group"]["layers.*.up"]["sparsity"] == pytest.approx(0.5, abs=0.01)  # one layer kind per config
+
+
+def test_recovery_lr_scale_on_real_steps_only():
+    """recovery_lr_scale under gradient accumulation: the factor follows optimizer steps (cut after step 3 of 7, ramp
+    1), the scheduler's rates are untouched, and pruning/lr_factor reaches the trackers."""
+    tracker = RecordingTracker()
+    acc, model, opt, sched = _setup(accum=2, log_with=[tracker])
+    acc.init_trackers("prune")
+    hook = AcceleratePruningHook(PruningConfig(final_sparsity=0.5, schedule="oneshot", start_step=3, end_step=6,
+                                               recovery_lr_scale=2.0), total_steps=7, log_every=1)
+    hook.register(acc, model, opt)
+    inner = opt.optimizer
+    stepped = []
+    inner.register_step_pre_hook(lambda o, a, k: stepped.append(o.param_groups[0]["lr"]))
+    scheduled = []
+    for ids in random_batches(14):
+        _train_step(acc, model, opt, sched, ids)
+        if acc.sync_gradients:
+            scheduled.append(inner.param_groups[0]["lr"])
+    assert len(stepped) == 7
+    base = [1e-2 / (1 + 0.1 * s) for s in range(7)]  # _setup's LambdaLR, one step per optimizer step
+    assert stepped == pytest.approx([b * f for b, f in zip(base, [1, 1, 1, 2, 2, 2, 2])])
+    assert scheduled == pytest.approx([1e-2 / (1 + 0.1 * s) for s in range(1, 8)])
+    assert [values["pruning/lr_factor"] for _, values in tracker.logged] == [1, 1, 1, 2, 2, 2, 2]

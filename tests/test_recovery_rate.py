@@ -51,11 +51,12 @@ def test_rate_is_scaled_after_the_cut_ramped_in_and_put_back():
     assert factors[:10] == [1.0] * 10  # steps 1..10: the cut happens after step 10
     assert factors[10:14] == pytest.approx([1.0, 2.0, 3.0, 3.0]) and factors[-1] == pytest.approx(3.0)
     assert scheduled == [1e-2] * STEPS  # the scheduler never saw the factor
+    assert pruner.report()["lr_factor"] == 3.0 == pruner.lr_factor() and pruner.lr_factor(10) == 1.0
 
 
 def test_off_by_default_and_equal_to_no_recovery():
     plain, _, pruner = _rates(_config())
-    assert pruner.recovery == [] and plain == [1e-2] * STEPS
+    assert pruner.recovery == [] and plain == [1e-2] * STEPS and "lr_factor" not in pruner.report()
 
 
 def test_gradual_window_recovers_after_its_last_update():

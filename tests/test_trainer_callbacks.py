@@ -454,8 +454,8 @@ def test_fsdp_sharded_model_refused_at_train_begin_with_the_reason():
 
 def test_recovery_lr_scale_rides_the_trainers_optimizer(tmp_path):
     """PruningConfig.recovery_lr_scale through make_callbacks: the optimizer steps at the Trainer's scheduled rate
-    times the factor after the cut, and the rate the Trainer logs is its scheduler's own (max_steps 8: cut after step
-    4, ramp 1 step)."""
+    times the factor after the cut; the rate the Trainer logs is its scheduler's own, the factor is logged beside it
+    (``pruning/lr_factor``; max_steps 8: cut after step 4, ramp 1 step)."""
     cbs = make_callbacks(PruningConfig(final_sparsity=0.5, schedule="oneshot", start_step=4, recovery_lr_scale=3.0))
     trainer = build(tmp_path, cbs, lr_scheduler_type="constant", learning_rate=1e-3)
     stepped = []
@@ -469,3 +469,4 @@ def test_recovery_lr_scale_rides_the_trainers_optimizer(tmp_path):
     trainer.train()
     assert stepped == pytest.approx([1e-3] * 4 + [3e-3] * 4)
     assert [e["learning_rate"] for e in train_logs(trainer)] == pytest.approx([1e-3] * 8)
+    assert [e["pruning/lr_factor"] for e in train_logs(trainer)] == [1.0] * 4 + [3.0] * 4

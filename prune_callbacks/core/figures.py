@@ -12,6 +12,8 @@ Trainer's reporters add their own ``train/`` prefix):
                                (``attention.self.query``, ``mlp.up_proj``, ...)
 ``pruning/mask_updates``       mask updates so far
 ``pruning/skipped_steps``      optimizer steps skipped for non-finite gradients
+``pruning/lr_factor``          the multiple of the optimizer's rate at this step (``recovery_lr_scale``
+                               runs only; the rate the Trainer logs is its scheduler's, without it)
 ``l1/strength``                current lambda of the proximal L1 step (L1 runs only)
 ``l1/zero_fraction``           exact zeros among the targeted weights (L1 runs only)
 ``guard/sparsity``             accuracy guard: sparsity of its latest decision (guarded runs only)
@@ -39,6 +41,7 @@ SCHEDULED = "sparsity/scheduled"
 MASKS_TARGET = "sparsity/masks_target"
 MASK_UPDATES = "pruning/mask_updates"
 SKIPPED_STEPS = "pruning/skipped_steps"
+LR_FACTOR = "pruning/lr_factor"
 L1_STRENGTH = "l1/strength"
 L1_ZERO_FRACTION = "l1/zero_fraction"
 GUARD_SPARSITY = "guard/sparsity"
@@ -83,6 +86,8 @@ def sparsity_figures(report: Mapping[str, Any], *, per_group: bool = True) -> di
         MASK_UPDATES: int(report.get("mask_updates", 0)),
         SKIPPED_STEPS: int(report.get("skipped_steps", 0)),
     }
+    if "lr_factor" in report:  # recovery_lr_scale runs only
+        out[LR_FACTOR] = float(report["lr_factor"])
     if per_group:
         for name, row in short_group_names(report.get("per_group", {})).items():
             key = f"sparsity/{name}"

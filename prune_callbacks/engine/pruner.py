@@ -220,11 +220,17 @@ class Pruner:
     def _scale_lr(self, optimizer: torch.optim.Optimizer) -> None:
         """Multiply every param group's rate by the components' `lr_factor` for the coming step (put back by
         `_restore_lr` after it, so the run's scheduler never sees it)."""
-        factor = math.prod(c.lr_factor(self.step + 1) for c in self.components)
+        factor = self.lr_factor(self.step + 1)
         if factor != 1.0:
             self._saved_lr = [group["lr"] for group in optimizer.param_groups]
             for group in optimizer.param_groups:
                 group["lr"] = group["lr"] * factor
+
+    def lr_factor(self, step: Optional[int] = None) -> float:
+        """The multiple of the optimizer's rate the components apply at optimizer step ``step`` (1-based; default:
+        the last completed step): the product of their `StepComponent.lr_factor`, 1.0 unless ``recovery_lr_scale``."""
+        step = self.step if step is None else step
+        return math.prod(c.lr_factor(step) for c in self.components)
 
     def _restore_lr(self, optimizer: torch.optim.Optimizer) -> None:
         if self._saved_lr is not None:
@@ -334,6 +340,8 @@ class Pruner:
                 for g in self.groups
             ],
         }
+        if self.recovery and not self.finalized:
+            extra["lr_factor"] = self.lr_factor()
         if self.l1:
             l1 = [c.report() for c in self.l1]
             extra["l1"] = {"strength": max(r["strength"] for r in l1) if not self.finalized else 0.0,

@@ -41,6 +41,8 @@ class RecoveryRate(StepComponent):
         self.ramp = max(1, int(left * RAMP_FRACTION))
 
     def lr_factor(self, step: int) -> float:
+        if step < 1:
+            return 1.0
         if self.cut is None:
             raise PruningConfigError(
                 f"recovery_lr_scale={self.scale!r} ramps over the steps after the cut: the run's length is unknown "
