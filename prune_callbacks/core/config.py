@@ -91,7 +91,8 @@ class PruningConfig(_Validated):
     l1_ramp_steps: Step = Field(0, description="L1 strength grows linearly from 0 over this many steps (or fraction).")
 
     recovery_lr_scale: FiniteFloat = Field(
-        1.0, description="After this config's last mask update, the optimizer's learning rate is multiplied by this "
+        1.0, description="After the last mask update of this config's schedule (an accuracy guard may update later), "
+        "the optimizer's learning rate is multiplied by this "
         "for the rest of the run, ramped in from 0 over a tenth of the steps left: a warm restart for the model the cut "
         "leaves, on top of the run's own schedule (prune_callbacks.methods.steps.recovery; needs the run's length and "
         "an attached optimizer, which the adapters always have). 1 = off.")

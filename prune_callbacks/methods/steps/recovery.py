@@ -1,8 +1,9 @@
 """`RecoveryRate`: a higher learning rate for the model a cut leaves (``PruningConfig.recovery_lr_scale``).
 
-After a group's last mask update (a one-shot block cut, the end of a gradual window) the optimizer's learning
-rate is multiplied by ``scale`` for the rest of the run, ramped in linearly from 0 over a tenth of the steps left:
-a warm restart on top of whatever schedule the run has. On a linearly decaying schedule that is the benchmarks'
+After the last mask update a group's schedule plans (a one-shot block cut, the end of a gradual window; an
+accuracy guard that keeps raising sparsity afterwards does not move it) the optimizer's learning rate is multiplied
+by ``scale`` for the rest of the run, ramped in linearly from 0 over a tenth of the steps left: a warm restart on top
+of whatever schedule the run has. On a linearly decaying schedule that is the benchmarks'
 ``warm_restart`` up to the ramp's shape. The `~prune_callbacks.engine.pruner.Pruner` multiplies every param
 group's rate by the product of its components' `lr_factor` just before ``optimizer.step()`` and puts the rates
 back right after it, so the run's scheduler (and what it logs) never sees the factor.
