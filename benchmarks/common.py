@@ -439,3 +439,10 @@ def check_cut_arguments(ap, args) -> None:
         ap.error(f"--slim-lr-at {args.slim_lr_at}: a fraction of the run in (0, 1), with --slim-lr")
     if args.slim_lr is not None and not (math.isfinite(args.slim_lr) and args.slim_lr > 0):
         ap.error(f"--slim-lr {args.slim_lr}: a finite rate above 0")
+    if args.recovery_lr_scale is not None:  # the library's own rule, before any model is loaded
+        from prune_callbacks import PruningConfig, PruningConfigError
+
+        try:
+            PruningConfig(recovery_lr_scale=args.recovery_lr_scale)
+        except PruningConfigError as e:
+            ap.error(f"--recovery-lr-scale {args.recovery_lr_scale}: {e}")

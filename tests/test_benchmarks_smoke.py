@@ -404,6 +404,9 @@ def test_speed_plan_slim_lr_smoke(tmp_path, capsys):
     lib = speed_plan_accuracy.main(["--smoke", "--only", "mix", "--plan", "mix=ffn_neurons:0.5,blocks:0.5",
                                     "--blocks-oneshot", "0.5", "--recovery-lr-scale", "2", "--out", str(tmp_path / "r.json")])
     assert lib["rows"][-1]["variant"] == "mix/blocks@0.5/rlr2" and lib["rows"][-1]["recovery_lr_scale"] == 2
+    with pytest.raises(SystemExit):
+        speed_plan_accuracy.main(["--smoke", "--recovery-lr-scale", "0", "--out", str(tmp_path / "z.json")])
+    assert "a learning-rate multiple must be > 0" in capsys.readouterr().err
 
 
 def test_merge_blocks_engine_smoke(tmp_path):
