@@ -83,6 +83,7 @@ def test_resolved_recipe_and_report(quickstart_run):
     # dense: before_pruning; start_step 0.1 of 4 steps = 0, update_every 2: first masks at step 2, dense after step 1
     assert report["dense_metrics"]["step"] == 1
     assert report["training"]["global_step"] == 4 and report["training"]["train_examples"] == 32
+    assert report["training"]["recovery"] == []  # recovery_lr_scale off: no rate line anywhere
     s = report["sparsity"]
     assert s["target_sparsity"] == pytest.approx(0.85, abs=1e-3) and s["targets"] == 36
     assert s["params"] - s["nonzero_params"] >= s["target_params_pruned"] > 0.8 * s["target_params"]
@@ -94,6 +95,7 @@ def test_resolved_recipe_and_report(quickstart_run):
     assert "| accuracy |" in text and "sparsity.png" in text and "85.0%" in text
     assert "| metric | dense (step 1, before pruning) | pruned (step 4) | change |" in text
     assert "fine-tuned for 1 step, evaluated just before the first mask update" in text
+    assert "learning rate after" not in text
 
 
 def test_report_reads_the_run_back(quickstart_run, capsys):
@@ -147,12 +149,17 @@ def test_causal_lm_from_local_model_and_files(tmp_path, capsys):
         "model": {"source": "local", "name": str(model_dir)},
         "data": {"source": "local", "files": {"train": str(text)}, "eval_fraction": 0.2, "max_length": 16},
         "training": {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": "1e-3", "logging_steps": 1},
-        "pruning": {"final_sparsity": 0.5, "start_step": 1, "end_step": 4, "update_every": 1, "saliency": "magnitude"},
+        "pruning": {"final_sparsity": 0.5, "start_step": 1, "end_step": 4, "update_every": 1, "saliency": "magnitude",
+                    "recovery_lr_scale": 2.5},
         "evaluation": {"during_training": 0},
         "output": {"dir": str(tmp_path / "out"), "save_sparse": False, "plot": True},
     }))
+    assert main(["validate", str(recipe)]) == 0
+    assert "magnitude/cubic to 50% (global; rate x2.5 after the cut)" in capsys.readouterr().out  # validate's one-line description
     assert main(["finetune", str(recipe)]) == 0
     summary = capsys.readouterr().out
+    # the rate after the last mask update (step 4 of 6), in the summary, report.json and REPORT.md
+    assert "rate         x2.5 from step 5, ramped in over 1 step (recovery_lr_scale)" in summary
     assert "perplexity" in summary and "pruned" in summary
     assert "dense" in summary and "(step 0, before fine-tuning)" in summary  # pruning from step 1: dense at train begin
     out = tmp_path / "out"
@@ -162,6 +169,8 @@ def test_causal_lm_from_local_model_and_files(tmp_path, capsys):
     assert report["dense_metrics"]["perplexity"] > 1
     assert report["sparsity"]["target_sparsity"] == pytest.approx(0.5, abs=1e-2)
     assert report["evaluations"] == [] and not (out / "sparse").exists()
+    assert report["training"]["recovery"] == [{"recovery_lr_scale": 2.5, "after_step": 4, "ramp_steps": 1}]
+    assert "| learning rate after the last mask update | x2.5 from step 5, ramped in over 1 step" in (out / "REPORT.md").read_text()
 
     from transformers import AutoModelForCausalLM
 

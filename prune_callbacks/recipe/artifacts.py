@@ -122,6 +122,7 @@ def build_report(*, recipe: Recipe, recipe_path: Optional[str], out: Path, model
             "raw_rows": data.raw_sizes,
             "pruner_step": pruner.step if pruner is not None else None,
             "mask_updates": pruner.mask_updates if pruner is not None else None,
+            "recovery": [c.report() for c in pruner.recovery] if pruner is not None else [],
         },
         "sizes": {
             "model_bytes": weight_bytes(written),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from prune_callbacks.recipe.guard_artifacts import guard_markdown
-from prune_callbacks.recipe.summary import dense_label, dense_step, format_metric, slim_line
+from prune_callbacks.recipe.summary import dense_label, dense_step, format_metric, recovery_line, slim_line
 from prune_callbacks.recipe.tables import human_bytes, human_count, markdown_table
 
 
@@ -57,6 +57,8 @@ def render_markdown(report: Mapping, plot_name: Optional[str] = "sparsity.png") 
     if sizes.get("sparse_bytes"):
         lines.append(f"| sparse checkpoint | {human_bytes(sizes['sparse_bytes'])} (`sparse/`, "
                      "`prune_callbacks.export.sparse_io.load_sparse`) |")
+    for recovery in t.get("recovery") or []:
+        lines.append(f"| learning rate after the last mask update | {recovery_line(recovery)} |")
     lines += [
         f"| optimizer steps | {t['global_step']} (mask updates: {t['mask_updates']}), "
         f"{t['train_examples']} training / {t['eval_examples']} evaluation examples |",

@@ -23,8 +23,10 @@ def describe(recipe: Recipe) -> str:
 
 
 def _shape(config) -> str:
-    """``global`` / ``per_layer`` for unstructured weights, else the granularity (``2:4``, ``ffn_neurons``, ...)."""
-    return config.scope if config.granularity == "unstructured" else config.granularity
+    """``global`` / ``per_layer`` for unstructured weights, else the granularity (``2:4``, ``ffn_neurons``, ...);
+    with ``recovery_lr_scale`` also the rate's multiple after the cut."""
+    shape = config.scope if config.granularity == "unstructured" else config.granularity
+    return shape + (f"; rate x{config.recovery_lr_scale:g} after the cut" if config.recovery_lr_scale != 1.0 else "")
 
 
 def format_metric(name: str, value: Optional[float]) -> str:
@@ -67,6 +69,8 @@ def run_summary(report: Mapping) -> str:
     ]
     if report.get("slim"):
         lines.append(f"  slim         {slim_line(report['slim'])}")
+    for recovery in report["training"].get("recovery") or []:
+        lines.append(f"  rate         {recovery_line(recovery)}")
     for guard in report.get("accuracy_guard") or []:
         final = guard.get("final") or {}
         if final:
@@ -80,3 +84,9 @@ def slim_line(slim: Mapping) -> str:
     changes = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in slim["config"].items() if not isinstance(v[0], (list, tuple)))
     return (f"{human_count(slim['params_before'])} -> {human_count(slim['params_after'])} parameters"
             + (f" ({changes})" if changes else ""))
+
+
+def recovery_line(recovery: Mapping) -> str:
+    """``x2.25 from step 51, ramped in over 10 steps (recovery_lr_scale)``: one `RecoveryRate.report`."""
+    return (f"x{recovery['recovery_lr_scale']:g} from step {recovery['after_step'] + 1}, ramped in over "
+            f"{recovery['ramp_steps']} step{'s' if recovery['ramp_steps'] != 1 else ''} (recovery_lr_scale)")
