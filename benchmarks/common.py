@@ -423,9 +423,14 @@ def add_cut_arguments(ap) -> None:
     ap.add_argument("--slim-lr-at", type=float, default=None, metavar="FRACTION",
                     help="--slim-lr from this fraction of the run (default: the step --blocks-oneshot cuts the blocks); "
                          "rows are named /slrX@F")
+    add_recovery_argument(ap, "the blocks config (else the last one)")
+
+
+def add_recovery_argument(ap, which: str = "the last config") -> None:
+    """``--recovery-lr-scale X``: the library's ``PruningConfig.recovery_lr_scale`` on ``which`` config of a row."""
     ap.add_argument("--recovery-lr-scale", type=float, default=None, metavar="X",
-                    help="the library's PruningConfig.recovery_lr_scale on the blocks config (else the last one): the "
-                         "rate times X after its last mask update, ramped in; rows are named /rlrX")
+                    help=f"the library's PruningConfig.recovery_lr_scale on {which}: the rate times X after its last "
+                         "mask update, ramped in; rows are named /rlrX")
 
 
 def check_cut_arguments(ap, args) -> None:
@@ -439,7 +444,12 @@ def check_cut_arguments(ap, args) -> None:
         ap.error(f"--slim-lr-at {args.slim_lr_at}: a fraction of the run in (0, 1), with --slim-lr")
     if args.slim_lr is not None and not (math.isfinite(args.slim_lr) and args.slim_lr > 0):
         ap.error(f"--slim-lr {args.slim_lr}: a finite rate above 0")
-    if args.recovery_lr_scale is not None:  # the library's own rule, before any model is loaded
+    check_recovery_argument(ap, args)
+
+
+def check_recovery_argument(ap, args) -> None:
+    """Refuse a ``--recovery-lr-scale`` the library would refuse, by its own rule, before any model is loaded."""
+    if args.recovery_lr_scale is not None:
         from prune_callbacks import PruningConfig, PruningConfigError
 
         try:

@@ -81,7 +81,7 @@ def _merge(granularity: str, levers: set):
 
 def label(name: str, args) -> str:
     """The row's name, which is also its saved folder's: the variant, its teacher where ``--dense-from`` gives one,
-    its pruning window when that is not the default, and its seed when that is not 0 (``ffn25/s1``, as in
+    its pruning window when that is not the default, ``/rlrX`` with ``--recovery-lr-scale X``, and its seed when that is not 0 (``ffn25/s1``, as in
     ``speed_plan_accuracy``), so that seeds sharing a ``--models-dir`` do not overwrite each other's models."""
     window = tuple(args.window)
     kinds, levers = _kinds(name, args.smoke)
@@ -89,6 +89,8 @@ def label(name: str, args) -> str:
         name = f"{name}/ft-teacher-h{args.hardness:g}" + (f"-hw{args.hidden_weight:g}" if args.hidden_weight else "")
     if window != DEFAULT_WINDOW and kinds:
         name = f"{name}@{window[0]:g}-{window[1]:g}"
+    if args.recovery_lr_scale is not None and kinds:
+        name = f"{name}/rlr{args.recovery_lr_scale:g}"
     return common.with_seed(name, args.seed)
 
 
@@ -129,6 +131,8 @@ def train_variant(name: str, make, train, held, args) -> dict:
     configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end, update_every=2,
                              merge=_merge(k, levers))
                for k, s in kinds] or None
+    if configs and args.recovery_lr_scale is not None:  # the rate after the last config's last mask update
+        configs[-1] = configs[-1].model_copy(update={"recovery_lr_scale": args.recovery_lr_scale})
     distiller, distillation = None, None
     if "+kd" in levers:
         kd_config, distillation = _kd_config(model, args)
@@ -152,6 +156,7 @@ def train_variant(name: str, make, train, held, args) -> dict:
         diff = (model(input_ids=held[:2]).logits - reloaded(input_ids=held[:2]).logits).abs().max().item()
     return {"variant": label(name, args), "units": [list(k) for k in kinds], "distillation": distillation,
             "merge": "+merge" in levers, "select": "+select" in levers, "window": [start, end],
+            "recovery_lr_scale": configs[-1].recovery_lr_scale if configs else None,
             "merge_report": [g.get("merge") for g in pruner.report()["groups"]] if pruner is not None else None,
             "perplexity": peers.held_out_perplexity(reloaded, held), "masked_perplexity": masked_ppl,
             "reload_max_abs_logit_diff": diff, "params": sum(p.numel() for p in reloaded.parameters()),
@@ -245,6 +250,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny LlamaConfig model and random motifs")
     ap.add_argument("--steps", type=int, default=30)
     common.add_lever_arguments(ap)
+    common.add_recovery_argument(ap)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -262,6 +268,7 @@ def main(argv=None):
                          "setting; default: the pretrained model")
     ap.add_argument("--out", default=str(common.RESULTS / "structured_lm.json"))
     args = ap.parse_args(argv)
+    common.check_recovery_argument(ap, args)
     common.set_threads(args.threads)
     if args.train:
         return train_main(args)

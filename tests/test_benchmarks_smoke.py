@@ -191,6 +191,19 @@ def test_structured_lm_levers_smoke_merge_and_in_run_teacher(tmp_path):
         structured_lm._kinds("ffn25+kd+self")
 
 
+def test_structured_lm_recovery_lr_scale_names_and_records_the_row(tmp_path):
+    from benchmarks import structured_lm
+
+    out = tmp_path / "lm.json"
+    args = ["--smoke", "--steps", "8", "--eval-blocks", "2", "--out", str(out), "--models-dir", str(tmp_path / "m")]
+    structured_lm.main([*args, "--recovery-lr-scale", "2", "--train", "dense", "ffn25"])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["dense"]["recovery_lr_scale"] is None  # nothing is cut: nothing to recover, the name says so too
+    assert rows["ffn25/rlr2"]["recovery_lr_scale"] == 2.0
+    with pytest.raises(SystemExit):  # the library's own rule, before any model is built
+        structured_lm.main([*args, "--recovery-lr-scale", "0", "--train", "ffn25"])
+
+
 def test_structured_lm_kd_from_the_dense_row_names_and_records_its_teacher(tmp_path):
     from benchmarks import structured_lm
 
