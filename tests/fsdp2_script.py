@@ -182,19 +182,26 @@ def slim_from_full_state(model, pruner, rank, result):
 
 
 def attach_loop(rank):
-    """A real sharded forward/backward loop through attach(): zeros where masked after every step."""
+    """A real sharded forward/backward loop through attach(): zeros where masked after every step. Two steps past
+    the last mask update with ``recovery_lr_scale``: the rate each step used (seen by a hook after the pruner's)
+    and the rate left after it (the pruner puts it back)."""
     model = shard(tiny_llama())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    pruner = Pruner(model, config("global")).attach(opt)
+    pruner = Pruner(model, config("global").model_copy(update={"recovery_lr_scale": 3.0}),
+                    total_steps=STEPS + 2).attach(opt)
+    used = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: used.append(o.param_groups[0]["lr"]))
     gen = torch.Generator().manual_seed(5)
-    ok = []
-    for step in range(1, STEPS + 1):
+    ok, after = [], []
+    for step in range(1, STEPS + 3):
         ids = torch.randint(0, 64, (4, 12), generator=gen)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
+        after.append(opt.param_groups[0]["lr"])
         ok.append(all(bool((local(t.param)[m] == 0).all()) for t, m in zip(pruner.targets, pruner.pruned)))
-    return {"zeros_every_step": ok, "report": figures(pruner.report()), "step": pruner.step}
+    return {"zeros_every_step": ok, "report": figures(pruner.report()), "step": pruner.step, "lr_used": used,
+            "lr_after": after}
 
 
 def largest_allocation(rank):

@@ -95,6 +95,10 @@ def test_attach_loop_keeps_pruned_weights_zero(two_ranks):
     assert all(a["zeros_every_step"]) and all(b["zeros_every_step"])
     assert a["report"] == b["report"] and a["report"]["mask_updates"] == 4
     assert a["report"]["pruned_params"] == round(a["report"]["mask_sparsity"] * a["report"]["prunable_params"])
+    # recovery_lr_scale=3 on sharded parameters: the 8 steps up to the last mask update at the run's rate, the two
+    # after it at 3x (a ramp of one step); the rate put back after every step, the same on both ranks
+    assert a["lr_used"] == b["lr_used"] == [1e-2] * 8 + [pytest.approx(3e-2)] * 2
+    assert a["lr_after"] == b["lr_after"] == [1e-2] * 10
 
 
 @pytest.mark.slow
