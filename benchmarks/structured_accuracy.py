@@ -101,9 +101,8 @@ def label(name: str, args) -> str:
             out += f"/c{args.fold_steps}"
         if getattr(args, "fold_select", "saliency") != "saliency":
             out += f"/{args.fold_select}"
-    at = getattr(args, "slim_lr_at", None)
-    if getattr(args, "slim_lr", None) is not None and units and (at is not None or oneshot is not None and any(
-            k == "blocks" for k, _ in units)):
+    if restarts(units, args):
+        at = getattr(args, "slim_lr_at", None)
         out += f"/slr{args.slim_lr:g}" + (f"@{at:g}" if at is not None else "")
     if getattr(args, "recovery_lr_scale", None) is not None and units:
         out += f"/rlr{args.recovery_lr_scale:g}"
@@ -123,18 +122,27 @@ def _merge(args, granularity: str) -> dict:
     return {**({"calibration_steps": steps} if steps else {}), **({"select": select} if select != "saliency" else {})}
 
 
+def restarts(units, args) -> bool:
+    """Whether ``--slim-lr`` restarts the rate of a row pruning ``units`` (``(granularity, share)`` pairs): at
+    ``--slim-lr-at``, or at the step ``--blocks-oneshot`` cuts its blocks. Decides the row's name and its schedule."""
+    if getattr(args, "slim_lr", None) is None or not units:
+        return False
+    return getattr(args, "slim_lr_at", None) is not None or (
+        getattr(args, "blocks_oneshot", None) is not None and any(k == "blocks" for k, _ in units))
+
+
 def _scheduler(optimizer, pruner, args):
-    """The benchmark's warm-up/decay schedule; with ``--slim-lr`` it restarts at ``--slim-lr-at`` or, without it,
-    when the blocks are cut."""
+    """The benchmark's warm-up/decay schedule; with ``--slim-lr`` (`restarts`) it restarts at ``--slim-lr-at`` or,
+    without it, when the blocks are cut."""
     from prune_callbacks.core.resolution import absolute_step
 
-    steps, slim_lr, at = args.steps, getattr(args, "slim_lr", None), getattr(args, "slim_lr_at", None)
+    steps, at = args.steps, getattr(args, "slim_lr_at", None)
     groups = pruner.groups if pruner else ()
-    cut = (absolute_step(at, steps) if at is not None and groups else
-           next((g.schedule.first_update_step() for g in groups if g.config.granularity == "blocks"), None))
-    if slim_lr is None or cut is None:
+    if not restarts([(g.config.granularity, g.config.final_sparsity) for g in groups], args):
         return common.linear_warmup_decay(optimizer, steps=steps, warmup=steps // 10)
-    return common.warm_restart(optimizer, steps=steps, warmup=steps // 10, at=cut, peak=slim_lr / args.lr)
+    cut = (absolute_step(at, steps) if at is not None else
+           next(g.schedule.first_update_step() for g in groups if g.config.granularity == "blocks"))
+    return common.warm_restart(optimizer, steps=steps, warmup=steps // 10, at=cut, peak=args.slim_lr / args.lr)
 
 
 def run_variant(name: str, args) -> dict:
