@@ -31,7 +31,11 @@ def digest(tensors) -> str:
 
 class MaskHashes(TrainerCallback):
     def __init__(self, callbacks):
-        self.callbacks, self.updates, self.seen = callbacks, [], 0
+        self.callbacks, self.updates, self.seen, self.rates = callbacks, [], 0, []
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        # the rate each optimizer step used: Accelerate's wrapper holds the torch optimizer the Pruner hooks
+        optimizer.optimizer.register_step_pre_hook(lambda o, a, k: self.rates.append(o.param_groups[0]["lr"]))
 
     def on_step_end(self, args, state, control, **kwargs):
         pruner = self.callbacks.pruner
@@ -46,8 +50,10 @@ def main(out_dir: str) -> None:
         output_dir=os.path.join(out_dir, "run"), use_cpu=True, report_to=[], save_strategy="steps", save_steps=4,
         logging_steps=2, max_steps=8, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         disable_tqdm=True, seed=0, ddp_backend="gloo",
+        lr_scheduler_type="constant", learning_rate=1e-3,
     )
-    callbacks = make_callbacks(final_sparsity=0.6, start_step=1, end_step=6, update_every=1)
+    # recovery_lr_scale: the rate after the last mask update (step 6) is 2x on steps 7-8, on every rank alike
+    callbacks = make_callbacks(final_sparsity=0.6, start_step=1, end_step=6, update_every=1, recovery_lr_scale=2.0)
     recorder = MaskHashes(callbacks)
     # Different initial weights per rank: DDP broadcasts rank 0's at wrap time, masks must still agree.
     model = tiny_bert_classifier(seed=rank)
@@ -59,6 +65,7 @@ def main(out_dir: str) -> None:
         "rank": rank,
         "world_size": int(os.environ["WORLD_SIZE"]),
         "updates": recorder.updates,
+        "rates": recorder.rates,
         "final_masks": digest(pruner.pruned),
         "weights": digest([p for _, p in sorted(trainer.model.state_dict().items())]),
         "step": pruner.step,
