@@ -53,7 +53,8 @@ def main(out_dir: str) -> None:
         lr_scheduler_type="constant", learning_rate=1e-3,
     )
     # recovery_lr_scale: the rate after the last mask update (step 6) is 2x on steps 7-8, on every rank alike
-    callbacks = make_callbacks(final_sparsity=0.6, start_step=1, end_step=6, update_every=1, recovery_lr_scale=2.0)
+    callbacks = make_callbacks(final_sparsity=0.6, start_step=1, end_step=6, update_every=1,
+                               recovery_lr_scale=2.0)
     recorder = MaskHashes(callbacks)
     # Different initial weights per rank: DDP broadcasts rank 0's at wrap time, masks must still agree.
     model = tiny_bert_classifier(seed=rank)

@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun (gloo): every rank holds the same masks at every update and steps at the same rate."""
+"""Two CPU processes under torchrun (gloo): every rank holds the same masks at every update and steps at the same
+rate."""
 
 from pathlib import Path
 
