@@ -15,6 +15,12 @@ def write_plots(a: dict, out: Path) -> list[str]:
     import numpy as np
 
     written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        written.append(name)
+
     fig = _fig((12, 4.5))
     ax1, ax2 = fig.subplots(1, 2)
     for name, s in a["spectra"].items():
@@ -27,9 +33,7 @@ def write_plots(a: dict, out: Path) -> list[str]:
     ax2.set_title("energy held by the top fraction of the rank")
     ax2.set_xlabel("rank / full rank")
     ax2.axhline(0.95, color="gray", ls="--", lw=0.8)
-    fig.tight_layout()
-    fig.savefig(out / "spectra.png", dpi=100)
-    written.append("spectra.png")
+    save(fig, "spectra.png")
 
     fig = _fig()
     ax = fig.subplots()
@@ -41,9 +45,7 @@ def write_plots(a: dict, out: Path) -> list[str]:
     ax.set_ylabel("share of |theta * grad| they hold")
     ax.set_title("saliency mass per layer kind")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "saliency_mass.png", dpi=100)
-    written.append("saliency_mass.png")
+    save(fig, "saliency_mass.png")
 
     if a.get("head_similarity"):
         fig = _fig((7, 6))
@@ -52,9 +54,7 @@ def write_plots(a: dict, out: Path) -> list[str]:
         ax.set_title("cosine similarity of head outputs (calibration tokens)")
         ax.set_xlabel("head (layer-major)")
         fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        fig.savefig(out / "head_similarity.png", dpi=100)
-        written.append("head_similarity.png")
+        save(fig, "head_similarity.png")
 
     fig = _fig()
     ax = fig.subplots()
@@ -70,9 +70,7 @@ def write_plots(a: dict, out: Path) -> list[str]:
         right.set_ylabel(a["metric"])
         right.legend(fontsize=7, loc="upper right")
     ax.set_title("block influence")
-    fig.tight_layout()
-    fig.savefig(out / "block_influence.png", dpi=100)
-    written.append("block_influence.png")
+    save(fig, "block_influence.png")
 
     rows = [r for r in a.get("strategies") or [] if r.get("applicable")]
     if rows:
@@ -92,7 +90,5 @@ def write_plots(a: dict, out: Path) -> list[str]:
         ax.set_xlabel(f"{a['metric']} one-shot (blue: structured, a smaller dense model)")
         ax.set_title(f"strategies removing {a['budget']:.0%} of the targeted weights")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "strategies.png", dpi=100)
-        written.append("strategies.png")
+        save(fig, "strategies.png")
     return written
