@@ -361,6 +361,27 @@ def reset_peak_rss() -> bool:
         return False
 
 
+# --------------------------------------------------------------------------- export
+def export_low_rank(model, pruner, measure: Callable) -> dict:
+    """Factorise a low-rank run's model in place and save it: the row fields the low-rank benchmarks share.
+    ``measure(model)`` scores the model before (``projected``: the masked, still dense model) and after the export
+    (``exported``); the sizes are the export's own counts and the bytes of the saved folder."""
+    import tempfile
+
+    from prune_callbacks.export.dispatch import export_pruned
+    from prune_callbacks.export.low_rank import save_low_rank
+
+    report = pruner.report()
+    projected = measure(model)
+    summary = export_pruned(model, pruner)["factorize_granularities"]
+    with tempfile.TemporaryDirectory() as tmp:
+        file_bytes = save_low_rank(model, tmp)["file_bytes"]
+    return {"projected": projected, "exported": measure(model),
+            "removed_fraction": report["global_sparsity"], "targeted_params": report["prunable_params"],
+            **{k: summary[k] for k in ("params_before", "params_after", "bytes_before", "bytes_after")},
+            "file_bytes": file_bytes, "ranks": pruner.groups[0].granularity.report()["ranks"]}
+
+
 # --------------------------------------------------------------------------- torchrun worlds
 #: what gloo's teardown has been seen to print when it aborts after the workers wrote their results (1 run in ~10)
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"

@@ -43,7 +43,6 @@ import argparse
 import copy
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,20 +80,9 @@ def _setup(args):
 
 
 def _export_and_measure(name, model, pruner, test, extra) -> dict:
-    from prune_callbacks.export.dispatch import export_pruned
-    from prune_callbacks.export.low_rank import save_low_rank
-
-    report = pruner.report()
-    masked = common.accuracy(model, test)
-    summary = export_pruned(model, pruner)["factorize_granularities"]
-    with tempfile.TemporaryDirectory() as tmp:
-        file_bytes = save_low_rank(model, tmp)["file_bytes"]
-    gran = pruner.groups[0].granularity
-    return {"variant": name, "test_accuracy": common.accuracy(model, test), "projected_test_accuracy": masked,
-            "removed_fraction": report["global_sparsity"], "targeted_params": report["prunable_params"],
-            "params_before": summary["params_before"], "params_after": summary["params_after"],
-            "bytes_before": summary["bytes_before"], "bytes_after": summary["bytes_after"], "file_bytes": file_bytes,
-            "ranks": gran.report()["ranks"], **extra}
+    row = common.export_low_rank(model, pruner, lambda m: common.accuracy(m, test))
+    return {"variant": name, "test_accuracy": row.pop("exported"), "projected_test_accuracy": row.pop("projected"),
+            **row, **extra}
 
 
 def _median_step_s(model, batches, reps: int = 5) -> float:

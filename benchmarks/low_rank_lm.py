@@ -49,20 +49,8 @@ AFTER = {"svd_after": {"importance": "none"}, "fwsvd_after": {"importance": "fis
 
 
 def _export(name, model, pruner, held, extra) -> dict:
-    from prune_callbacks.export.dispatch import export_pruned
-    from prune_callbacks.export.low_rank import save_low_rank
-
-    report = pruner.report()
-    projected = peers.held_out_perplexity(model, held)
-    summary = export_pruned(model, pruner)["factorize_granularities"]
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        file_bytes = save_low_rank(model, tmp)["file_bytes"]
-    ranks = pruner.groups[0].granularity.report()["ranks"]
-    return {"variant": name, "held_out_ppl": peers.held_out_perplexity(model, held), "projected_ppl": projected,
-            "removed_fraction": report["global_sparsity"], "targeted_params": report["prunable_params"],
-            "params_before": summary["params_before"], "params_after": summary["params_after"],
-            "file_bytes": file_bytes, "ranks": ranks, **extra}
+    row = common.export_low_rank(model, pruner, lambda m: peers.held_out_perplexity(m, held))
+    return {"variant": name, "held_out_ppl": row.pop("exported"), "projected_ppl": row.pop("projected"), **row, **extra}
 
 
 def _config(sparsity, settings, window=(0.1, 0.6)) -> dict:
