@@ -5,7 +5,6 @@ pruning) and writes ``rank<r>.json`` into OUT_DIR: hashes of its teacher and fin
 the teacher's step, the logged distill/* figures.
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -16,18 +15,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import end_world, tiny_bert_classifier, toy_classification_rows  # noqa: E402
+from helpers import digest, end_world, tiny_bert_classifier, toy_classification_rows  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from prune_callbacks.integrations.trainer.distillation import DistillationCallback  # noqa: E402
 from prune_callbacks.integrations.trainer import make_callbacks  # noqa: E402
-
-
-def digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def main(out_dir: str) -> None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from prune_callbacks import Pruner, PruningConfig
 from prune_callbacks.engine.sharded_state import load_sharded_state, save_sharded_state
-from prune_callbacks.methods.sharding import ShardLayout, layout_of, local
+from prune_callbacks.methods.sharding import layout_of, local
 
 from helpers import end_world  # tests/ is this script's directory, first on sys.path
 

@@ -1,6 +1,5 @@
 """Redundancy analysis: spectra, saliency mass, duplicate heads / identity blocks, CLI, invariants, errors."""
 
-import math
 
 import pytest
 import torch

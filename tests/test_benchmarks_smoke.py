@@ -7,23 +7,11 @@ that each script runs end to end and writes well-formed results.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """The scripts set torch's thread count; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_quality_smoke(tmp_path):

@@ -6,7 +6,6 @@ Tiny local BERT + CSV (tests/recipe_fixtures.py)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

@@ -7,7 +7,6 @@ rank with identical, seeded element-wise steps; here we assert what it recorded.
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

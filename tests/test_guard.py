@@ -8,7 +8,7 @@ from torch import nn
 
 from prune_callbacks import PruningConfig, Pruner
 from prune_callbacks.core.config import PruningConfigError
-from prune_callbacks.controllers.guard.controller import AccuracyGuard, add_guards
+from prune_callbacks.controllers.guard.controller import add_guards
 
 S_STAR = 0.6
 

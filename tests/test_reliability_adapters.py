@@ -6,7 +6,6 @@ Tiny local BERT + CSV (tests/recipe_fixtures.py); each test runs in seconds."""
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import signal

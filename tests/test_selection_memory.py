@@ -9,10 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from prune_callbacks.methods import selection
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.selection_reference import global_masks as flat_global_masks  # noqa: E402
 
 SHAPES = [(2048, 1024), (1024, 1600), (1300, 1300)]  # 5.4M scores: 22 MB of float32

@@ -6,9 +6,7 @@ groups and a full or overflowing candidate stash."""
 from __future__ import annotations
 
 import math
-import sys
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ import torch
 import prune_callbacks.methods.selection_radix as radix
 from prune_callbacks.methods import selection
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.selection_reference import _clean, global_masks, per_layer_masks, smallest_k_mask  # noqa: E402
 
 # ----------------------------------------------------------------------------- cases

@@ -5,7 +5,6 @@ import logging
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 

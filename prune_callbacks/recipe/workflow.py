@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from prune_callbacks.recipe.errors import FinalSaveError, RecipeError
+from prune_callbacks.recipe.errors import FinalSaveError
 from prune_callbacks.recipe.evaluation import final_evaluation, make_compute_metrics
 from prune_callbacks.recipe.loading import recipe_to_yaml
 from prune_callbacks.recipe.schema import Recipe

@@ -11,7 +11,6 @@ ranks would choose different masks: the test checks that they did not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -21,18 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for helpers
 
 from accelerate import Accelerator  # noqa: E402
-from helpers import TinyLM, end_world, lm_loss, random_batches  # noqa: E402
+from helpers import TinyLM, digest, end_world, lm_loss, random_batches  # noqa: E402
 
 import prune_callbacks.methods.steps.pruning as pruner_module  # noqa: E402  (where masks are broadcast)
 from prune_callbacks import PruningConfig  # noqa: E402
 from prune_callbacks.integrations.accelerate.hook import AcceleratePruningHook, count_optimizer_steps  # noqa: E402
-
-
-def digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def main(out_dir: str) -> None:

@@ -100,7 +100,6 @@ from typing import Any, Optional
 from torch import nn
 
 from prune_callbacks.core import figures as F
-from prune_callbacks.core.config import PruningConfig
 from prune_callbacks.engine.pruner import Pruner, _torch_optimizer
 from prune_callbacks.integrations.configs import ConfigLike, as_list, make_configs
 from prune_callbacks.integrations.accelerate.guard import STATE_KEY, GuardWiring

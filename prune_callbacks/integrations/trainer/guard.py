@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 from prune_callbacks.controllers.guard.controller import AccuracyGuard, add_guards, baseline_due, evaluation_due, metric_value
 from prune_callbacks.core.state_io import save_tensors_atomic
