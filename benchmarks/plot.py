@@ -216,6 +216,61 @@ def size_table(path) -> str:
     return "\n".join(lines)
 
 
+LM_TOKEN_VARIANTS = ("dense", "ffn25", "ffn25+merge")
+
+
+def lm_token_points(results: Path) -> dict:
+    """SmolLM2 FFN 25% against its dense model, by training tokens: ``{(seed, variant): {tokens: perplexity}}`` from
+    every ``structured_lm*.json`` row of a plain variant (default window, no teacher, no rate after the cut, the
+    saliency's choice); where two files hold the same row, the later run's."""
+    points, dates = {}, {}
+    for path in sorted(results.glob("structured_lm*.json")):
+        data = _load(path)
+        seed, tokens, date = data["budget"]["seed"], data["budget"]["tokens"], data["hardware"]["date"]
+        for row in data["rows"]:
+            name = common.without_seed(row["variant"], seed)
+            plain = (row.get("window") in (None, [0.1, 0.6]) and row.get("distillation") is None
+                     and row.get("recovery_lr_scale") in (None, 1.0) and not row.get("select"))
+            key = (seed, name, tokens)
+            if name in LM_TOKEN_VARIANTS and plain and date >= dates.get(key, ""):
+                dates[key] = date
+                points.setdefault((seed, name), {})[tokens] = row["perplexity"]
+    return points
+
+
+def plot_lm_tokens(results: Path, png) -> str:
+    """Perplexity above the dense model of the same seed and tokens, against training tokens (log scale); returns
+    the table."""
+    points = lm_token_points(results)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tokens_all = sorted({t for by_tokens in points.values() for t in by_tokens})
+    lines = ["| seed | variant | " + " | ".join(f"{t:,} tokens" for t in tokens_all) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in tokens_all) + " |"]
+    for (seed, name), by_tokens in sorted(points.items()):
+        dense = points.get((seed, "dense"), {})
+        if name == "dense":
+            continue
+        xs = [t for t in sorted(by_tokens) if t in dense]
+        gaps = [100 * (by_tokens[t] / dense[t] - 1) for t in xs]
+        drop = name == "ffn25"
+        ax.plot(xs, gaps, marker="o" if drop else "s", ls="-" if drop else "--", color=f"C{seed}",
+                label=f"{'drop' if drop else 'merge'}, seed {seed}")
+        cells = {t: f"+{g:.1f}%" for t, g in zip(xs, gaps)}
+        lines.append(f"| {seed} | {name} | " + " | ".join(cells.get(t, "") for t in tokens_all) + " |")
+    ax.axhline(5, color="black", ls=":", label="target: within 5%")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out perplexity above dense (%)")
+    ax.set_title("SmolLM2-135M, 25% of FFN neurons removed, vs dense fine-tuned on the same tokens")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results", type=Path, default=common.RESULTS)
@@ -232,6 +287,9 @@ def main(argv=None) -> None:
     for o in sorted(r.glob("overhead_*.json")):
         plot_overhead(o, o.with_suffix(".png"))
         print(f"\n## {o.name}\n\n{overhead_table(o)}")
+    if list(r.glob("structured_lm_750*.json")):
+        png = r / "structured_lm_tokens.png"
+        print(f"\n## {png.name}\n\n{plot_lm_tokens(r, png)}")
     s = r / "size.json"
     if s.exists():
         plot_size(s, s.with_suffix(".png"))

@@ -49,6 +49,34 @@ def test_quality_queue_merge(tmp_path):
     assert "taylor_cap0.98" in plot.ablation_table(tmp_path / "quality_smoke_ablation.json", out)
 
 
+
+def test_lm_token_plot_pairs_each_row_with_its_seeds_dense_and_keeps_the_later_run(tmp_path):
+    """The SmolLM2 tokens plot: gaps to the dense model of the same seed and tokens; a row rerun later replaces the
+    earlier one; rows with a lever (teacher, rate after the cut, another window) are not the plain variants."""
+    from benchmarks import plot
+
+    def write(name, seed, tokens, date, rows):
+        (tmp_path / name).write_text(json.dumps({"budget": {"seed": seed, "tokens": tokens},
+                                                 "hardware": {"date": date}, "rows": rows}))
+
+    def row(variant, ppl, **kw):
+        return {"variant": variant, "perplexity": ppl, "window": [0.1, 0.6], "distillation": None, **kw}
+
+    write("structured_lm_a.json", 0, 100, "2026-01-01", [row("dense", 10.0), row("ffn25", 13.0),
+                                                           row("ffn25+merge", 12.5)])
+    write("structured_lm_0.json", 0, 100, "2026-02-01", [row("ffn25+merge", 12.0)])  # read first, run later: wins
+    write("structured_lm_c.json", 0, 500, "2026-01-01", [row("dense", 8.0), row("ffn25", 9.0),
+                                                           row("ffn25/rlr2", 1.0, recovery_lr_scale=2.0),
+                                                           row("ffn25@0.4-0.8", 1.0, window=[0.4, 0.8])])
+    write("structured_lm_d.json", 1, 100, "2026-01-01", [row("dense/s1", 20.0), row("ffn25/s1", 30.0),
+                                                           row("ffn25+kd/s1", 1.0, distillation={"x": 1})])
+    points = plot.lm_token_points(tmp_path)
+    assert points == {(0, "dense"): {100: 10.0, 500: 8.0}, (0, "ffn25"): {100: 13.0, 500: 9.0},
+                      (0, "ffn25+merge"): {100: 12.0}, (1, "dense"): {100: 20.0}, (1, "ffn25"): {100: 30.0}}
+    table = plot.plot_lm_tokens(tmp_path, tmp_path / "t.png")
+    assert "| 0 | ffn25 | +30.0% | +12.5% |" in table and "| 1 | ffn25 | +50.0% |  |" in table
+    assert "| 0 | ffn25+merge | +20.0% |  |" in table and (tmp_path / "t.png").stat().st_size > 0
+
 def test_overhead_smoke(tmp_path):
     from benchmarks import overhead, plot
 
