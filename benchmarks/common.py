@@ -97,6 +97,22 @@ def without_seed(name: str, seed: int) -> str:
     return name.removesuffix(f"/s{seed}") if seed else name
 
 
+def merge_parts(files, out: Path, *, rows: str = "rows", key: Optional[Callable] = None) -> dict:
+    """One result file from several processes' files: the first file's settings, every file's ``rows`` (the first
+    occurrence of each ``key(row)`` when a key is given), the files' names and each one's hardware record."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    merged = dict(parts[0], merged_from=[Path(f).name for f in files],
+                  hardware_per_part=[part.get("hardware") for part in parts])
+    merged[rows], seen = [], set()
+    for part in parts:
+        for row in part[rows]:
+            if key is None or key(row) not in seen:
+                seen.add(key(row) if key else None)
+                merged[rows].append(row)
+    write_json(out, merged)
+    return merged
+
+
 def saved_model_ready(folder, wait_s: float = 0.0) -> bool:
     """Whether ``folder`` holds a model saved by ``save_pretrained`` (its ``config.json``), waiting up to ``wait_s``
     seconds for a parallel job that is still writing it. The one test the benchmarks' teacher options share."""

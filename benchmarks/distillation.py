@@ -143,17 +143,7 @@ def cost(args) -> dict:
 
 def merge(files: list[Path], out: Path) -> dict:
     """One result file from parallel processes' files (first occurrence of a (name, sparsity) wins)."""
-    import json
-
-    parts = [json.loads(Path(f).read_text()) for f in files]
-    merged = dict(parts[0], runs=[], merged_from=[Path(f).name for f in files],
-                  hardware_per_part=[p["hardware"] for p in parts])
-    seen = set()
-    for part in parts:
-        for r in part["runs"]:
-            if (r["name"], r["final_sparsity"]) not in seen:
-                seen.add((r["name"], r["final_sparsity"]))
-                merged["runs"].append(r)
+    merged = common.merge_parts(files, out, rows="runs", key=lambda r: (r["name"], r["final_sparsity"]))
     quality._add_retention(merged["runs"])
     common.write_json(out, merged)
     return merged

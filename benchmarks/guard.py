@@ -24,7 +24,6 @@ whole test split. Evaluation cost = the guard's evaluate calls (count, seconds, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -184,12 +183,7 @@ def plot(results: dict, png: Path) -> None:
 
 
 def merge(files: list[Path], out: Path) -> dict:
-    parts = [json.loads(Path(f).read_text()) for f in files]
-    merged = dict(parts[0], runs=[], merged_from=[Path(f).name for f in files],
-                  hardware_per_part=[p["hardware"] for p in parts])
-    for p in parts:
-        merged["runs"].extend(p["runs"])
-    common.write_json(out, merged)
+    merged = common.merge_parts(files, out, rows="runs")
     plot(merged, out.with_suffix(".png"))
     return merged
 

@@ -266,8 +266,12 @@ def main(argv=None):
     ap.add_argument("--dense-from", type=Path, default=None,
                     help="teacher of the +kd variants: the dense row's saved model (--models-dir/dense) in the same "
                          "setting; default: the pretrained model")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="one result file (--out) from several runs' files (rows side by side; first of a variant wins)")
     ap.add_argument("--out", default=str(common.RESULTS / "structured_lm.json"))
     args = ap.parse_args(argv)
+    if args.merge:
+        return common.merge_parts(args.merge, Path(args.out), key=lambda r: r["variant"])
     common.check_recovery_argument(ap, args)
     common.set_threads(args.threads)
     if args.train:

@@ -77,6 +77,22 @@ def test_lm_token_plot_pairs_each_row_with_its_seeds_dense_and_keeps_the_later_r
     assert "| 0 | ffn25 | +30.0% | +12.5% |" in table and "| 1 | ffn25 | +50.0% |  |" in table
     assert "| 0 | ffn25+merge | +20.0% |  |" in table and (tmp_path / "t.png").stat().st_size > 0
 
+
+def test_structured_lm_merge_puts_runs_side_by_side(tmp_path):
+    """``structured_lm.py --merge``: one file from parallel runs (the first row of a variant wins; each part's
+    hardware kept)."""
+    from benchmarks import structured_lm
+
+    parts = []
+    for i, rows in enumerate([[{"variant": "dense", "perplexity": 1.0}], [{"variant": "ffn25", "perplexity": 2.0},
+                                                                          {"variant": "dense", "perplexity": 9.0}]]):
+        parts.append(tmp_path / f"p{i}.json")
+        parts[-1].write_text(json.dumps({"budget": {"seed": 0}, "hardware": {"date": str(i)}, "rows": rows}))
+    merged = structured_lm.main(["--merge", *map(str, parts), "--out", str(tmp_path / "m.json")])
+    assert merged == json.loads((tmp_path / "m.json").read_text())
+    assert [(r["variant"], r["perplexity"]) for r in merged["rows"]] == [("dense", 1.0), ("ffn25", 2.0)]
+    assert merged["merged_from"] == ["p0.json", "p1.json"] and merged["hardware_per_part"] == [{"date": "0"}, {"date": "1"}]
+
 def test_overhead_smoke(tmp_path):
     from benchmarks import overhead, plot
 
