@@ -302,13 +302,16 @@ def linear_warmup_decay(optimizer, *, steps: int, warmup: int, start: int = 0):
 
 def warm_restart(optimizer, *, steps: int, warmup: int, at: int, peak: float):
     """`linear_warmup_decay` until optimizer step ``at``, then the same shape again over the remaining steps (warm-up
-    over a tenth of them) peaking at ``peak`` times the base rate: a rate of its own for the model a cut leaves."""
+    over the library's ramp, a tenth of them) peaking at ``peak`` times the base rate: a rate of its own for the model
+    a cut leaves."""
+    from prune_callbacks.methods.steps.recovery import ramp_steps
+
     rest = steps - at
 
     def factor(step: int) -> float:
         if step < at:
             return warmup_decay_factor(step, steps=steps, warmup=warmup)
-        return peak * warmup_decay_factor(step - at, steps=rest, warmup=max(1, rest // 10))
+        return peak * warmup_decay_factor(step - at, steps=rest, warmup=ramp_steps(rest))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -79,10 +79,10 @@ def _worker(size_m: list[float], dim: int, updates: int, steps: int, out: str) -
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(rank)
 
-        def set_grads():
+        def set_grads(params=tuple(model.parameters())):
             from torch.distributed.tensor import DTensor
 
-            for p in model.parameters():
+            for p in params:
                 g = torch.randn(local(p).shape, generator=gen)
                 p.grad = DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
                                             run_check=False) if world > 1 else g

@@ -175,7 +175,7 @@ def slim_from_full_state(model, pruner, rank, result):
         ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             before = plain(input_ids=ids).logits
-            summary = slim(plain, keep)
+            slim(plain, keep)
             after = plain(input_ids=ids).logits
         result["slim"] = {"intermediate": [m.mlp.up_proj.weight.shape[0] for m in plain.model.layers],
                           "max_logit_diff": float((before - after).abs().max())}

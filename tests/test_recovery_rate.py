@@ -68,9 +68,10 @@ def test_equals_the_benchmarks_warm_restart_on_a_linear_schedule():
     """The lever the benchmarks measured (``--slim-lr``: restart to a peak at the cut) is this factor on a linearly
     decaying schedule: the same rates once ramped in, at most 11% above them on the ramp."""
     from benchmarks import common
+    from prune_callbacks.methods.steps.recovery import ramp_steps
 
     steps, warmup, cut, peak = 150, 15, 50, 1.5
-    scale = peak * (steps - warmup) / ((steps - cut) - (steps - cut) // 10)  # 2.25, the benchmarks' 3e-4 after 2e-4
+    scale = peak * (steps - warmup) / ((steps - cut) - ramp_steps(steps - cut))  # 2.25, the benchmarks' 3e-4 after 2e-4
     linear = lambda o: common.linear_warmup_decay(o, steps=steps, warmup=warmup)  # noqa: E731
     restart = lambda o: common.warm_restart(o, steps=steps, warmup=warmup, at=cut, peak=peak)  # noqa: E731
     ours, _, _ = _rates(_config(start_step=cut, recovery_lr_scale=scale), steps=steps, schedule=linear)

@@ -20,6 +20,12 @@ from prune_callbacks.methods.steps.base import StepComponent
 RAMP_FRACTION = 0.1
 
 
+def ramp_steps(left: int) -> int:
+    """Steps over which the rate is ramped back in when ``left`` steps follow the cut (at least 1): the one source
+    of the ramp's length, for the library and the benchmarks' ``warm_restart``."""
+    return max(1, int(left * RAMP_FRACTION))
+
+
 class RecoveryRate(StepComponent):
     phase = "control"
     name = "recovery_rate"
@@ -39,7 +45,7 @@ class RecoveryRate(StepComponent):
                 f"recovery_lr_scale={self.scale!r}: the last mask update is at step {self.cut} of a {total_steps}-step "
                 "run, which leaves no step to recover in (end pruning earlier, or recovery_lr_scale=1)",
                 [("recovery_lr_scale", "no step after the last mask update")])
-        self.ramp = max(1, int(left * RAMP_FRACTION))
+        self.ramp = ramp_steps(left)
 
     def lr_factor(self, step: int) -> float:
         if step < 1:
