@@ -22,7 +22,10 @@ from support_matrix import CASES, batch, build, logits  # noqa: E402
 
 #: the norm over the FFN output before the residual add (post_feedforward_layernorm): no linear fold exists
 REFUSED = {"Gemma 2": "normalised before the residual add", "OLMo-2": "normalised before the residual add"}
-EXACT = 2e-4  # max |logit difference| of the fold on its own calibration tokens (fp32, float64 solve)
+#: max |logit difference| of the fold on its own calibration tokens. The statistics are float32 sums (float64 solve):
+#: a damping below their rounding (1e-9) amplifies it where there are fewer tokens than inputs (4e-4 on an AMD EPYC,
+#: under 2e-4 on the Intel machines); 1e-6 is exact to ~1e-6 on both, so the tests use it.
+EXACT = 2e-4
 
 
 def _first_blocks(model) -> list[str]:
@@ -51,7 +54,7 @@ def test_fold_is_exact_on_its_calibration_tokens_drop_is_not(case):
     inputs, _ = batch(case, 1)
     model = build(case)
     before = logits(model, inputs)
-    pruner = _oneshot(model, inputs, {"damping": 1e-9})
+    pruner = _oneshot(model, inputs, {"damping": 1e-6})
     folded = logits(model, inputs)
     dropped_model = build(case)
     plain = _oneshot(dropped_model, inputs, None)
@@ -99,7 +102,7 @@ def test_gradual_schedule_folds_at_every_update_and_slims():
     model = _llama(layers=8)  # 7 blocks in scope: 2, 3, 4 removed at the updates of steps 4, 6, 8
     before = logits(model, {"input_ids": ids})
     config = PruningConfig(granularity="blocks", final_sparsity=0.5, start_step=2, end_step=8, update_every=2,
-                           merge={"damping": 1e-9, "calibration_steps": 1}, exclude=_first_blocks(model))
+                           merge={"damping": 1e-6, "calibration_steps": 1}, exclude=_first_blocks(model))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     pruner = Pruner(model, config, total_steps=12).attach(optimizer)
     model.eval()
@@ -129,7 +132,7 @@ def test_padding_tokens_are_left_out_of_the_fit():
     mask[0, :9], mask[1, :11] = 1, 1  # 20 real tokens < 25 = neurons + bias; 80 rows in all
     inputs = {"input_ids": ids, "attention_mask": mask}
     before = logits(model, inputs)
-    _oneshot(model, inputs, {"damping": 1e-9})
+    _oneshot(model, inputs, {"damping": 1e-6})
     real = mask.bool()
     assert (logits(model, inputs)[real] - before[real]).abs().max() <= EXACT
 
