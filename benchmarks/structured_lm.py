@@ -53,6 +53,7 @@ SMOKE_VARIANTS = {**VARIANTS, "kv1": [("attention_heads", 0.5)], "blocks6": [("b
 # +select lets the fold choose the units it removes (merge.select='fold')
 SUFFIXES = ("+kd", "+self", "+merge", "+select")
 DEFAULT_WINDOW = common.DEFAULT_WINDOW
+DEFAULT_SALIENCY = "taylor"
 
 
 def _kinds(name: str, smoke: bool = False):
@@ -81,7 +82,8 @@ def _merge(granularity: str, levers: set):
 
 def label(name: str, args) -> str:
     """The row's name, which is also its saved folder's: the variant, its teacher where ``--dense-from`` gives one,
-    its pruning window when that is not the default, ``/rlrX`` with ``--recovery-lr-scale X``, and its seed when that is not 0 (``ffn25/s1``, as in
+    its pruning window when that is not the default, ``/rlrX`` with ``--recovery-lr-scale X``, ``/NAME`` with
+    ``--saliency NAME`` other than taylor, and its seed when that is not 0 (``ffn25/s1``, as in
     ``speed_plan_accuracy``), so that seeds sharing a ``--models-dir`` do not overwrite each other's models."""
     window = tuple(args.window)
     kinds, levers = _kinds(name, args.smoke)
@@ -91,6 +93,8 @@ def label(name: str, args) -> str:
         name = f"{name}@{window[0]:g}-{window[1]:g}"
     if args.recovery_lr_scale is not None and kinds:
         name = f"{name}/rlr{args.recovery_lr_scale:g}"
+    if args.saliency != DEFAULT_SALIENCY and kinds:
+        name = f"{name}/{args.saliency}"
     return common.with_seed(name, args.seed)
 
 
@@ -129,7 +133,7 @@ def train_variant(name: str, make, train, held, args) -> dict:
     model = make()
     start, end = args.window
     configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end, update_every=2,
-                             merge=_merge(k, levers))
+                             merge=_merge(k, levers), saliency=args.saliency)
                for k, s in kinds] or None
     if configs and args.recovery_lr_scale is not None:  # the rate after the last config's last mask update
         configs[-1] = configs[-1].model_copy(update={"recovery_lr_scale": args.recovery_lr_scale})
@@ -156,6 +160,7 @@ def train_variant(name: str, make, train, held, args) -> dict:
         diff = (model(input_ids=held[:2]).logits - reloaded(input_ids=held[:2]).logits).abs().max().item()
     return {"variant": label(name, args), "units": [list(k) for k in kinds], "distillation": distillation,
             "merge": "+merge" in levers, "select": "+select" in levers, "window": [start, end],
+            "saliency": configs[0].saliency if configs else None,
             "recovery_lr_scale": configs[-1].recovery_lr_scale if configs else None,
             "merge_report": [g.get("merge") for g in pruner.report()["groups"]] if pruner is not None else None,
             "perplexity": peers.held_out_perplexity(reloaded, held), "masked_perplexity": masked_ppl,
@@ -251,6 +256,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     common.add_lever_arguments(ap)
     common.add_recovery_argument(ap)
+    from prune_callbacks.core.registry import SALIENCIES
+
+    ap.add_argument("--saliency", default=DEFAULT_SALIENCY, choices=SALIENCIES.names(),
+                    help="the pruned rows' PruningConfig.saliency (default taylor); rows are named /NAME otherwise")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)

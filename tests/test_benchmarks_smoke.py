@@ -236,6 +236,18 @@ def test_structured_lm_recovery_lr_scale_names_and_records_the_row(tmp_path):
         structured_lm.main([*args, "--recovery-lr-scale", "0", "--train", "ffn25"])
 
 
+def test_structured_lm_saliency_names_and_records_the_row(tmp_path):
+    from benchmarks import structured_lm
+
+    out = tmp_path / "lm.json"
+    structured_lm.main(["--smoke", "--steps", "4", "--eval-blocks", "2", "--out", str(out), "--models-dir",
+                        str(tmp_path / "m"), "--saliency", "platon", "--train", "dense", "ffn25"])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["dense"]["saliency"] is None and rows["ffn25/platon"]["saliency"] == "platon"
+    with pytest.raises(SystemExit):  # a name the library's registry does not hold
+        structured_lm.main(["--smoke", "--saliency", "no-such", "--train", "ffn25", "--out", str(out)])
+
+
 def test_structured_lm_kd_from_the_dense_row_names_and_records_its_teacher(tmp_path):
     from benchmarks import structured_lm
 
