@@ -106,8 +106,9 @@ def merge_parts(files, out: Path, *, rows: str = "rows", key: Optional[Callable]
     merged[rows], seen = [], set()
     for part in parts:
         for row in part[rows]:
-            if key is None or key(row) not in seen:
-                seen.add(key(row) if key else None)
+            k = key(row) if key else None
+            if key is None or k not in seen:
+                seen.add(k)
                 merged[rows].append(row)
     write_json(out, merged)
     return merged

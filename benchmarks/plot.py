@@ -229,7 +229,7 @@ def lm_token_points(results: Path) -> dict:
         seed, tokens, date = data["budget"]["seed"], data["budget"]["tokens"], data["hardware"]["date"]
         for row in data["rows"]:
             name = common.without_seed(row["variant"], seed)
-            plain = (row.get("window") in (None, [0.1, 0.6]) and row.get("distillation") is None
+            plain = (row.get("window") in (None, list(common.DEFAULT_WINDOW)) and row.get("distillation") is None
                      and row.get("recovery_lr_scale") in (None, 1.0) and not row.get("select"))
             key = (seed, name, tokens)
             if name in LM_TOKEN_VARIANTS and plain and date >= dates.get(key, ""):

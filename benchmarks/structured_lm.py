@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import causal_lm_peers as peers  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.structured_latency import interleaved_medians  # noqa: E402
+from prune_callbacks.core.config import PruningConfig  # noqa: E402
+from prune_callbacks.core.registry import SALIENCIES  # noqa: E402
 
 # name -> [(granularity, final_sparsity)]; SmolLM2 has 30 blocks and 3 KV groups (of 3 query heads) per block
 VARIANTS = {"dense": [], "ffn25": [("ffn_neurons", 0.25)], "ffn50": [("ffn_neurons", 0.5)],
@@ -53,7 +55,7 @@ SMOKE_VARIANTS = {**VARIANTS, "kv1": [("attention_heads", 0.5)], "blocks6": [("b
 # +select lets the fold choose the units it removes (merge.select='fold')
 SUFFIXES = ("+kd", "+self", "+merge", "+select")
 DEFAULT_WINDOW = common.DEFAULT_WINDOW
-DEFAULT_SALIENCY = "taylor"
+DEFAULT_SALIENCY = PruningConfig.model_fields["saliency"].default  # the library's own default, not a copy
 
 
 def _kinds(name: str, smoke: bool = False):
@@ -83,7 +85,7 @@ def _merge(granularity: str, levers: set):
 def label(name: str, args) -> str:
     """The row's name, which is also its saved folder's: the variant, its teacher where ``--dense-from`` gives one,
     its pruning window when that is not the default, ``/rlrX`` with ``--recovery-lr-scale X``, ``/NAME`` with
-    ``--saliency NAME`` other than taylor, and its seed when that is not 0 (``ffn25/s1``, as in
+    ``--saliency NAME`` other than the library's default, and its seed when that is not 0 (``ffn25/s1``, as in
     ``speed_plan_accuracy``), so that seeds sharing a ``--models-dir`` do not overwrite each other's models."""
     window = tuple(args.window)
     kinds, levers = _kinds(name, args.smoke)
@@ -124,7 +126,6 @@ def _kd_config(model, args):
 def train_variant(name: str, make, train, held, args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from prune_callbacks import PruningConfig
     from prune_callbacks.controllers.distillation import DistillationConfig, Distiller
     from prune_callbacks.export import slim_pruned
 
@@ -256,10 +257,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     common.add_lever_arguments(ap)
     common.add_recovery_argument(ap)
-    from prune_callbacks.core.registry import SALIENCIES
-
     ap.add_argument("--saliency", default=DEFAULT_SALIENCY, choices=SALIENCIES.names(),
-                    help="the pruned rows' PruningConfig.saliency (default taylor); rows are named /NAME otherwise")
+                    help=f"the pruned rows' PruningConfig.saliency (default {DEFAULT_SALIENCY}); rows are named /NAME "
+                         "otherwise")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
