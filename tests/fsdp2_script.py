@@ -8,7 +8,8 @@ multiple of 32 elements, so no element moves between a kernel's vector body and 
 
 Usage: ``fsdp2_script.py <out_dir> <case>[,<case>...] [<dcp_dir>]``; each rank writes ``<out_dir>/<case>-rank<r>.json``.
 Cases: ``global`` (caps), ``per_layer``, ``nm`` (2:4), ``attach`` (a real forward/backward loop),
-``distill`` (a sharded teacher; "self" refused), ``accelerate`` (AcceleratePruningHook, own fully_shard), ``resume`` (DCP save at step 4, resume into a fresh pruner), ``resume_from`` (load <dcp_dir> written by
+``distill`` (a sharded teacher; "self" refused), ``accelerate`` (AcceleratePruningHook, own fully_shard), ``resume`` (DCP save at step 4, resume into a fresh pruner), ``unit_resume`` (the same with FFN neurons
+scored by ``unit_taylor``), ``resume_from`` (load <dcp_dir> written by
 another world size), ``alloc`` (largest tensor any op creates during a mask update).
 """
 
@@ -66,6 +67,8 @@ def config(case):
         return PruningConfig(granularity="2:4", **common)
     if case == "ffn":
         return PruningConfig(granularity="ffn_neurons", final_sparsity=0.5, **common)
+    if case == "unit_resume":  # the unit-level saliency: signed unit sums all-reduced every step, DCP resume
+        return PruningConfig(granularity="ffn_neurons", saliency="unit_taylor", final_sparsity=0.5, **common)
     if case == "heads":
         return PruningConfig(granularity="attention_heads", final_sparsity=0.5, **common)
     return PruningConfig(final_sparsity=0.6, min_layer_sparsity=0.3, max_layer_sparsity=0.75, **common)
@@ -138,7 +141,7 @@ def run_pair(case, rank, resume_dir=None):
     result["masks_local"] = not pruner.groups[0].granularity.elementwise or all(tuple(m.shape) == tuple(local(t.param).shape) for t, m in zip(pruner.targets, pruner.pruned))
     result["saliency_bytes"] = sum(b.numel() * b.element_size() for bufs in pruner.saliency.buffers.values() for b in bufs)
     result["mask_bytes"] = sum(m.numel() for m in pruner.pruned)
-    if case in ("ffn", "heads"):
+    if case in ("ffn", "heads", "unit_resume"):
         result["kept_per_block"] = pruner.report()["groups"][0]["kept_per_block"]
     if case == "nm":
         kept = torch.cat([(~m).reshape(-1, 4).sum(-1) for m in pruner.pruned])
@@ -459,7 +462,7 @@ def run_case(out, case, rank, extra):
         result = {"updates": [{"step": STEPS, "equal": compare(ref, pruner)}],
                   "ref": figures(ref.report()), "sharded": figures(pruner.report())}
     else:
-        resume_dir = Path(extra) if case == "resume" else None
+        resume_dir = {"resume": Path(extra), "unit_resume": Path(extra).with_name("dcp_unit")}.get(case) if extra else None
         _, model, ref, pruner, result = run_pair("global" if case == "resume" else case, rank, resume_dir)
         if case == "global":
             finalize_and_save(model, ref, pruner, out, rank, result)

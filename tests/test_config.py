@@ -22,7 +22,7 @@ from prune_callbacks.core.config import PruningConfigError, make_config
         (dict(end_step=1.5), r"end_step=1\.5 is invalid: a float is a fraction of the run.*use an int"),
         (dict(update_every=0), r"update_every=0 is invalid: must be an integer >= 1"),
         (dict(beta=1.0), r"beta=1\.0 is invalid: an EMA factor must be in \[0, 1\)"),
-        (dict(saliency="fisher"), r"saliency='fisher' is unknown; valid: taylor, platon, movement, magnitude"),
+        (dict(saliency="fisher"), r"saliency='fisher' is unknown; valid: taylor, platon, movement, magnitude, unit_taylor"),
         (dict(schedule="exp"), r"schedule='exp' is unknown; valid: cubic, linear, oneshot"),
         (dict(granularity="rows"), r"granularity='rows' is unknown; valid: unstructured, .*N:M"),
         (dict(granularity="4:2"), r"granularity: granularity='4:2' is invalid: N:M needs 0 < N < M"),

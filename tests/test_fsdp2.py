@@ -41,8 +41,8 @@ def assert_same_as_reference(ranks, n_updates=4):
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2_2")
     dcp = out / "dcp"
-    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume", "refusals", "guard",
-                                "distill"], nproc=2, extra=dcp), dcp
+    return out, launch(out, ["global", "per_layer", "nm", "ffn", "attach", "resume", "unit_resume", "refusals",
+                             "guard", "distill"], nproc=2, extra=dcp), dcp
 
 
 @pytest.mark.slow
@@ -67,6 +67,16 @@ def test_ffn_neurons_sharded_then_slimmed_from_the_full_state_dict(two_ranks):
     slimmed = ranks[0]["slim"]
     assert slimmed["intermediate"] == [48, 48]  # 96 -> 48 neurons, cut from the gathered full state dict
     assert slimmed["max_logit_diff"] < 1e-4  # the slim model computes what the masked one did
+
+
+@pytest.mark.slow
+def test_unit_taylor_sharded_selects_like_one_process_and_resumes_from_dcp(two_ranks):
+    _, results, _ = two_ranks
+    ranks = results["unit_resume"]
+    assert_same_as_reference(ranks)  # signed unit sums of local rows, all-reduced every step; resumed at step 4
+    for r in ranks:
+        assert r["kept_per_block"] == {"model.layers.0": 48, "model.layers.1": 48}
+        assert r["saliency_bytes"] == 4 * 96 * 2  # one float32 per neuron, whole on every rank (not per weight)
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ class PruningConfig(_Validated):
         "block before them, by a least-squares refit of an FFN output projection at each mask update ({} or true for "
         "the defaults; prune_callbacks.methods.structured.merging / block_merging). None = drop them.")
 
-    saliency: str = Field("taylor", description="A registered saliency: taylor, platon, magnitude, movement, or your own.")
+    saliency: str = Field("taylor", description="A registered saliency: taylor, platon, magnitude, movement, unit_taylor (structured units only), or your own.")
     beta: FiniteFloat = Field(0.85, description="EMA factor of the taylor score and of platon's importance.")
     uncertainty_beta: FiniteFloat = Field(0.95, description="EMA factor of platon's uncertainty term.")
 
@@ -246,6 +246,11 @@ class PruningConfig(_Validated):
             for f in ("beta", "uncertainty_beta") if f in given and f not in saliency.hyperparameters
         ]
         granularity, args = GRANULARITIES.resolve(self.granularity)
+        if saliency.per_unit and not granularity.unit_scored:
+            scored = ", ".join(n for n in GRANULARITIES.names() if n in GRANULARITIES
+                               and GRANULARITIES.get(n).unit_scored)
+            problems.append(f"saliency={self.saliency!r} scores whole structured units and does not apply to "
+                            f"granularity={self.granularity!r} (allowed with: {scored})")
         problems += granularity.check_config(self, *args)
         problems += granularity.settings_problems(self.granularity_settings, self.granularity)
         owned = set().union(*(g.config_fields for g in GRANULARITIES.classes()))

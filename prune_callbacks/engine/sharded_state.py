@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
@@ -32,9 +32,9 @@ if TYPE_CHECKING:
 META_FILE = "pruning_state.json"
 
 
-def _like(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (this rank's rows) as a DTensor laid out like the parameter ``source`` (itself if unsharded)."""
-    if not is_sharded(source) or tuple(tensor.shape) != tuple(local(source).shape):
+def _like(tensor: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:
+    """``tensor`` (this rank's rows) as a DTensor laid out like the parameter ``source`` (itself if unsharded or None)."""
+    if source is None or not is_sharded(source) or tuple(tensor.shape) != tuple(local(source).shape):
         return tensor
     from torch.distributed.tensor import DTensor
 
@@ -52,8 +52,9 @@ def _tensors(pruner: "Pruner") -> dict[str, torch.Tensor]:
         for j, (name, mask) in enumerate(zip(g.granularity.mask_names, g.masks)):
             out[f"masks/{group_key(i, name)}"] = _like(mask, sources[j]) if elementwise else mask
         keys = buffer_names(g)
+        laid_out = [None] * len(keys) if g.saliency.per_unit else sources  # per-unit buffers: whole on every rank
         for b, bufs in g.saliency.buffers.items():
-            for key, buf, source in zip(keys, bufs, sources):
+            for key, buf, source in zip(keys, bufs, laid_out):
                 out[f"saliency/{b}/{group_key(i, key)}"] = _like(buf, source)
     return out
 

@@ -31,7 +31,10 @@ def group_key(index: int, name: str) -> str:
 
 def buffer_names(group: "PruningGroup") -> list[str]:
     """State-dict keys of a group's saliency buffers: target names when there is one tracked tensor per
-    target (element-wise granularities), else positions (units spanning several tensors)."""
+    target (element-wise granularities), the unit groups' mask names for a unit-level saliency (one buffer per
+    group of units), else positions (units spanning several tensors)."""
+    if group.saliency.per_unit:
+        return list(group.granularity.mask_names)
     if len(group.params) == len(group.targets):
         return [t.name for t in group.targets]
     return [str(j) for j in range(len(group.params))]

@@ -14,7 +14,16 @@ taylor        4      EMA of |theta * grad|
 platon        8      EMA importance, EMA uncertainty (Zhang et al. 2022)
 movement      4      accumulated -theta * grad (Sanh et al. 2020)
 magnitude     0      none: the score is |theta|
+unit_taylor   ~0     EMA of (sum over a unit of theta * grad)^2: one float per unit
 ============  =====  ==================================================
+
+``unit_taylor`` is the one *unit-level* method (``per_unit``): it scores whole structured
+units (FFN neurons, KV groups, blocks), so it applies only to the granularities that
+have them (``Granularity.unit_scored``; anything else is a config error). Per step it
+sums the signed theta * grad over each unit's slices (the first-order change of the
+loss if the unit were removed, Molchanov et al. 2019's group form) and keeps the EMA of
+its square; the per-weight methods sum |theta * grad| over the unit instead, after the
+EMA, which counts a unit whose weights pull against each other as important.
 
 Working buffer: a float32 theta*grad per float32 target (4 bytes per parameter),
 allocated once and reused every step (it used to be allocated and freed per
@@ -32,7 +41,7 @@ import torch
 
 from prune_callbacks.core.registry import SALIENCIES, register_saliency
 
-BYTES_PER_PARAM = {"taylor": 4, "platon": 8, "movement": 4, "magnitude": 0}
+BYTES_PER_PARAM = {"taylor": 4, "platon": 8, "movement": 4, "magnitude": 0, "unit_taylor": 0}
 
 
 class Saliency:
@@ -43,6 +52,9 @@ class Saliency:
     needs_gradients = True
     #: PruningConfig fields this method reads (``beta``, ``uncertainty_beta``); setting others is an error
     hyperparameters: tuple[str, ...] = ()
+    #: scores one value per structured unit, not per weight: built with ``units`` (the granularity, which
+    #: gives ``unit_scores`` and ``units_per_group``) and selected through its ``select_units``
+    per_unit = False
 
     def __init__(self, params: Sequence[torch.Tensor], **_hyperparameters):
         self.buffers: dict[str, list[torch.Tensor]] = {
@@ -159,16 +171,49 @@ class Magnitude(Saliency):
         return [p.detach().abs().float() for p in params]
 
 
-METHODS = {cls.name: cls for cls in (Taylor, Platon, Movement, Magnitude)}  # the built-ins
+@register_saliency("unit_taylor")
+class UnitTaylor(Saliency):
+    """EMA of (sum over a unit of theta * grad)^2 per structured unit (Molchanov et al. 2019, the group form).
+
+    ``units`` is the granularity: ``unit_scores`` sums a per-weight tensor over each unit's slices (under
+    FSDP2 with one all-reduce, so every rank holds the same sums) and ``units_per_group`` sizes the buffers.
+    """
+
+    name = "unit_taylor"
+    buffer_names = ("importance",)
+    hyperparameters = ("beta",)
+    per_unit = True
+
+    def __init__(self, params, beta: float = 0.85, units=None, **_):
+        if units is None or not getattr(units, "unit_scored", False):
+            raise ValueError(f"saliency={self.name!r} scores whole structured units; build it with a granularity "
+                             "that has them (ffn_neurons, attention_heads, blocks)")
+        device = params[0].device if params else None
+        self.buffers = {"importance": [torch.zeros(n, dtype=torch.float32, device=device)
+                                       for n in units.units_per_group]}
+        self.units, self.beta = units, beta
+
+    def update(self, params, prods):
+        sums = self.units.unit_scores(prods)  # signed: weights of one unit pulling apart cancel
+        torch._foreach_mul_(sums, sums)
+        torch._foreach_lerp_(self.buffers["importance"], sums, 1.0 - self.beta)
+
+    def scores(self, params):
+        return self.buffers["importance"]
 
 
-def make_saliency(name: str, params: Sequence[torch.Tensor], **kwargs) -> Saliency:
-    """Build the registered saliency ``name``, passing only the hyperparameters it declares."""
+METHODS = {cls.name: cls for cls in (Taylor, Platon, Movement, Magnitude)}  # the built-in per-weight methods
+
+
+def make_saliency(name: str, params: Sequence[torch.Tensor], units=None, **kwargs) -> Saliency:
+    """Build the registered saliency ``name``, passing only the hyperparameters it declares (and ``units``,
+    the granularity, to a unit-level one)."""
     try:
         cls = SALIENCIES.get(name)
     except KeyError as exc:
         raise ValueError(str(exc.args[0])) from None
-    return cls(params, **{k: v for k, v in kwargs.items() if k in cls.hyperparameters})
+    hyper = {k: v for k, v in kwargs.items() if k in cls.hyperparameters}
+    return cls(params, units=units, **hyper) if cls.per_unit else cls(params, **hyper)
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:

@@ -86,6 +86,9 @@ class Granularity:
     Settings: ClassVar[Optional[type[BaseModel]]] = None
     #: the saliency it scores with whatever the config names (None: the config's ``saliency``)
     own_saliency: ClassVar[Optional[str]] = None
+    #: whether it selects from one score per structured unit (``select_units``, ``unit_scores``, ``units_per_group``),
+    #: so that a unit-level saliency (``Saliency.per_unit``, e.g. ``'unit_taylor'``) applies to it
+    unit_scored: ClassVar[bool] = False
     #: the export its finalized groups get: a name in `prune_callbacks.export.dispatch.EXPORTS` ("slim", "low_rank"),
     #: registered there (the export layer sits above the methods); None: the masks, as zeros, are the result
     export_as: ClassVar[Optional[str]] = None

@@ -65,6 +65,7 @@ class StructuredUnits(Granularity):
     config_fields = frozenset({"units"})
     weight_access = "units"
     export_as = "slim"  # cut the units out (prune_callbacks.export.slim_pruned.slim_granularities)
+    unit_scored = True  # takes one score per unit: a unit-level saliency ('unit_taylor') selects through select_units
     supports_sharding = True  # FSDP2: partial unit sums on local rows, one all-reduce per update
 
     def __init__(self, config, targets, model=None, *args: str):
@@ -148,8 +149,17 @@ class StructuredUnits(Granularity):
             out = list(flat.split([g.n_units for g in self.groups]))
         return out
 
+    @property
+    def units_per_group(self) -> list[int]:
+        """How many units each group in scope has (the length of its mask)."""
+        return [g.n_units for g in self.groups]
+
     def select(self, scores, sparsity):
-        per_group = self.unit_scores(scores)
+        return self.select_units(self.unit_scores(scores), sparsity)
+
+    def select_units(self, per_group: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+        """Masks from one score per unit (``[n_units]`` per group, as `unit_scores` gives, or a unit-level
+        saliency's own buffers), lowest first, uniform per block."""
         masks = []
         for g, score, old in zip(self.groups, per_group, self.masks):
             k = max(units_removed(sparsity, g.n_units), int(old.sum()))  # old <= n - 1: the same cap
@@ -227,7 +237,7 @@ class StructuredUnits(Granularity):
     def report(self) -> dict:
         return {
             "units": self.kind,
-            "units_per_block": [g.n_units for g in self.groups],
+            "units_per_block": self.units_per_group,
             "kept_per_block": {g.label: int((~m).sum()) for g, m in zip(self.groups, self.masks)},
         }
 
@@ -307,8 +317,8 @@ class Blocks(StructuredUnits):
         """Blocks removed at ``sparsity`` (the one rounding rule, `units_removed`)."""
         return units_removed(sparsity, len(self.groups))
 
-    def select(self, scores, sparsity):
-        per_block = torch.cat([s.cpu() for s in self.unit_scores(scores)])
+    def select_units(self, per_group, sparsity):
+        per_block = torch.cat([s.cpu() for s in per_group])
         old = torch.cat([m.cpu() for m in self.masks])
         k = max(self.removed_at(sparsity), int(old.sum()))
         chosen = _lowest(per_block, old, k)

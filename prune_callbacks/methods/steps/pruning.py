@@ -52,7 +52,7 @@ class PruningGroup(StepComponent):
             logger.info("prune_callbacks: granularity=%r: %s", config.granularity, self.rounding)
         self.saliency = make_saliency(  # a granularity may score with its own (low_rank: magnitude, no buffers)
             self.granularity.own_saliency or config.saliency, self.granularity.params, beta=config.beta,
-            uncertainty_beta=config.uncertainty_beta,
+            uncertainty_beta=config.uncertainty_beta, units=self.granularity,
         )
         self.schedule = None
         self.merger = None  # merge: removed units folded into kept ones at each update (structured.mergers)
@@ -171,7 +171,10 @@ class PruningGroup(StepComponent):
         self._check_gradients_seen(sparsity)
         scores = self.saliency.scores(self.params)
         self._check_informative(scores, sparsity)
-        masks = self.granularity.select(scores, sparsity)
+        if self.saliency.per_unit:  # one score per unit already (unit_taylor)
+            masks = self.granularity.select_units(scores, sparsity)
+        else:
+            masks = self.granularity.select(scores, sparsity)
         if self.merger is not None:  # a merger may choose the units its fold keeps best (merge.select)
             masks = self.merger.choose(self.masks, masks)
         if self.config.sync_masks and not self.granularity.layout.sharded:  # shards differ per rank by design
