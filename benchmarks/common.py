@@ -443,6 +443,24 @@ def add_lever_arguments(ap) -> None:
                     help="pruning start_step / end_step as fractions of the run (default 0.1 0.6)")
     ap.add_argument("--hardness", type=float, default=0.5, help="+self variants: weight of the KD term")
     ap.add_argument("--hidden-weight", type=float, default=0.0, help="+self variants: hidden-state MSE weight")
+    from prune_callbacks.core.registry import SALIENCIES
+
+    ap.add_argument("--saliency", default=default_saliency(), choices=SALIENCIES.names(),
+                    help=f"the pruned rows' PruningConfig.saliency (default {default_saliency()}, the library's); "
+                         "rows are named /NAME otherwise")
+
+
+def default_saliency() -> str:
+    """The library's default ``PruningConfig.saliency`` (read from the field, not copied)."""
+    from prune_callbacks import PruningConfig
+
+    return PruningConfig.model_fields["saliency"].default
+
+
+def saliency_suffix(args) -> str:
+    """``/NAME`` for rows scored by ``--saliency NAME`` other than the library's default, else ''."""
+    name = getattr(args, "saliency", None)
+    return "" if name in (None, default_saliency()) else f"/{name}"
 
 
 def add_cut_arguments(ap) -> None:

@@ -42,7 +42,6 @@ from benchmarks import causal_lm_peers as peers  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.structured_latency import interleaved_medians  # noqa: E402
 from prune_callbacks.core.config import PruningConfig  # noqa: E402
-from prune_callbacks.core.registry import SALIENCIES  # noqa: E402
 
 # name -> [(granularity, final_sparsity)]; SmolLM2 has 30 blocks and 3 KV groups (of 3 query heads) per block
 VARIANTS = {"dense": [], "ffn25": [("ffn_neurons", 0.25)], "ffn50": [("ffn_neurons", 0.5)],
@@ -55,7 +54,6 @@ SMOKE_VARIANTS = {**VARIANTS, "kv1": [("attention_heads", 0.5)], "blocks6": [("b
 # +select lets the fold choose the units it removes (merge.select='fold')
 SUFFIXES = ("+kd", "+self", "+merge", "+select")
 DEFAULT_WINDOW = common.DEFAULT_WINDOW
-DEFAULT_SALIENCY = PruningConfig.model_fields["saliency"].default  # the library's own default, not a copy
 
 
 def _kinds(name: str, smoke: bool = False):
@@ -95,8 +93,8 @@ def label(name: str, args) -> str:
         name = f"{name}@{window[0]:g}-{window[1]:g}"
     if args.recovery_lr_scale is not None and kinds:
         name = f"{name}/rlr{args.recovery_lr_scale:g}"
-    if args.saliency != DEFAULT_SALIENCY and kinds:
-        name = f"{name}/{args.saliency}"
+    if kinds:
+        name += common.saliency_suffix(args)
     return common.with_seed(name, args.seed)
 
 
@@ -257,9 +255,6 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     common.add_lever_arguments(ap)
     common.add_recovery_argument(ap)
-    ap.add_argument("--saliency", default=DEFAULT_SALIENCY, choices=SALIENCIES.names(),
-                    help=f"the pruned rows' PruningConfig.saliency (default {DEFAULT_SALIENCY}); rows are named /NAME "
-                         "otherwise")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
