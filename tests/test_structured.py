@@ -117,7 +117,8 @@ def test_blocks_pruned_on_bert_are_skipped_not_just_zeroed():
     assert (_logits(model, ids) - _logits(reference, ids)).abs().max() <= 1e-6
 
 
-def test_units_selected_by_saliency_per_block():
+@pytest.mark.parametrize("saliency", ["taylor", "unit_taylor"])
+def test_units_selected_by_saliency_per_block(saliency):
     """Dead neurons (gate and up rows zero: activation and every gradient zero) are the ones pruned, per block."""
     torch.manual_seed(0)
     model = llama()
@@ -126,7 +127,7 @@ def test_units_selected_by_saliency_per_block():
         for layer in model.model.layers:
             layer.mlp.gate_proj.weight[dead] = 0.0
             layer.mlp.up_proj.weight[dead] = 0.0
-    pruner = train(model, [cfg("ffn_neurons", 0.25, saliency="taylor")])
+    pruner = train(model, [cfg("ffn_neurons", 0.25, saliency=saliency)])
     for mask in pruner.groups[0].masks:
         assert torch.equal(mask.nonzero().reshape(-1), dead)
 

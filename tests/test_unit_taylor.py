@@ -80,19 +80,6 @@ def test_trained_then_slimmed_equals_the_masked_model(arch, kind, tmp_path):
     assert (_logits(model, ids) - masked).abs().max() <= 1e-5
 
 
-def test_dead_neurons_are_pruned_first():
-    torch.manual_seed(0)
-    model = llama()
-    dead = torch.arange(0, 64, 4)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate_proj.weight[dead] = 0.0
-            layer.mlp.up_proj.weight[dead] = 0.0
-    pruner = train(model, [cfg("ffn_neurons", 0.25, saliency="unit_taylor")])
-    for mask in pruner.groups[0].masks:
-        assert torch.equal(mask.nonzero().reshape(-1), dead)
-
-
 def test_state_dict_keys_are_the_unit_groups_and_resume_is_exact():
     torch.manual_seed(0)
     model = llama()
