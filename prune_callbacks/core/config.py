@@ -75,7 +75,7 @@ class PruningConfig(_Validated):
         "the defaults; prune_callbacks.methods.structured.merging / block_merging). None = drop them.")
 
     saliency: str = Field("taylor", description="A registered saliency: taylor, platon, magnitude, movement, unit_taylor (structured units only), or your own.")
-    beta: FiniteFloat = Field(0.85, description="EMA factor of the taylor score and of platon's importance.")
+    beta: FiniteFloat = Field(0.85, description="EMA factor of the taylor and unit_taylor scores and of platon's importance.")
     uncertainty_beta: FiniteFloat = Field(0.95, description="EMA factor of platon's uncertainty term.")
 
     scope: Literal["global", "per_layer"] = Field("global", description="unstructured: one global threshold or the same fraction per layer.")

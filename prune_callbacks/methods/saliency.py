@@ -187,7 +187,7 @@ class UnitTaylor(Saliency):
     def __init__(self, params, beta: float = 0.85, units=None, **_):
         if units is None or not getattr(units, "unit_scored", False):
             raise ValueError(f"saliency={self.name!r} scores whole structured units; build it with a granularity "
-                             "that has them (ffn_neurons, attention_heads, blocks)")
+                             "that has them (one whose unit_scored is True)")
         device = params[0].device if params else None
         self.buffers = {"importance": [torch.zeros(n, dtype=torch.float32, device=device)
                                        for n in units.units_per_group]}
