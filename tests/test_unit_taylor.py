@@ -13,7 +13,7 @@ from prune_callbacks.export import slim_pruned  # noqa: E402
 
 from test_structured import ARCHS, _logits, _loss, cfg, llama, train  # noqa: E402
 
-BETA = 0.85
+BETA = PruningConfig.model_fields["beta"].default  # the library's own default, which these configs keep
 pytestmark = pytest.mark.filterwarnings("ignore:granularity='blocks'")  # the short test runs' recovery advice
 
 
@@ -35,12 +35,12 @@ def test_llama_ffn_scores_are_the_ema_of_the_squared_signed_neuron_sum():
     (importance,) = pruner.groups[0].saliency.buffers.values()
     for layer, got in zip(model.model.layers, importance):
         mlp = layer.mlp
-        signed = sum((p.weight * p.weight.grad).sum(dim) for p, dim in
-                     ((mlp.gate_proj, 1), (mlp.up_proj, 1), (mlp.down_proj, 0)))
+        products = [((p.weight * p.weight.grad), dim) for p, dim in
+                    ((mlp.gate_proj, 1), (mlp.up_proj, 1), (mlp.down_proj, 0))]
+        signed = sum(t.sum(dim) for t, dim in products)
         want = (1 - BETA) * signed.double() ** 2
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-12)
-        per_weight = sum((p.weight * p.weight.grad).abs().sum(dim) for p, dim in
-                         ((mlp.gate_proj, 1), (mlp.up_proj, 1), (mlp.down_proj, 0)))
+        per_weight = sum(t.abs().sum(dim) for t, dim in products)
         assert (signed.abs() < per_weight).any()  # the signed sum cancels where |theta*grad| does not
 
 
@@ -65,7 +65,7 @@ def test_scores_equal_the_squared_unit_sums_of_the_products(arch, kind):
 
 
 @pytest.mark.parametrize("arch,kind", UNIT_CASES, ids=[f"{a}-{k}" for a, k in UNIT_CASES])
-def test_trained_then_slimmed_equals_the_masked_model(arch, kind, tmp_path):
+def test_trained_then_slimmed_equals_the_masked_model(arch, kind):
     torch.manual_seed(0)
     model = ARCHS[arch]()
     pruner = train(model, [cfg(kind, 0.25 if kind == "blocks" else 0.5, saliency="unit_taylor")])
