@@ -448,19 +448,35 @@ def add_lever_arguments(ap) -> None:
     ap.add_argument("--saliency", default=default_saliency(), choices=SALIENCIES.names(),
                     help=f"the pruned rows' PruningConfig.saliency (default {default_saliency()}, the library's); "
                          "rows are named /NAME otherwise")
+    ap.add_argument("--beta", type=float, default=None,
+                    help=f"the pruned rows' PruningConfig.beta, the saliency's EMA factor (default "
+                         f"{_default('beta')}, the library's); rows are named /bX otherwise")
+
+
+def _default(field: str):
+    """The library's default of a ``PruningConfig`` field (read from the field, not copied)."""
+    from prune_callbacks import PruningConfig
+
+    return PruningConfig.model_fields[field].default
 
 
 def default_saliency() -> str:
-    """The library's default ``PruningConfig.saliency`` (read from the field, not copied)."""
-    from prune_callbacks import PruningConfig
+    """The library's default ``PruningConfig.saliency``."""
+    return _default("saliency")
 
-    return PruningConfig.model_fields["saliency"].default
+
+def saliency_settings(args) -> dict:
+    """The ``PruningConfig`` fields the shared levers ``--saliency`` and ``--beta`` set on a pruned row."""
+    beta = getattr(args, "beta", None)
+    return {"saliency": getattr(args, "saliency", None) or default_saliency(), **({"beta": beta} if beta is not None else {})}
 
 
 def saliency_suffix(args) -> str:
-    """``/NAME`` for rows scored by ``--saliency NAME`` other than the library's default, else ''."""
-    name = getattr(args, "saliency", None)
-    return "" if name in (None, default_saliency()) else f"/{name}"
+    """``/NAME`` for rows scored by ``--saliency NAME`` other than the library's default, then ``/bX`` for ``--beta X``
+    other than the library's; else ''."""
+    name, beta = getattr(args, "saliency", None), getattr(args, "beta", None)
+    return ("" if name in (None, default_saliency()) else f"/{name}") + (
+        "" if beta in (None, _default("beta")) else f"/b{beta:g}")
 
 
 def add_cut_arguments(ap) -> None:

@@ -196,7 +196,7 @@ def main(argv=None):
                                   hardness=args.hardness, hidden_weight=args.hidden_weight, fold=args.fold,
                                   fold_steps=args.fold_steps, fold_select=args.fold_select,
                                   blocks_oneshot=args.blocks_oneshot, slim_lr=args.slim_lr, slim_lr_at=args.slim_lr_at,
-                                  recovery_lr_scale=args.recovery_lr_scale, saliency=args.saliency,
+                                  recovery_lr_scale=args.recovery_lr_scale, saliency=args.saliency, beta=args.beta,
                                   augment=args.augment)
     results = {"benchmark": "speed_plan_accuracy", "hardware": common.hardware_info(), "threads": args.threads,
                "lr": args.lr, "batch_size": 16, "max_len": 64, "seed": args.seed,

@@ -81,7 +81,7 @@ def label(name: str, args) -> str:
     """The row's name: the variant, its pruning window when that is not the default (``ffn75@0.4-0.8+self``) and its
     training seed when that is not 0 (``x2/s1``); a teacher's hidden-state weight when it is not 0 (``x3+kd/h1``); the
     granularities whose removed units are merged (``x3/fold=blocks``); ``/NAME`` for ``--saliency NAME`` other than
-    the library's default."""
+    the library's default, then ``/bX`` for ``--beta X`` other than the library's."""
     window = tuple(getattr(args, "window", None) or DEFAULT_WINDOW)
     seed = getattr(args, "seed", 0)
     hidden = getattr(args, "hidden_weight", 0.0)
@@ -166,7 +166,7 @@ def run_variant(name: str, args) -> dict:
         fold = getattr(args, "fold", None) or ()
         oneshot = getattr(args, "blocks_oneshot", None)
         configs = [PruningConfig(granularity=k, final_sparsity=s, merge=_merge(args, k) if k in fold else None,
-                                 saliency=getattr(args, "saliency", None) or common.default_saliency(),
+                                 **common.saliency_settings(args),
                                  **(dict(schedule="oneshot", start_step=oneshot) if k == "blocks" and oneshot is not None
                                     else dict(start_step=start, end_step=end))) for k, s in kinds]
         recovery = getattr(args, "recovery_lr_scale", None)
@@ -205,6 +205,7 @@ def run_variant(name: str, args) -> dict:
     return {"variant": label(name, args), "seed": seed, "lr": args.lr, "slim_lr": getattr(args, "slim_lr", None),
             "slim_lr_at": getattr(args, "slim_lr_at", None), "recovery_lr_scale": getattr(args, "recovery_lr_scale", None),
             "units": [list(k) for k in kinds], "saliency": pruner.groups[0].config.saliency if pruner else None,
+            "beta": pruner.groups[0].config.beta if pruner else None,
             "distillation": distillation,
             "window": [start, end], "steps": steps, "augment": getattr(args, "augment", None),
             "train_wall_s": round(wall, 1), "test_accuracy": common.accuracy(model, test),

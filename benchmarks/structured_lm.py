@@ -132,7 +132,7 @@ def train_variant(name: str, make, train, held, args) -> dict:
     model = make()
     start, end = args.window
     configs = [PruningConfig(granularity=k, final_sparsity=s, start_step=start, end_step=end, update_every=2,
-                             merge=_merge(k, levers), saliency=args.saliency)
+                             merge=_merge(k, levers), **common.saliency_settings(args))
                for k, s in kinds] or None
     if configs and args.recovery_lr_scale is not None:  # the rate after the last config's last mask update
         configs[-1] = configs[-1].model_copy(update={"recovery_lr_scale": args.recovery_lr_scale})
@@ -159,7 +159,7 @@ def train_variant(name: str, make, train, held, args) -> dict:
         diff = (model(input_ids=held[:2]).logits - reloaded(input_ids=held[:2]).logits).abs().max().item()
     return {"variant": label(name, args), "units": [list(k) for k in kinds], "distillation": distillation,
             "merge": "+merge" in levers, "select": "+select" in levers, "window": [start, end],
-            "saliency": configs[0].saliency if configs else None,
+            "saliency": configs[0].saliency if configs else None, "beta": configs[0].beta if configs else None,
             "recovery_lr_scale": configs[-1].recovery_lr_scale if configs else None,
             "merge_report": [g.get("merge") for g in pruner.report()["groups"]] if pruner is not None else None,
             "perplexity": peers.held_out_perplexity(reloaded, held), "masked_perplexity": masked_ppl,

@@ -166,10 +166,11 @@ def test_speed_plan_saliency_reaches_every_config_and_names_the_row(tmp_path):
     from benchmarks import speed_plan_accuracy
 
     data = speed_plan_accuracy.main(["--smoke", "--targets", "3", "--only", "dense", "x3", "--saliency", "unit_taylor",
-                                     "--out", str(tmp_path / "s.json")])
+                                     "--beta", "0.95", "--out", str(tmp_path / "s.json")])
     rows = {r["variant"]: r for r in data["rows"]}
-    assert set(rows) == {"dense", "x3/unit_taylor"}  # the name of pruned rows only
-    assert rows["dense"]["saliency"] is None and rows["x3/unit_taylor"]["saliency"] == "unit_taylor"
+    assert set(rows) == {"dense", "x3/unit_taylor/b0.95"}  # the name of pruned rows only
+    assert rows["dense"]["saliency"] is None and rows["x3/unit_taylor/b0.95"]["saliency"] == "unit_taylor"
+    assert rows["x3/unit_taylor/b0.95"]["beta"] == 0.95 and rows["dense"]["beta"] is None
 
 
 def test_speed_plan_levers_smoke_late_window_and_in_run_teacher(tmp_path):

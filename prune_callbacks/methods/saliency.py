@@ -202,9 +202,6 @@ class UnitTaylor(Saliency):
         return self.buffers["importance"]
 
 
-METHODS = {cls.name: cls for cls in (Taylor, Platon, Movement, Magnitude)}  # the built-in per-weight methods
-
-
 def make_saliency(name: str, params: Sequence[torch.Tensor], units=None, **kwargs) -> Saliency:
     """Build the registered saliency ``name``, passing only the hyperparameters it declares (and ``units``,
     the granularity, to a unit-level one)."""
