@@ -13,7 +13,7 @@ from prune_callbacks.analysis import AnalysisError, analyze
 from prune_callbacks.analysis import latency as lat
 from prune_callbacks.analysis.latency import LatencyOptions, choose, latency_options
 from prune_callbacks.analysis.report import markdown
-from prune_callbacks.analysis.suggest import suggest_pruning
+from prune_callbacks.analysis.suggest import cut_blocks_at_once, suggest_pruning, suggested_recipe_yaml
 from prune_callbacks.cli import main
 from prune_callbacks.recipe.loading import load_recipe
 from recipe_fixtures import tiny_recipe, write_recipe
@@ -205,3 +205,53 @@ def test_goal_speed_without_a_target_quotes_the_chosen_strategy_speedup():
     sections = pruning if isinstance(pruning, list) else [pruning]
     row = next(r for r in a["latency"]["rows"] if sorted(map(str, r["configs"])) == sorted(map(str, sections)))
     assert f"measured {row['speedup']:.2f}x" in next(r for r in reasons if r.startswith("latency probe:"))
+
+
+WINDOWS = [  # (the recipe's window, the one-shot step of its blocks)
+    ({"start_step": 0.1, "end_step": 0.6}, 0.35),
+    ({"start_step": 10, "end_step": 61}, 35),
+    ({"start_step": 10, "end_step": 0.6}, 10),  # an int and a fraction: at the window's start
+    ({}, 0.4),  # PruningConfig's window, 0.1 to 0.7
+]
+
+
+@pytest.mark.parametrize("window,at", WINDOWS)
+@pytest.mark.parametrize("refusal", [None, "merge with granularity='blocks' cannot fold these blocks: x"])
+def test_blocks_are_cut_at_once_mid_window_and_folded_where_they_fold(window, at, refusal):
+    configs = [{"granularity": "ffn_neurons", "final_sparsity": 0.875, "update_every": 10, **window},
+               {"granularity": "blocks", "final_sparsity": 0.3333, "update_every": 10, "schedule": "cubic", **window}]
+    ffn = dict(configs[0])
+    reasons = cut_blocks_at_once(configs, {"blocks_fold_refusal": refusal})
+    assert configs[0] == ffn  # width configs keep the recipe's window
+    blocks = {"granularity": "blocks", "final_sparsity": 0.3333, "schedule": "oneshot", "start_step": at}
+    assert configs[1] == (blocks if refusal else {**blocks, "merge": True})
+    assert len(reasons) == 1 and (refusal or "merge: true") in reasons[0] and f"at {at} " in reasons[0]
+
+
+def test_an_analysis_without_the_fold_check_drops_the_blocks():
+    configs = [{"granularity": "blocks", "final_sparsity": 0.5}]
+    reasons = cut_blocks_at_once(configs, {})
+    assert "merge" not in configs[0] and "did not check whether the blocks fold" in reasons[0]
+
+
+def test_a_suggested_plan_with_blocks_loads_with_its_blocks_one_shot_and_folded(tmp_path):
+    """On BERT (post-LN); which families fold is tested over the support table in test_merge_blocks.py."""
+    a, _ = _analysis("bert")
+    assert a["blocks_fold_refusal"] is None
+    rows = a["latency"]["rows"]
+    target = max(r["speedup"] for r in rows if not r["blocks_removed"]) * 1.001  # only plans with blocks reach it
+    a["latency"].update(target_speedup=target, **dict(zip(("chosen", "why"), _chosen(rows, target))))
+    recipe = yaml.safe_load(write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, tmp_path / "run")).read_text())
+    text = suggested_recipe_yaml(recipe, a)
+    data = yaml.safe_load(text)
+    blocks = next(c for c in data["pruning"] if c["granularity"] == "blocks")
+    assert blocks["schedule"] == "oneshot" and blocks["merge"] is True and "end_step" not in blocks
+    assert "folded into the kept block before them" in text
+    (tmp_path / "s.yaml").write_text(text)
+    load_recipe(tmp_path / "s.yaml")
+
+
+def _chosen(rows, target):
+    row, why = choose(rows, target)
+    assert row is not None and row["blocks_removed"] > 0
+    return row["name"], why

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from prune_callbacks import Pruner, PruningConfig  # noqa: E402
 from prune_callbacks.export import slim_pruned  # noqa: E402
 from prune_callbacks.methods.structured import StructuredUnitsError, block_layout  # noqa: E402
-from prune_callbacks.methods.structured.block_merging import BlockMerger  # noqa: E402
+from prune_callbacks.methods.structured.block_merging import BlockMerger, blocks_fold_refusal  # noqa: E402
 from prune_callbacks.methods.structured.merging import MergeConfig  # noqa: E402
 
 from support_matrix import CASES, batch, build, logits  # noqa: E402
@@ -77,15 +77,31 @@ def _hooks(model) -> int:
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_fold_refused_where_the_ffn_output_is_normalised(name):
     case = next(c for c in CASES if c.name == name)
-    with pytest.raises(StructuredUnitsError, match=REFUSED[name]):
-        Pruner(build(case), PruningConfig(granularity="blocks", final_sparsity=1 / 3, merge=True))
+    model = build(case)
+    with pytest.raises(StructuredUnitsError, match=REFUSED[name]) as exc:
+        Pruner(model, PruningConfig(granularity="blocks", final_sparsity=1 / 3, merge=True))
+    assert blocks_fold_refusal(model) == str(exc.value)  # what `analyze` records, before any Pruner is built
 
 
 def test_fold_refused_for_post_ln_opt():
     cfg = transformers.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=4,
                                  max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=False)
-    with pytest.raises(StructuredUnitsError, match="do_layer_norm_before=False"):
-        Pruner(transformers.OPTForCausalLM(cfg), PruningConfig(granularity="blocks", final_sparsity=1 / 3, merge=True))
+    model = transformers.OPTForCausalLM(cfg)
+    with pytest.raises(StructuredUnitsError, match="do_layer_norm_before=False") as exc:
+        Pruner(model, PruningConfig(granularity="blocks", final_sparsity=1 / 3, merge=True))
+    assert blocks_fold_refusal(model) == str(exc.value)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name not in REFUSED], ids=lambda c: c.name)
+def test_blocks_fold_refusal_is_none_where_the_merger_builds(case):
+    model = build(case)
+    assert blocks_fold_refusal(model) is None
+    Pruner(model, PruningConfig(granularity="blocks", final_sparsity=1 / 3, merge=True), total_steps=10)
+
+
+def test_blocks_fold_refusal_names_a_model_without_a_block_family():
+    refusal = blocks_fold_refusal(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)))
+    assert isinstance(refusal, str) and refusal
 
 
 def _llama(layers=6, seed=0):

@@ -13,6 +13,7 @@ from torch import nn
 
 from prune_callbacks.core.report import group_name
 from prune_callbacks.core.targets import find_targets, unwrap_model
+from prune_callbacks.methods.structured.block_merging import blocks_fold_refusal
 from prune_callbacks.analysis.architecture import map_model
 from prune_callbacks.analysis.blocks import BlockInfluence, skipped
 from prune_callbacks.analysis.errors import AnalysisError
@@ -160,6 +161,7 @@ def analyze(model: nn.Module, batches: Iterable[dict], eval_batches: Optional[It
         result["duplicate_weights"] = duplicate_weights(weights, weight_threshold)
         # ---- blocks
         result["blocks"] = [{"name": name, "influence": v} for (name, _), v in zip(blocks, influence.influence())]
+        result["blocks_fold_refusal"] = blocks_fold_refusal(model)  # None: a suggestion removing blocks folds them
         if eval_batches is not None and skip_blocks:
             for i, (name, module) in enumerate(blocks):
                 _log(progress, f"{metric} with block {i + 1}/{len(blocks)} ({name}) skipped")

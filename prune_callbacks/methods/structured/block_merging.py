@@ -63,6 +63,41 @@ from prune_callbacks.methods.structured.units import StructuredUnitsError, block
 logger = logging.getLogger(__name__)
 
 
+def blocks_fold_refusal(model: nn.Module) -> Optional[str]:
+    """Why ``merge`` with ``granularity='blocks'`` would be refused on ``model`` (the error `BlockMerger` raises),
+    or None where its blocks fold; a model whose blocks match no family is refused too."""
+    try:
+        layout = block_layout(model)
+        return _fold_parts(layout, unit_map(model, "blocks", layout=layout))[0]
+    except StructuredUnitsError as exc:
+        return str(exc)
+
+
+def _fold_parts(layout, groups) -> tuple[Optional[str], list[tuple]]:
+    """``(refusal or None, [(block group, FFN output projection name, post-LN norm name or None)])``: the model's
+    flags first (``Family.fold_flag_refusals``), then every block that cannot fold, named in one message."""
+    fam = layout.family
+    for flag, value, why in fam.fold_flag_refusals:
+        if getattr(layout.config, flag, None) == value:
+            return (f"merge with granularity='blocks': {flag}={value!r}: {why}; remove merge to drop the blocks "
+                    "instead"), []
+    parts, offenders = [], []
+    for g in groups:
+        _, out = layout.ffn_modules(g.block)
+        refused = [why for pattern, why in fam.fold_refusals if layout.matches(g.block, pattern)]
+        norms = layout.matches(g.block, fam.post_norm)
+        why = refused[0] if refused else "no FFN output projection" if out is None else \
+            f"no single post-LN norm {fam.post_norm!r}" if fam.post_norm is not None and len(norms) != 1 else None
+        if why:
+            offenders.append(f"{g.block} ({why})")
+        else:
+            parts.append((g, out, norms[0] if norms else None))
+    if offenders:
+        return (f"merge with granularity='blocks' cannot fold these blocks: {'; '.join(offenders)}; remove merge to "
+                "drop the blocks instead"), []
+    return None, parts
+
+
 class BlockMerger:
     """Gathers block statistics before mask updates and folds removed blocks into the kept block before them.
 
@@ -76,29 +111,12 @@ class BlockMerger:
         self.granularity = granularity  # the `Blocks` granularity: its masks and `removed_at(sparsity)`
         layout = block_layout(model, family=granularity.family)
         groups = unit_map(model, "blocks", layout=layout)  # every block: one out of the pruning's scope still folds
-        fam = layout.family
-        for flag, value, why in fam.fold_flag_refusals:
-            if getattr(layout.config, flag, None) == value:
-                raise StructuredUnitsError(f"merge with granularity='blocks': {flag}={value!r}: {why}; remove merge "
-                                           "to drop the blocks instead")
-        self.blocks: list[FoldBlock] = []
-        offenders = []
-        for g in groups:
-            _, out = layout.ffn_modules(g.block)
-            refused = [why for pattern, why in fam.fold_refusals if layout.matches(g.block, pattern)]
-            norms = layout.matches(g.block, fam.post_norm)
-            why = refused[0] if refused else "no FFN output projection" if out is None else \
-                f"no single post-LN norm {fam.post_norm!r}" if fam.post_norm is not None and len(norms) != 1 else None
-            if why:
-                offenders.append(f"{g.block} ({why})")
-                continue
-            self.blocks.append(FoldBlock(len(self.blocks), layout.stack_of(g.block), g, layout.modules[g.block],
-                                         layout.modules[out], layout.modules[norms[0]] if norms else None))
-        if offenders:
-            raise StructuredUnitsError(
-                f"merge with granularity='blocks' cannot fold these blocks: {'; '.join(offenders)}; remove merge to "
-                "drop the blocks instead")
-        self.post_ln = fam.post_norm is not None
+        refusal, parts = _fold_parts(layout, groups)
+        if refusal:
+            raise StructuredUnitsError(refusal)
+        self.blocks = [FoldBlock(i, layout.stack_of(g.block), g, layout.modules[g.block], layout.modules[out],
+                                 layout.modules[norm] if norm else None) for i, (g, out, norm) in enumerate(parts)]
+        self.post_ln = layout.family.post_norm is not None
         # the attention mask describes the rows of one block list only (an encoder-decoder's two differ): use it there
         self._mask_rows = len(layout.stacks) == 1
         position = {b.group.block: b.index for b in self.blocks}
