@@ -468,7 +468,8 @@ def default_saliency() -> str:
 def saliency_settings(args) -> dict:
     """The ``PruningConfig`` fields the shared levers ``--saliency`` and ``--beta`` set on a pruned row."""
     beta = getattr(args, "beta", None)
-    return {"saliency": getattr(args, "saliency", None) or default_saliency(), **({"beta": beta} if beta is not None else {})}
+    return {"saliency": getattr(args, "saliency", None) or default_saliency(),
+            **({"beta": beta} if beta is not None else {})}
 
 
 def saliency_suffix(args) -> str:
