@@ -240,7 +240,9 @@ def test_a_suggested_plan_with_blocks_loads_with_its_blocks_one_shot_and_folded(
     assert a["blocks_fold_refusal"] is None
     rows = a["latency"]["rows"]
     target = max(r["speedup"] for r in rows if not r["blocks_removed"]) * 1.001  # only plans with blocks reach it
-    a["latency"].update(target_speedup=target, **dict(zip(("chosen", "why"), _chosen(rows, target))))
+    row, why = choose(rows, target)
+    assert row is not None and row["blocks_removed"] > 0
+    a["latency"].update(target_speedup=target, chosen=row["name"], why=why)
     recipe = yaml.safe_load(write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, tmp_path / "run")).read_text())
     text = suggested_recipe_yaml(recipe, a)
     data = yaml.safe_load(text)
@@ -249,9 +251,3 @@ def test_a_suggested_plan_with_blocks_loads_with_its_blocks_one_shot_and_folded(
     assert "folded into the kept block before them" in text
     (tmp_path / "s.yaml").write_text(text)
     load_recipe(tmp_path / "s.yaml")
-
-
-def _chosen(rows, target):
-    row, why = choose(rows, target)
-    assert row is not None and row["blocks_removed"] > 0
-    return row["name"], why
