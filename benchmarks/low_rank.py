@@ -117,15 +117,17 @@ def run_during(name, args, data, template, sparsity) -> dict:
     optimizer = common.make_optimizer(model, lr=args.lr)
     scheduler = common.linear_warmup_decay(optimizer, steps=args.steps, warmup=args.steps // 10)
     start, end = WINDOW.get(name, (0.1, 0.6))
-    pruner = Pruner(model, dict(granularity="low_rank", final_sparsity=sparsity, start_step=start, end_step=end,
-                                schedule=SCHEDULE.get(name, "cubic"), granularity_settings=DURING[name]),
+    schedule = SCHEDULE.get(name, "cubic")
+    window = dict(start_step=start) if schedule == "oneshot" else dict(start_step=start, end_step=end)
+    pruner = Pruner(model, dict(granularity="low_rank", final_sparsity=sparsity, schedule=schedule,
+                                granularity_settings=DURING[name], **window),
                     total_steps=args.steps).attach(optimizer)
     batches = common.train_batches(data["train"], steps=args.steps, batch_size=16, seed=args.seed)
     wall = common.train(model, batches, optimizer, scheduler)
     test = common.eval_batches(data["test"])
     timing = {"step_s_median": _median_step_s(model, batches)} if name == "low_rank" and not args.latency else {}
     row = _export_and_measure(name, model, pruner, test, {"train_wall_s": round(wall, 1), "window": [start, end],
-                                                          "schedule": SCHEDULE.get(name, "cubic"),
+                                                          "schedule": schedule,
                                                           "settings": DURING[name], **timing})
     if timing:  # the projection at the final ranks, against a training step of the unfactorised model
         row["projection_s_median"] = _median_projection_s(pruner.groups[0].granularity)

@@ -66,8 +66,9 @@ def run_during(name, make, train, held, args, sparsity):
     model = make()
     t0 = time.time()
     config = _config(sparsity, settings, window)
-    if window[0] == window[1]:
+    if window[0] == window[1]:  # a cut at one step: no window to end
         config["schedule"] = "oneshot"
+        del config["end_step"]
     pruner = peers.finetune(model, train, args, PruningConfig(**config))
     return _export(name, model, pruner, held, {"train_wall_s": round(time.time() - t0, 1), "window": list(window),
                                                "settings": settings})

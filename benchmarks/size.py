@@ -39,7 +39,7 @@ def weights_bytes(path: Path) -> int:
 
 def prune_magnitude_per_layer(model, sparsity: float) -> dict:
     pruner = Pruner(model, saliency="magnitude", scope="per_layer", final_sparsity=sparsity,
-                    schedule="oneshot", start_step=0, end_step=0)
+                    schedule="oneshot", start_step=0)
     pruner.update_masks(sparsity)
     pruner.finalize()
     return common.target_sparsity_stats(model)

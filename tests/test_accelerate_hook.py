@@ -524,7 +524,7 @@ def test_recovery_lr_scale_on_real_steps_only():
     tracker = RecordingTracker()
     acc, model, opt, sched = _setup(accum=2, log_with=[tracker])
     acc.init_trackers("prune")
-    hook = AcceleratePruningHook(PruningConfig(final_sparsity=0.5, schedule="oneshot", start_step=3, end_step=6,
+    hook = AcceleratePruningHook(PruningConfig(final_sparsity=0.5, schedule="oneshot", start_step=3,
                                                recovery_lr_scale=2.0), total_steps=7, log_every=1)
     hook.register(acc, model, opt)
     inner = opt.optimizer

@@ -35,6 +35,13 @@ from prune_callbacks.core.config import PruningConfigError, make_config
         (dict(l1_lambda=-1.0), r"l1_lambda=-1\.0 is invalid: must be >= 0"),
         (dict(final_sparsity="high"), r"final_sparsity"),
         (dict(update_every=2.5), r"update_every"),
+        (dict(schedule="oneshot", start_step=0.3, end_step=0.5),
+         r"end_step=0\.5 does not apply to schedule='oneshot' \(it reads only start_step and final_sparsity\); remove it"),
+        (dict(schedule="oneshot", update_every=5), r"update_every=5 does not apply to schedule='oneshot'"),
+        (dict(schedule="oneshot", initial_sparsity=0.2), r"initial_sparsity=0\.2 does not apply to schedule='oneshot'"),
+        (dict(schedule="oneshot", update_every=5, accuracy_guard={"metric": "accuracy", "max_drop": 0.01},
+              initial_sparsity=0.2), r"initial_sparsity=0\.2 does not apply to schedule='oneshot' \(it reads "
+                                     r"end_step, update_every\)"),
         (dict(sparsity=0.9), r"sparsity: unknown key 'sparsity'; allowed keys: accuracy_guard, beta, .*final_sparsity"),
     ],
 )
@@ -43,6 +50,17 @@ def test_bad_config_names_field_and_value(kwargs, expected):
         PruningConfig(**kwargs)
     assert isinstance(info.value, ValueError) and not isinstance(info.value, ValidationError)
     assert info.value.problems and all(path != "<root>" for path, _ in info.value.problems)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(schedule="oneshot", start_step=0.3),
+    dict(schedule="oneshot", start_step=0.8, end_step=0.7, update_every=25, initial_sparsity=0.0),  # defaults spelt out
+    dict(schedule="oneshot", start_step=0.3, end_step=0.9, update_every=5,  # the guard's grid goes on past end_step
+         accuracy_guard={"metric": "accuracy", "max_drop": 0.01}),
+    dict(schedule="linear", start_step=0.3, end_step=0.5, update_every=5, initial_sparsity=0.2),
+])
+def test_a_schedule_takes_the_fields_it_reads(kwargs):
+    PruningConfig(**kwargs)
 
 
 def test_make_config_lists_every_offender_on_its_own_line():

@@ -81,6 +81,12 @@ def _nm(pattern: str, **overrides) -> dict:
     return cfg
 
 
+def _oneshot(start_step: int, **overrides) -> dict:
+    cfg = _config(schedule="oneshot", start_step=start_step, **overrides)
+    del cfg["end_step"], cfg["update_every"]  # one mask update: no window to end or to update along
+    return cfg
+
+
 LLAMA = dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48)
 
 #: name -> row: ``configs`` (one PruningConfig's kwargs, or a list for several groups), ``model`` (tiny / llama),
@@ -91,7 +97,7 @@ RUNS: dict[str, dict] = {
     "taylor-caps": dict(configs=_config(min_layer_sparsity=0.3, max_layer_sparsity=0.9)),
     "taylor-l1": dict(configs=_config(l1_lambda=0.05, l1_ramp_steps=6)),
     "taylor-linear-initial": dict(configs=_config(schedule="linear", initial_sparsity=0.2)),
-    "taylor-oneshot": dict(configs=_config(schedule="oneshot", start_step=5)),
+    "taylor-oneshot": dict(configs=_oneshot(5)),
     "platon-skipped-steps": dict(configs=_config("platon"), skip=SKIP_AT),
     "taylor-accumulation": dict(configs=_config(), accumulate=2),
     "taylor-resume": dict(configs=_config(), resume_at=13),

@@ -290,7 +290,7 @@ def test_suggestion_proposes_low_rank_only_where_the_spectra_show_it_pays(ranks,
     if pays:
         pruning, why = suggest_pruning(a)
         assert pruning == {"granularity": "low_rank", "final_sparsity": 0.5, "schedule": "oneshot",  # the late cut
-                           "start_step": 0.8, "end_step": 0.8,
+                           "start_step": 0.8,
                            "granularity_settings": {"importance": "fisher", "allocation": "relative"}}
         assert any("Fisher-weighted" in r for r in why) and any("cut late" in r for r in why)
         PruningConfig(**pruning)  # a valid config as suggested

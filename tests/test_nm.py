@@ -69,7 +69,7 @@ def test_conv1d_groups_run_along_the_input_dimension():
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
-    pruner = Pruner(model, PruningConfig(granularity="2:4", start_step=1, end_step=1, schedule="oneshot"))
+    pruner = Pruner(model, PruningConfig(granularity="2:4", start_step=1, schedule="oneshot"))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     pruner.attach(opt)
     ids = torch.randint(0, 50, (2, 8))

@@ -110,6 +110,25 @@ def test_settings_that_do_not_apply_are_errors_naming_the_field(kwargs, field):
     assert field in [path for path, _ in info.value.problems]
 
 
+def test_a_registered_schedule_says_which_window_fields_it_reads():
+    @register_schedule("late_test")
+    class Late(Schedule):  # dense until end_step, then final at once: reads end_step only
+        reads = frozenset({"end_step"})
+
+        def progress(self, fraction):
+            return 0.0
+
+    try:
+        config = PruningConfig(schedule="late_test", start_step=2, end_step=8, final_sparsity=0.5)
+        assert config.build_schedule(config.resolve(None)).value(8) == 0.5
+        with pytest.raises(PruningConfigError, match=r"update_every=5 does not apply to schedule='late_test' \(it reads "
+                                                     r"end_step\)") as info:
+            PruningConfig(schedule="late_test", update_every=5, initial_sparsity=0.1, final_sparsity=0.5)
+        assert [path for path, _ in info.value.problems] == ["initial_sparsity", "update_every"]  # every offender
+    finally:
+        SCHEDULES._items.pop("late_test")
+
+
 def test_defaults_that_do_not_apply_are_unused_not_errors():
     PruningConfig(saliency="magnitude")  # beta keeps its default: fine
     PruningConfig(saliency="magnitude", beta=0.85)  # spelling out the default (template.yaml does) is fine too

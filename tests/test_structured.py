@@ -197,17 +197,20 @@ def test_blocks_fraction_k_over_n_removes_k_blocks(k):
     assert len(kept) == 4 and kept.count(False) == k
 
 
-@pytest.mark.parametrize("granularity, end, total, warned", [
-    ("blocks", 0.8, 100, True),  # 20% of the run left after the last block goes (the 3x plan collapsed there)
-    ("blocks", 0.6, 100, False),
-    ("blocks", 70, 100, False),  # exactly the advised 30% left
-    ("blocks", 71, 100, True),
-    ("ffn_neurons", 0.95, 100, False),  # width: no advice
+@pytest.mark.parametrize("granularity, schedule, end, total, warned", [
+    ("blocks", "cubic", 0.8, 100, True),  # 20% of the run left after the last block goes (the 3x plan collapsed there)
+    ("blocks", "cubic", 0.6, 100, False),
+    ("blocks", "cubic", 70, 100, False),  # exactly the advised 30% left
+    ("blocks", "cubic", 71, 100, True),
+    ("blocks", "oneshot", 0.8, 100, True),  # a one-shot cut ends at its start_step (the default end_step, 0.7, unread)
+    ("blocks", "oneshot", 0.33, 100, False),
+    ("ffn_neurons", "cubic", 0.95, 100, False),  # width: no advice
 ])
-def test_removing_blocks_late_in_the_run_is_warned_once_and_listed(granularity, end, total, warned, recwarn):
+def test_removing_blocks_late_in_the_run_is_warned_once_and_listed(granularity, schedule, end, total, warned, recwarn):
     sparsity = 0.5
-    config = PruningConfig(granularity=granularity, final_sparsity=sparsity, start_step=0.1 if end < 1 else 10,
-                           end_step=end, saliency="magnitude")
+    window = dict(start_step=end) if schedule == "oneshot" else dict(start_step=0.1 if end < 1 else 10, end_step=end)
+    config = PruningConfig(granularity=granularity, final_sparsity=sparsity, schedule=schedule, saliency="magnitude",
+                           **window)
     pruner = Pruner(bert(), [config], total_steps=total)
     for g in pruner.groups:
         g.resolve(total)  # resolved again (the Trainer's train begin): warned once
@@ -215,7 +218,7 @@ def test_removing_blocks_late_in_the_run_is_warned_once_and_listed(granularity, 
     assert pruner.schedule_advice() == messages
     if warned:
         (text,) = messages
-        assert "granularity='blocks'" in text and f"of {total}" in text and "end_step <= 0.7" in text
+        assert "granularity='blocks'" in text and f"of {total}" in text and f"at step {round(end * total) if end < 1 else end} of" in text and "by 0.7 of the run" in text
     else:
         assert messages == []
 

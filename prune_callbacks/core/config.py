@@ -56,7 +56,9 @@ class PruningConfig(_Validated):
     update_every: StrictInt = Field(
         25, description="Masks are recomputed every this many optimizer steps. Left at the default, it is shortened "
         f"when the pruning window would see fewer than {MIN_MASK_UPDATES} updates (window // 8, at least 1).")
-    schedule: str = Field("cubic", description="A registered schedule: cubic, linear, oneshot, or your own.")
+    schedule: str = Field("cubic", description="A registered schedule: cubic, linear, oneshot, or your own. oneshot "
+                          "prunes once, at start_step, and refuses end_step, update_every and initial_sparsity "
+                          "(unless an accuracy_guard reads the first two).")
 
     granularity: str = Field(
         "unstructured", description="How masks are shaped: 'unstructured', 'N:M' (e.g. '2:4'), 'N:M-srste' "
@@ -224,7 +226,7 @@ class PruningConfig(_Validated):
                 f"max_layer_sparsity={self.max_layer_sparsity} is below final_sparsity={self.final_sparsity}: "
                 "the total cannot be reached (allowed: max_layer_sparsity >= final_sparsity)"
             )
-        if type(self.start_step) is type(self.end_step) and self.schedule != "oneshot" and self.end_step < self.start_step:
+        if type(self.start_step) is type(self.end_step) and resolution.windowed(self) and self.end_step < self.start_step:
             problems.append(
                 f"end_step={self.end_step} is before start_step={self.start_step} (allowed: end_step >= start_step)"
             )
@@ -251,6 +253,12 @@ class PruningConfig(_Validated):
                                and GRANULARITIES.get(n).unit_scored)
             problems.append(f"saliency={self.saliency!r} scores whole structured units and does not apply to "
                             f"granularity={self.granularity!r} (allowed with: {scored})")
+        reads = resolution.schedule_reads(self)
+        problems += [
+            f"{f}={getattr(self, f)!r} does not apply to schedule={self.schedule!r} (it reads "
+            f"{', '.join(sorted(reads)) or 'only start_step and final_sparsity'}); remove it"
+            for f in sorted(resolution.WINDOW_FIELDS - reads) if f in given
+        ]
         problems += granularity.check_config(self, *args)
         problems += granularity.settings_problems(self.granularity_settings, self.granularity)
         owned = set().union(*(g.config_fields for g in GRANULARITIES.classes()))
@@ -270,8 +278,12 @@ class PruningConfig(_Validated):
         return problems
 
     # --------------------------------------------------------------- helpers
+    def step_fields(self) -> list[str]:
+        """The step fields a run of this config reads (``end_step`` only where the schedule has a window)."""
+        return ["start_step", *(["end_step"] if "end_step" in resolution.schedule_reads(self) else []), "l1_ramp_steps"]
+
     def uses_fractions(self) -> bool:
-        return any(isinstance(v, float) for v in (self.start_step, self.end_step, self.l1_ramp_steps))
+        return any(isinstance(getattr(self, f), float) for f in self.step_fields())
 
     def resolve(self, total_steps: Optional[int]) -> ResolvedSchedule:
         """Turn fractional steps into absolute optimizer steps for a run of ``total_steps``."""

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 #: below this many mask updates in the pruning window, a default ``update_every`` is shortened
 MIN_MASK_UPDATES = 4
 
+#: the fields of a schedule with a window: sparsity from ``initial_sparsity`` at ``start_step`` to the final one at
+#: ``end_step``, masks recomputed every ``update_every`` steps (what `~prune_callbacks.methods.schedule.Schedule.reads`
+#: says unless a schedule reads fewer, as ``oneshot`` does)
+WINDOW_FIELDS = frozenset({"initial_sparsity", "end_step", "update_every"})
+
 
 class ResolvedSchedule(BaseModel):
     """Absolute optimizer steps of one run (``update_every`` as used: see `PruningConfig.update_every`)."""
@@ -38,21 +43,37 @@ def absolute_step(value: Union[int, float], total_steps: Optional[int]) -> int:
     return int(round(value * total_steps)) if isinstance(value, float) else int(value)
 
 
+def windowed(config: "PruningConfig") -> bool:
+    """Whether ``config``'s registered schedule has a window ending at ``end_step`` (`Schedule.reads`; a schedule
+    that does not say has one)."""
+    return "end_step" in getattr(SCHEDULES.get(config.schedule), "reads", WINDOW_FIELDS)
+
+
+def schedule_reads(config: "PruningConfig") -> frozenset[str]:
+    """The window fields a run of ``config`` reads: its schedule's (`Schedule.reads`; one that does not say reads
+    all) and, with an accuracy guard, ``end_step`` and ``update_every`` (the guard raises sparsity again on the
+    update grid continued past ``end_step``)."""
+    reads = getattr(SCHEDULES.get(config.schedule), "reads", WINDOW_FIELDS)
+    return reads | {"end_step", "update_every"} if config.accuracy_guard is not None else reads
+
+
 def resolve_steps(config: "PruningConfig", total_steps: Optional[int]) -> ResolvedSchedule:
     """``config``'s steps as absolute optimizer steps of a run of ``total_steps`` (`PruningConfig.resolve`)."""
     if total_steps is None and config.uses_fractions():
-        fractional = [n for n in ("start_step", "end_step", "l1_ramp_steps") if isinstance(getattr(config, n), float)]
+        fractional = [n for n in config.step_fields() if isinstance(getattr(config, n), float)]
         raise PruningConfigError(
             f"{', '.join(f'{n}={getattr(config, n)!r}' for n in fractional)} "
             "are fractions of the run, but the total number of optimizer steps is unknown: "
             "pass total_steps=... or give absolute int steps"
         )
-    start, end = absolute_step(config.start_step, total_steps), absolute_step(config.end_step, total_steps)
+    start = absolute_step(config.start_step, total_steps)
+    end = absolute_step(config.end_step, total_steps) if "end_step" in schedule_reads(config) else start
+    window = windowed(config)
     problems = []
-    if config.schedule != "oneshot" and end < start:
+    if window and end < start:
         problems.append(("end_step", f"end_step resolves to {end}, before start_step {start}"))
     if total_steps is not None:
-        if end > total_steps and config.schedule != "oneshot":
+        if end > total_steps and window:
             problems.append((
                 "end_step",
                 f"end_step={config.end_step!r} resolves to step {end}, beyond the run's {total_steps} optimizer "
@@ -65,9 +86,8 @@ def resolve_steps(config: "PruningConfig", total_steps: Optional[int]) -> Resolv
     if problems:
         raise PruningConfigError("; ".join(m for _, m in problems), problems)  # the problems as data too
     every = config.update_every
-    window = end - start
-    if "update_every" not in config.model_fields_set and config.schedule != "oneshot" and window < MIN_MASK_UPDATES * every:
-        every = max(1, window // 8)
+    if "update_every" not in config.model_fields_set and window and end - start < MIN_MASK_UPDATES * every:
+        every = max(1, (end - start) // 8)
     return ResolvedSchedule(start_step=start, end_step=end, l1_ramp_steps=absolute_step(config.l1_ramp_steps, total_steps),
                             update_every=every)
 

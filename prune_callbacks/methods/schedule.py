@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from prune_callbacks.core.registry import register_schedule
+from prune_callbacks.core.resolution import WINDOW_FIELDS
 
 
 def target_sparsity(step: int, *, initial: float, final: float, start: int, end: int, kind: str = "cubic") -> float:
@@ -68,6 +69,9 @@ class Schedule:
 
     name: ClassVar[str] = "base"
     grid: ClassVar[str] = "cubic"  # which update grid of `is_update_step` (only "oneshot" differs)
+    #: the `PruningConfig` fields this schedule reads besides ``start_step`` and ``final_sparsity``; a config that
+    #: gives another one (a value other than its default) is refused, naming it (`PruningConfig` validation)
+    reads: ClassVar[frozenset[str]] = WINDOW_FIELDS
 
     def __init__(self, *, initial: float, final: float, start: int, end: int, every: int):
         self.initial, self.final, self.start, self.end, self.every = initial, final, start, end, every
@@ -107,6 +111,10 @@ class Schedule:
         first = self.first_update_step()
         return [s for s in range(first, max(self.end, first) + 1) if self.is_update_step(s)]
 
+    def last_update_step(self) -> int:
+        """The optimizer step after which the schedule's last mask update runs (a one-shot schedule's only one)."""
+        return self.update_steps()[-1]
+
     def state_dict(self) -> dict:
         """JSON-able state (the built-ins have none: their values are functions of the step)."""
         return {}
@@ -135,10 +143,12 @@ class Linear(Schedule):
 
 @register_schedule("oneshot")
 class OneShot(Schedule):
-    """``final`` at ``max(start_step, 1)`` in one mask update."""
+    """``final`` at ``max(start_step, 1)`` in one mask update (no window: ``end_step``, ``update_every`` and
+    ``initial_sparsity`` are not read)."""
 
     name = "oneshot"
     grid = "oneshot"
+    reads = frozenset()
 
     def between(self, fraction: float) -> float:
         return self.final

@@ -200,9 +200,10 @@ class Granularity:
         raises `~prune_callbacks.core.config_errors.PruningConfigError` when it rounds to 0 units. None: exact."""
         return None
 
-    def schedule_advice(self, end_step: int, total_steps: int) -> Optional[str]:
-        """A warning about when this granularity's pruning ends (``blocks``: too late in the run to recover), warned
-        by the pruning group once the run's length is known and listed by ``validate --load``. None: nothing to say."""
+    def schedule_advice(self, last_update: int, total_steps: int) -> Optional[str]:
+        """A warning about when this granularity's pruning ends (``blocks``: too late in the run to recover), given
+        the schedule's last mask update (`Schedule.last_update_step`), warned by the pruning group once the run's
+        length is known and listed by ``validate --load``. None: nothing to say."""
         return None
 
     @property

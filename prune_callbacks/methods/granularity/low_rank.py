@@ -99,7 +99,7 @@ class LowRankSettings(BaseModel):
 #: rank at 80% of the run, from the Fisher of a model that has learnt the task, with ``relative`` allocation, and
 #: fine-tune the rank-r model for the rest (MiniLM / Rotten Tomatoes, 50%, 100 steps: 70.2% against 58.3% for the
 #: cubic 10% -> 60% window). ``analyze`` suggests low rank with these settings.
-LATE_CUT = {"schedule": "oneshot", "start_step": 0.8, "end_step": 0.8,
+LATE_CUT = {"schedule": "oneshot", "start_step": 0.8,
             "granularity_settings": {"importance": "fisher", "allocation": "relative"}}
 
 

@@ -290,15 +290,15 @@ class Blocks(StructuredUnits):
     #: the share of the run advised after the last block is removed (BENCHMARKS.md, "The 3x plan in the full setting")
     RECOVERY_SHARE: ClassVar[float] = 0.3
 
-    def schedule_advice(self, end_step: int, total_steps: int) -> Optional[str]:
-        left = (total_steps - end_step) / total_steps
+    def schedule_advice(self, last_update: int, total_steps: int) -> Optional[str]:
+        left = (total_steps - last_update) / total_steps
         if left >= self.RECOVERY_SHARE:
             return None
-        return (f"granularity='blocks': the last block is removed at step {end_step} of {total_steps}, leaving "
+        return (f"granularity='blocks': the last block is removed at step {last_update} of {total_steps}, leaving "
                 f"{left:.0%} of the run to recover from it; a model that loses whole blocks needs a fine-tune at a "
                 f"useful learning rate afterwards (MiniLM, 3 of 6 blocks, 1,600 steps with a decaying learning rate: "
-                f"end_step 0.6 kept 94% of dense accuracy, 0.8 fell to 69%); give end_step <= "
-                f"{1 - self.RECOVERY_SHARE:g} of the run")
+                f"end_step 0.6 kept 94% of dense accuracy, 0.8 fell to 69%); end the schedule (end_step, or the "
+                f"start_step of a oneshot cut) by {1 - self.RECOVERY_SHARE:g} of the run")
 
     supports_sharding = False  # a removed block is skipped by a forward hook, not tested beside FSDP2's own hooks
     config_fields = StructuredUnits.config_fields | {"merge"}  # prune_callbacks.methods.structured.block_merging

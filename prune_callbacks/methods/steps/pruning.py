@@ -98,9 +98,9 @@ class PruningGroup(StepComponent):
             self.schedule.load_state_dict(state)
         if self.merger is not None:
             self.merger.watch(self._next_step, self.schedule)
-        end = getattr(self.schedule, "end", None)  # a user's registered schedule may not have one
-        if total_steps and end is not None:
-            advice = self.granularity.schedule_advice(end, total_steps)
+        last = getattr(self.schedule, "last_update_step", None)  # a user's registered schedule may not be a Schedule
+        if total_steps and last is not None:
+            advice = self.granularity.schedule_advice(last(), total_steps)
             if advice and advice != self.advice:
                 logger.warning("prune_callbacks: %s", advice)
                 warnings.warn(advice, stacklevel=3)

@@ -38,7 +38,7 @@ class RecoveryRate(StepComponent):
             self.resolve(total_steps)
 
     def resolve(self, total_steps: int) -> None:
-        self.cut = self.group.schedule.update_steps()[-1]
+        self.cut = self.group.schedule.last_update_step()
         left = total_steps - self.cut
         if left < 1:
             raise PruningConfigError(
