@@ -251,3 +251,7 @@ def test_a_suggested_plan_with_blocks_loads_with_its_blocks_one_shot_and_folded(
     assert "folded into the kept block before them" in text
     (tmp_path / "s.yaml").write_text(text)
     load_recipe(tmp_path / "s.yaml")
+    assert ("- blocks: suggested.yaml removes them at once, in the middle of the analysed recipe's pruning window, "
+            "folded into the kept block before them (merge: true)") in markdown(a)
+    a["blocks_fold_refusal"] = "no fold here"
+    assert "window, dropped (no merge: no fold here)" in markdown(a)

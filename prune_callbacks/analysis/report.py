@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prune_callbacks.analysis.errors import AnalysisError
 from prune_callbacks.analysis.metrics import noise, standard_error
-from prune_callbacks.analysis.suggest import suggest_pruning
+from prune_callbacks.analysis.suggest import blocks_fate, suggest_pruning
 
 
 def write_json(a: dict, path: Path) -> None:
@@ -112,6 +112,9 @@ def markdown(a: dict) -> str:
     lines += ["", "## What to do", "", "suggested.yaml: " + "; ".join(
         ", ".join(f"{k}={v}" for k, v in p.items()) for p in sections), ""]
     lines += [f"- {r}" for r in reasons]
+    if any(p.get("granularity") == "blocks" for p in sections):
+        lines.append("- blocks: suggested.yaml removes them at once, in the middle of the analysed recipe's pruning "
+                     f"window, {blocks_fate(a)[1]}; its comments give the measurements behind that")
     if cands:
         lines.append(f"- blocks {', '.join(cands)}: candidates for removal, each measured alone ("
                      "`granularity: blocks` chooses which blocks by saliency during training, not from this list)")

@@ -253,6 +253,15 @@ def suggest_pruning(analysis: dict) -> tuple[object, list[str]]:
     return (configs[0] if len(configs) == 1 else configs), reasons
 
 
+def blocks_fate(analysis: dict) -> tuple[bool, str]:
+    """Whether the analysed model's removed blocks fold into the kept block before them
+    (``analysis['blocks_fold_refusal']`` None), and the words for it (`cut_blocks_at_once`, ANALYSIS.md)."""
+    refusal = analysis.get("blocks_fold_refusal", "this analysis did not check whether the blocks fold")
+    if refusal is None:
+        return True, "folded into the kept block before them (merge: true)"
+    return False, f"dropped (no merge: {refusal})"
+
+
 def cut_blocks_at_once(configs: list[dict], analysis: dict) -> list[str]:
     """Make every ``blocks`` config among ``configs`` (with the analysed recipe's window) remove its blocks at once in
     the middle of that window, folded into the kept block before them where the model's blocks fold
@@ -268,14 +277,11 @@ def cut_blocks_at_once(configs: list[dict], analysis: dict) -> list[str]:
         for field in ("end_step", "update_every", "initial_sparsity"):
             c.pop(field, None)  # a one-shot cut has no window, no grid and no start value
         c.update(schedule="oneshot", start_step=at)
-        refusal = analysis.get("blocks_fold_refusal", "this analysis did not check whether the blocks fold")
-        if refusal is None:
+        folds, fate = blocks_fate(analysis)
+        if folds:
             c["merge"] = True
         reasons.append(
-            f"blocks removed at once at {at} (the middle of the pruning window), "
-            + ("folded into the kept block before them (merge: true)" if refusal is None else
-               f"dropped (no merge: {refusal})")
-            + ": on MiniLM / RT a cut a third into the run, folded, kept +1.15 +- 0.44 points more than the gradual "
+            f"blocks removed at once at {at} (the middle of the pruning window), {fate}: on MiniLM / RT a cut a third into the run, folded, kept +1.15 +- 0.44 points more than the gradual "
             "drop (3x plan, three seeds); the fold alone +1.8 +- 0.4 at 2 of 6 blocks (BENCHMARKS.md, issue 28). "
             "Also worth trying there: merge.select: fold (better at 3 blocks on an encoder, worse on SmolLM2) and "
             "recovery_lr_scale 2.25 on this config (+0.5 +- 0.3 points over ten seeds: not shown)")
