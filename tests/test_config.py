@@ -36,7 +36,8 @@ from prune_callbacks.core.config import PruningConfigError, make_config
         (dict(final_sparsity="high"), r"final_sparsity"),
         (dict(update_every=2.5), r"update_every"),
         (dict(schedule="oneshot", start_step=0.3, end_step=0.5),
-         r"end_step=0\.5 does not apply to schedule='oneshot' \(it reads only start_step and final_sparsity\); remove it"),
+         r"end_step=0\.5 does not apply to schedule='oneshot' \(it reads only start_step and final_sparsity\); "
+         r"remove it"),
         (dict(schedule="oneshot", update_every=5), r"update_every=5 does not apply to schedule='oneshot'"),
         (dict(schedule="oneshot", initial_sparsity=0.2), r"initial_sparsity=0\.2 does not apply to schedule='oneshot'"),
         (dict(schedule="oneshot", update_every=5, accuracy_guard={"metric": "accuracy", "max_drop": 0.01},

@@ -95,7 +95,7 @@ def test_a_cut_at_the_last_step_is_refused():
 def test_needs_the_run_length_and_an_attached_optimizer():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    Pruner(model, _config(recovery_lr_scale=2.0)).attach(opt)  # int steps (a one-shot reads no end_step): no length needed
+    Pruner(model, _config(recovery_lr_scale=2.0)).attach(opt)  # int steps (no end_step read): no length needed
     model(torch.randn(4, 8)).sum().backward()
     with pytest.raises(PruningConfigError, match="the run's length is unknown"):
         opt.step()

@@ -121,8 +121,8 @@ def test_a_registered_schedule_says_which_window_fields_it_reads():
     try:
         config = PruningConfig(schedule="late_test", start_step=2, end_step=8, final_sparsity=0.5)
         assert config.build_schedule(config.resolve(None)).value(8) == 0.5
-        with pytest.raises(PruningConfigError, match=r"update_every=5 does not apply to schedule='late_test' \(it reads "
-                                                     r"end_step\)") as info:
+        refusal = r"update_every=5 does not apply to schedule='late_test' \(it reads end_step\)"
+        with pytest.raises(PruningConfigError, match=refusal) as info:
             PruningConfig(schedule="late_test", update_every=5, initial_sparsity=0.1, final_sparsity=0.5)
         assert [path for path, _ in info.value.problems] == ["initial_sparsity", "update_every"]  # every offender
     finally:

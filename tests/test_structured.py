@@ -218,7 +218,8 @@ def test_removing_blocks_late_in_the_run_is_warned_once_and_listed(granularity, 
     assert pruner.schedule_advice() == messages
     if warned:
         (text,) = messages
-        assert "granularity='blocks'" in text and f"of {total}" in text and f"at step {round(end * total) if end < 1 else end} of" in text and "by 0.7 of the run" in text
+        last = round(end * total) if end < 1 else end
+        assert "granularity='blocks'" in text and f"at step {last} of {total}" in text and "by 0.7 of the run" in text
     else:
         assert messages == []
 

@@ -281,8 +281,9 @@ def cut_blocks_at_once(configs: list[dict], analysis: dict) -> list[str]:
         if folds:
             c["merge"] = True
         reasons.append(
-            f"blocks removed at once at {at} (the middle of the pruning window), {fate}: on MiniLM / RT a cut a third into the run, folded, kept +1.15 +- 0.44 points more than the gradual "
-            "drop (3x plan, three seeds); the fold alone +1.8 +- 0.4 at 2 of 6 blocks (BENCHMARKS.md, issue 28). "
+            f"blocks removed at once at {at} (the middle of the pruning window), {fate}: on MiniLM / RT a cut a "
+            "third into the run, folded, kept +1.15 +- 0.44 points more than the gradual drop (3x plan, three "
+            "seeds); the fold alone +1.8 +- 0.4 at 2 of 6 blocks (BENCHMARKS.md, issue 28). "
             "Also worth trying there: merge.select: fold (better at 3 blocks on an encoder, worse on SmolLM2) and "
             "recovery_lr_scale 2.25 on this config (+0.5 +- 0.3 points over ten seeds: not shown)")
     return reasons

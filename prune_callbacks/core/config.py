@@ -226,7 +226,8 @@ class PruningConfig(_Validated):
                 f"max_layer_sparsity={self.max_layer_sparsity} is below final_sparsity={self.final_sparsity}: "
                 "the total cannot be reached (allowed: max_layer_sparsity >= final_sparsity)"
             )
-        if type(self.start_step) is type(self.end_step) and resolution.windowed(self) and self.end_step < self.start_step:
+        if (type(self.start_step) is type(self.end_step) and resolution.windowed(self)
+                and self.end_step < self.start_step):
             problems.append(
                 f"end_step={self.end_step} is before start_step={self.start_step} (allowed: end_step >= start_step)"
             )
@@ -280,7 +281,8 @@ class PruningConfig(_Validated):
     # --------------------------------------------------------------- helpers
     def step_fields(self) -> list[str]:
         """The step fields a run of this config reads (``end_step`` only where the schedule has a window)."""
-        return ["start_step", *(["end_step"] if "end_step" in resolution.schedule_reads(self) else []), "l1_ramp_steps"]
+        end = ["end_step"] if "end_step" in resolution.schedule_reads(self) else []
+        return ["start_step", *end, "l1_ramp_steps"]
 
     def uses_fractions(self) -> bool:
         return any(isinstance(getattr(self, f), float) for f in self.step_fields())

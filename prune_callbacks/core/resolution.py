@@ -43,17 +43,20 @@ def absolute_step(value: Union[int, float], total_steps: Optional[int]) -> int:
     return int(round(value * total_steps)) if isinstance(value, float) else int(value)
 
 
+def _own_reads(config: "PruningConfig") -> frozenset[str]:
+    """The window fields ``config``'s registered schedule reads (`Schedule.reads`; one that does not say reads all)."""
+    return getattr(SCHEDULES.get(config.schedule), "reads", WINDOW_FIELDS)
+
+
 def windowed(config: "PruningConfig") -> bool:
-    """Whether ``config``'s registered schedule has a window ending at ``end_step`` (`Schedule.reads`; a schedule
-    that does not say has one)."""
-    return "end_step" in getattr(SCHEDULES.get(config.schedule), "reads", WINDOW_FIELDS)
+    """Whether ``config``'s schedule has a window ending at ``end_step`` (``oneshot`` has none)."""
+    return "end_step" in _own_reads(config)
 
 
 def schedule_reads(config: "PruningConfig") -> frozenset[str]:
-    """The window fields a run of ``config`` reads: its schedule's (`Schedule.reads`; one that does not say reads
-    all) and, with an accuracy guard, ``end_step`` and ``update_every`` (the guard raises sparsity again on the
-    update grid continued past ``end_step``)."""
-    reads = getattr(SCHEDULES.get(config.schedule), "reads", WINDOW_FIELDS)
+    """The window fields a run of ``config`` reads: its schedule's and, with an accuracy guard, ``end_step`` and
+    ``update_every`` (the guard raises sparsity again on the update grid continued past ``end_step``)."""
+    reads = _own_reads(config)
     return reads | {"end_step", "update_every"} if config.accuracy_guard is not None else reads
 
 
