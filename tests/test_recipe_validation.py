@@ -267,6 +267,17 @@ def test_every_problem_is_reported_at_once_with_line_numbers(tmp_path):
     assert f"{path}:10: training.warmup:" in "\n".join(lines)
 
 
+def test_each_setting_a_whole_config_check_refuses_is_located_on_its_own_line(tmp_path):
+    path = write(tmp_path, "task: sequence-classification\nmodel:\n  name: minilm\ndata:\n  name: rotten_tomatoes\n"
+                           "pruning:\n  schedule: oneshot\n  end_step: 0.6\n  update_every: 10\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    lines = info.value.format_lines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"{path}:8: pruning.end_step: end_step=0.6 does not apply to schedule='oneshot'")
+    assert lines[1].startswith(f"{path}:9: pruning.update_every: update_every=10 does not apply")
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("task: [unclosed\n", "not valid YAML"),
     ("- a\n- b\n", "must be a mapping of sections"),

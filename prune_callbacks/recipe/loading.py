@@ -177,10 +177,13 @@ def _section(loc: list[str]):
 
 def _section_problems(loc: list[str], message: str) -> list[Problem]:
     """A section-level check names the field it is about first (``end_step=0.1 is before ...``):
-    point the path at that field, one problem per ``; ``-joined part when every part does so."""
+    point the path at that field; one problem per line of a whole-config check's message (`PruningConfig` lists
+    each offender on its own line), and per ``; ``-joined part when every part names a field."""
     section = _section(loc)
     if section is None:
         return [(".".join(loc), message)]
+    if "\n" in message:
+        return [p for line in message.split("\n") for p in _section_problems(loc, line)]
 
     def head(part: str) -> str:
         return part.split("=", 1)[0].split(" ", 1)[0]
