@@ -262,7 +262,7 @@ def test_broken_recipe_fails_with_path_value_and_allowed(tmp_path, case):
     ("  schedule: oneshot\n  end_step: 0.6\n  update_every: 10\n",
      [(8, "pruning.end_step: end_step=0.6 does not apply to schedule='oneshot'"),
       (9, "pruning.update_every: update_every=10 does not apply to schedule='oneshot'")]),
-])
+], ids=["three sections", "whole-config check"])
 def test_every_problem_is_reported_at_once_with_line_numbers(tmp_path, pruning_and_after, located):
     path = write(tmp_path, "task: sequence-classification\nmodel:\n  name: minilm\ndata:\n  name: rotten_tomatoes\n"
                            "pruning:\n" + pruning_and_after)
