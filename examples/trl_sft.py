@@ -92,7 +92,7 @@ def main():
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=2, max_length=args.seq_len,
         packing=True, packing_strategy="wrapped", dataset_text_field="text", bf16=args.bf16,
-        gradient_checkpointing=False, logging_steps=max(1, args.max_steps // 10), save_strategy="no",
+        activation_checkpointing=False, logging_steps=max(1, args.max_steps // 10), save_strategy="no",
         report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(),
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=kjv["train"].remove_columns("book"),

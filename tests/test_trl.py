@@ -37,7 +37,8 @@ def tiny_texts(n: int = 64, seed: int = 0) -> Dataset:
 
 def sft_trainer(out, callbacks, *, model=None, **overrides):
     kwargs = dict(output_dir=str(out), use_cpu=True, report_to=[], max_steps=8, per_device_train_batch_size=4,
-                  logging_steps=2, save_strategy="no", disable_tqdm=True, seed=0, max_length=32, learning_rate=1e-3)
+                  logging_steps=2, save_strategy="no", disable_tqdm=True, seed=0, max_length=32, learning_rate=1e-3,
+                  activation_checkpointing=False)  # `gradient_checkpointing` is deprecated (removed in v6)
     kwargs.update(overrides)
     return trl.SFTTrainer(model=model if model is not None else tiny_llama_lm(), args=trl.SFTConfig(**kwargs),
                           train_dataset=tiny_texts(), processing_class=tiny_tokenizer(), callbacks=callbacks)
@@ -56,7 +57,7 @@ class StopAt(TrainerCallback):
     (False, False), pytest.param(True, True, marks=needs_native_attention_kernels)], ids=["plain", "packing+grad-ckpt"])
 def test_sft_trainer_logs_the_schema_and_finalizes_exactly(tmp_path, packing, checkpointing):
     cbs = make_callbacks(CONFIG)
-    trainer = sft_trainer(tmp_path, cbs, packing=packing, gradient_checkpointing=checkpointing)
+    trainer = sft_trainer(tmp_path, cbs, packing=packing, activation_checkpointing=checkpointing)
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]  # the step logs, not the final summary
     assert len(logged) == 4 and all(GLOBAL in h for h in logged)  # logging_steps=2 over 8 steps
