@@ -49,7 +49,9 @@ from prune_callbacks.core.config import PruningConfig
 from prune_callbacks.analysis.errors import AnalysisError
 from prune_callbacks.analysis.metrics import noise
 from prune_callbacks.analysis.strategies import STRUCTURED, is_structured
+from prune_callbacks.core.resolution import WINDOW_FIELDS
 from prune_callbacks.methods.granularity.low_rank import LATE_CUT
+from prune_callbacks.methods.schedule import OneShot
 
 GOALS = ("auto", "size", "speed")
 _FIELDS = PruningConfig.model_fields
@@ -274,8 +276,8 @@ def cut_blocks_at_once(configs: list[dict], analysis: dict) -> list[str]:
         end = c.get("end_step", _FIELDS["end_step"].default)
         at = start if type(start) is not type(end) else (start + end) // 2 if isinstance(start, int) else \
             round((start + end) / 2, 4)
-        for field in ("end_step", "update_every", "initial_sparsity"):
-            c.pop(field, None)  # a one-shot cut has no window, no grid and no start value
+        for field in WINDOW_FIELDS - OneShot.reads:
+            c.pop(field, None)  # a one-shot cut has no window, no grid and no start value (PruningConfig refuses them)
         c.update(schedule="oneshot", start_step=at)
         folds, fate = blocks_fate(analysis)
         if folds:

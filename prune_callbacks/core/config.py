@@ -242,24 +242,23 @@ class PruningConfig(_Validated):
         that spells out every default (like ``template.yaml``) stays valid.
         """
         given = {f for f in self.model_fields_set if getattr(self, f) != type(self).model_fields[f].default}
+
+        def unread(fields, part: str, reads, nothing: str) -> list[str]:
+            """One problem per field of ``fields`` given although ``part`` (the chosen saliency, schedule) reads
+            only ``reads``."""
+            return [f"{f}={getattr(self, f)!r} does not apply to {part}={getattr(self, part)!r} (it reads "
+                    f"{', '.join(reads) or nothing}); remove it" for f in fields if f in given and f not in reads]
+
         saliency = SALIENCIES.get(self.saliency)
-        problems = [
-            f"{f}={getattr(self, f)!r} does not apply to saliency={self.saliency!r} (it reads "
-            f"{', '.join(saliency.hyperparameters) or 'no hyperparameter'}); remove it"
-            for f in ("beta", "uncertainty_beta") if f in given and f not in saliency.hyperparameters
-        ]
+        problems = unread(("beta", "uncertainty_beta"), "saliency", saliency.hyperparameters, "no hyperparameter")
         granularity, args = GRANULARITIES.resolve(self.granularity)
         if saliency.per_unit and not granularity.unit_scored:
             scored = ", ".join(n for n in GRANULARITIES.names() if n in GRANULARITIES
                                and GRANULARITIES.get(n).unit_scored)
             problems.append(f"saliency={self.saliency!r} scores whole structured units and does not apply to "
                             f"granularity={self.granularity!r} (allowed with: {scored})")
-        reads = resolution.schedule_reads(self)
-        problems += [
-            f"{f}={getattr(self, f)!r} does not apply to schedule={self.schedule!r} (it reads "
-            f"{', '.join(sorted(reads)) or 'only start_step and final_sparsity'}); remove it"
-            for f in sorted(resolution.WINDOW_FIELDS - reads) if f in given
-        ]
+        problems += unread(sorted(resolution.WINDOW_FIELDS), "schedule", sorted(resolution.schedule_reads(self)),
+                           "only start_step and final_sparsity")
         problems += granularity.check_config(self, *args)
         problems += granularity.settings_problems(self.granularity_settings, self.granularity)
         owned = set().union(*(g.config_fields for g in GRANULARITIES.classes()))
